@@ -1,0 +1,1 @@
+"""Submit side: profiles + recipes → JobPlan → sbatch text / submitit. Never imports torch."""

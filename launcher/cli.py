@@ -1,0 +1,178 @@
+"""`sd35dist submit | status | logs | cancel` — the submit side of the CLI (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+
+from launcher import jobs
+from launcher.plan import RANK_JOBS, JobPlan, build_plan, split_overrides
+from launcher.profile import Profile, load_profile, profile_path
+from launcher.render import render_script
+from launcher.submission import prepare_run_dir, submit
+from sd35dist.config import ConfigError, Recipe, load_recipe, recipe_yaml, resolve_paths
+from sd35dist.config.loading import dump_yaml
+
+COMMANDS = ("submit", "status", "logs", "cancel")
+DEFAULT_RECIPE = "sd35dist.yaml"
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "INTERRUPTED", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd35dist", description="SD3.5 fine-tunes on Slurm clusters")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("submit", help="render a job from a profile and a recipe, and submit it")
+    p.add_argument("--profile", required=True, help="a name in cluster_configs/ or a YAML path")
+    p.add_argument("--recipe", help=f"recipe YAML (default: the profile's default_recipe, else ./{DEFAULT_RECIPE})")
+    p.add_argument("--job", default="train", choices=RANK_JOBS, help="what every rank runs (default: train)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a profile or recipe key, e.g. slurm.nodes=2 or train.learning_rate=1e-5")
+    p.add_argument("--run-dir", help="run directory (default: <run_root>/<recipe>-<job>-<time>)")
+    p.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+    p.add_argument("--output", metavar="FILE", help="write the script to FILE and prepare the run directory; submit nothing")
+    p.add_argument("--wait", action="store_true", help="follow the job's log until it ends; exit with its status")
+    for name, helptext in (("status", "a job's state"), ("logs", "print a job's logs"), ("cancel", "cancel a job")):
+        q = sub.add_parser(name, help=helptext)
+        q.add_argument("job", help="job id or run directory")
+        if name == "logs":
+            q.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    return parser
+
+
+def _recipe_path(arg: str | None, profile: Profile, profile_file: Path) -> Path:
+    if arg:
+        path = Path(arg)
+        if not path.is_file():
+            raise ConfigError(arg, "", "recipe file not found")
+        return path
+    if profile.default_recipe:
+        for base in (Path.cwd(), profile_file.resolve().parent.parent):
+            candidate = base / os.path.expanduser(profile.default_recipe)
+            if candidate.is_file():
+                return candidate
+        raise ConfigError(profile_file.name, "default_recipe", f"{profile.default_recipe} not found")
+    path = Path(DEFAULT_RECIPE)
+    if not path.is_file():
+        raise ConfigError(DEFAULT_RECIPE, "", "recipe file not found: pass --recipe or set default_recipe in the profile")
+    return path
+
+
+def _run_dir(arg: str | None, profile: Profile, recipe: Recipe, job: str) -> Path:
+    if arg:
+        return Path(arg).expanduser().resolve()
+    root = Path(os.path.expandvars(os.path.expanduser(profile.run_root))).resolve()
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate = root / f"{recipe.name}-{job}-{stamp}"
+    suffix = 2
+    while candidate.exists():
+        candidate = root / f"{recipe.name}-{job}-{stamp}-{suffix}"
+        suffix += 1
+    return candidate
+
+
+def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe]:
+    profile_overrides, recipe_overrides = split_overrides(args.overrides)
+    profile_file = profile_path(args.profile)
+    profile = load_profile(profile_file, profile_overrides)
+    recipe_file = _recipe_path(args.recipe, profile, profile_file)
+    recipe = resolve_paths(load_recipe(recipe_file, recipe_overrides), Path.cwd())
+    run_dir = _run_dir(args.run_dir, profile, recipe, args.job)
+    plan = build_plan(
+        profile=profile,
+        recipe=recipe,
+        profile_name=profile_file.stem,
+        job=args.job,
+        run_dir=str(run_dir),
+        profile_file=profile_file.name,
+        recipe_file=recipe_file.name,
+    )
+    return plan, profile, recipe
+
+
+def _follow(record: dict[str, str], out=sys.stdout, poll_s: float = 1.0) -> str:
+    """Print the job's logs as they grow until it reaches a terminal state; return that state."""
+    offsets: dict[Path, int] = {}
+    while True:
+        state = jobs.job_state(record)
+        for path in jobs.log_files(record):
+            start = offsets.get(path, 0)
+            with path.open("rb") as handle:
+                handle.seek(start)
+                chunk = handle.read()
+            if chunk:
+                out.write(chunk.decode(errors="replace"))
+                out.flush()
+                offsets[path] = start + len(chunk)
+        if state.split()[0] in TERMINAL_STATES:
+            return state
+        time.sleep(poll_s)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    plan, profile, recipe = plan_from_args(args)
+    script = render_script(plan)
+    if args.dry_run and not args.output:
+        sys.stdout.write(script)
+        return 0
+    run_dir = prepare_run_dir(plan, recipe_yaml(recipe), dump_yaml(profile))
+    if args.output:
+        Path(args.output).write_text(script)
+        how = "sbatch" if plan.scheduler == "slurm" else "bash"
+        print(f"wrote {args.output}; run directory {run_dir}; submit with: {how} {args.output}")
+        return 0
+    record = submit(plan, run_dir)
+    print(f"submitted job {record['job_id']} ({plan.scheduler}, profile {plan.profile_name}, job {plan.job})")
+    print(f"run directory: {run_dir}")
+    print(f"logs: {record['stdout']}")
+    print(f"      {record['stderr']}")
+    if not args.wait:
+        print(f"follow with: sd35dist logs {record['job_id']} --follow")
+        return 0
+    state = _follow(record)
+    print(f"job {record['job_id']} ended: {state}")
+    return 0 if state == "COMPLETED" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    record = jobs.find_record(args.job)
+    print(f"{record['job_id']} {jobs.job_state(record)} {record.get('run_dir', '')}".rstrip())
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    record = jobs.find_record(args.job)
+    if args.follow:
+        _follow(record)
+        return 0
+    files = jobs.log_files(record)
+    if not files:
+        print(f"job {record['job_id']}: no logs yet", file=sys.stderr)
+        return 1
+    for path in files:
+        print(f"==> {path} <==")
+        sys.stdout.write(path.read_text(errors="replace"))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    record = jobs.find_record(args.job)
+    jobs.cancel(record)
+    print(f"cancelled job {record['job_id']}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}[args.command]
+    try:
+        return handler(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

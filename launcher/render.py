@@ -1,0 +1,114 @@
+"""JobPlan → shell text. Pure: the same plan always renders the same bytes (golden-tested).
+
+The sbatch script stands on its own (`sbatch run.sbatch`); submitit receives the same
+setup block and the same launch command (launcher/submission.py).
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from launcher.plan import RDZV_HOST_VAR, JobPlan
+
+
+def shell_word(text: str) -> str:
+    """Quote one word for bash. Words naming $VARIABLES are double-quoted so they expand
+    where the line runs; everything else is single-quoted when it needs quoting at all."""
+    if "$" not in text:
+        return shlex.quote(text)
+    flag, eq, value = text.partition("=")
+    if eq and flag.startswith("-") and "$" not in flag:
+        return f"{flag}={shell_word(value)}"
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`")
+    return f'"{escaped}"'
+
+
+def launch_command(plan: JobPlan, continuation: str = " \\\n    ") -> str:
+    """The torchrun command line, one option per line by default."""
+    words = [shell_word(w) for w in plan.launch_argv]
+    head, tail = words[0], words[1:]
+    # Keep "-m sd35dist <job>" and each "--flag value" pair together on one line.
+    lines, i = [head], 0
+    while i < len(tail):
+        word = tail[i]
+        if word in ("-m", "--recipe", "--run-dir") and i + 1 < len(tail):
+            take = 3 if word == "-m" and i + 2 < len(tail) else 2
+            lines.append(" ".join(tail[i : i + take]))
+            i += take
+        else:
+            lines.append(word)
+            i += 1
+    return continuation.join(lines)
+
+
+def setup_block(plan: JobPlan) -> list[str]:
+    """Lines run once per job before launch: profile setup, environment, secret checks, rendezvous."""
+    out: list[str] = []
+    if plan.setup_lines:
+        out.append("# setup from the profile")
+        out += list(plan.setup_lines)
+    out.append("# environment (non-secret values from the profile)")
+    out += [f"export {name}={shell_word(value) if '$' in value else shlex.quote(value)}" for name, value in plan.env]
+    if plan.secret_names:
+        out.append("# secrets: passed by name from the submitting environment; values are never written here")
+        out += [
+            f'[ -n "${{{name}:-}}" ] || echo "sd35dist: warning: {name} is not set in the job environment" >&2'
+            for name in plan.secret_names
+        ]
+    out.append(
+        "command -v torchrun >/dev/null || "
+        "{ echo \"sd35dist: torchrun not found on PATH: activate the project's environment in the profile's setup.lines\" >&2; exit 2; }"
+    )
+    if plan.scheduler == "slurm":
+        out += [
+            "# rendezvous on the first node, by the address Slurm knows (node names need not resolve)",
+            'RDZV_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
+            "RDZV_ADDR=$(scontrol show node \"$RDZV_NODE\" | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p' | sed -n 1p)",
+            f'export {RDZV_HOST_VAR}="${{RDZV_ADDR:-$RDZV_NODE}}"',
+            f'echo "sd35dist: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} nodes $SLURM_JOB_NODELIST'
+            f' rendezvous ${RDZV_HOST_VAR}:{plan.rdzv_port}"',
+        ]
+    return out
+
+
+def _header(plan: JobPlan, how: str) -> list[str]:
+    return [
+        "#!/bin/bash",
+        f"# sd35dist job '{plan.job}' of recipe '{plan.recipe_name}' on profile '{plan.profile_name}'.",
+        f"# Rendered by `sd35dist submit`; {how}",
+        f"# Run directory: {plan.run_dir} (frozen recipe: {plan.frozen_recipe})",
+    ]
+
+
+def render_sbatch(plan: JobPlan) -> str:
+    """The batch script for a Slurm profile."""
+    if plan.scheduler != "slurm":
+        raise ValueError(f"profile {plan.profile_name} is not a Slurm profile")
+    lines = _header(plan, "submit it with `sbatch <this file>`.")
+    lines += [f"#SBATCH --{key}" if value is None else f"#SBATCH --{key}={value}" for key, value in plan.directives]
+    lines += ["", "set -euo pipefail", ""]
+    lines += setup_block(plan)
+    cpus = dict(plan.directives).get("cpus-per-task", "1")
+    lines += [
+        "",
+        "# one torchrun agent per node; per-node values (SLURM_NODEID…) reach it through srun's environment",
+        f'srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task={cpus} \\',
+        "    " + launch_command(plan),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_local(plan: JobPlan) -> str:
+    """The script a local profile runs on this machine (what submitit's local executor starts)."""
+    if plan.scheduler != "local":
+        raise ValueError(f"profile {plan.profile_name} is not a local profile")
+    lines = _header(plan, "run it with `bash <this file>`.")
+    lines += ["", "set -euo pipefail", ""]
+    lines += setup_block(plan)
+    lines += ["", "exec " + launch_command(plan), ""]
+    return "\n".join(lines)
+
+
+def render_script(plan: JobPlan) -> str:
+    return render_sbatch(plan) if plan.scheduler == "slurm" else render_local(plan)

@@ -1,0 +1,150 @@
+"""Files and processes of a submission: the run directory, submitit, and the job record.
+
+The plan is already validated and rendered; this module only writes the run directory
+(atomically), hands the plan to submitit, and records what was submitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from launcher.plan import JobPlan
+from launcher.render import launch_command, render_script, setup_block
+
+JOB_RECORD = "job.json"
+
+
+def state_dir() -> Path:
+    """Where job id → run directory links live (SD35DIST_STATE_DIR overrides, for tests)."""
+    base = os.environ.get("SD35DIST_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "sd35dist"
+    )
+    return Path(base)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeCommand:
+    """What submitit runs in each node's task: one bash command, output straight to the log.
+
+    Holds only text from the plan (no secret values): submitit pickles it into the run directory.
+    """
+
+    command: str
+
+    def __call__(self) -> int:
+        bash = shutil.which("bash") or "/bin/bash"
+        # torchrun lives beside the interpreter submitit started, even when PATH lacks the venv.
+        env = dict(os.environ)
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        result = subprocess.run([bash, "-c", self.command], env=env, check=False)
+        if result.returncode:
+            raise RuntimeError(f"node command exited with status {result.returncode}: {self.command.splitlines()[0]}")
+        return 0
+
+
+def prepare_run_dir(plan: JobPlan, recipe_yaml: str, profile_yaml: str) -> Path:
+    """Create the run directory complete or not at all: frozen recipe, profile, script, logs/."""
+    run_dir = Path(plan.run_dir)
+    if run_dir.exists():
+        raise FileExistsError(f"run directory {run_dir} already exists: pass another --run-dir")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
+    try:
+        (staging / "logs").mkdir()
+        (staging / "recipe.yaml").write_text(recipe_yaml)
+        (staging / "profile.yaml").write_text(profile_yaml)
+        (staging / script_name(plan)).write_text(render_script(plan))
+        staging.chmod(0o755)
+        os.rename(staging, run_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return run_dir
+
+
+def script_name(plan: JobPlan) -> str:
+    return "job.sbatch" if plan.scheduler == "slurm" else "job.sh"
+
+
+def _slurm_executor(plan: JobPlan, folder: Path):  # -> submitit.SlurmExecutor
+    import submitit
+
+    directives = dict(plan.directives)
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=1000)
+    params: dict[str, object] = {
+        "job_name": plan.job_name,
+        "nodes": plan.nodes,
+        "ntasks_per_node": 1,
+        "cpus_per_task": int(directives["cpus-per-task"]),
+        "mem": directives["mem"],
+        "time": plan.time_minutes,
+        # submitit's python runs torchrun; its venv comes first on PATH, and it listens for USR1.
+        "setup": [
+            "set -euo pipefail",
+            f'export PATH={shlex.quote(os.path.dirname(sys.executable))}:"$PATH"',
+            *setup_block(plan),
+            "export SUBMITIT_PREEMPT_SIGNAL=USR1",
+        ],
+        "srun_args": ["--kill-on-bad-exit=1", f"--cpus-per-task={directives['cpus-per-task']}"],
+        "additional_parameters": {
+            k: (True if v is None else v)
+            for k, v in plan.directives
+            if k in ("requeue", "no-requeue", "signal", "account", "qos", "constraint", "exclusive")
+        },
+    }
+    if plan.gpus_per_node:
+        params["gpus_per_node"] = plan.gpus_per_node
+    if "partition" in directives:
+        params["partition"] = directives["partition"]
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit(plan: JobPlan, run_dir: Path) -> dict[str, str]:
+    """Submit through submitit and write the job record; returns it."""
+    import submitit
+
+    folder = run_dir / "submitit"
+    if plan.scheduler == "slurm":
+        executor = _slurm_executor(plan, folder)
+        job = executor.submit(NodeCommand(launch_command(plan, continuation=" ")))
+    else:
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=plan.time_minutes, tasks_per_node=1, nodes=1)
+        job = executor.submit(NodeCommand(f"exec bash {run_dir / script_name(plan)}"))
+    record = {
+        "job_id": str(job.job_id),
+        "scheduler": plan.scheduler,
+        "profile": plan.profile_name,
+        "recipe": plan.recipe_name,
+        "job": plan.job,
+        "run_dir": str(run_dir),
+        "submitit_folder": str(folder),
+        "stdout": str(job.paths.stdout),
+        "stderr": str(job.paths.stderr),
+        "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_record(run_dir, record)
+    return record
+
+
+def write_record(run_dir: Path, record: dict[str, str]) -> None:
+    text = json.dumps(record, indent=2) + "\n"
+    tmp = run_dir / f".{JOB_RECORD}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, run_dir / JOB_RECORD)
+    index = state_dir() / "jobs"
+    index.mkdir(parents=True, exist_ok=True)
+    link = index / f"{record['scheduler']}-{record['job_id']}"
+    tmp_link = index / f".{link.name}.tmp"
+    tmp_link.write_text(str(run_dir) + "\n")
+    os.replace(tmp_link, link)

@@ -1,0 +1,5 @@
+import sys
+
+from sd35dist.cli import main
+
+sys.exit(main())

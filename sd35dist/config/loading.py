@@ -1,0 +1,144 @@
+"""YAML → typed config, with `--set a.b=c` overrides and one-line errors naming file and key.
+
+Pure apart from reading the YAML file; knows nothing of torch so the launcher can use it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydantic
+import yaml
+
+ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
+
+
+class ConfigError(Exception):
+    """A user mistake in a config file or override: printed as one line, exit status 2."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        self.source = source
+        self.key = key
+        self.message = message
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+
+
+class StrictModel(pydantic.BaseModel):
+    """Base of every config section: unknown keys are errors, no coercion of str ↔ number."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML file whose top level must be a mapping."""
+    source = path.name
+    if not path.is_file():
+        raise ConfigError(str(path), "", "file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "parse"
+        raise ConfigError(source, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, "", "top level must be a mapping of keys to values")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` → (["a", "b"], c) with c parsed as a YAML scalar/list (so `3` is an int)."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError("--set", text, "expected KEY.PATH=VALUE, e.g. slurm.nodes=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:
+    """Return a copy of `data` with each (path, value) set; intermediate mappings are created."""
+    out = copy.deepcopy(data)
+    for parts, value in overrides:
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                path = ".".join(parts[: depth + 1])
+                raise ConfigError("--set", ".".join(parts), f"{path} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _describe_error(model_cls: type[pydantic.BaseModel], err: dict[str, Any]) -> tuple[str, str]:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    given = err.get("input")
+    if kind == "extra_forbidden":
+        known = _known_keys(model_cls, loc[:-1])
+        hint = f" (known keys: {', '.join(known)})" if known else ""
+        return key, f"unknown key{hint}"
+    if kind == "missing":
+        return key, "required key is missing"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        sign = {"greater_than_equal": "≥", "greater_than": ">", "less_than_equal": "≤", "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()))
+        return key, f"must be {sign} {bound}, got {given!r}"
+    if kind.endswith("_parsing") or kind.endswith("_type"):
+        wanted = kind.removesuffix("_parsing").removesuffix("_type").replace("_", " ")
+        return key, f"expected {wanted}, got {given!r}"
+    if kind == "literal_error":
+        return key, f"must be one of {ctx.get('expected')}, got {given!r}"
+    if kind == "value_error":
+        return key, str(ctx.get("error", err["msg"]))
+    return key, err["msg"][:1].lower() + err["msg"][1:]
+
+
+def _known_keys(model_cls: type[pydantic.BaseModel], loc: list[str]) -> list[str]:
+    cls: Any = model_cls
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = field.annotation
+        # Optional[Section] and Section | None: take the model class inside.
+        args = getattr(cls, "__args__", ())
+        models = [a for a in args if isinstance(a, type) and issubclass(a, pydantic.BaseModel)]
+        if models:
+            cls = models[0]
+    return sorted(getattr(cls, "model_fields", {}))
+
+
+def validate_mapping(model_cls: type[ModelT], data: dict[str, Any], source: str) -> ModelT:
+    """Validate a mapping, turning the first pydantic error into a ConfigError."""
+    try:
+        return model_cls.model_validate(data)
+    except pydantic.ValidationError as exc:
+        key, message = _describe_error(model_cls, exc.errors()[0])
+        raise ConfigError(source, key, message) from None
+
+
+def load_model(
+    model_cls: type[ModelT],
+    path: Path,
+    overrides: list[tuple[list[str], Any]] = (),  # type: ignore[assignment]
+) -> ModelT:
+    """Load `path`, apply overrides, validate; every error names the file's name and the key."""
+    data = apply_overrides(read_yaml_mapping(path), list(overrides))
+    return validate_mapping(model_cls, data, path.name)
+
+
+def dump_yaml(model: pydantic.BaseModel) -> str:
+    """The model as YAML that `load_model` reads back to an equal model."""
+    return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
