@@ -1,0 +1,19 @@
+#!/bin/bash
+# sd35dist job 'train' of recipe 'tiny' on profile 'local'.
+# Rendered by `sd35dist submit`; run it with `bash <this file>`.
+# Run directory: /shared/runs/golden-run (frozen recipe: /shared/runs/golden-run/recipe.yaml)
+
+set -euo pipefail
+
+# environment (non-secret values from the profile)
+export OMP_NUM_THREADS=1
+export SD35DIST_RUN_DIR=/shared/runs/golden-run
+command -v torchrun >/dev/null || { echo "sd35dist: torchrun not found on PATH: activate the project's environment in the profile's setup.lines" >&2; exit 2; }
+
+exec torchrun \
+    --standalone \
+    --nnodes=1 \
+    --nproc-per-node=2 \
+    -m sd35dist train \
+    --recipe /shared/runs/golden-run/recipe.yaml \
+    --run-dir /shared/runs/golden-run

@@ -1,0 +1,111 @@
+"""Rendering is pure and pinned: golden files for every profile in cluster_configs/."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher.plan import build_plan
+from launcher.profile import PROFILE_DIR, available_profiles, load_profile
+from launcher.render import launch_command, render_script, shell_word
+from sd35dist.config import load_recipe, resolve_paths
+from tests.conftest import PROJECT
+
+pytestmark = pytest.mark.unit
+
+GOLDEN = Path(__file__).parent / "golden"
+RUN_DIR = "/shared/runs/golden-run"
+UPDATE = os.environ.get("SD35DIST_UPDATE_GOLDEN") == "1"
+
+
+def _plan(profile_name: str, job: str):
+    profile = load_profile(PROFILE_DIR / f"{profile_name}.yaml")
+    recipe = resolve_paths(load_recipe(PROJECT / (profile.default_recipe or "recipes/tiny.yaml")), PROJECT)
+    return build_plan(profile=profile, recipe=recipe, profile_name=profile_name, job=job, run_dir=RUN_DIR)
+
+
+CASES = [(name, "train") for name in available_profiles()] + [("slurm-dev", "preflight"), ("h100x8", "preflight")]
+
+
+def test_every_profile_has_a_golden_case():
+    assert {"local", "slurm-dev", "h100x8", "h100x8x4"} <= set(available_profiles())
+    assert {name for name, _ in CASES} == set(available_profiles())
+
+
+@pytest.mark.parametrize(("profile_name", "job"), CASES)
+def test_rendered_script_matches_golden(profile_name, job):
+    text = render_script(_plan(profile_name, job))
+    golden = GOLDEN / f"{profile_name}.{job}.sh"
+    if UPDATE:
+        golden.write_text(text)
+    assert golden.is_file(), f"missing {golden}: run with SD35DIST_UPDATE_GOLDEN=1 and review the diff"
+    assert text == golden.read_text()
+
+
+def test_rendering_is_deterministic():
+    assert render_script(_plan("h100x8x4", "train")) == render_script(_plan("h100x8x4", "train"))
+
+
+def test_slurm_script_has_what_a_cluster_needs():
+    text = render_script(_plan("h100x8x4", "train"))
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=USR1@300",
+        f"#SBATCH --output={RUN_DIR}/logs/%j.out",
+        "set -euo pipefail",
+        'scontrol show hostnames "$SLURM_JOB_NODELIST"',
+        "srun --kill-on-bad-exit=1",
+        "--rdzv-backend=c10d",
+        '--rdzv-endpoint="$SD35DIST_RDZV_HOST:29500"',
+        f"-m sd35dist train",
+        f"--recipe {RUN_DIR}/recipe.yaml",
+        "export NCCL_SOCKET_IFNAME=ib0",
+    ):
+        assert line in text, line
+    # bash accepts it
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+def test_local_script_runs_torchrun_standalone():
+    text = render_script(_plan("local", "preflight"))
+    assert "#SBATCH" not in text
+    assert "exec torchrun \\\n    --standalone" in text
+    assert "--nproc-per-node=2" in text
+
+
+def test_override_changes_only_what_it_names(tmp_path):
+    base = subprocess.run(
+        [sys.executable, "-m", "sd35dist", "submit", "--profile", "h100x8x4", "--dry-run", "--run-dir", RUN_DIR],
+        capture_output=True, text=True, cwd=PROJECT, check=True,
+    ).stdout
+    changed = subprocess.run(
+        [sys.executable, "-m", "sd35dist", "submit", "--profile", "h100x8x4", "--dry-run", "--run-dir", RUN_DIR,
+         "--set", "slurm.nodes=2", "--set", "slurm.partition=h100-long"],
+        capture_output=True, text=True, cwd=PROJECT, check=True,
+    ).stdout
+    assert base == render_script(_plan("h100x8x4", "train"))  # the CLI prints exactly the pure rendering
+    diff = [(a, b) for a, b in zip(base.splitlines(), changed.splitlines()) if a != b]
+    assert diff == [("#SBATCH --nodes=4", "#SBATCH --nodes=2"), ("#SBATCH --partition=gpu", "#SBATCH --partition=h100-long")]
+
+
+def test_shell_words_expand_only_variables():
+    assert shell_word("--nnodes=$SLURM_NNODES") == '--nnodes="$SLURM_NNODES"'
+    assert shell_word("/path with space/x") == "'/path with space/x'"
+    assert shell_word("plain") == "plain"
+    out = subprocess.run(
+        ["bash", "-c", f"X='a b'; printf '%s\\n' {shell_word('--v=$X')} {shell_word('$notavar; rm -rf /')}"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert out.splitlines() == ["--v=a b", "; rm -rf /"]
+
+
+def test_launch_command_is_one_line_for_submitit():
+    line = launch_command(_plan("slurm-dev", "preflight"), continuation=" ")
+    assert "\n" not in line and line.startswith("torchrun --nnodes=")
