@@ -120,16 +120,27 @@ def cancel(record: dict[str, str], grace_s: float = 10.0) -> None:
         subprocess.run(["scancel", record["job_id"]], check=True)
         return
     pid = int(record["job_id"])
-    # submitit's local tasks ignore SIGTERM, so stop the whole tree: deepest processes get it too.
-    tree = [pid, *_descendants(pid)]
+    # Freeze the tree parent-first so nothing forks or reparents while we look, then stop all
+    # of it: submitit's local task ignores SIGTERM and would orphan torchrun otherwise.
+    tree: list[int] = []
+    for target in [pid, *_descendants(pid), *_descendants(pid)]:
+        if target not in tree and _signal(target, signal.SIGSTOP):
+            tree.append(target)
+    tree += [p for p in _descendants(pid) if p not in tree and _signal(p, signal.SIGSTOP)]
     for target in reversed(tree):
-        try:
-            os.kill(target, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        _signal(target, signal.SIGTERM)
+        _signal(target, signal.SIGCONT)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(_alive(p) for p in tree):
         time.sleep(0.2)
     for target in tree:
         if _alive(target):
-            os.kill(target, signal.SIGKILL)
+            _signal(target, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False

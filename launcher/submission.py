@@ -6,6 +6,7 @@ The plan is already validated and rendered; this module only writes the run dire
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -109,6 +110,25 @@ def _slurm_executor(plan: JobPlan, folder: Path):  # -> submitit.SlurmExecutor
     return executor
 
 
+@contextlib.contextmanager
+def _stdio_detached():
+    """submitit's local controller inherits our stdin/stdout/stderr; point them at /dev/null
+    while it starts, so `sd35dist submit | tee` or a captured run returns when we exit."""
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        yield
+    finally:
+        for fd, copy in zip((0, 1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
+
+
 def submit(plan: JobPlan, run_dir: Path) -> dict[str, str]:
     """Submit through submitit and write the job record; returns it."""
     import submitit
@@ -120,7 +140,8 @@ def submit(plan: JobPlan, run_dir: Path) -> dict[str, str]:
     else:
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=plan.time_minutes, tasks_per_node=1, nodes=1)
-        job = executor.submit(NodeCommand(f"exec bash {run_dir / script_name(plan)}"))
+        with _stdio_detached():
+            job = executor.submit(NodeCommand(f"exec bash {shlex.quote(str(run_dir / script_name(plan)))}"))
     record = {
         "job_id": str(job.job_id),
         "scheduler": plan.scheduler,

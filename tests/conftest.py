@@ -41,3 +41,13 @@ def venv_env(**extra: str) -> dict[str, str]:
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One S3-protocol server (moto) on 127.0.0.1 for the whole run; tests use their own buckets."""
+    from tests.s3_server import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()

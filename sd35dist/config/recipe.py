@@ -19,7 +19,12 @@ from pydantic import Field
 
 from sd35dist.config.loading import StrictModel, dump_yaml, load_model
 
-URL_SCHEMES = ("file://", "s3://", "memory://", "gs://", "az://", "http://", "https://")
+SECRET_WORDS = ("secret", "key", "token", "password", "credential", "session")
+
+
+def looks_secret(key: str) -> bool:
+    """A storage option or variable name that probably holds a credential."""
+    return any(word in key.lower() for word in SECRET_WORDS)
 
 
 class ModelSection(StrictModel):
@@ -29,22 +34,86 @@ class ModelSection(StrictModel):
     """Subfolder of `pretrained` holding the MMDiT (config.json + sharded safetensors)."""
 
 
+class DatasetSection(StrictModel):
+    """One image dataset (like an entry of SimpleTuner's multidatabackend.json)."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    source: str
+    """Directory of images: a local path or any fsspec URL (s3://bucket/images)."""
+    caption_strategy: Literal["textfile", "filename", "instance_prompt"] = "textfile"
+    """textfile: NAME.txt beside NAME.png; filename: the file name; instance_prompt: a fixed prompt."""
+    instance_prompt: str | None = None
+    """The trigger prompt (e.g. k4s4) for caption_strategy instance_prompt."""
+    repeats: int = Field(1, ge=1)
+    """Times each image appears per epoch; each repeat gets its own caption variant."""
+    shuffle_captions: bool = False
+    """Shuffle comma-separated caption tokens in repeats after the first (SimpleTuner's duplicate_shuffle)."""
+    keep_tokens: int = Field(2, ge=0)
+    """Leading comma-separated tokens that stay in place when shuffling (trigger word + first phrase)."""
+    crop: bool = True
+    """Center-crop to the nearest bucket; false rejects images whose shape does not fit a bucket."""
+    minimum_image_size: int = Field(0, ge=0)
+    """Images whose shorter side is smaller are rejected."""
+
+    @pydantic.model_validator(mode="after")
+    def _prompt(self) -> "DatasetSection":
+        if self.caption_strategy == "instance_prompt" and not self.instance_prompt:
+            raise ValueError("caption_strategy instance_prompt needs instance_prompt")
+        return self
+
+
+DEFAULT_BUCKETS = [[1024, 1024], [1152, 896], [896, 1152], [1216, 832], [832, 1216], [1344, 768], [768, 1344], [1472, 704]]
+
+
 class DataSection(StrictModel):
     cache_url: str
     """Where the latent/text-embedding cache lives: a local path, file://… or s3://bucket/prefix."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
     """fsspec storage options (e.g. endpoint_url). Credentials come from the environment, never from here."""
+    datasets: list[DatasetSection] = Field(default_factory=list)
+    """Image datasets the cache is built from (`sd35dist cache`)."""
+    buckets: list[tuple[int, int]] = Field(default_factory=lambda: [tuple(b) for b in DEFAULT_BUCKETS])
+    """Aspect buckets as [width, height]; the default is the SD3.5 tutorial's 8 one-megapixel buckets."""
+    shard_target_mb: float = Field(256.0, gt=0)
+    """Approximate size of one cache shard."""
+    cache_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """dtype of cached latents and embeddings."""
+    cache_batch_size: int = Field(4, ge=1)
+    """Images per VAE/text-encoder batch while building the cache."""
+    max_sequence_length: int = Field(256, ge=1, le=512)
+    """T5 tokens per caption (SD3's default 256)."""
+    shuffle_seed: int = 0
+    """Seed of caption shuffles (independent of the training seed so a cache is reusable)."""
 
     @pydantic.field_validator("storage_options")
     @classmethod
     def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
         for key in value:
-            if any(word in key.lower() for word in ("secret", "key", "token", "password")):
+            if looks_secret(key):
                 raise ValueError(
                     f"'{key}' looks like a credential: pass it through the environment "
                     "(e.g. AWS_SECRET_ACCESS_KEY listed in the profile's env.passthrough), not the recipe"
                 )
         return value
+
+    @pydantic.field_validator("buckets")
+    @classmethod
+    def _buckets(cls, value: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if not value:
+            raise ValueError("at least one bucket is needed")
+        for width, height in value:
+            if width % 16 or height % 16 or width <= 0 or height <= 0:
+                raise ValueError(f"bucket {width}x{height}: sides must be positive multiples of 16 (VAE /8, patch 2)")
+        if len(set(value)) != len(value):
+            raise ValueError("buckets must be distinct")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _unique_ids(self) -> "DataSection":
+        ids = [d.id for d in self.datasets]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"dataset ids must be unique, got {ids}")
+        return self
 
 
 class ParallelSection(StrictModel):
@@ -138,7 +207,12 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     return recipe.model_copy(
         update={
             "model": recipe.model.model_copy(update={"pretrained": _absolute(recipe.model.pretrained, base)}),
-            "data": recipe.data.model_copy(update={"cache_url": _absolute(recipe.data.cache_url, base)}),
+            "data": recipe.data.model_copy(
+                update={
+                    "cache_url": _absolute(recipe.data.cache_url, base),
+                    "datasets": [d.model_copy(update={"source": _absolute(d.source, base)}) for d in recipe.data.datasets],
+                }
+            ),
             "output": recipe.output.model_copy(update={"dir": _absolute(recipe.output.dir, base)}),
         }
     )

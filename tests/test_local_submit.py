@@ -1,0 +1,131 @@
+"""`sd35dist submit --profile local` through submitit's local executor, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import PROJECT, venv_env
+
+pytestmark = pytest.mark.dist
+
+SECRET = "s3cr3t-value-that-must-never-be-written-7f3a"
+
+
+def tiny_recipe(tmp_path: Path) -> Path:
+    (tmp_path / "cache").mkdir(exist_ok=True)
+    recipe = {
+        "name": "tiny",
+        "model": {"pretrained": str(tmp_path / "model")},
+        "data": {"cache_url": str(tmp_path / "cache")},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def sd35dist(*args: str, env: dict[str, str], check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sd35dist", *args],
+        capture_output=True, text=True, cwd=PROJECT, env=env, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sd35dist {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def all_text_under(*roots: Path) -> str:
+    chunks = []
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file():
+                chunks.append(path.read_bytes().decode(errors="replace"))
+    return "\n".join(chunks)
+
+
+@pytest.fixture(scope="module")
+def finished_local_job(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("local")
+    env = venv_env(SD35DIST_STATE_DIR=str(tmp_path / "state"), SD35DIST_TEST_SECRET=SECRET)
+    run_dir = tmp_path / "run"
+    proc = sd35dist(
+        "submit", "--profile", "local", "--job", "preflight", "--recipe", str(tiny_recipe(tmp_path)),
+        "--run-dir", str(run_dir), "--set", "env.passthrough=[SD35DIST_TEST_SECRET]", "--wait", env=env,
+    )
+    return tmp_path, env, run_dir, proc
+
+
+def test_local_preflight_report(finished_local_job):
+    _, _, run_dir, proc = finished_local_job
+    assert "submitted job" in proc.stdout and "ended: COMPLETED" in proc.stdout
+    report = json.loads((run_dir / "preflight.json").read_text())
+    assert report["ok"] is True
+    assert report["world_size"] == 2
+    assert report["allreduce"]["ok"] is True
+    assert (run_dir / "recipe.yaml").is_file() and (run_dir / "job.sh").is_file()
+
+
+def test_status_and_logs_by_id_and_by_run_dir(finished_local_job):
+    _, env, run_dir, _ = finished_local_job
+    job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
+    for ref in (job_id, str(run_dir)):
+        status = sd35dist("status", ref, env=env).stdout
+        assert f"{job_id} COMPLETED" in status
+        logs = sd35dist("logs", ref, env=env).stdout
+        assert "preflight" in logs.lower()
+
+
+def test_secret_value_is_written_nowhere(finished_local_job):
+    tmp_path, _, run_dir, proc = finished_local_job
+    assert "SD35DIST_TEST_SECRET" in (run_dir / "job.sh").read_text()  # passed by name...
+    assert SECRET not in all_text_under(run_dir, tmp_path / "state")  # ...never by value
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_cancel_stops_the_whole_process_tree(tmp_path):
+    env = venv_env(SD35DIST_STATE_DIR=str(tmp_path / "state"))
+    run_dir = tmp_path / "run"
+    sd35dist(
+        "submit", "--profile", "local", "--job", "preflight", "--recipe", str(tiny_recipe(tmp_path)),
+        "--run-dir", str(run_dir), "--set", 'setup.lines=["sleep 300"]', env=env,
+    )
+    job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
+    try:
+        assert "RUNNING" in sd35dist("status", job_id, env=env).stdout
+        deadline = time.monotonic() + 60
+        while not (sleepers := _processes_under(int(job_id), "sleep 300")):
+            assert time.monotonic() < deadline, "the job's setup line never started"
+            time.sleep(0.2)
+    finally:
+        assert "cancelled" in sd35dist("cancel", job_id, env=env).stdout
+    assert "RUNNING" not in sd35dist("status", job_id, env=env).stdout
+    for pid in sleepers:
+        assert not _running(pid), f"process {pid} of the cancelled job is still running"
+
+
+def _running(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _processes_under(root: int, cmdline: str) -> list[int]:
+    from launcher.jobs import _descendants
+
+    found = []
+    for pid in _descendants(root):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip().decode() == cmdline:
+                found.append(pid)
+        except OSError:
+            continue
+    return found

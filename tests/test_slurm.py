@@ -1,0 +1,113 @@
+"""Jobs on a real two-node Slurm cluster (slurm/devcluster.sh: n1 and n2 on this host).
+
+The cluster starts once per test session; if it cannot start the tests fail with the
+daemons' logs — they are never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT, venv_env
+from tests.test_local_submit import SECRET, all_text_under, sd35dist, tiny_recipe
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """Start the dev cluster; yield the environment a user has after `export SLURM_CONF=…`."""
+    # Not under pytest's tmp: that is mode 0700 and munged runs as the munge user.
+    cluster_dir = Path(tempfile.mkdtemp(prefix="sd35dist-slurm-"))
+    cluster_dir.chmod(0o755)
+    script = PROJECT / "slurm" / "devcluster.sh"
+    proc = subprocess.run(
+        ["bash", str(script), "start", "--dir", str(cluster_dir)], capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode != 0:
+        subprocess.run(["bash", str(script), "stop", "--dir", str(cluster_dir)], capture_output=True)
+        pytest.fail(f"the Slurm dev cluster did not start (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    export = proc.stdout.strip().splitlines()[-1]
+    assert export.startswith("export SLURM_CONF="), export
+    conf = export.split("=", 1)[1]
+    try:
+        yield venv_env(SLURM_CONF=conf, SD35DIST_STATE_DIR=str(cluster_dir / "state"))
+    finally:
+        subprocess.run(["bash", str(script), "stop", "--dir", str(cluster_dir)], capture_output=True, timeout=120)
+        shutil.rmtree(cluster_dir, ignore_errors=True)
+
+
+def _assert_two_node_report(run_dir: Path) -> dict:
+    report = json.loads((run_dir / "preflight.json").read_text())
+    assert report["ok"] is True, report.get("failures")
+    assert report["world_size"] == 2
+    assert report["nodes"] == ["n1", "n2"]
+    assert report["allreduce"]["ok"] is True
+    assert report["slurm"]["job_id"]
+    return report
+
+
+def test_submitit_preflight_crosses_both_nodes(slurm_env, tmp_path):
+    env = dict(slurm_env, SD35DIST_TEST_SECRET=SECRET)
+    run_dir = tmp_path / "run"
+    proc = sd35dist(
+        "submit", "--profile", "slurm-dev", "--job", "preflight", "--recipe", str(tiny_recipe(tmp_path)),
+        "--run-dir", str(run_dir), "--set", "env.passthrough=[SD35DIST_TEST_SECRET]", "--wait", env=env,
+    )
+    assert "ended: COMPLETED" in proc.stdout, proc.stdout + proc.stderr
+    report = _assert_two_node_report(run_dir)
+    job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
+    assert str(report["slurm"]["job_id"]) == job_id
+    assert f"{job_id} COMPLETED" in sd35dist("status", job_id, env=env).stdout
+    assert "rendezvous 127.0.0.1:" in sd35dist("logs", str(run_dir), env=env).stdout
+    assert SECRET not in all_text_under(run_dir) + proc.stdout + proc.stderr
+
+
+def test_rendered_script_runs_with_plain_sbatch(slurm_env, tmp_path):
+    run_dir = tmp_path / "run"
+    script = tmp_path / "job.sbatch"
+    sd35dist(
+        "submit", "--profile", "slurm-dev", "--job", "preflight", "--recipe", str(tiny_recipe(tmp_path)),
+        "--run-dir", str(run_dir), "--output", str(script), env=slurm_env,
+    )
+    assert not (run_dir / "job.json").exists(), "--output must not submit"
+    proc = subprocess.run(["sbatch", "--parsable", "--wait", str(script)], capture_output=True, text=True,
+                          env=slurm_env, cwd=tmp_path, timeout=300)
+    job_id = proc.stdout.strip().split(";")[0]
+    out = run_dir / "logs" / f"{job_id}.out"
+    assert proc.returncode == 0, f"{proc.stderr}\n{out.read_text() if out.exists() else ''}"
+    _assert_two_node_report(run_dir)
+    assert "rendezvous 127.0.0.1:29511" in out.read_text()
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_status_logs_cancel_on_a_running_job(slurm_env, tmp_path):
+    run_dir = tmp_path / "run"
+    sd35dist(
+        "submit", "--profile", "slurm-dev", "--job", "preflight", "--recipe", str(tiny_recipe(tmp_path)),
+        "--run-dir", str(run_dir), "--set", 'setup.lines=["echo setup-started-marker", "sleep 300"]', env=slurm_env,
+    )
+    job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
+    _wait_for(lambda: "RUNNING" in sd35dist("status", job_id, env=slurm_env).stdout, 60, "RUNNING")
+    _wait_for(lambda: "setup-started-marker" in sd35dist("logs", job_id, env=slurm_env, check=False).stdout,
+              30, "the job's log")
+    assert "cancelled" in sd35dist("cancel", str(run_dir), env=slurm_env).stdout
+    _wait_for(lambda: "CANCELLED" in sd35dist("status", job_id, env=slurm_env).stdout, 60, "CANCELLED")
+    squeue = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, env=slurm_env).stdout
+    assert squeue.strip() == ""
