@@ -1,0 +1,1 @@
+"""SD3 model loading from local diffusers directories, and the tiny test model."""
