@@ -10,7 +10,9 @@ import sys
 LAUNCHER_COMMANDS = ("submit", "status", "logs", "cancel")
 RANK_COMMANDS = {
     "preflight": ("sd35dist.jobs.preflight", "check the cluster before a long job: collectives, recipe, storage"),
+    "cache": ("sd35dist.jobs.cache", "build the latent + text-embedding cache (`sd35dist cache inspect URL` to read one)"),
 }
+RUN_DIR_REQUIRED = ("preflight",)
 
 
 def _rank_parser() -> argparse.ArgumentParser:
@@ -28,7 +30,7 @@ def _rank_parser() -> argparse.ArgumentParser:
     for name, (_, helptext) in RANK_COMMANDS.items():
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--recipe", required=True, help="recipe YAML (the frozen copy in the run directory)")
-        p.add_argument("--run-dir", required=True, help="run directory for reports and metrics")
+        p.add_argument("--run-dir", required=name in RUN_DIR_REQUIRED, help="run directory for reports and metrics")
     return parser
 
 
@@ -38,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.cli import main as launcher_main
 
         return launcher_main(argv)
+    if argv[:2] == ["cache", "inspect"]:
+        from sd35dist.jobs.cache import inspect_main
+
+        return inspect_main(argv[2:])
     args = _rank_parser().parse_args(argv)
     module = importlib.import_module(RANK_COMMANDS[args.command][0])
     return module.main(args)

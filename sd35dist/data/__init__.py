@@ -1,0 +1,1 @@
+"""Latent cache: buckets, captions, shards, manifests, and the stream that reads them."""

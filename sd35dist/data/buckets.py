@@ -1,0 +1,94 @@
+"""Aspect buckets: which bucket an image belongs to and how it is resized and cropped into it.
+
+Pure geometry, no pixels: the cache builder applies the returned plan with PIL. Sizes are
+(width, height) in pixels, as PIL reports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+# The 8 buckets of Stability AI's SD3.5 Large tutorial, all about one megapixel, (width, height).
+SD35_BUCKETS: tuple[tuple[int, int], ...] = (
+    (1024, 1024),
+    (1152, 896),
+    (896, 1152),
+    (1216, 832),
+    (832, 1216),
+    (1344, 768),
+    (768, 1344),
+    (1472, 704),
+)
+
+# With crop: false an image must already have its bucket's shape, up to this relative error
+# in aspect ratio (one row or column of rounding at 1024 px).
+NO_CROP_ASPECT_TOLERANCE = 0.01
+
+
+def bucket_name(bucket: tuple[int, int]) -> str:
+    return f"{bucket[0]}x{bucket[1]}"
+
+
+def nearest_bucket(size: tuple[int, int], buckets: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest the image's, on a log scale (so 2:1 and 1:2
+    are equally far from 1:1); ties go to the earlier bucket in the list."""
+    width, height = size
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - ratio))
+
+
+@dataclasses.dataclass(frozen=True)
+class FitPlan:
+    """How one image goes into its bucket: resize to `resized`, then crop `crop_box`."""
+
+    bucket: tuple[int, int]
+    original_size: tuple[int, int]
+    resized: tuple[int, int]
+    crop_box: tuple[int, int, int, int]
+    """(left, top, right, bottom) in the resized image; right - left, bottom - top == bucket."""
+
+    @property
+    def crop_top_left(self) -> tuple[int, int]:
+        """(top, left), the SDXL/SD3 micro-conditioning convention."""
+        return self.crop_box[1], self.crop_box[0]
+
+
+class ImageRejected(ValueError):
+    """The image cannot go into any bucket under the dataset's policy; the message says why."""
+
+
+def plan_fit(
+    size: tuple[int, int],
+    buckets: tuple[tuple[int, int], ...],
+    *,
+    crop: bool = True,
+    minimum_image_size: int = 0,
+) -> FitPlan:
+    """Bucket, resize and center-crop plan for an image of `size` (width, height).
+
+    The image is scaled so it covers the bucket (the shorter relative side fits exactly),
+    then center-cropped. With `crop=False` an image whose aspect ratio differs from its
+    bucket's is rejected instead of cropped. Images whose shorter side is below
+    `minimum_image_size` are rejected.
+    """
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImageRejected(f"empty image {width}x{height}")
+    if min(width, height) < minimum_image_size:
+        raise ImageRejected(f"too small: {width}x{height}, shorter side < minimum_image_size {minimum_image_size}")
+    bucket = nearest_bucket(size, buckets)
+    bw, bh = bucket
+    if not crop:
+        mismatch = abs((width / height) / (bw / bh) - 1.0)
+        if mismatch > NO_CROP_ASPECT_TOLERANCE:
+            raise ImageRejected(
+                f"aspect ratio {width}x{height} does not fit bucket {bucket_name(bucket)} and crop is false"
+            )
+    scale = max(bw / width, bh / height)
+    # Round up so rounding never leaves the resized image smaller than the bucket.
+    resized = (max(bw, math.ceil(width * scale - 1e-9)), max(bh, math.ceil(height * scale - 1e-9)))
+    left = (resized[0] - bw) // 2
+    top = (resized[1] - bh) // 2
+    return FitPlan(bucket=bucket, original_size=(width, height), resized=resized, crop_box=(left, top, left + bw, top + bh))
+

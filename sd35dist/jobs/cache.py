@@ -1,0 +1,135 @@
+"""`sd35dist cache --recipe R` (every rank, under torchrun or alone) and `sd35dist cache inspect URL`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sd35dist.config.loading import ConfigError, parse_override
+from sd35dist.config.recipe import load_recipe, resolve_paths
+from sd35dist.data.cache_builder import Encoders, RankResult, SampleShape, build_rank, finish_cache, write_empty_prompt
+from sd35dist.data.manifest import ManifestError, read_manifest
+from sd35dist.data.shard_format import shard_metadata
+from sd35dist.data.storage import Store, sha256_hex
+from sd35dist.parallel.process_group import destroy, init_process_group_from_env
+
+# Ranks that finish their shards early wait here for the slowest; torchrun stops the job if
+# a rank dies, so this bounds only a genuinely stuck rank.
+CACHE_COLLECTIVE_TIMEOUT_S = 24 * 3600
+
+
+def _sample_shape(encoders: Encoders) -> SampleShape:
+    vae_config = encoders.vae.config
+    text = encoders.text
+    return SampleShape(
+        latent_channels=vae_config.latent_channels,
+        vae_scale=2 ** (len(vae_config.block_out_channels) - 1),
+        text_tokens=text.clip_l_tokenizer.model_max_length + encoders.max_sequence_length,
+        joint_dim=text.t5.config.d_model,
+        pooled_dim=text.clip_l.config.projection_dim + text.clip_g.config.projection_dim,
+    )
+
+
+def build(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from sd35dist.models.sd3_components import encoder_identity, load_text_encoders, load_vae
+
+    recipe = resolve_paths(load_recipe(Path(args.recipe)), Path.cwd())
+    if not recipe.data.datasets:
+        raise ConfigError(Path(args.recipe).name, "data.datasets", "no datasets to cache")
+    world = init_process_group_from_env(CACHE_COLLECTIVE_TIMEOUT_S)
+    try:
+        device = torch.device(world.device) if torch.cuda.is_available() else torch.device("cpu")
+        text_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model_dir = Path(recipe.model.pretrained)
+        # The VAE stays fp32, as in the diffusers SD3 example: bf16 latents drift visibly.
+        encoders = Encoders(
+            vae=load_vae(model_dir, device, torch.float32),
+            text=load_text_encoders(model_dir, device, text_dtype),
+            max_sequence_length=recipe.data.max_sequence_length,
+        )
+        store = Store(recipe.data.cache_url, recipe.data.storage_options)
+        bar = tqdm(desc="caching", unit="img", disable=not world.is_main, dynamic_ncols=True)
+        result = build_rank(recipe, store, encoders, _sample_shape(encoders), world.rank, world.world_size,
+                            on_images=lambda n: bar.update(n * world.world_size))
+        bar.close()
+        results: list[Any] = [None] * world.world_size
+        dist.all_gather_object(results, (result.shards, result.rejected))
+        if world.is_main:
+            empty = write_empty_prompt(store, encoders, recipe.data.cache_dtype)
+            vae_config = {k: float(encoders.vae.config[k]) for k in ("scaling_factor", "shift_factor")}
+            manifest = finish_cache(store, [RankResult(s, r) for s, r in results], empty,
+                                    encoder_identity(model_dir), vae_config, recipe)
+            print(f"cache {store.url}: {manifest.total_samples} samples in {len(manifest.shards)} shards, "
+                  f"{manifest.total_bytes / 2**20:.1f} MiB, {manifest.rejected} images rejected (see report.json)")
+        dist.barrier()
+    finally:
+        destroy()
+    return 0
+
+
+def inspect(url: str, storage_options: dict[str, Any], verify: bool, out=sys.stdout) -> int:
+    """Print what a cache holds; with `verify`, read every shard and check its sha256 and header."""
+    store = Store(url, storage_options)
+    manifest = read_manifest(store)
+    problems: list[str] = []
+    print(f"cache {store.url}", file=out)
+    print(f"  format {manifest.format}, dtype {manifest.dtype}, T5 tokens {manifest.max_sequence_length}", file=out)
+    print(f"  {manifest.total_samples} samples, {len(manifest.shards)} shards, {manifest.total_bytes / 2**20:.1f} MiB", file=out)
+    for bucket, count in manifest.samples_per_bucket().items():
+        print(f"  bucket {bucket}: {count} samples", file=out)
+    for part, identity in sorted(manifest.encoders.items()):
+        print(f"  encoder {part}: {identity.get('class', '?')} config {str(identity.get('config_sha256', ''))[:12]}", file=out)
+    print(f"  rejected images: {manifest.rejected} (report.json)", file=out)
+    entries = [*manifest.shards, manifest.empty_prompt] if verify else []
+    for entry in entries:
+        try:
+            blob = store.read_bytes(entry.path)
+        except FileNotFoundError:
+            problems.append(f"{entry.path}: missing")
+            continue
+        if len(blob) != entry.bytes or sha256_hex(blob) != entry.sha256:
+            problems.append(f"{entry.path}: sha256/size mismatch")
+        elif entry.bucket and json.loads(shard_metadata(blob)["samples"]).__len__() != entry.samples:
+            problems.append(f"{entry.path}: sample count differs from the manifest")
+    for problem in problems:
+        print(f"  problem: {problem}", file=out)
+    print(f"  problems: {len(problems)}" + ("" if verify else " (add --verify to read every shard)"), file=out)
+    return 1 if problems else 0
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd35dist cache inspect", description="print what a latent cache holds")
+    parser.add_argument("url", help="cache root: a path, file://… or s3://bucket/prefix")
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000")
+    parser.add_argument("--verify", action="store_true", help="read every shard and check its sha256")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return build(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def inspect_main(argv: list[str]) -> int:
+    args = _inspect_parser().parse_args(argv)
+    options = {}
+    for text in args.storage_option:
+        parts, value = parse_override(text)
+        options[".".join(parts)] = value
+    try:
+        return inspect(args.url, options, args.verify)
+    except (ManifestError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
