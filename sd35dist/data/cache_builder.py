@@ -18,13 +18,19 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from safetensors.torch import save as save_safetensors
 
 from sd35dist.config.recipe import DatasetSection, Recipe
 from sd35dist.data.buckets import ImageRejected, bucket_name, plan_fit
 from sd35dist.data.image_source import PreparedImage, Rejected, SourceImage, list_images, prepare_image, read_image_size
 from sd35dist.data.manifest import ShardEntry, ShardManifest, write_manifest
-from sd35dist.data.shard_format import CachedSample, SampleRecord, bytes_per_sample, encode_shard, samples_per_shard
+from sd35dist.data.shard_format import (
+    CachedSample,
+    SampleRecord,
+    bytes_per_sample,
+    encode_shard,
+    samples_per_shard,
+    save_canonical,
+)
 from sd35dist.data.storage import Store, sha256_hex
 
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
@@ -286,7 +292,7 @@ def write_empty_prompt(store: Store, encoders: Encoders, dtype: str) -> ShardEnt
         "prompt_embeds": prompt_embeds.to(DTYPES[dtype]).cpu().contiguous(),
         "pooled_prompt_embeds": pooled.to(DTYPES[dtype]).cpu().contiguous(),
     }
-    blob = save_safetensors(tensors, metadata={"format": "sd35dist-empty-prompt/1", "dtype": dtype})
+    blob = save_canonical(tensors, {"format": "sd35dist-empty-prompt/1", "dtype": dtype})
     store.write_bytes(EMPTY_PROMPT_NAME, blob)
     return ShardEntry(EMPTY_PROMPT_NAME, "", 1, len(blob), sha256_hex(blob), dtype)
 

@@ -41,7 +41,10 @@ def resolve_caption(
             raise CaptionMissing("caption_strategy instance_prompt needs instance_prompt")
         return instance_prompt.strip()
     if strategy == "filename":
-        return caption_from_filename(stem)
+        caption = caption_from_filename(stem)
+        if not caption:
+            raise CaptionMissing(f"file name {stem!r} gives an empty caption")
+        return caption
     if textfile_content is None:
         raise CaptionMissing(f"no caption file {stem}.txt")
     # Caption files often hold one caption per line; the first non-empty one is used.

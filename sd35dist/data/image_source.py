@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import posixpath
+import re
 from typing import Any
 
 import fsspec
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from sd35dist.config.recipe import DatasetSection
 from sd35dist.data.buckets import FitPlan, ImageRejected, plan_fit
@@ -97,8 +98,12 @@ def prepare_image(
         )
     except (CaptionMissing, ImageRejected) as exc:
         return Rejected(image.dataset, image.path, str(exc))
+    except UnidentifiedImageError:
+        return Rejected(image.dataset, image.path, "unreadable: not an image file PIL can decode")
     except Exception as exc:  # noqa: BLE001 — any decode failure of one file must not stop the build
-        return Rejected(image.dataset, image.path, f"unreadable: {type(exc).__name__}: {exc}")
+        # Reasons go into report.json, which must not differ between equal builds: drop addresses.
+        message = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))
+        return Rejected(image.dataset, image.path, f"unreadable: {type(exc).__name__}: {message}")
     resized = rgb.resize(fit.resized, Image.Resampling.LANCZOS).crop(fit.crop_box)
     array = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
     pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections import Counter
 from typing import Any
 
@@ -79,8 +80,10 @@ def _entry(raw: Any, where: str) -> ShardEntry:
         safe_relative_path(entry.path)
     except ValueError as exc:
         raise ManifestError(f"{where}: {exc}") from None
-    if entry.samples < 0 or entry.bytes < 0 or len(entry.sha256) != 64:
-        raise ManifestError(f"{where}: bad samples/bytes/sha256")
+    if not (isinstance(entry.samples, int) and entry.samples >= 0 and isinstance(entry.bytes, int) and entry.bytes >= 0):
+        raise ManifestError(f"{where}: samples and bytes must be non-negative integers")
+    if not (isinstance(entry.sha256, str) and re.fullmatch(r"[0-9a-f]{64}", entry.sha256)):
+        raise ManifestError(f"{where}: sha256 must be 64 lowercase hex digits")
     return entry
 
 
@@ -90,19 +93,28 @@ def parse_manifest(text: str, source: str = MANIFEST_NAME) -> ShardManifest:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{source}: not JSON ({exc})") from None
-    if data.get("format") != MANIFEST_FORMAT:
-        raise ManifestError(f"{source}: format {data.get('format')!r}, expected {MANIFEST_FORMAT}")
-    shards = tuple(_entry(raw, f"{source}: shards[{i}]") for i, raw in enumerate(data.get("shards", [])))
-    return ShardManifest(
-        shards=shards,
-        empty_prompt=_entry(data.get("empty_prompt"), f"{source}: empty_prompt"),
-        encoders=data.get("encoders", {}),
-        vae=data.get("vae", {}),
-        dtype=data["dtype"],
-        max_sequence_length=data["max_sequence_length"],
-        buckets=tuple(data.get("buckets", ())),
-        rejected=data.get("rejected", 0),
-    )
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ManifestError(f"{source}: format {found!r}, expected {MANIFEST_FORMAT}")
+    raw_shards = data.get("shards", [])
+    if not isinstance(raw_shards, list):
+        raise ManifestError(f"{source}: shards must be a list")
+    shards = tuple(_entry(raw, f"{source}: shards[{i}]") for i, raw in enumerate(raw_shards))
+    try:
+        return ShardManifest(
+            shards=shards,
+            empty_prompt=_entry(data.get("empty_prompt"), f"{source}: empty_prompt"),
+            encoders=dict(data.get("encoders", {})),
+            vae={k: float(v) for k, v in data.get("vae", {}).items()},
+            dtype=str(data["dtype"]),
+            max_sequence_length=int(data["max_sequence_length"]),
+            buckets=tuple(data.get("buckets", ())),
+            rejected=int(data.get("rejected", 0)),
+        )
+    except KeyError as missing:
+        raise ManifestError(f"{source}: missing {missing}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ManifestError(f"{source}: malformed ({exc})") from None
 
 
 def read_manifest(store: Store) -> ShardManifest:

@@ -60,7 +60,21 @@ def encode_shard(samples: Sequence[CachedSample], bucket: str, dtype: str) -> by
         "dtype": dtype,
         "samples": json.dumps([dataclasses.asdict(s.record) for s in samples], ensure_ascii=False),
     }
-    return save_safetensors(tensors, metadata=metadata)
+    return save_canonical(tensors, metadata)
+
+
+def save_canonical(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with the JSON header's keys sorted.
+
+    The safetensors writer emits its header from a hash map, so key order (and the file's
+    bytes) can change between runs; sorting makes equal content give equal bytes and sha256.
+    """
+    blob = save_safetensors(tensors, metadata=metadata)
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + header_len])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data section to 8 bytes
+    return len(text).to_bytes(8, "little") + text + blob[8 + header_len :]
 
 
 def shard_metadata(data: bytes) -> dict[str, str]:

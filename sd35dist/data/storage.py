@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import uuid
 from typing import Any
 
@@ -47,11 +48,16 @@ class Store:
         if self.is_local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             tmp = f"{target}.tmp-{uuid.uuid4().hex[:12]}"
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
+            try:
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
         else:
             self.fs.pipe_file(target, data)
 
@@ -75,7 +81,7 @@ def safe_relative_path(relative: str) -> str:
     if not relative or relative.startswith(("/", "\\")) or "://" in relative:
         raise UnsafePath(f"{relative!r} is not a path relative to the cache root")
     parts = relative.replace("\\", "/").split("/")
-    if any(part in ("..", "") for part in parts):
+    if any(part in ("..", ".", "") for part in parts) or re.match(r"^[A-Za-z]:", parts[0]):
         raise UnsafePath(f"{relative!r} leaves the cache root or is malformed")
     return "/".join(parts)
 

@@ -1,0 +1,255 @@
+"""`sd35dist cache` end to end on the tiny SD3: real processes, real files, real torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from sd35dist.data.demo_dataset import DEMO_BUCKETS, write_demo_dataset
+from sd35dist.data.manifest import read_manifest
+from sd35dist.data.shard_format import decode_shard
+from sd35dist.data.storage import Store
+from sd35dist.models.tiny_sd3 import build_tiny_sd3
+from tests.conftest import PROJECT, venv_env
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_sd3(tmp_path_factory.mktemp("model") / "tiny-sd3")
+
+
+def write_inputs(root: Path) -> dict[str, Path]:
+    """Two datasets: captioned demo images plus every kind of bad input, and a crop-false set."""
+    demo = root / "demo"
+    write_demo_dataset(demo, count=8, seed=3)
+    (demo / "garbage.png").write_bytes(b"this is not an image")
+    (demo / "garbage.txt").write_text("garbage caption\n")
+    (demo / "trunc.png").write_bytes((demo / "img_0000.png").read_bytes()[:200])
+    (demo / "trunc.txt").write_text("truncated\n")
+    Image.new("RGB", (12, 12), (9, 9, 9)).save(demo / "tiny.png")
+    (demo / "tiny.txt").write_text("too small\n")
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(demo / "nocaption.png")
+    exact = root / "exact"
+    exact.mkdir()
+    Image.new("RGB", (160, 96), (10, 200, 10)).save(exact / "fits.png")  # 80x48 bucket's shape
+    Image.new("RGB", (90, 60), (10, 10, 200)).save(exact / "misfit.png")
+    return {"demo": demo, "exact": exact}
+
+
+def write_recipe(path: Path, model: Path, inputs: dict[str, Path], cache_url: str, **data_overrides) -> Path:
+    data = {
+        "cache_url": cache_url,
+        "datasets": [
+            {"id": "demo", "source": str(inputs["demo"]), "repeats": 3, "shuffle_captions": True,
+             "keep_tokens": 2, "minimum_image_size": 32},
+            {"id": "exact", "source": str(inputs["exact"]), "caption_strategy": "instance_prompt",
+             "instance_prompt": "k4s4", "crop": False},
+        ],
+        "buckets": DEMO_BUCKETS,
+        "shard_target_mb": 0.08,
+        "cache_batch_size": 3,
+        "cache_dtype": "fp32",
+        "max_sequence_length": 32,
+    }
+    data.update(data_overrides)
+    recipe = {"name": "cachetest", "model": {"pretrained": str(model)}, "data": data,
+              "output": {"dir": str(path.parent / "out")}}
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_cache(recipe: Path, nproc: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "sd35dist", "cache", "--recipe", str(recipe)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "sd35dist", "cache", "--recipe", str(recipe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=env or venv_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def samples_by_key(cache: Path) -> dict[str, dict]:
+    """Every sample of a local cache: key → its tensors and record."""
+    store = Store(str(cache))
+    out = {}
+    for entry in read_manifest(store).shards:
+        tensors, records, bucket = decode_shard(store.read_bytes(entry.path))
+        for i, record in enumerate(records):
+            out[record.key] = {"record": record, "bucket": bucket, **{k: v[i] for k, v in tensors.items()}}
+    return out
+
+
+def cache_files(cache: Path) -> dict[str, bytes]:
+    """What a reader can see: the manifest and every object it names, by relative path."""
+    store = Store(str(cache))
+    manifest = read_manifest(store)
+    names = ["manifest.json", "report.json", manifest.empty_prompt.path, *(s.path for s in manifest.shards)]
+    return {name: store.read_bytes(name) for name in names}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("cache-build")
+    inputs = write_inputs(root / "images")
+    recipe = write_recipe(root / "recipe.yaml", tiny_model, inputs, str(root / "cache"))
+    proc = run_cache(recipe)
+    return root, inputs, recipe, proc
+
+
+def test_bad_inputs_are_skipped_and_reported(built):
+    root, _, _, proc = built
+    report = json.loads((root / "cache" / "report.json").read_text())
+    reasons = {r["image"]: r["reason"] for r in report["rejected"]}
+    assert set(reasons) == {"garbage.png", "trunc.png", "tiny.png", "nocaption.png", "misfit.png"}
+    assert "unreadable" in reasons["garbage.png"]
+    assert "truncated" in reasons["trunc.png"]
+    assert "too small" in reasons["tiny.png"]
+    assert "no caption file" in reasons["nocaption.png"]
+    assert "crop is false" in reasons["misfit.png"]
+    manifest = read_manifest(Store(str(root / "cache")))
+    assert manifest.total_samples == 8 * 3 + 1  # 8 good demo images × 3 repeats + the exact-fit image
+    assert manifest.rejected == 5
+    assert "25 samples" in proc.stdout and "5 images rejected" in proc.stdout
+
+
+def test_embeddings_equal_the_pipelines_encode_prompt(built, tiny_model):
+    from diffusers import StableDiffusion3Pipeline
+
+    root, _, _, _ = built
+    samples = samples_by_key(root / "cache")
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model, local_files_only=True)
+    chosen = sorted(samples)[:4] + [k for k in samples if k.startswith("exact/")]
+    captions = [samples[k]["record"].caption for k in chosen]
+    with torch.no_grad():  # the pipeline encodes under no_grad in __call__ too
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False,
+                                                  max_sequence_length=32)
+        empty_embeds, _, empty_pooled, _ = pipe.encode_prompt([""], None, None, do_classifier_free_guidance=False,
+                                                              max_sequence_length=32)
+    # Same computation; the cache encoded other batches (of cache_batch_size), and a matmul's
+    # last bits depend on batch shape. Exact equality for equal batches: tests/test_tiny_sd3.py.
+    for i, key in enumerate(chosen):
+        torch.testing.assert_close(samples[key]["prompt_embeds"], embeds[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(samples[key]["pooled_prompt_embeds"], pooled[i], rtol=1e-5, atol=1e-6)
+    from safetensors.torch import load_file
+
+    empty = load_file(root / "cache" / "empty_prompt.safetensors")
+    assert torch.equal(empty["prompt_embeds"], empty_embeds)
+    assert torch.equal(empty["pooled_prompt_embeds"], empty_pooled)
+
+
+def test_latents_are_the_vaes_distribution_of_the_cropped_image(built, tiny_model):
+    from diffusers import AutoencoderKL
+
+    from sd35dist.data.image_source import SourceImage, prepare_image
+    from sd35dist.config.recipe import load_recipe
+
+    root, inputs, recipe_path, _ = built
+    sample = samples_by_key(root / "cache")["demo/img_0001.png#0"]
+    dataset = load_recipe(recipe_path).data.datasets[0]
+    image = SourceImage("demo", "img_0001.png", str(inputs["demo"] / "img_0001.png"), str(inputs["demo"] / "img_0001.txt"))
+    prepared = prepare_image(image, dataset, tuple(tuple(b) for b in DEMO_BUCKETS), {}, 0)
+    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae", local_files_only=True)
+    with torch.no_grad():
+        dist = vae.encode(prepared.pixels[None]).latent_dist
+    assert sample["bucket"] == "80x48" and tuple(sample["original_size"].tolist()) == (128, 77)
+    # Batched and single-image convolutions may round differently in the last bits.
+    torch.testing.assert_close(sample["latent_mean"], dist.mean[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sample["latent_std"], dist.std[0], rtol=1e-5, atol=1e-6)
+
+
+def test_repeats_get_shuffled_caption_variants(built):
+    root, inputs, _, _ = built
+    samples = samples_by_key(root / "cache")
+    original = (inputs["demo"] / "img_0002.txt").read_text().strip()
+    variants = [samples[f"demo/img_0002.png#{r}"]["record"].caption for r in range(3)]
+    assert variants[0] == original
+    tokens = [t.strip() for t in original.split(",")]
+    for variant in variants[1:]:
+        got = [t.strip() for t in variant.split(",")]
+        assert got[:2] == tokens[:2] and sorted(got) == sorted(tokens)
+    assert len(set(variants)) > 1
+    assert samples["exact/fits.png#0"]["record"].caption == "k4s4"
+
+
+def test_rebuild_is_byte_identical(built, tmp_path, tiny_model):
+    root, inputs, _, _ = built
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model, inputs, str(tmp_path / "cache"))
+    run_cache(recipe)
+    assert cache_files(tmp_path / "cache") == cache_files(root / "cache")
+
+
+def test_two_ranks_build_the_same_content_as_one(built, tmp_path, tiny_model):
+    root, inputs, _, _ = built
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model, inputs, str(tmp_path / "cache"))
+    run_cache(recipe, nproc=2)
+    one, two = samples_by_key(root / "cache"), samples_by_key(tmp_path / "cache")
+    assert sorted(one) == sorted(two)
+    for key in one:
+        assert one[key]["record"] == two[key]["record"]
+        for name in ("prompt_embeds", "pooled_prompt_embeds", "original_size", "crop_top_left"):
+            assert torch.equal(one[key][name], two[key][name]), (key, name)
+        for name in ("latent_mean", "latent_std"):  # different VAE batch composition per rank
+            torch.testing.assert_close(one[key][name], two[key][name], rtol=1e-5, atol=1e-6)
+    report_one = json.loads((root / "cache" / "report.json").read_text())
+    assert json.loads((tmp_path / "cache" / "report.json").read_text()) == report_one
+
+
+def test_resume_after_kill_gives_identical_shards(tmp_path, tiny_model):
+    images = tmp_path / "images"
+    write_demo_dataset(images / "demo", count=30, seed=5)
+    inputs = {"demo": images / "demo", "exact": images / "exact"}
+    (images / "exact").mkdir()
+    kwargs = {"shard_target_mb": 0.001, "cache_batch_size": 1}
+    straight = write_recipe(tmp_path / "straight.yaml", tiny_model, inputs, str(tmp_path / "straight"), **kwargs)
+    run_cache(straight)
+
+    resumed = write_recipe(tmp_path / "resumed.yaml", tiny_model, inputs, str(tmp_path / "resumed"), **kwargs)
+    proc = subprocess.Popen([sys.executable, "-m", "sd35dist", "cache", "--recipe", str(resumed)],
+                            cwd=PROJECT, env=venv_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    journal = tmp_path / "resumed" / "progress" / "w0001-r00000.json"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None:
+        if journal.exists() and len(json.loads(journal.read_text() or "{}").get("shards", {})) >= 3:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    assert not (tmp_path / "resumed" / "manifest.json").exists(), "no manifest before the build completes"
+    run_cache(resumed)
+    assert cache_files(tmp_path / "resumed") == cache_files(tmp_path / "straight")
+
+
+def test_inspect_reports_contents_and_corruption(built, tmp_path):
+    root, _, _, _ = built
+    cache = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(root / "cache"), str(cache)], check=True)
+    ok = subprocess.run([sys.executable, "-m", "sd35dist", "cache", "inspect", str(cache), "--verify"],
+                        capture_output=True, text=True, cwd=PROJECT)
+    assert ok.returncode == 0, ok.stderr
+    assert "25 samples" in ok.stdout and "bucket 80x48" in ok.stdout and "problems: 0" in ok.stdout
+    shard = read_manifest(Store(str(cache))).shards[0].path
+    blob = bytearray((cache / shard).read_bytes())
+    blob[-1] ^= 0xFF
+    (cache / shard).write_bytes(bytes(blob))
+    bad = subprocess.run([sys.executable, "-m", "sd35dist", "cache", "inspect", str(cache), "--verify"],
+                         capture_output=True, text=True, cwd=PROJECT)
+    assert bad.returncode == 1 and f"{shard}: sha256/size mismatch" in bad.stdout
+    missing = subprocess.run([sys.executable, "-m", "sd35dist", "cache", "inspect", str(tmp_path / "nothing")],
+                             capture_output=True, text=True, cwd=PROJECT)
+    assert missing.returncode == 2 and "no manifest" in missing.stderr

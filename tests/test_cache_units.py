@@ -1,0 +1,604 @@
+"""The latent-cache builder's pure core: buckets, captions, shard bytes, manifest, store, planning."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+
+from sd35dist.data.buckets import SD35_BUCKETS, FitPlan, ImageRejected, bucket_name, nearest_bucket, plan_fit
+from sd35dist.data.cache_builder import WorkItem, plan_fingerprint, plan_shards, rank_images
+from sd35dist.data.captions import CaptionMissing, caption_variants, resolve_caption, shuffle_tokens
+from sd35dist.data.image_source import SourceImage
+from sd35dist.data.manifest import (
+    MANIFEST_FORMAT,
+    ManifestError,
+    ShardEntry,
+    ShardManifest,
+    parse_manifest,
+    read_manifest,
+    write_manifest,
+)
+from sd35dist.data.shard_format import (
+    CachedSample,
+    SampleRecord,
+    bytes_per_sample,
+    decode_shard,
+    encode_shard,
+    samples_per_shard,
+    shard_metadata,
+)
+from sd35dist.data.storage import Store, UnsafePath
+
+pytestmark = pytest.mark.unit
+
+SIDES = range(17, 3000, 37)
+
+
+def _log_distance(size: tuple[int, int], bucket: tuple[int, int]) -> float:
+    return abs(math.log(size[0] / size[1]) - math.log(bucket[0] / bucket[1]))
+
+
+# ---- buckets ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "bucket"),
+    [
+        ((1024, 1024), (1024, 1024)),
+        ((512, 512), (1024, 1024)),
+        ((4000, 4000), (1024, 1024)),
+        ((1920, 1080), (1344, 768)),
+        ((1080, 1920), (768, 1344)),
+        ((4000, 1000), (1472, 704)),
+        ((1000, 4000), (768, 1344)),  # no 704x1472 bucket: the tallest one is the nearest
+        ((2432, 1664), (1216, 832)),
+        ((1152, 896), (1152, 896)),
+    ],
+)
+def test_nearest_bucket_on_the_sd35_buckets(size, bucket):
+    assert nearest_bucket(size, SD35_BUCKETS) == bucket
+
+
+def test_nearest_bucket_tie_goes_to_the_earlier_bucket():
+    assert nearest_bucket((500, 500), ((2, 1), (1, 2))) == (2, 1)
+    assert nearest_bucket((500, 500), ((1, 2), (2, 1))) == (1, 2)
+    assert nearest_bucket((300, 300), ((1024, 1024), (512, 512))) == (1024, 1024)
+
+
+def test_nearest_bucket_is_nearest_and_monotone_in_aspect_ratio():
+    sizes = sorted(((w, h) for w in SIDES for h in SIDES), key=lambda s: s[0] / s[1])
+    order = {b: math.log(b[0] / b[1]) for b in SD35_BUCKETS}
+    previous = -math.inf
+    for size in sizes:
+        chosen = nearest_bucket(size, SD35_BUCKETS)
+        assert chosen in SD35_BUCKETS
+        assert all(_log_distance(size, chosen) <= _log_distance(size, b) + 1e-12 for b in SD35_BUCKETS), size
+        # A wider image never lands in a narrower bucket.
+        assert order[chosen] >= previous, size
+        previous = order[chosen]
+
+
+def _check_fit(plan: FitPlan, size: tuple[int, int]) -> None:
+    width, height = size
+    bw, bh = plan.bucket
+    rw, rh = plan.resized
+    left, top, right, bottom = plan.crop_box
+    assert plan.original_size == size
+    assert (right - left, bottom - top) == plan.bucket, size
+    assert 0 <= left and 0 <= top and right <= rw and bottom <= rh, size
+    assert rw >= bw and rh >= bh, size
+    # One side fits the bucket exactly; the other follows the aspect ratio up to one pixel of rounding.
+    assert rw == bw or rh == bh, size
+    scale = max(bw / width, bh / height)
+    assert abs(rw - width * scale) < 1 and abs(rh - height * scale) < 1, size
+    # Centered: the margins on either side differ by at most one pixel.
+    assert abs(left - (rw - right)) <= 1 and abs(top - (rh - bottom)) <= 1, size
+    assert plan.crop_top_left == (top, left)
+
+
+def test_plan_fit_invariants_over_many_sizes():
+    for width in SIDES:
+        for height in SIDES:
+            plan = plan_fit((width, height), SD35_BUCKETS)
+            assert plan.bucket == nearest_bucket((width, height), SD35_BUCKETS)
+            _check_fit(plan, (width, height))
+
+
+@pytest.mark.parametrize("size", [(1920, 1080), (1080, 1920), (1000, 1000), (4000, 1000), (1025, 1023), (3, 7)])
+def test_plan_fit_examples(size):
+    _check_fit(plan_fit(size, SD35_BUCKETS), size)
+
+
+def test_plan_fit_16_9_is_center_cropped():
+    plan = plan_fit((1920, 1080), SD35_BUCKETS)
+    assert plan.bucket == (1344, 768)
+    assert plan.resized == (1366, 768)
+    assert plan.crop_box == (11, 0, 1355, 768)
+    assert plan.crop_top_left == (0, 11)
+
+
+def test_plan_fit_exact_bucket_shape_is_not_cropped():
+    plan = plan_fit((1024, 1024), SD35_BUCKETS)
+    assert plan.resized == (1024, 1024)
+    assert plan.crop_box == (0, 0, 1024, 1024)
+
+
+def test_no_crop_accepts_an_image_of_the_bucket_shape():
+    plan = plan_fit((2432, 1664), SD35_BUCKETS, crop=False)
+    assert plan.bucket == (1216, 832)
+    assert plan.resized == (1216, 832)
+    assert plan.crop_box == (0, 0, 1216, 832)
+
+
+def test_no_crop_accepts_one_pixel_of_rounding():
+    plan = plan_fit((1217, 832), SD35_BUCKETS, crop=False)
+    assert plan.bucket == (1216, 832)
+
+
+def test_no_crop_rejects_a_mismatching_shape_naming_the_bucket():
+    with pytest.raises(ImageRejected, match="1344x768") as info:
+        plan_fit((1920, 1080), SD35_BUCKETS, crop=False)
+    assert "1920x1080" in str(info.value)
+    assert "crop" in str(info.value)
+
+
+def test_no_crop_over_many_sizes_accepts_only_bucket_shapes():
+    for width in SIDES:
+        for height in SIDES:
+            bucket = nearest_bucket((width, height), SD35_BUCKETS)
+            mismatch = abs((width / height) / (bucket[0] / bucket[1]) - 1)
+            if mismatch <= 0.005:
+                _check_fit(plan_fit((width, height), SD35_BUCKETS, crop=False), (width, height))
+            elif mismatch > 0.02:
+                with pytest.raises(ImageRejected, match=bucket_name(bucket)):
+                    plan_fit((width, height), SD35_BUCKETS, crop=False)
+
+
+def test_minimum_image_size_rejects_small_images():
+    with pytest.raises(ImageRejected, match="minimum_image_size 512"):
+        plan_fit((2000, 511), SD35_BUCKETS, minimum_image_size=512)
+    with pytest.raises(ImageRejected, match="too small"):
+        plan_fit((300, 300), SD35_BUCKETS, minimum_image_size=512)
+    assert plan_fit((512, 512), SD35_BUCKETS, minimum_image_size=512).bucket == (1024, 1024)
+    for side in SIDES:
+        if side < 1000:
+            with pytest.raises(ImageRejected):
+                plan_fit((side, 2999), SD35_BUCKETS, minimum_image_size=1000)
+        else:
+            plan_fit((side, 2999), SD35_BUCKETS, minimum_image_size=1000)
+
+
+@pytest.mark.parametrize("size", [(0, 100), (100, 0), (-5, 100)])
+def test_empty_images_are_rejected(size):
+    with pytest.raises(ImageRejected, match="empty"):
+        plan_fit(size, SD35_BUCKETS)
+
+
+# ---- captions --------------------------------------------------------------------------------
+
+
+def test_textfile_caption_is_the_first_non_empty_line():
+    text = "\n   \n  a photo of a cat  \nsecond caption\n"
+    assert resolve_caption("textfile", stem="cat", textfile_content=text, instance_prompt="ignored") == "a photo of a cat"
+
+
+def test_textfile_caption_missing_or_empty():
+    with pytest.raises(CaptionMissing, match="cat.txt"):
+        resolve_caption("textfile", stem="cat", textfile_content=None, instance_prompt=None)
+    with pytest.raises(CaptionMissing, match="cat.txt is empty"):
+        resolve_caption("textfile", stem="cat", textfile_content=" \n\t\n", instance_prompt=None)
+
+
+@pytest.mark.parametrize(
+    ("stem", "caption"),
+    [
+        ("a_red-car (2)", "a red car"),
+        ("a_red-car", "a red car"),
+        ("portrait__of--a   man", "portrait of a man"),
+        ("photo (final)", "photo (final)"),
+        ("cat(12)", "cat"),
+    ],
+)
+def test_filename_caption(stem, caption):
+    assert resolve_caption("filename", stem=stem, textfile_content="from file", instance_prompt=None) == caption
+
+
+def test_instance_prompt_caption():
+    got = resolve_caption("instance_prompt", stem="x", textfile_content="from file", instance_prompt=" sks dog ")
+    assert got == "sks dog"
+    for missing in (None, ""):
+        with pytest.raises(CaptionMissing, match="instance_prompt"):
+            resolve_caption("instance_prompt", stem="x", textfile_content="from file", instance_prompt=missing)
+
+
+LONG_CAPTION = "sks woman, portrait, red hair, smiling, outdoors, bokeh, golden hour, film grain, 35mm, freckles"
+TOKENS = [t.strip() for t in LONG_CAPTION.split(",")]
+
+
+@pytest.mark.parametrize("keep_tokens", [0, 1, 2, 5, 10, 20])
+def test_shuffle_keeps_the_head_and_permutes_the_rest(keep_tokens):
+    for seed in range(5):
+        for repeat in range(1, 6):
+            out = shuffle_tokens(LONG_CAPTION, keep_tokens=keep_tokens, seed=seed, key="ds/a.png", repeat=repeat)
+            got = out.split(", ")
+            assert got[:keep_tokens] == TOKENS[:keep_tokens]
+            assert sorted(got[keep_tokens:]) == sorted(TOKENS[keep_tokens:])
+
+
+def test_shuffle_is_deterministic_and_varies():
+    def shuffled(seed: int, key: str, repeat: int) -> str:
+        return shuffle_tokens(LONG_CAPTION, keep_tokens=1, seed=seed, key=key, repeat=repeat)
+
+    assert shuffled(7, "ds/a.png", 3) == shuffled(7, "ds/a.png", 3)
+    assert len({shuffled(7, "ds/a.png", r) for r in range(1, 8)}) > 1
+    assert len({shuffled(s, "ds/a.png", 3) for s in range(8)}) > 1
+    assert len({shuffled(7, f"ds/{i}.png", 3) for i in range(8)}) > 1
+    # Actually shuffled, not just re-joined.
+    assert any(shuffled(7, "ds/a.png", r) != ", ".join(TOKENS) for r in range(1, 8))
+
+
+def test_caption_variants_original_first_then_shuffled():
+    variants = caption_variants(LONG_CAPTION, repeats=6, shuffle=True, keep_tokens=2, seed=3, key="ds/a.png")
+    assert len(variants) == 6
+    assert variants[0] == LONG_CAPTION
+    for repeat, variant in enumerate(variants[1:], start=1):
+        assert variant == shuffle_tokens(LONG_CAPTION, keep_tokens=2, seed=3, key="ds/a.png", repeat=repeat)
+    assert len(set(variants)) > 1
+    again = caption_variants(LONG_CAPTION, repeats=6, shuffle=True, keep_tokens=2, seed=3, key="ds/a.png")
+    assert again == variants
+
+
+def test_caption_variants_without_shuffle_are_identical():
+    caption = "a,b ,  c"  # kept exactly as written
+    assert caption_variants(caption, repeats=4, shuffle=False, keep_tokens=0, seed=1, key="k") == [caption] * 4
+    assert caption_variants(caption, repeats=1, shuffle=True, keep_tokens=0, seed=1, key="k") == [caption]
+
+
+# ---- shard format ----------------------------------------------------------------------------
+
+
+LATENT = (16, 4, 6)
+TEXT = (9, 8)
+POOLED = 5
+
+
+def _samples(n: int, seed: int = 0) -> list[CachedSample]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        record = SampleRecord(f"ds/img{i}.png#{i % 2}", "ds", f"img{i}.png", i % 2, f"caption {i}, é ✓")
+        out.append(
+            CachedSample(
+                record=record,
+                latent_mean=torch.randn(LATENT, generator=gen),
+                latent_std=torch.rand(LATENT, generator=gen),
+                prompt_embeds=torch.randn(TEXT, generator=gen),
+                pooled_prompt_embeds=torch.randn(POOLED, generator=gen),
+                original_size=(1920 + i, 1080),
+                crop_top_left=(0, 11 + i),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize(("dtype", "torch_dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+def test_shard_round_trip(dtype, torch_dtype):
+    samples = _samples(3)
+    blob = encode_shard(samples, "1344x768", dtype)
+    tensors, records, bucket = decode_shard(blob)
+    assert bucket == "1344x768"
+    assert records == [s.record for s in samples]
+    for key in ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds"):
+        assert tensors[key].dtype == torch_dtype
+        expected = torch.stack([getattr(s, key) for s in samples]).to(torch_dtype)
+        assert torch.equal(tensors[key], expected), key
+    assert tensors["original_size"].tolist() == [[1920, 1080], [1921, 1080], [1922, 1080]]
+    assert tensors["crop_top_left"].tolist() == [[0, 11], [0, 12], [0, 13]]
+    assert tensors["original_size"].dtype == torch.int32
+
+
+def test_shard_bytes_are_deterministic():
+    assert encode_shard(_samples(4), "1024x1024", "bf16") == encode_shard(_samples(4), "1024x1024", "bf16")
+    assert encode_shard(_samples(4), "1024x1024", "bf16") != encode_shard(_samples(4, seed=1), "1024x1024", "bf16")
+
+
+def test_shard_metadata_reads_only_the_header():
+    blob = encode_shard(_samples(2), "832x1216", "fp32")
+    header_len = int.from_bytes(blob[:8], "little")
+    meta = shard_metadata(blob[: 8 + header_len])  # no tensor bytes at all
+    assert meta["bucket"] == "832x1216"
+    assert meta["dtype"] == "fp32"
+    assert meta["format"] == "sd35dist-shard/1"
+    assert [r["key"] for r in json.loads(meta["samples"])] == ["ds/img0.png#0", "ds/img1.png#1"]
+
+
+def test_decode_refuses_foreign_safetensors_and_empty_shards():
+    from safetensors.torch import save
+
+    with pytest.raises(ValueError, match="not an sd35dist shard"):
+        decode_shard(save({"x": torch.zeros(2)}))
+    with pytest.raises(ValueError, match="at least one sample"):
+        encode_shard([], "1024x1024", "bf16")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("n", [1, 5])
+def test_bytes_per_sample_matches_encoded_tensors(dtype, n):
+    tensors, _, _ = decode_shard(encode_shard(_samples(n), "1024x1024", dtype))
+    real = sum(t.nbytes for t in tensors.values())
+    assert real == n * bytes_per_sample(LATENT, TEXT, POOLED, dtype)
+    # The whole file is tensors plus a header, so it is never smaller than the estimate.
+    assert len(encode_shard(_samples(n), "1024x1024", dtype)) > real
+
+
+def test_samples_per_shard():
+    assert samples_per_shard(100, 1000) == 1
+    assert samples_per_shard(0, 1000) == 1
+    assert samples_per_shard(1000, 1000) == 1
+    assert samples_per_shard(2**20, 1000) == 1048
+    for target in (1, 999, 10_000, 64 * 2**20):
+        for per in (1, 7, 1000, 3 * 2**20):
+            n = samples_per_shard(target, per)
+            assert n >= 1
+            assert n == 1 or n * per <= target < (n + 1) * per
+
+
+# ---- manifest and store ----------------------------------------------------------------------
+
+
+def _sha(i: int) -> str:
+    return f"{i:x}".rjust(64, "a")
+
+
+def _manifest() -> ShardManifest:
+    shards = (
+        ShardEntry("shards/1024x1024/w0002-r00000-000000.safetensors", "1024x1024", 80, 1000, _sha(1), "bf16"),
+        ShardEntry("shards/1024x1024/w0002-r00001-000000.safetensors", "1024x1024", 17, 300, _sha(2), "bf16"),
+        ShardEntry("shards/1344x768/w0002-r00000-000000.safetensors", "1344x768", 5, 90, _sha(3), "bf16"),
+    )
+    return ShardManifest(
+        shards=shards,
+        empty_prompt=ShardEntry("empty_prompt.safetensors", "", 1, 50, _sha(4), "bf16"),
+        encoders={"vae": "tiny", "text": ["clip_l", "clip_g", "t5"]},
+        vae={"scaling_factor": 1.5305, "shift_factor": 0.0609},
+        dtype="bf16",
+        max_sequence_length=77,
+        buckets=("1024x1024", "1344x768"),
+        rejected=2,
+    )
+
+
+def test_manifest_round_trip_and_totals():
+    manifest = _manifest()
+    text = manifest.to_json()
+    assert parse_manifest(text) == manifest
+    assert manifest.total_samples == 102
+    assert manifest.total_bytes == 1390
+    assert manifest.samples_per_bucket() == {"1024x1024": 97, "1344x768": 5}
+    assert json.loads(text)["totals"] == {"samples": 102, "bytes": 1390, "shards": 3}
+    assert json.loads(text)["format"] == MANIFEST_FORMAT
+
+
+def _with_shard1(**change) -> str:
+    data = json.loads(_manifest().to_json())
+    data["shards"][1].update(change)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"path": "shards/../../etc/passwd"},
+        {"path": "../outside.safetensors"},
+        {"path": "/abs/shard.safetensors"},
+        {"path": "s3://other-bucket/shard.safetensors"},
+        {"path": "file:///tmp/shard.safetensors"},
+        {"path": ""},
+        {"path": "shards//x.safetensors"},
+        {"sha256": "ab" * 31},
+        {"sha256": "ab" * 33},
+        {"samples": -1},
+        {"bytes": -1},
+        {"samples": "1"},
+        {"sha256": "zz" * 32},
+    ],
+)
+def test_parse_manifest_refuses_bad_entries_naming_them(change):
+    with pytest.raises(ManifestError, match=re.escape("cache/manifest.json: shards[1]")):
+        parse_manifest(_with_shard1(**change), "cache/manifest.json")
+
+
+def test_parse_manifest_refuses_missing_fields_and_bad_empty_prompt():
+    data = json.loads(_manifest().to_json())
+    del data["shards"][0]["sha256"]
+    with pytest.raises(ManifestError, match=r"shards\[0\]: missing 'sha256'"):
+        parse_manifest(json.dumps(data))
+    data = json.loads(_manifest().to_json())
+    data["empty_prompt"]["path"] = "../empty.safetensors"
+    with pytest.raises(ManifestError, match="empty_prompt"):
+        parse_manifest(json.dumps(data))
+    data = json.loads(_manifest().to_json())
+    del data["empty_prompt"]
+    with pytest.raises(ManifestError, match="empty_prompt: expected an object"):
+        parse_manifest(json.dumps(data))
+
+
+@pytest.mark.parametrize("fmt", ["sd35dist-cache/2", "", None])
+def test_parse_manifest_refuses_other_formats(fmt):
+    data = json.loads(_manifest().to_json())
+    data["format"] = fmt
+    with pytest.raises(ManifestError, match=re.escape(f"m.json: format {fmt!r}, expected {MANIFEST_FORMAT}")):
+        parse_manifest(json.dumps(data), "m.json")
+
+
+def test_parse_manifest_refuses_non_json():
+    with pytest.raises(ManifestError, match="m.json: not JSON"):
+        parse_manifest("{truncated", "m.json")
+
+
+def test_manifest_through_a_store(tmp_path):
+    store = Store(str(tmp_path / "cache"))
+    with pytest.raises(ManifestError, match="no manifest"):
+        read_manifest(store)
+    write_manifest(store, _manifest())
+    assert read_manifest(store) == _manifest()
+
+
+@pytest.fixture(params=["path", "file-url"])
+def store(request, tmp_path) -> Store:
+    root = tmp_path / "cache"
+    return Store(str(root) if request.param == "path" else f"file://{root}")
+
+
+def test_store_write_read_exists_remove(store, tmp_path):
+    assert not store.exists("shards/a.bin")
+    data = os.urandom(3 * 2**20 + 17)
+    store.write_bytes("shards/a.bin", data)
+    assert store.exists("shards/a.bin")
+    assert store.read_bytes("shards/a.bin") == data
+    assert (tmp_path / "cache" / "shards" / "a.bin").read_bytes() == data
+    store.write_bytes("shards/a.bin", b"second")
+    assert store.read_bytes("shards/a.bin") == b"second"
+    store.remove("shards/a.bin")
+    assert not store.exists("shards/a.bin")
+    store.remove("shards/a.bin")  # removing what is gone is fine
+
+
+def test_store_writes_leave_no_temp_files(store, tmp_path):
+    for i in range(5):
+        store.write_bytes(f"shards/1024x1024/{i}.safetensors", bytes([i]) * 1000)
+    store.write_bytes("manifest.json", b"{}")
+    store.write_bytes("manifest.json", b"{\"again\": 1}")
+    files = sorted(p.relative_to(tmp_path / "cache").as_posix() for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert files == ["manifest.json"] + [f"shards/1024x1024/{i}.safetensors" for i in range(5)]
+
+
+def test_store_failed_write_keeps_the_old_object(store, monkeypatch):
+    store.write_bytes("manifest.json", b"old complete content")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        store.write_bytes("manifest.json", b"new")
+    monkeypatch.undo()
+    assert store.read_bytes("manifest.json") == b"old complete content"
+    assert os.listdir(store.root) == ["manifest.json"], "a failed write leaves no temporary file behind"
+
+
+def test_store_list_dir(store):
+    assert store.list_dir("shards") == []
+    for name in ("b.bin", "a.bin", "sub/c.bin"):
+        store.write_bytes(f"shards/{name}", b"x")
+    assert store.list_dir("shards") == ["a.bin", "b.bin", "sub"]
+    assert store.list_dir("shards/sub") == ["c.bin"]
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/../../x", "/etc/passwd", "s3://bucket/x", "", "a//b", "..\\x", "C:/x", "./a"])
+def test_store_refuses_paths_outside_the_root(store, bad):
+    with pytest.raises(UnsafePath):
+        store.path(bad)
+    with pytest.raises(UnsafePath):
+        store.write_bytes(bad, b"x")
+
+
+def test_store_url_of(tmp_path):
+    assert Store(f"{tmp_path}/cache/").url_of("manifest.json") == f"{tmp_path}/cache/manifest.json"
+    assert Store(f"file://{tmp_path}/cache").url_of("a/b") == f"file://{tmp_path}/cache/a/b"
+
+
+# ---- cache builder planning ------------------------------------------------------------------
+
+
+def _images(n: int, dataset: str = "ds") -> list[SourceImage]:
+    return [SourceImage(dataset, f"img{i:03d}.png", f"/data/{dataset}/img{i:03d}.png", None) for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 12, 13])
+def test_rank_images_partition_the_list(n):
+    images = _images(n)
+    for world in range(1, 6):
+        parts = [rank_images(images, rank, world) for rank in range(world)]
+        flat = [img for part in parts for img in part]
+        assert sorted(flat, key=lambda i: i.path) == images
+        assert len(flat) == len(set(flat)) == n
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced
+        for rank, part in enumerate(parts):
+            assert part == rank_images(images, rank, world)  # deterministic
+
+
+def _bucketed(counts: dict[tuple[int, int], int], repeats: int = 2) -> dict[tuple[int, int], list[WorkItem]]:
+    out = {}
+    for bucket, n in counts.items():
+        images = _images(n, dataset=bucket_name(bucket))
+        out[bucket] = [WorkItem(img, r) for img in images for r in range(repeats)]
+    return out
+
+
+PATH_RE = re.compile(r"^shards/(\d+x\d+)/w(\d{4})-r(\d{5})-(\d{6})\.safetensors$")
+
+
+def test_plan_shards_cuts_fixed_slices():
+    bucketed = _bucketed({(1344, 768): 7, (1024, 1024): 20, (832, 1216): 1})
+    sizes = {(1024, 1024): 6, (1344, 768): 4, (832, 1216): 3}
+    plans = plan_shards(bucketed, lambda b: sizes[b], rank=3, world_size=4)
+    for bucket, items in bucketed.items():
+        mine = [p for p in plans if p.bucket == bucket_name(bucket)]
+        assert [it for p in mine for it in p.items] == items
+        assert all(len(p.items) == sizes[bucket] for p in mine[:-1])
+        assert 1 <= len(mine[-1].items) <= sizes[bucket]
+        assert len(mine) == math.ceil(len(items) / sizes[bucket])
+        for index, plan in enumerate(mine):
+            m = PATH_RE.match(plan.path)
+            assert m, plan.path
+            assert m.groups() == (bucket_name(bucket), "0004", "00003", f"{index:06d}")
+    assert len({p.path for p in plans}) == len(plans)
+    assert plan_shards({}, lambda b: 1, 0, 1) == []
+
+
+def test_plan_shard_paths_differ_across_ranks_and_worlds():
+    bucketed = _bucketed({(1024, 1024): 5, (1216, 832): 3})
+    paths = [
+        p.path
+        for world in (1, 2, 3)
+        for rank in range(world)
+        for p in plan_shards(bucketed, lambda b: 2, rank, world)
+    ]
+    assert len(paths) == len(set(paths))
+
+
+def test_plan_fingerprint_tracks_items_and_settings():
+    settings = {"dtype": "bf16", "max_sequence_length": 77, "shuffle_seed": 0, "batch": 4}
+    base = plan_shards(_bucketed({(1024, 1024): 5}), lambda b: 3, 0, 2)
+    fp = plan_fingerprint(base, settings)
+    assert fp == plan_fingerprint(plan_shards(_bucketed({(1024, 1024): 5}), lambda b: 3, 0, 2), dict(settings))
+    assert fp == plan_fingerprint(base, dict(reversed(list(settings.items()))))  # key order is irrelevant
+
+    assert fp != plan_fingerprint(base, {**settings, "dtype": "fp32"})
+    assert fp != plan_fingerprint(base, {**settings, "shuffle_seed": 1})
+    one_more = _bucketed({(1024, 1024): 5})
+    one_more[(1024, 1024)].append(WorkItem(_images(6)[5], 0))
+    assert fp != plan_fingerprint(plan_shards(one_more, lambda b: 3, 0, 2), settings)
+    renamed = _bucketed({(1024, 1024): 5})
+    item = renamed[(1024, 1024)][4]
+    renamed[(1024, 1024)][4] = WorkItem(SourceImage(item.image.dataset, "other.png", item.image.url, None), item.repeat)
+    assert fp != plan_fingerprint(plan_shards(renamed, lambda b: 3, 0, 2), settings)
+    assert fp != plan_fingerprint(plan_shards(_bucketed({(1024, 1024): 5}), lambda b: 2, 0, 2), settings)
+    assert fp != plan_fingerprint(plan_shards(_bucketed({(1024, 1024): 5}), lambda b: 3, 1, 2), settings)
+
+
+@pytest.mark.parametrize("text", ["[]", '{"format": "sd35dist-cache/1", "shards": []}'])
+def test_parse_manifest_malformed_documents_give_a_manifest_error(text):
+    with pytest.raises(ManifestError, match="cache/manifest.json"):
+        parse_manifest(text, "cache/manifest.json")
+
+
+def test_filename_caption_that_comes_out_empty_is_missing():
+    with pytest.raises(CaptionMissing, match="empty caption"):
+        resolve_caption("filename", stem="(2)", textfile_content=None, instance_prompt=None)
