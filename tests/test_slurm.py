@@ -111,3 +111,20 @@ def test_status_logs_cancel_on_a_running_job(slurm_env, tmp_path):
     _wait_for(lambda: "CANCELLED" in sd35dist("status", job_id, env=slurm_env).stdout, 60, "CANCELLED")
     squeue = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, env=slurm_env).stdout
     assert squeue.strip() == ""
+
+
+def test_cache_job_builds_across_both_nodes(slurm_env, tmp_path):
+    from sd35dist.data.manifest import read_manifest
+    from sd35dist.data.storage import Store
+    from sd35dist.models.tiny_sd3 import build_tiny_sd3
+    from tests.test_cache_build import write_inputs, write_recipe
+
+    model = build_tiny_sd3(tmp_path / "model")
+    recipe = write_recipe(tmp_path / "recipe.yaml", model, write_inputs(tmp_path / "images"), str(tmp_path / "cache"))
+    proc = sd35dist("submit", "--profile", "slurm-dev", "--job", "cache", "--recipe", str(recipe),
+                    "--run-dir", str(tmp_path / "run"), "--wait", env=slurm_env)
+    assert "ended: COMPLETED" in proc.stdout, proc.stdout + proc.stderr
+    manifest = read_manifest(Store(str(tmp_path / "cache")))
+    assert manifest.total_samples == 25 and manifest.rejected == 5
+    journals = sorted(p.name for p in (tmp_path / "cache" / "progress").iterdir())
+    assert journals == ["w0002-r00000.json", "w0002-r00001.json"], "each node's rank built its share"
