@@ -1,0 +1,169 @@
+"""Which sample each rank reads at each step: pure functions of (manifest, seed, epoch, state).
+
+The order
+- Per epoch and bucket, a base sequence of the bucket's samples: its shards permuted from
+  (seed, epoch, bucket), then samples permuted inside blocks of `block_shards` consecutive
+  shards. Only (seed, epoch) decide it — never the world size.
+- What is still to be read in the epoch is a list of intervals of each base sequence (at the
+  start of an epoch: all of it). A *segment* cuts each bucket's remainder into one contiguous
+  span per rank, so a rank reads whole shards and no shard is fetched by many ranks.
+- Each step reads one bucket on every rank (balanced step times; batches never mix
+  buckets): rank k takes its span's next `batch_size` samples. Full steps come first in
+  an order shuffled from (seed, epoch, segment); then the *remainder* steps, bucket by
+  bucket, in which ranks take what their spans have left — fewer than `batch_size`,
+  possibly none. So within an epoch every sample is delivered exactly once, nothing is
+  padded or dropped, and every rank runs the same number of steps.
+- Resuming (same or another world size) starts a new segment from the saved remaining
+  intervals: no duplicate, no gap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+Interval = tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketLayout:
+    """A bucket's shards, in manifest order, and their global sample-id offsets."""
+
+    name: str
+    shard_indices: tuple[int, ...]
+    """Indices into the manifest's shard list."""
+    shard_sizes: tuple[int, ...]
+    first_ids: tuple[int, ...]
+    """Global id of each shard's first sample (ids number all samples of the manifest)."""
+
+    @property
+    def size(self) -> int:
+        return sum(self.shard_sizes)
+
+
+def bucket_layouts(shards: Sequence[tuple[str, int]]) -> list[BucketLayout]:
+    """(bucket, samples) per manifest shard → one layout per bucket, sorted by name."""
+    by_bucket: dict[str, list[tuple[int, int, int]]] = {}
+    next_id = 0
+    for index, (bucket, samples) in enumerate(shards):
+        by_bucket.setdefault(bucket, []).append((index, samples, next_id))
+        next_id += samples
+    return [
+        BucketLayout(name, tuple(i for i, _, _ in rows), tuple(n for _, n, _ in rows), tuple(f for _, _, f in rows))
+        for name, rows in sorted(by_bucket.items())
+        if sum(n for _, n, _ in rows) > 0
+    ]
+
+
+def _rng(*parts: object) -> np.random.Generator:
+    digest = hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+def base_sequence(layout: BucketLayout, seed: int, epoch: int, block_shards: int) -> np.ndarray:
+    """Global sample ids of one bucket in this epoch's order."""
+    rng = _rng("base", seed, epoch, layout.name)
+    order = rng.permutation(len(layout.shard_indices))
+    pieces = []
+    for start in range(0, len(order), block_shards):
+        block = order[start : start + block_shards]
+        ids = np.concatenate(
+            [np.arange(layout.first_ids[s], layout.first_ids[s] + layout.shard_sizes[s], dtype=np.int64) for s in block]
+        )
+        pieces.append(ids[rng.permutation(len(ids))])
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+
+
+def _take(intervals: Sequence[Interval], start: int, stop: int) -> list[Interval]:
+    """Positions [start, stop) of the concatenation of `intervals`, as intervals."""
+    out, offset = [], 0
+    for lo, hi in intervals:
+        length = hi - lo
+        a, b = max(start - offset, 0), min(stop - offset, length)
+        if a < b:
+            out.append((lo + a, lo + b))
+        offset += length
+    return out
+
+
+def merge_intervals(intervals: Sequence[Interval]) -> list[Interval]:
+    out: list[list[int]] = []
+    for lo, hi in sorted(i for i in intervals if i[1] > i[0]):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
+
+
+def _length(intervals: Sequence[Interval]) -> int:
+    return sum(hi - lo for lo, hi in intervals)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """The rest of an epoch for one world size: per bucket, one span of base positions per rank,
+    and the order of steps."""
+
+    spans: dict[str, tuple[tuple[Interval, ...], ...]]
+    """bucket → per rank → intervals of base-sequence positions, in reading order."""
+    steps: tuple[tuple[str, int], ...]
+    """(bucket, j): the j-th step of that bucket in this segment."""
+    batch_size: int
+
+    def positions(self, step: int, rank: int) -> list[Interval]:
+        """Base-sequence positions rank `rank` reads at `step` (empty in a remainder step it sits out)."""
+        bucket, j = self.steps[step]
+        span = self.spans[bucket][rank]
+        return _take(span, j * self.batch_size, (j + 1) * self.batch_size)
+
+    def remaining_after(self, steps_done: int) -> dict[str, list[Interval]]:
+        """What is left to read once `steps_done` steps of this segment have been taken."""
+        done: dict[str, int] = {}
+        for bucket, _ in self.steps[:steps_done]:
+            done[bucket] = done.get(bucket, 0) + 1
+        out = {}
+        for bucket, per_rank in self.spans.items():
+            consumed = done.get(bucket, 0) * self.batch_size
+            left = [iv for span in per_rank for iv in _take(span, consumed, _length(span))]
+            out[bucket] = merge_intervals(left)
+        return out
+
+
+def plan_segment(
+    remaining: dict[str, list[Interval]], world_size: int, batch_size: int, seed: int, epoch: int
+) -> Segment:
+    """Split what is left of the epoch over `world_size` ranks and order its steps."""
+    spans: dict[str, tuple[tuple[Interval, ...], ...]] = {}
+    full_slots: list[str] = []
+    remainder_slots: list[tuple[str, int]] = []
+    for bucket in sorted(remaining):
+        intervals = merge_intervals(remaining[bucket])
+        total = _length(intervals)
+        if total == 0:
+            continue
+        cuts = [total * k // world_size for k in range(world_size + 1)]
+        spans[bucket] = tuple(tuple(_take(intervals, cuts[k], cuts[k + 1])) for k in range(world_size))
+        lengths = [cuts[k + 1] - cuts[k] for k in range(world_size)]
+        full = min(lengths) // batch_size
+        steps = -(-max(lengths) // batch_size)
+        full_slots += [bucket] * full
+        remainder_slots += [(bucket, j) for j in range(full, steps)]
+    fingerprint = json.dumps({b: merge_intervals(v) for b, v in sorted(remaining.items())})
+    order = _rng("steps", seed, epoch, world_size, batch_size, fingerprint).permutation(len(full_slots))
+    counters: dict[str, int] = {}
+    steps: list[tuple[str, int]] = []
+    for index in order:
+        bucket = full_slots[index]
+        steps.append((bucket, counters.get(bucket, 0)))
+        counters[bucket] = counters.get(bucket, 0) + 1
+    steps += remainder_slots
+    return Segment(spans=spans, steps=tuple(steps), batch_size=batch_size)
+
+
+def full_epoch(layouts: Sequence[BucketLayout]) -> dict[str, list[Interval]]:
+    return {layout.name: [(0, layout.size)] for layout in layouts}
