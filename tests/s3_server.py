@@ -26,6 +26,21 @@ TEST_CREDENTIALS = {
 """moto accepts any keys; botocore refuses to sign a request without some."""
 
 
+PRELOAD_AND_SERVE = """
+import pathlib, sys
+from moto.core.models import DEFAULT_ACCOUNT_ID
+from moto.s3.models import s3_backends
+from moto.server import main
+
+bucket, prefix, root = sys.argv[1:4]
+backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+backend.create_bucket(bucket, "us-east-1")
+for path in sorted(p for p in pathlib.Path(root).rglob("*") if p.is_file()):
+    backend.put_object(bucket, f"{prefix}/{path.relative_to(root).as_posix()}", path.read_bytes())
+main(sys.argv[4:])
+"""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
@@ -56,10 +71,19 @@ class S3Server:
         """Environment variables a client process needs besides `storage_options`."""
         return dict(TEST_CREDENTIALS)
 
-    def start(self, timeout_s: float = 20.0) -> S3Server:
+    def start(self, timeout_s: float = 20.0, preload: tuple[str, str, Path] | None = None) -> S3Server:
+        """Start and wait until it answers. `preload=(bucket, prefix, directory)` puts every file
+        under the directory into the bucket *before* the server listens — a restarted object
+        store keeps its data, moto does not, and re-uploading after start would let clients
+        see NoSuchBucket for a moment."""
+        if preload is None:
+            command = [self.python, "-m", "moto.server"]
+        else:
+            bucket, prefix, root = preload
+            command = [self.python, "-c", PRELOAD_AND_SERVE, bucket, prefix, str(root)]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [self.python, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+                [*command, "-H", self.host, "-p", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -64,7 +64,7 @@ def test_slurm_script_has_what_a_cluster_needs():
         "srun --kill-on-bad-exit=1",
         "--rdzv-backend=c10d",
         '--rdzv-endpoint="$SD35DIST_RDZV_HOST:29500"',
-        f"-m sd35dist train",
+        "-m sd35dist train",
         f"--recipe {RUN_DIR}/recipe.yaml",
         "export NCCL_SOCKET_IFNAME=ib0",
     ):

@@ -62,6 +62,23 @@ class DatasetSection(StrictModel):
         return self
 
 
+class StreamSection(StrictModel):
+    """How every rank reads the cache while training (sd35dist/data/latent_stream.py)."""
+
+    block_shards: int = Field(2, ge=1)
+    """Samples are shuffled within blocks of this many shards (more: better mixing, more RAM)."""
+    prefetch_shards: int = Field(8, ge=0)
+    """Shards fetched ahead of the one being read."""
+    fetch_threads: int = Field(4, ge=1)
+    disk_cache_dir: str | None = None
+    """Local directory for a least-recently-used copy of fetched shards (node-local NVMe)."""
+    disk_cache_gb: float = Field(0.0, ge=0)
+    on_corrupt: Literal["error", "skip"] = "error"
+    """A shard whose sha256 differs from the manifest: stop naming it, or skip it and report."""
+    retry_budget_s: float = Field(120.0, gt=0)
+    """How long transient storage errors are retried (with backoff) before the job stops."""
+
+
 DEFAULT_BUCKETS = [[1024, 1024], [1152, 896], [896, 1152], [1216, 832], [832, 1216], [1344, 768], [768, 1344], [1472, 704]]
 
 
@@ -84,6 +101,7 @@ class DataSection(StrictModel):
     """T5 tokens per caption (SD3's default 256)."""
     shuffle_seed: int = 0
     """Seed of caption shuffles (independent of the training seed so a cache is reusable)."""
+    stream: StreamSection = Field(default_factory=StreamSection)
 
     @pydantic.field_validator("storage_options")
     @classmethod
