@@ -1,0 +1,1 @@
+"""Checkpoints: atomic layout, strategy-specific payloads, export to diffusers."""
