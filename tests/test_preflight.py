@@ -70,10 +70,10 @@ class PreflightRun:
         return [line for line in self.stderr.splitlines() if line.startswith("preflight failed on")]
 
 
-def run_preflight(recipe: Path, run_dir: Path, **env: str) -> PreflightRun:
+def run_preflight(recipe: Path, run_dir: Path, nproc: int = 2, **env: str) -> PreflightRun:
     proc = subprocess.run(
         [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
             "-m", "sd35dist", "preflight", "--recipe", str(recipe), "--run-dir", str(run_dir),
         ],
         capture_output=True, text=True, cwd=PROJECT, timeout=RUN_TIMEOUT_S,
