@@ -1,0 +1,129 @@
+"""FSDP2 for the SD3 MMDiT: activation checkpointing → compile → fully_shard per block → root.
+
+The torchtitan order. Everything here runs on a meta-built model (see
+`sd35dist.models.transformer_build`): sharding is decided before any storage exists, and
+`materialize_and_load` then gives each rank only its shard.
+
+A 1-D mesh shards every parameter over all ranks (FSDP). A 2-D mesh (replicas × shards)
+is HSDP: parameters are sharded within a group of ranks (a node, say) and replicated
+across groups, so the all-gathers stay on the fast links.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from sd35dist.models.transformer_build import build_on_meta, materialize_and_load, transformer_config
+from sd35dist.parallel.process_group import World
+
+SHARD_DIM_NAME = "dp_shard"
+REPLICATE_DIM_NAME = "dp_replicate"
+
+
+def fsdp_mesh_shape(world_size: int, replicas: int = 1) -> tuple[int, ...]:
+    """(world_size,) for FSDP, (replicas, world_size // replicas) for HSDP."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be ≥ 1, got {world_size}")
+    if replicas < 1 or world_size % replicas:
+        raise ValueError(f"parallel.replicas must divide the world size {world_size}, got {replicas}")
+    return (world_size,) if replicas == 1 else (replicas, world_size // replicas)
+
+
+def fsdp_mesh(world_size: int, replicas: int = 1, device_type: str | None = None) -> DeviceMesh:
+    """The device mesh `parallelize_fsdp2` shards over; needs an initialised process group."""
+    shape = fsdp_mesh_shape(world_size, replicas)
+    names = (SHARD_DIM_NAME,) if len(shape) == 1 else (REPLICATE_DIM_NAME, SHARD_DIM_NAME)
+    return init_device_mesh(device_type or _device_type(), shape, mesh_dim_names=names)
+
+
+def parallelize_fsdp2(
+    model: nn.Module,
+    *,
+    mesh: DeviceMesh | None = None,
+    param_dtype: torch.dtype = torch.bfloat16,
+    reduce_dtype: torch.dtype = torch.float32,
+    activation_checkpointing: bool = False,
+    compile_blocks: bool = False,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Wrap `model.transformer_blocks` in place and shard the model; returns the same model.
+
+    param_dtype is what forward/backward compute in (parameters are all-gathered in it);
+    the sharded master weights keep the dtype the model was built with. reduce_dtype is
+    the gradient reduce-scatter dtype.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if mesh is None:
+        mesh = fsdp_mesh(dist.get_world_size())
+    blocks = model.transformer_blocks
+    if activation_checkpointing:
+        apply_activation_checkpointing(blocks)
+    if compile_blocks:
+        compile_each_block(blocks)
+
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    last = len(blocks) - 1
+    for index, block in enumerate(blocks):
+        # Backward needs the last block first, right after forward: keep it gathered.
+        reshard = reshard_after_forward and index < last
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
+    # The root holds the embedders and the output head: everything outside the blocks.
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
+    """Recompute each block's activations in backward instead of storing them (full AC, per block)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for index, block in enumerate(blocks):
+        # preserve_rng_state=False: SD3 blocks have no dropout, and saving RNG state costs a sync on GPU.
+        blocks[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def compile_each_block(blocks: nn.ModuleList) -> None:
+    """torch.compile every block in place (keys and module paths unchanged, unlike torch.compile(module))."""
+    for block in blocks:
+        block.compile()
+
+
+def load_transformer(
+    model_dir: Path,
+    *,
+    world: World,
+    subfolder: str = "transformer",
+    replicas: int = 1,
+    dtype: torch.dtype = torch.float32,
+    param_dtype: torch.dtype = torch.bfloat16,
+    reduce_dtype: torch.dtype = torch.float32,
+    activation_checkpointing: bool = False,
+    compile_blocks: bool = False,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Meta build → FSDP2 → materialise and load: the sharded, pretrained SD3 transformer.
+
+    `dtype` is the dtype of the sharded master weights; the other options go to
+    `parallelize_fsdp2`. Needs the process group that `world` describes.
+    """
+    model = build_on_meta(transformer_config(model_dir, subfolder), dtype=dtype)
+    mesh = fsdp_mesh(world.world_size, replicas, world.device.type)
+    parallelize_fsdp2(
+        model,
+        mesh=mesh,
+        param_dtype=param_dtype,
+        reduce_dtype=reduce_dtype,
+        activation_checkpointing=activation_checkpointing,
+        compile_blocks=compile_blocks,
+        reshard_after_forward=reshard_after_forward,
+    )
+    return materialize_and_load(model, model_dir, subfolder, device=world.device, dtype=dtype)
+
+
+def _device_type() -> str:
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
