@@ -11,6 +11,7 @@ LAUNCHER_COMMANDS = ("submit", "status", "logs", "cancel")
 PLANNING_COMMANDS = ("steps",)
 RANK_COMMANDS = {
     "preflight": ("sd35dist.jobs.preflight", "check the cluster before a long job: collectives, recipe, storage"),
+    "train": ("sd35dist.train.loop", "train: the SD3.5 fine-tune every rank runs (FSDP2)"),
     "cache": ("sd35dist.jobs.cache", "build the latent + text-embedding cache (`sd35dist cache inspect URL` to read one)"),
 }
 RUN_DIR_REQUIRED = ("preflight",)

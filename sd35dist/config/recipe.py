@@ -162,6 +162,10 @@ class TrainSection(StrictModel):
     lr_warmup_steps: int = Field(0, ge=0)
     optimizer: Literal["adamw", "adamw_bf16"] = "adamw"
     """adamw: fp32 master weights and states; adamw_bf16: pure bf16 weights and states."""
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-4, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
     mixed_precision: Literal["bf16", "fp32"] = "bf16"
     max_grad_norm: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = True

@@ -1,0 +1,245 @@
+"""`sd35dist train --recipe R --run-dir D`: what every rank runs.
+
+Read top to bottom: set up (process group, stream, strategy, resume), then one optimizer
+step after another — micro-batches from the stream, SD3 flow-matching loss, backward,
+clip, step, EMA — with a checkpoint every `checkpointing_steps`, on preemption, and at the
+end. All randomness comes from generators seeded by (seed, step, micro-step, rank), so a
+resumed run repeats exactly what the uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sd35dist.checkpoint.layout import CheckpointDir, CheckpointNotFound, read_info
+from sd35dist.config.loading import ConfigError
+from sd35dist.config.recipe import Recipe, load_recipe, resolve_paths
+from sd35dist.data.latent_stream import Batch, LatentStream, StreamOptions
+from sd35dist.data.shard_fetcher import RetryPolicy
+from sd35dist.parallel.process_group import World, destroy, init_process_group_from_env
+from sd35dist.parallel.strategy import TrainingStrategy, make_strategy
+from sd35dist.train.ema import ema_decay_at
+from sd35dist.train.flow_matching import (
+    FlowMatchSchedule,
+    flow_matching_loss_sum_and_count,
+    loss_weighting,
+    noisy_input_and_target,
+    sample_timestep_indices,
+)
+from sd35dist.train.lr_schedule import learning_rate_at
+from sd35dist.train.metrics import MetricsLog
+from sd35dist.train.preemption import PreemptionWatch, request_requeue
+
+TRAINER_STATE = "trainer_state.json"
+COLLECTIVE_TIMEOUT_S = 1800
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    digest = hashlib.sha256(f"train\0{seed}\0{step}\0{micro}\0{rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+
+
+def stream_options(recipe: Recipe) -> StreamOptions:
+    stream = recipe.data.stream
+    return StreamOptions(
+        batch_size=recipe.train.train_batch_size,
+        seed=recipe.seed,
+        block_shards=stream.block_shards,
+        prefetch_shards=stream.prefetch_shards,
+        fetch_threads=stream.fetch_threads,
+        disk_cache_dir=stream.disk_cache_dir,
+        disk_cache_bytes=int(stream.disk_cache_gb * 2**30),
+        on_corrupt=stream.on_corrupt,
+        caption_dropout=recipe.train.caption_dropout_probability,
+        retry=RetryPolicy(budget_s=stream.retry_budget_s),
+    )
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, world: World, run_dir: Path) -> None:
+        self.recipe, self.world, self.run_dir = recipe, world, run_dir
+        self.device = world.device
+        self.stream = LatentStream(recipe.data.cache_url, rank=world.rank, world_size=world.world_size,
+                                   options=stream_options(recipe), storage_options=recipe.data.storage_options)
+        self.vae = self.stream.manifest.vae
+        scheduler_config = Path(recipe.model.pretrained) / "scheduler" / "scheduler_config.json"
+        self.schedule = FlowMatchSchedule.from_scheduler_config(json.loads(scheduler_config.read_text()))
+        self.strategy: TrainingStrategy = make_strategy(recipe, world)
+        self.checkpoints = CheckpointDir(recipe.output.dir)
+        self.step = 0
+        self.total_steps = self._total_steps()
+
+    def _total_steps(self) -> int:
+        train = self.recipe.train
+        if train.max_train_steps:
+            return train.max_train_steps
+        from sd35dist.data.stream_order import full_epoch, plan_segment
+
+        micro = len(plan_segment(full_epoch(self.stream.layouts), self.world.world_size, train.train_batch_size,
+                                 self.recipe.seed, 0).steps)
+        return math.ceil(micro / train.gradient_accumulation_steps) * (train.num_train_epochs or 1)
+
+    # ---- one optimizer step ------------------------------------------------------------
+
+    def _placeholder(self, bucket: str) -> dict[str, torch.Tensor]:
+        """One zero sample of `bucket` for a rank whose remainder batch is empty: it still runs
+        forward and backward (FSDP's collectives need every rank) with its loss weighted 0."""
+        config = self.strategy.model.config
+        width, height = (int(v) for v in bucket.split("x"))
+        tokens = 77 + self.stream.manifest.max_sequence_length
+        return {
+            "latents": torch.zeros((1, config.in_channels, height // 8, width // 8)),
+            "prompt_embeds": torch.zeros((1, tokens, config.joint_attention_dim)),
+            "pooled_prompt_embeds": torch.zeros((1, config.pooled_projection_dim)),
+        }
+
+    def _inputs(self, batch: Batch, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        train = self.recipe.train
+        tensors = batch.tensors if batch.size else self._placeholder(batch.bucket)
+        latents = tensors["latents"].to(torch.float32)
+        x0 = (latents - self.vae.get("shift_factor", 0.0)) * self.vae.get("scaling_factor", 1.0)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+        indices = sample_timestep_indices(train.weighting_scheme, x0.shape[0], generator, logit_mean=train.logit_mean,
+                                          logit_std=train.logit_std, mode_scale=train.mode_scale,
+                                          num_train_timesteps=self.schedule.num_train_timesteps)
+        sigmas = self.schedule.sigmas_at(indices, ndim=x0.ndim)
+        noisy, target = noisy_input_and_target(x0, noise, sigmas)
+        inputs = {
+            "hidden_states": noisy.to(self.device),
+            "timestep": self.schedule.timesteps_at(indices).to(self.device),
+            "encoder_hidden_states": tensors["prompt_embeds"].to(self.device, torch.float32),
+            "pooled_projections": tensors["pooled_prompt_embeds"].to(self.device, torch.float32),
+        }
+        weighting = loss_weighting(train.weighting_scheme, sigmas) * (1.0 if batch.size else 0.0)
+        return inputs, target.to(self.device), weighting.to(self.device)
+
+    def train_step(self, batches: Any) -> dict[str, float]:
+        train = self.recipe.train
+        loss_sum = torch.zeros((), device=self.device)
+        samples = torch.zeros((), device=self.device)
+        for micro in range(train.gradient_accumulation_steps):
+            batch = next(batches)
+            inputs, target, weighting = self._inputs(batch, step_generator(self.recipe.seed, self.step, micro, self.world.rank))
+            count = torch.tensor(float(batch.size), device=self.device)
+            dist.all_reduce(count)  # samples in this micro-step on all ranks: the loss is their mean
+            pred = self.strategy.forward(**inputs)
+            part_sum, _ = flow_matching_loss_sum_and_count(pred.float(), target, weighting)
+            # Gradients are averaged over ranks, so scale by world size to get the global mean.
+            local = part_sum * self.world.world_size / (count * train.gradient_accumulation_steps)
+            self.strategy.backward(local)
+            loss_sum += part_sum.detach()
+            samples += batch.size
+        lr = learning_rate_at(self.step, base_lr=train.learning_rate, scheduler=train.lr_scheduler,
+                              warmup_steps=train.lr_warmup_steps, total_steps=self.total_steps)
+        grad_norm = self.strategy.step(lr, train.max_grad_norm)
+        self.step += 1
+        decay = ema_decay_at(self.step, decay=train.ema.decay, start_step=train.ema.start_step,
+                             update_interval=train.ema.update_interval)
+        if decay is not None:
+            self.strategy.update_ema(decay)
+        totals = torch.stack([loss_sum, samples])
+        dist.all_reduce(totals)
+        return {"loss": float(totals[0] / totals[1]), "lr": lr, "grad_norm": grad_norm, "samples": float(totals[1])}
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """Every rank writes its part; rank 0 alone publishes it (after a barrier) and rotates."""
+        partial = self.checkpoints.partial_path(self.step)
+        if self.world.is_main:
+            self.checkpoints.begin(self.step)
+        dist.barrier()
+        self.strategy.save(partial)
+        rng = torch.get_rng_state()
+        (partial / f"rng-rank{self.world.rank:05d}.bin").write_bytes(rng.numpy().tobytes())
+        dist.barrier()
+        final = self.checkpoints.path(self.step)
+        if self.world.is_main:
+            state = {"step": self.step, "stream": self.stream.state_dict(), "world_size": self.world.world_size,
+                     "strategy": self.recipe.parallel.strategy}
+            (partial / TRAINER_STATE).write_text(json.dumps(state))
+            self.checkpoints.commit(self.step, {"world_size": self.world.world_size,
+                                                "strategy": self.recipe.parallel.strategy})
+            self.checkpoints.rotate(self.recipe.train.checkpoints_total_limit)
+        dist.barrier()
+        return final
+
+    def resume(self) -> Path | None:
+        checkpoint = self.checkpoints.resolve(self.recipe.train.resume)
+        if checkpoint is None:
+            return None
+        self.strategy.load(checkpoint)
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        self.step = int(state["step"])
+        self.stream.load_state_dict(state["stream"])
+        rng_file = checkpoint / f"rng-rank{self.world.rank:05d}.bin"
+        if read_info(checkpoint)["world_size"] == self.world.world_size and rng_file.is_file():
+            torch.set_rng_state(torch.frombuffer(bytearray(rng_file.read_bytes()), dtype=torch.uint8))
+        return checkpoint
+
+
+def run(recipe: Recipe, world: World, run_dir: Path) -> int:
+    import os
+
+    trainer = Trainer(recipe, world, run_dir)
+    resumed = trainer.resume()
+    logging = recipe.logging
+    wandb_settings = None
+    if logging.report_to == "wandb":
+        wandb_settings = {"mode": logging.wandb_mode, "project": logging.tracker_project_name,
+                          "name": logging.tracker_run_name or run_dir.name, "resume": "allow"}
+    metrics = MetricsLog(run_dir, world, total_steps=trainer.total_steps, start_step=trainer.step,
+                         wandb_settings=wandb_settings)
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    metrics.note(f"train: step {trainer.step}/{trainer.total_steps}, world {world.world_size}, "
+                 f"{recipe.parallel.strategy}, resumed from {resumed or 'nothing'}, SLURM_RESTART_COUNT={restart}")
+    watch = PreemptionWatch(str(run_dir))
+    batches = iter(trainer.stream)
+    try:
+        while trainer.step < trainer.total_steps:
+            started = time.perf_counter()
+            wait_before = trainer.stream.stats().get("wait_seconds", 0.0)
+            values = trainer.train_step(batches)
+            values["data_wait_s"] = trainer.stream.stats().get("wait_seconds", 0.0) - wait_before
+            metrics.step(trainer.step, values, time.perf_counter() - started)
+            preempted = watch.agreed(trainer.device)
+            if preempted or trainer.step % recipe.train.checkpointing_steps == 0 or trainer.step == trainer.total_steps:
+                path = trainer.save()
+                metrics.note(f"checkpoint {path}")
+            if preempted:
+                metrics.note(f"preempted ({watch.received or 'PREEMPT file'}): saved step {trainer.step}; "
+                             + (request_requeue() if world.is_main else "waiting for requeue"))
+                return 0
+        metrics.note(f"done: {trainer.step} steps")
+        return 0
+    finally:
+        watch.restore()
+        metrics.close()
+        trainer.stream.close()
+
+
+def main(args: Any) -> int:
+    try:
+        recipe = resolve_paths(load_recipe(Path(args.recipe)), Path.cwd())
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir or recipe.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    world = init_process_group_from_env(COLLECTIVE_TIMEOUT_S)
+    try:
+        return run(recipe, world, run_dir)
+    except (ConfigError, CheckpointNotFound) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        destroy()
