@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from sd35dist.checkpoint.layout import CheckpointDir, read_info
@@ -30,7 +31,7 @@ def train_recipe(path: Path, cache: tuple[Path, Path], output: Path, **train) ->
     model, cache_dir = cache
     settings = {"train_batch_size": 2, "max_train_steps": 6, "learning_rate": 1e-3, "mixed_precision": "fp32",
                 "gradient_checkpointing": True, "checkpointing_steps": 3, "checkpoints_total_limit": 2,
-                "caption_dropout_probability": 0.2, **train}
+                "caption_dropout_probability": 0.2, "ema": {"enabled": True, "decay": 0.9}, **train}
     recipe = {"name": "t", "seed": 3, "model": {"pretrained": str(model)}, "data": {"cache_url": str(cache_dir)},
               "parallel": {"strategy": "fsdp2"}, "train": settings, "logging": {"report_to": "none"},
               "output": {"dir": str(output)}}
@@ -79,6 +80,38 @@ def test_stop_and_resume_gives_the_same_losses(straight, cache, tmp_path):
     proc = train(train_recipe(tmp_path / "second.yaml", cache, out), tmp_path / "run2")
     assert "resumed from" in proc.stdout + proc.stderr
     assert losses(tmp_path / "run2") == {s: expected[s] for s in (4, 5, 6)}, "CPU/gloo resume is exact"
+    root, _ = straight
+    for flag in ([], ["--ema"]):
+        resumed = export(out, tmp_path / f"resumed{flag}", *flag)
+        uninterrupted = export(root / "out", tmp_path / f"straight{flag}", *flag)
+        assert resumed.keys() == uninterrupted.keys()
+        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"
+
+
+def export(checkpoint: Path, out: Path, *flags: str) -> dict[str, torch.Tensor]:
+    proc = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(checkpoint), "--out", str(out),
+                           "--dtype", "fp32", *flags], capture_output=True, text=True, cwd=PROJECT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel.from_pretrained(out).state_dict()
+
+
+def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight, cache, tmp_path):
+    root, _ = straight
+    model_dir, _ = cache
+    raw = export(root / "out", tmp_path / "raw")
+    ema = export(CheckpointDir(root / "out").path(6), tmp_path / "ema", "--ema")
+    from diffusers import SD3Transformer2DModel
+
+    pretrained = SD3Transformer2DModel.from_pretrained(model_dir / "transformer").state_dict()
+    key = "transformer_blocks.0.attn.to_q.weight"
+    assert not torch.equal(raw[key], pretrained[key]), "training changed the weights"
+    assert not torch.equal(ema[key], raw[key]), "the EMA is its own set of weights"
+    assert torch.equal(ema["pos_embed.pos_embed"], raw["pos_embed.pos_embed"])
+    again = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(root / "out"), "--out", str(tmp_path / "raw")],
+                           capture_output=True, text=True, cwd=PROJECT)
+    assert again.returncode == 2 and "already exists" in again.stderr
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(cache, tmp_path):

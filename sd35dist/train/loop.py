@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sd35dist.checkpoint.export import TRANSFORMER_CONFIG
 from sd35dist.checkpoint.layout import CheckpointDir, CheckpointNotFound, read_info
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import Recipe, load_recipe, resolve_paths
@@ -167,6 +168,7 @@ class Trainer:
             state = {"step": self.step, "stream": self.stream.state_dict(), "world_size": self.world.world_size,
                      "strategy": self.recipe.parallel.strategy}
             (partial / TRAINER_STATE).write_text(json.dumps(state))
+            (partial / TRANSFORMER_CONFIG).write_text(json.dumps(dict(self.strategy.model.config)))
             self.checkpoints.commit(self.step, {"world_size": self.world.world_size,
                                                 "strategy": self.recipe.parallel.strategy})
             self.checkpoints.rotate(self.recipe.train.checkpoints_total_limit)
