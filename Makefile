@@ -14,8 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: demo test install system-deps clean
 
 demo: install
-	mkdir -p runs/demo
-	$(BIN)/sd35dist submit --profile local --job preflight --wait
+	$(BIN)/python -m sd35dist.demo
 
 test: install
 	$(BIN)/python -m pytest -q
