@@ -121,3 +121,50 @@ def test_two_rank_checkpoint_resumes_on_one_rank(cache, tmp_path):
     got = losses(tmp_path / "run2")
     assert sorted(got) == [4, 5, 6] and all(v == v for v in got.values())
     assert read_info(CheckpointDir(out).latest())["world_size"] == 1
+
+
+def _children(pid: int) -> list[int]:
+    from launcher.jobs import _descendants
+
+    return _descendants(pid)
+
+
+def test_kill_during_checkpoint_write_keeps_latest_on_a_complete_checkpoint(cache, tmp_path):
+    """kill -9 of one rank while a checkpoint is being written: `latest` still names a complete
+    checkpoint, the half-written one is never published, and resume finishes the run."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    recipe = train_recipe(tmp_path / "r.yaml", cache, out, max_train_steps=40, checkpointing_steps=1,
+                          checkpoints_total_limit=3)
+    killed_at = None
+    for _attempt in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+             "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(tmp_path / "run")],
+            cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            partial = sorted((out / "checkpoints").glob("step-*.partial")) if (out / "checkpoints").is_dir() else []
+            if partial and int(partial[-1].name[5:13]) >= 3:
+                workers = [p for p in _children(proc.pid)
+                           if b"sd35dist" in Path(f"/proc/{p}/cmdline").read_bytes() and p != proc.pid]
+                os.kill(workers[-1], signal.SIGKILL)
+                killed_at = partial[-1]
+                break
+            time.sleep(0.002)
+        proc.wait(timeout=120)
+        if killed_at is not None and killed_at.exists():
+            break  # the kill landed while that checkpoint was being written
+        killed_at = None
+    assert killed_at is not None, "could not kill a rank while a checkpoint was being written"
+    assert proc.returncode != 0
+    ckpts = CheckpointDir(out)
+    latest = ckpts.latest()
+    assert latest is not None and (latest / "COMPLETE").is_file()
+    assert latest.name < killed_at.name[: -len(".partial")], "the interrupted checkpoint is not published"
+    train(recipe, tmp_path / "run2")
+    assert ckpts.latest().name == "step-00000040"
+    assert not list((out / "checkpoints").glob("*.partial")), "rotation cleared the stale partial checkpoint"
