@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import PROJECT, venv_env
 from tests.test_local_submit import SECRET, all_text_under, sd35dist, tiny_recipe
@@ -128,3 +129,48 @@ def test_cache_job_builds_across_both_nodes(slurm_env, tmp_path):
     assert manifest.total_samples == 25 and manifest.rejected == 5
     journals = sorted(p.name for p in (tmp_path / "cache" / "progress").iterdir())
     assert journals == ["w0002-r00000.json", "w0002-r00001.json"], "each node's rank built its share"
+
+
+def test_requeued_training_job_resumes_and_ends_with_the_uninterrupted_loss(slurm_env, s3_server, tmp_path):
+    """Train the tiny recipe on n1+n2 streaming from the S3-protocol server; `scontrol requeue`
+    mid-run (SIGTERM to the job, as a preemption): ranks save, the job comes back with
+    SLURM_RESTART_COUNT=1, resumes from latest and ends with the uninterrupted run's loss."""
+    from sd35dist.models.tiny_sd3 import build_tiny_sd3
+    from tests.test_cache_build import run_cache, write_inputs, write_recipe
+    from tests.test_train import losses, train, train_recipe
+
+    model = build_tiny_sd3(tmp_path / "model")
+    run_cache(write_recipe(tmp_path / "cache.yaml", model, write_inputs(tmp_path / "images"), str(tmp_path / "cache")))
+    client = s3_server.client()
+    client.create_bucket(Bucket="slurm-train")
+    for path in sorted((tmp_path / "cache").rglob("*")):
+        if path.is_file():
+            client.put_object(Bucket="slurm-train", Key=f"cache/{path.relative_to(tmp_path / 'cache')}",
+                              Body=path.read_bytes())
+
+    def recipe(name: str) -> Path:
+        path = train_recipe(tmp_path / f"{name}.yaml", (model, tmp_path / "cache"), tmp_path / f"out-{name}",
+                            max_train_steps=60, checkpointing_steps=20)
+        data = yaml.safe_load(path.read_text())
+        data["data"] = {"cache_url": "s3://slurm-train/cache", "storage_options": s3_server.storage_options}
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    env = dict(slurm_env, **s3_server.env)
+    reference = tmp_path / "reference-run"  # uninterrupted, the same world size (2), plain torchrun
+    train(recipe("reference"), reference, env=env)
+    expected = losses(reference)
+
+    run_dir = tmp_path / "run"
+    sd35dist("submit", "--profile", "slurm-dev", "--recipe", str(recipe("slurm")), "--run-dir", str(run_dir), env=env)
+    job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
+    metrics = run_dir / "metrics-rank00000.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 5, 120, "training to start")
+    subprocess.run(["scontrol", "requeue", job_id], check=True, env=env)
+    _wait_for(lambda: "COMPLETED" in sd35dist("status", job_id, env=env).stdout, 240, "the requeued job to finish")
+    logs = sd35dist("logs", job_id, env=env).stdout
+    assert "preempted (SIGTERM" in logs, logs[-3000:]
+    assert "SLURM_RESTART_COUNT=1" in logs
+    got = losses(run_dir)
+    assert got[60] == expected[60], "the requeued run ends with the uninterrupted run's loss"
+    assert len({s for s in got}) == 60

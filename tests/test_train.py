@@ -39,11 +39,11 @@ def train_recipe(path: Path, cache: tuple[Path, Path], output: Path, **train) ->
     return path
 
 
-def train(recipe: Path, run_dir: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+def train(recipe: Path, run_dir: Path, nproc: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
          "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
-        capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), timeout=600,
+        capture_output=True, text=True, cwd=PROJECT, env={**(env or venv_env()), "OMP_NUM_THREADS": "1"}, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
