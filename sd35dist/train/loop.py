@@ -38,6 +38,7 @@ from sd35dist.train.flow_matching import (
 )
 from sd35dist.train.lr_schedule import learning_rate_at
 from sd35dist.train.metrics import MetricsLog
+from sd35dist.train.mfu import mfu, mmdit_train_flops_per_sample, peak_bf16_flops
 from sd35dist.train.preemption import PreemptionWatch, request_requeue
 
 TRAINER_STATE = "trainer_state.json"
@@ -127,6 +128,7 @@ class Trainer:
         train = self.recipe.train
         loss_sum = torch.zeros((), device=self.device)
         samples = torch.zeros((), device=self.device)
+        rank_flops = 0.0
         for micro in range(train.gradient_accumulation_steps):
             batch = next(batches)
             inputs, target, weighting = self._inputs(batch, step_generator(self.recipe.seed, self.step, micro, self.world.rank))
@@ -139,6 +141,9 @@ class Trainer:
             self.strategy.backward(local)
             loss_sum += part_sum.detach()
             samples += batch.size
+            width, height = (int(v) for v in batch.bucket.split("x"))
+            rank_flops += batch.size * mmdit_train_flops_per_sample(
+                self.strategy.model.config, height, width, inputs["encoder_hidden_states"].shape[1])
         lr = learning_rate_at(self.step, base_lr=train.learning_rate, scheduler=train.lr_scheduler,
                               warmup_steps=train.lr_warmup_steps, total_steps=self.total_steps)
         grad_norm = self.strategy.step(lr, train.max_grad_norm)
@@ -149,7 +154,8 @@ class Trainer:
             self.strategy.update_ema(decay)
         totals = torch.stack([loss_sum, samples])
         dist.all_reduce(totals)
-        return {"loss": float(totals[0] / totals[1]), "lr": lr, "grad_norm": grad_norm, "samples": float(totals[1])}
+        return {"loss": float(totals[0] / totals[1]), "lr": lr, "grad_norm": grad_norm, "samples": float(totals[1]),
+                "rank_flops": rank_flops}
 
     # ---- checkpoints --------------------------------------------------------------------
 
@@ -206,13 +212,19 @@ def run(recipe: Recipe, world: World, run_dir: Path) -> int:
                  f"{recipe.parallel.strategy}, resumed from {resumed or 'nothing'}, SLURM_RESTART_COUNT={restart}")
     watch = PreemptionWatch(str(run_dir))
     batches = iter(trainer.stream)
+    peak = peak_bf16_flops(torch.cuda.get_device_name(trainer.device)) if trainer.device.type == "cuda" else None
     try:
         while trainer.step < trainer.total_steps:
             started = time.perf_counter()
             wait_before = trainer.stream.stats().get("wait_seconds", 0.0)
             values = trainer.train_step(batches)
             values["data_wait_s"] = trainer.stream.stats().get("wait_seconds", 0.0) - wait_before
-            metrics.step(trainer.step, values, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            rank_flops = values.pop("rank_flops")
+            if peak is not None:
+                # This rank's model FLOPs of the step at one step per `seconds`, over one GPU's peak.
+                values["mfu"] = mfu(rank_flops, 1.0 / seconds, peak)
+            metrics.step(trainer.step, values, seconds)
             preempted = watch.agreed(trainer.device)
             if preempted or trainer.step % recipe.train.checkpointing_steps == 0 or trainer.step == trainer.total_steps:
                 path = trainer.save()

@@ -36,8 +36,11 @@ class MetricsLog:
                   "images_per_second": values.get("samples", 0.0) / seconds if seconds > 0 else 0.0}
         self._file.write(json.dumps(record) + "\n")
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
-                                  img_s=f"{record['images_per_second']:.1f}", refresh=False)
+            shown = {"loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.2e}",
+                     "img_s": f"{record['images_per_second']:.1f}"}
+            if "mfu" in values:  # on CUDA with a known GPU peak
+                shown["mfu"] = f"{values['mfu']:.1%}"
+            self._bar.set_postfix(shown, refresh=False)
             self._bar.update(1)
         if self._wandb is not None:
             self._wandb.log(record, step=step)
