@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -33,6 +30,7 @@ import torch
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))  # run from a checkout without installing
 
+from bench_report import device_name, typed_command  # noqa: E402
 from sd35dist.data.buckets import FitPlan, bucket_name  # noqa: E402
 from sd35dist.data.cache_builder import Encoders, WorkItem  # noqa: E402
 from sd35dist.data.image_source import PreparedImage, SourceImage  # noqa: E402
@@ -187,17 +185,6 @@ def measure(encoders: Encoders, batch: int, resolution: int, warmup: int, iterat
     }
     result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return result
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
-def typed_command() -> str:
-    python = os.path.relpath(sys.executable)
-    return shlex.join([sys.executable if python.startswith("..") else python, *sys.argv])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -26,9 +26,7 @@ import contextlib
 import datetime
 import gc
 import math
-import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -41,6 +39,7 @@ import torch.distributed as dist
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))  # run from a checkout without installing
 
+from bench_report import device_name, typed_command  # noqa: E402
 from sd35dist.config.recipe import Recipe  # noqa: E402
 from sd35dist.models import tiny_sd3  # noqa: E402
 from sd35dist.parallel.fsdp2 import fsdp_mesh, parallelize_fsdp2  # noqa: E402
@@ -221,17 +220,6 @@ def measure(loop: str, args: argparse.Namespace, world: World, batch: int) -> di
         result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.empty_cache()
     return result
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
-def typed_command() -> str:
-    python = os.path.relpath(sys.executable)
-    return shlex.join([sys.executable if python.startswith("..") else python, *sys.argv])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
