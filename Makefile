@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed
 # DeepSpeed compiles C++ ops on first use; keep them outside the clone so CI reuses them.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/sd35dist/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# The venv first on PATH: its ninja builds DeepSpeed's ops; another ninja would invalidate them.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: demo test install system-deps clean
 

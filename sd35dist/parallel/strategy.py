@@ -140,8 +140,11 @@ def _clean(name: str) -> str:
 def make_strategy(recipe: Recipe, world: World, recipe_file: str = "recipe") -> TrainingStrategy:
     if recipe.parallel.strategy == "fsdp2":
         return FSDP2Strategy(recipe, world)
+    if recipe.parallel.strategy in ("zero2", "zero3"):
+        from sd35dist.parallel.zero import ZeroStrategy
+
+        return ZeroStrategy(recipe, world)
     from sd35dist.config.loading import ConfigError
 
-    # ZeRO-2/3 through DeepSpeed behind this same interface is the next step of the trainer.
-    raise ConfigError(recipe_file, "parallel.strategy", f"{recipe.parallel.strategy} is not available in this "
-                      "version of sd35dist train; use fsdp2")
+    raise ConfigError(recipe_file, "parallel.strategy", f"unknown strategy {recipe.parallel.strategy}; "
+                      "use fsdp2, zero2 or zero3")

@@ -1,0 +1,340 @@
+"""DeepSpeed ZeRO-2/3 behind the same `TrainingStrategy` interface as FSDP2.
+
+The DeepSpeed config is a pure function of the recipe (`deepspeed_config`), written to
+`<output.dir>/deepspeed_config.json` so a user reads exactly what ran. ZeRO-2 keeps the
+bf16 (or fp32) weights whole on every rank and shards gradients and optimizer state;
+ZeRO-3 also shards the weights: the model is built under `deepspeed.zero.Init`, so each
+rank allocates only its partition, and each rank copies its slice of every pretrained
+tensor straight from the safetensors files (no rank holds more than one full tensor).
+
+The loop owns gradient accumulation (backward once per micro-step, step once per
+optimizer step), which DeepSpeed supports as `managed_gradient_accumulation: false`.
+The EMA follows DeepSpeed's master weights fragment by fragment, so it is sharded like
+the optimizer state under both stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sd35dist.config.loading import ConfigError
+from sd35dist.config.recipe import Recipe
+from sd35dist.models.transformer_build import (
+    CheckpointMismatch,
+    build_on_meta,
+    checkpoint_key_files,
+    iter_checkpoint_tensors,
+    materialize_and_load,
+    transformer_config,
+)
+from sd35dist.parallel.process_group import World
+from sd35dist.parallel.strategy import _dtypes, make_optimizer
+from sd35dist.train.ema import ShardedEMA
+
+CONFIG_FILE = "deepspeed_config.json"
+DS_TAG = "ds"
+EMA_LAYOUT_KEY = "sd35dist.ema_layout"
+STAGES = {"zero2": 2, "zero3": 3}
+
+
+def deepspeed_config(recipe: Recipe, world_size: int, hidden_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for `recipe` on `world_size` ranks.
+
+    `hidden_size` (the transformer's width) sizes the ZeRO buckets and the ZeRO-3
+    persistence threshold the way Hugging Face's "auto" values do; None keeps DeepSpeed's
+    defaults. There is no offload: the recipe has no field for it.
+    """
+    train = recipe.train
+    stage = STAGES[recipe.parallel.strategy]
+    master, compute = _dtypes(recipe)
+    bf16 = compute == torch.bfloat16
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    if hidden_size:
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
+        if stage == 3:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+            # Tensors below this stay whole on every rank: no all-gather for biases and norms.
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+    precision: dict[str, Any] = {"enabled": bf16}
+    if bf16 and master == torch.bfloat16:  # optimizer adamw_bf16: bf16 master weights and Adam moments
+        precision.update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.train_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "train_batch_size": train.train_batch_size * train.gradient_accumulation_steps * world_size,
+        # The loop calls backward once per micro-step and step once per optimizer step, and
+        # already divides the loss by the accumulation steps: step() is the boundary.
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": train.max_grad_norm,
+        "bf16": precision,
+        "zero_optimization": zero,
+        "steps_per_print": None,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        config["communication_data_type"] = "fp32"  # reduce gradients in fp32, as FSDP2's reduce_dtype does
+    return config
+
+
+@dataclass(frozen=True)
+class _Fragment:
+    """The slice of one parameter's flattened master weights that this rank owns."""
+
+    start: int
+    numel: int
+
+
+class ZeroStrategy:
+    """deepspeed.initialize over the pretrained SD3 transformer; DeepSpeed's own checkpoint format."""
+
+    def __init__(self, recipe: Recipe, world: World) -> None:
+        if not torch.cuda.is_available():
+            # DeepSpeed picks its accelerator at import time; on CPU it then falls back to gloo.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed reads the torchrun variables itself; a plain one-process `python` start has none.
+        for name, value in (("RANK", world.rank), ("LOCAL_RANK", world.local_rank), ("WORLD_SIZE", world.world_size)):
+            os.environ.setdefault(name, str(value))
+        import deepspeed
+
+        # Adopt the process group the trainer already made (deepspeed.comm wraps it; no MPI discovery).
+        deepspeed.init_distributed(dist_backend=world.backend, dist_init_required=False)
+        self.recipe, self.world = recipe, world
+        self.stage = STAGES[recipe.parallel.strategy]
+        model_dir = Path(recipe.model.pretrained)
+        config = transformer_config(model_dir, recipe.model.transformer_subfolder)
+        hidden_size = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        self.config = deepspeed_config(recipe, world.world_size, hidden_size)
+        self.bf16 = bool(self.config["bf16"]["enabled"])
+        if world.is_main:
+            output = Path(recipe.output.dir)
+            output.mkdir(parents=True, exist_ok=True)
+            (output / CONFIG_FILE).write_text(json.dumps(self.config, indent=2) + "\n")
+
+        _, compute = _dtypes(recipe)
+        model = self._build(deepspeed, model_dir, config, compute)
+        if recipe.train.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        optimizer = make_optimizer(model.parameters(), recipe, world.device)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.config, dist_init_required=False
+        )
+        self.model: nn.Module = self.engine.module
+        self._fragments = self._local_fragments()
+        self.ema = ShardedEMA(self._named_master_fragments()) if recipe.train.ema.enabled else None
+
+    # ---- model build ------------------------------------------------------------------------
+
+    def _build(self, deepspeed: Any, model_dir: Path, config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+        subfolder = self.recipe.model.transformer_subfolder
+        if self.stage == 2:
+            # ZeRO-2 keeps whole weights on every rank: build them in the compute dtype DeepSpeed trains in.
+            return materialize_and_load(build_on_meta(config, dtype=dtype), model_dir, subfolder,
+                                        device=self.world.device, dtype=dtype)
+        from diffusers import SD3Transformer2DModel
+
+        # Parameters are partitioned as each submodule is constructed: no rank holds the whole model.
+        # No dtype= here: zero.Init then takes it from the config's bf16 flag (an explicit dtype is
+        # ignored on accelerators without fp16, the CPU included, which get bf16 regardless).
+        with deepspeed.zero.Init(config_dict_or_path=self.config):
+            model = SD3Transformer2DModel.from_config(config)
+        _load_partitions(model, model_dir / subfolder)
+        return model
+
+    # ---- the interface ----------------------------------------------------------------------
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        if self.bf16:  # DeepSpeed casts the weights, not the inputs
+            inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+        return self.engine(**inputs, return_dict=False)[0]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loop already divided the loss by the accumulation steps.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, learning_rate: float, max_grad_norm: float) -> float:
+        if max_grad_norm != self.config["gradient_clipping"]:
+            raise ValueError(f"ZeRO clips at its config's gradient_clipping {self.config['gradient_clipping']}, "
+                             f"not {max_grad_norm}")
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def update_ema(self, decay: float) -> None:
+        if self.ema is not None:
+            self.ema.update(self._named_master_fragments(), decay)
+
+    def save(self, directory: Path) -> None:
+        """Every rank writes its ZeRO partition (DeepSpeed's format) and its EMA fragments."""
+        self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
+        if self.ema is not None:
+            from safetensors.torch import save_file
+
+            shapes = {name: list(param.ds_shape if self.stage == 3 else param.shape)
+                      for name, param in self.model.named_parameters()}
+            # Where each slice sits in its full tensor, so export can reassemble the EMA offline.
+            layout = {name: [f.start, f.numel, shapes[name]] for name, f in self._fragments.items()}
+            save_file(self.ema.state_dict(), str(directory / _ema_file(self.world.rank)),
+                      metadata={EMA_LAYOUT_KEY: json.dumps(layout)})
+
+    def load(self, directory: Path) -> None:
+        from sd35dist.checkpoint.layout import read_info
+
+        info = read_info(directory)
+        if not (directory / DS_TAG).is_dir():
+            raise ConfigError(str(directory), "parallel.strategy", f"checkpoint written by {info.get('strategy')}, "
+                              f"not DeepSpeed; resume it with that strategy or set train.resume: none")
+        if info.get("world_size") != self.world.world_size:
+            raise ConfigError(str(directory), "world_size", f"ZeRO checkpoint written by {info.get('world_size')} "
+                              f"ranks cannot resume on {self.world.world_size}; run on the same number of ranks")
+        path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{directory / DS_TAG}: DeepSpeed could not load this checkpoint")
+        if self.ema is not None:
+            from safetensors.torch import load_file
+
+            ema_file = directory / _ema_file(self.world.rank)
+            if ema_file.is_file():  # a checkpoint from a run without EMA starts it from the weights
+                self.ema.load_state_dict(load_file(str(ema_file)))
+
+    def full_state_dict(self, use_ema: bool = False) -> dict[str, torch.Tensor]:
+        """Full master-dtype tensors on rank 0 (empty elsewhere); every rank must call it."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state: dict[str, torch.Tensor] = {}
+        shadow = self.ema.state_dict() if use_ema and self.ema is not None else None
+        for name, param in self.model.named_parameters():
+            if shadow is None:
+                full = safe_get_full_fp32_param(param)
+            else:
+                full = self._gather_fragments(name, param, shadow)
+            if self.world.is_main:
+                state[name] = full.detach().cpu().clone()
+        if self.world.is_main:
+            for name, buffer in self.model.named_buffers():
+                state[name] = buffer.detach().cpu().clone()
+        return state
+
+    # ---- master-weight fragments ------------------------------------------------------------
+
+    def _local_fragments(self) -> dict[str, _Fragment]:
+        """Which slice of each parameter's flattened master weights lives on this rank."""
+        fragments = {}
+        for name, param in self.model.named_parameters():
+            if self.stage == 3:
+                size = param.ds_tensor.numel()
+                start = dist.get_rank(group=param.ds_process_group) * size
+                numel = max(0, min(size, param.ds_numel - start))
+            else:
+                mapping = getattr(param, "_hp_mapping", None)
+                if mapping is None:  # no element of this parameter is in this rank's partition
+                    continue
+                start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+            if numel:
+                fragments[name] = _Fragment(start, numel)
+        return fragments
+
+    def _named_master_fragments(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, this rank's fp32 — or bf16 — master slice) as live views into DeepSpeed's optimizer."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        params = dict(self.model.named_parameters())
+        out = []
+        for name, fragment in self._fragments.items():
+            param = params[name]
+            if self.stage == 3:
+                tensor = safe_get_local_fp32_param(param)[: fragment.numel]
+            else:
+                tensor = param._hp_mapping.get_hp_fragment()
+            out.append((name, tensor))
+        return out
+
+    def _gather_fragments(self, name: str, param: nn.Parameter, shadow: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The full tensor whose slices the ranks hold in `shadow`, summed onto rank 0."""
+        shape = param.ds_shape if self.stage == 3 else param.shape
+        full = torch.zeros(shape.numel(), dtype=torch.float32, device=self.world.device)
+        fragment = self._fragments.get(name)
+        if fragment is not None:
+            full[fragment.start: fragment.start + fragment.numel] = shadow[name].to(full.device)
+        dist.reduce(full, dst=0)  # each element has exactly one owner; the others add zeros
+        return full.view(shape)
+
+
+def _ema_file(rank: int) -> str:
+    return f"ema-rank{rank:05d}.safetensors"
+
+
+EMA_FILES = "ema-rank*.safetensors"
+
+
+def zero_checkpoint_state(checkpoint: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Full tensors of a ZeRO checkpoint (master weights, or the EMA), in one process, no process group."""
+    from sd35dist.checkpoint.export import ExportError
+
+    if not (checkpoint / DS_TAG).is_dir():
+        raise ExportError(f"{checkpoint}: no DeepSpeed checkpoint ({DS_TAG}/) in it")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # Buffers (pos_embed) are in it too; the EMA covers parameters only.
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG)
+    if use_ema:
+        files = sorted(checkpoint.glob(EMA_FILES))
+        if not files:
+            raise ExportError(f"{checkpoint}: no EMA in this checkpoint (train.ema.enabled was false)")
+        state.update(_assemble_ema(files))
+    return state
+
+
+def _assemble_ema(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    full: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            layout = json.loads(handle.metadata()[EMA_LAYOUT_KEY])
+            for name, (start, numel, shape) in layout.items():
+                target = full.setdefault(name, torch.zeros(shape, dtype=torch.float32))
+                target.view(-1)[start: start + numel] = handle.get_tensor(name)[:numel]
+    return full
+
+
+def _load_partitions(model: nn.Module, folder: Path) -> None:
+    """Copy each rank's slice of every pretrained tensor into a zero.Init-partitioned model.
+
+    A ZeRO-3 partition is the rank's contiguous slice of the flattened tensor (the last
+    rank's slice padded), so every rank reads the file and keeps its slice: no scatter.
+    """
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    key_files = checkpoint_key_files(folder)
+    missing = sorted(set(params) - set(key_files))  # buffers (pos_embed) were computed at construction
+    unexpected = sorted(set(key_files) - set(params) - set(buffers))
+    if missing or unexpected:
+        raise CheckpointMismatch(f"{folder}: checkpoint does not match the model built from its config.json: "
+                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}; point model.pretrained at an "
+                                 "unmodified SD3/SD3.5 diffusers directory")
+    with torch.no_grad():
+        for name, full in iter_checkpoint_tensors(folder, key_files):
+            if name in buffers:
+                buffers[name].copy_(full)
+                continue
+            param = params[name]
+            if tuple(full.shape) != tuple(param.ds_shape):
+                raise CheckpointMismatch(f"{folder}: {name} has shape {tuple(full.shape)} in the checkpoint but "
+                                         f"{tuple(param.ds_shape)} in the model built from config.json")
+            part = param.ds_tensor
+            start = dist.get_rank(group=param.ds_process_group) * part.numel()
+            piece = full.reshape(-1)[start: start + part.numel()]
+            part.data[: piece.numel()].copy_(piece.to(part.dtype))
