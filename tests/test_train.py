@@ -114,13 +114,16 @@ def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight,
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(cache, tmp_path):
+def test_two_rank_checkpoint_resumes_on_one_rank_and_back(cache, tmp_path):
     out = tmp_path / "out"
     train(train_recipe(tmp_path / "first.yaml", cache, out, max_train_steps=3), tmp_path / "run1")
     train(train_recipe(tmp_path / "second.yaml", cache, out), tmp_path / "run2", nproc=1)
     got = losses(tmp_path / "run2")
     assert sorted(got) == [4, 5, 6] and all(v == v for v in got.values())
     assert read_info(CheckpointDir(out).latest())["world_size"] == 1
+    train(train_recipe(tmp_path / "third.yaml", cache, out, max_train_steps=9), tmp_path / "run3")  # and back
+    assert sorted(losses(tmp_path / "run3")) == [7, 8, 9]
+    assert read_info(CheckpointDir(out).latest())["world_size"] == 2
 
 
 def _children(pid: int) -> list[int]:
