@@ -171,3 +171,17 @@ def test_kill_during_checkpoint_write_keeps_latest_on_a_complete_checkpoint(cach
     train(recipe, tmp_path / "run2")
     assert ckpts.latest().name == "step-00000040"
     assert not list((out / "checkpoints").glob("*.partial")), "rotation cleared the stale partial checkpoint"
+
+
+def test_async_checkpointing_publishes_the_same_checkpoints_and_resumes(straight, cache, tmp_path):
+    root, expected = straight
+    out = tmp_path / "out"
+    train(train_recipe(tmp_path / "r.yaml", cache, out, checkpointing_steps=2, async_checkpointing=True), tmp_path / "run")
+    assert losses(tmp_path / "run") == expected, "writing in the background changes nothing in training"
+    ckpts = CheckpointDir(out)
+    assert ckpts.complete_steps() == [4, 6] and not list(ckpts.root.glob("*.partial"))
+    written, reference = export(out, tmp_path / "async-export"), export(root / "out", tmp_path / "sync-export")
+    assert written.keys() == reference.keys() and all(torch.equal(written[k], reference[k]) for k in written)
+    train(train_recipe(tmp_path / "r2.yaml", cache, out, max_train_steps=8, checkpointing_steps=2,
+                       async_checkpointing=True), tmp_path / "run2")
+    assert sorted(losses(tmp_path / "run2")) == [7, 8]

@@ -179,6 +179,8 @@ class TrainSection(StrictModel):
     ema: EmaSection = Field(default_factory=EmaSection)
     checkpointing_steps: int = Field(400, ge=1)
     checkpoints_total_limit: int = Field(2, ge=1)
+    async_checkpointing: bool = False
+    """FSDP2: write checkpoints in the background while training goes on (published when complete)."""
     resume: str = "latest"
     """latest | none | a checkpoint path."""
 

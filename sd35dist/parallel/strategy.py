@@ -7,6 +7,7 @@ FSDP2 is here; ZeRO-2/3 (DeepSpeed) implements the same methods.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -84,6 +85,7 @@ class FSDP2Strategy:
         self.model.train()
         self.optimizer = make_optimizer(self.model.parameters(), recipe, world.device)
         self.ema = ShardedEMA(list(self.model.named_parameters())) if recipe.train.ema.enabled else None
+        self._checkpoint_group: dist.ProcessGroup | None = None
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self.model(**inputs, return_dict=False)[0]
@@ -114,6 +116,16 @@ class FSDP2Strategy:
     def save(self, directory: Path) -> None:
         """Every rank writes its shards (DCP); resharding on load handles another world size."""
         dcp.save(self._state(), checkpoint_id=str(directory / DCP_DIR))
+
+    def save_async(self, directory: Path) -> Future:
+        """Stage the state in host memory now and write it in the background; the future says when.
+
+        The background writer's collectives run on a gloo group of their own, so they never
+        interleave with the training step's collectives on the default group.
+        """
+        if self._checkpoint_group is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        return dcp.async_save(self._state(), checkpoint_id=str(directory / DCP_DIR), process_group=self._checkpoint_group)
 
     def load(self, directory: Path) -> None:
         state = self._state()

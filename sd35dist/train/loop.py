@@ -79,6 +79,7 @@ class Trainer:
         self.checkpoints = CheckpointDir(recipe.output.dir)
         self.step = 0
         self.total_steps = self._total_steps()
+        self._pending: tuple[int, Any, dict[str, Any]] | None = None
 
     def _total_steps(self) -> int:
         train = self.recipe.train
@@ -160,26 +161,45 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------
 
     def save(self) -> Path:
-        """Every rank writes its part; rank 0 alone publishes it (after a barrier) and rotates."""
+        """Every rank writes its part; rank 0 alone publishes it (after a barrier) and rotates.
+
+        With `async_checkpointing` (FSDP2) the state is staged now and written in the
+        background; it is published by `finish_save`, at the next save or at the end.
+        """
+        self.finish_save()
         partial = self.checkpoints.partial_path(self.step)
         if self.world.is_main:
             self.checkpoints.begin(self.step)
         dist.barrier()
-        self.strategy.save(partial)
         rng = torch.get_rng_state()
         (partial / f"rng-rank{self.world.rank:05d}.bin").write_bytes(rng.numpy().tobytes())
+        state = {"step": self.step, "stream": self.stream.state_dict(), "world_size": self.world.world_size,
+                 "strategy": self.recipe.parallel.strategy}
+        if self.recipe.train.async_checkpointing and hasattr(self.strategy, "save_async"):
+            self._pending = (self.step, self.strategy.save_async(partial), state)
+        else:
+            self.strategy.save(partial)
+            self._pending = (self.step, None, state)
+            self.finish_save()
+        return self.checkpoints.path(self.step)
+
+    def finish_save(self) -> None:
+        """Wait for the checkpoint being written (if any), then publish it and rotate."""
+        if self._pending is None:
+            return
+        step, writing, state = self._pending
+        self._pending = None
+        if writing is not None:
+            writing.result()
         dist.barrier()
-        final = self.checkpoints.path(self.step)
         if self.world.is_main:
-            state = {"step": self.step, "stream": self.stream.state_dict(), "world_size": self.world.world_size,
-                     "strategy": self.recipe.parallel.strategy}
+            partial = self.checkpoints.partial_path(step)
             (partial / TRAINER_STATE).write_text(json.dumps(state))
             (partial / TRANSFORMER_CONFIG).write_text(json.dumps(dict(self.strategy.model.config)))
-            self.checkpoints.commit(self.step, {"world_size": self.world.world_size,
-                                                "strategy": self.recipe.parallel.strategy})
+            self.checkpoints.commit(step, {"world_size": self.world.world_size,
+                                           "strategy": self.recipe.parallel.strategy})
             self.checkpoints.rotate(self.recipe.train.checkpoints_total_limit)
         dist.barrier()
-        return final
 
     def resume(self) -> Path | None:
         checkpoint = self.checkpoints.resolve(self.recipe.train.resume)
@@ -230,9 +250,11 @@ def run(recipe: Recipe, world: World, run_dir: Path) -> int:
                 path = trainer.save()
                 metrics.note(f"checkpoint {path}")
             if preempted:
+                trainer.finish_save()
                 metrics.note(f"preempted ({watch.received or 'PREEMPT file'}): saved step {trainer.step}; "
                              + (request_requeue() if world.is_main else "waiting for requeue"))
                 return 0
+        trainer.finish_save()
         metrics.note(f"done: {trainer.step} steps")
         return 0
     finally:
