@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                 "losses": losses,
             }
             (args.out_dir / "result.json").write_text(json.dumps(result))
+        # gloo aborts ("terminate called without an active exception") when one rank tears
+        # its group down while the other still works: leave together.
+        torch.distributed.barrier()
     finally:
         destroy()
     return 0

@@ -273,7 +273,10 @@ def main(args: Any) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     world = init_process_group_from_env(COLLECTIVE_TIMEOUT_S)
     try:
-        return run(recipe, world, run_dir)
+        code = run(recipe, world, run_dir)
+        # Leave together: gloo can abort a rank that destroys its group while a peer still works.
+        dist.barrier()
+        return code
     except (ConfigError, CheckpointNotFound) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
