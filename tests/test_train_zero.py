@@ -33,7 +33,9 @@ CASES = {
     "zero3": {"strategy": "zero3", **COMPARABLE},
     "zero2-bf16": {"strategy": "zero2", "mixed_precision": "bf16"},
     "zero3-bf16-adamw_bf16": {"strategy": "zero3", "mixed_precision": "bf16", "optimizer": "adamw_bf16"},
+    "zero2-offload": {"strategy": "zero2", "offload_optimizer": True},
 }
+PARALLEL_KEYS = ("offload_optimizer", "offload_params")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,9 +49,10 @@ def deepspeed_on_cpu():
 
 
 def zero_recipe(path: Path, cache: tuple[Path, Path], output: Path, strategy: str, **train) -> Path:  # noqa: F811
+    parallel = {key: train.pop(key) for key in PARALLEL_KEYS if key in train}
     train_recipe(path, cache, output, **train)
     recipe = yaml.safe_load(path.read_text())
-    recipe["parallel"]["strategy"] = strategy
+    recipe["parallel"].update(strategy=strategy, **parallel)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
@@ -106,8 +109,10 @@ def fsdp2_run(tmp_path_factory, cache) -> Path:  # noqa: F811
     return root
 
 
-# bf16 rounds differently under FSDP2 and DeepSpeed: the fp32 cases compare.
-@pytest.mark.parametrize("straight", [c for c in CASES if "mixed_precision" not in CASES[c]], indirect=True)
+# The COMPARABLE cases (fp32, torch AdamW) compare; bf16 rounds differently under FSDP2 and
+# DeepSpeed, and the offload case runs DeepSpeed's CPU Adam.
+@pytest.mark.parametrize("straight", [c for c in CASES if CASES[c].items() >= COMPARABLE.items()
+                                      and "mixed_precision" not in CASES[c]], indirect=True)
 def test_zero_trains_the_same_model_as_fsdp2(straight, request):
     case, root, got = straight
     reference = request.getfixturevalue("fsdp2_run")
@@ -150,4 +155,14 @@ def test_deepspeed_config_follows_the_recipe():
     assert pure_bf16 == {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
     fp32 = deepspeed_config(recipe(mixed_precision="fp32"), 1)
     assert fp32["bf16"] == {"enabled": False} and "communication_data_type" not in fp32
-    assert "offload_optimizer" not in fp32["zero_optimization"], "no recipe field asks for offload"
+    assert "offload_optimizer" not in fp32["zero_optimization"], "offload only when the recipe asks"
+
+    def offloaded(**parallel) -> dict:
+        return Recipe.model_validate({"name": "t", "model": {"pretrained": "m"}, "data": {"cache_url": "c"},
+                                      "parallel": {"strategy": "zero3", **parallel}, "output": {"dir": "o"}})
+
+    zero = deepspeed_config(offloaded(offload_optimizer=True, offload_params=True), 2)["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    with pytest.raises(ValueError, match="offload_params needs strategy zero3"):
+        Recipe.model_validate({"name": "t", "model": {"pretrained": "m"}, "data": {"cache_url": "c"},
+                               "parallel": {"strategy": "zero2", "offload_params": True}, "output": {"dir": "o"}})

@@ -141,6 +141,18 @@ class ParallelSection(StrictModel):
     """GPUs the recipe needs at least (memory); 0 runs anywhere, CPU included."""
     shard_degree: int | None = Field(None, ge=1)
     """Ranks one parameter shard group spans (HSDP when < world size); None = all ranks."""
+    offload_optimizer: bool = False
+    """ZeRO: keep the optimizer state and fp32 master weights in CPU memory (DeepSpeed's CPU Adam)."""
+    offload_params: bool = False
+    """ZeRO-3: keep the parameters in CPU memory between uses."""
+
+    @pydantic.model_validator(mode="after")
+    def _offload(self) -> "ParallelSection":
+        if (self.offload_optimizer or self.offload_params) and self.strategy == "fsdp2":
+            raise ValueError("offload_optimizer/offload_params need strategy zero2 or zero3")
+        if self.offload_params and self.strategy != "zero3":
+            raise ValueError("offload_params needs strategy zero3 (ZeRO-2 keeps whole parameters on every rank)")
+        return self
 
 
 class EmaSection(StrictModel):

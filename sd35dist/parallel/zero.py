@@ -50,7 +50,8 @@ def deepspeed_config(recipe: Recipe, world_size: int, hidden_size: int | None = 
 
     `hidden_size` (the transformer's width) sizes the ZeRO buckets and the ZeRO-3
     persistence threshold the way Hugging Face's "auto" values do; None keeps DeepSpeed's
-    defaults. There is no offload: the recipe has no field for it.
+    defaults. `parallel.offload_optimizer` / `offload_params` move optimizer state / parameters
+    to CPU memory.
     """
     train = recipe.train
     stage = STAGES[recipe.parallel.strategy]
@@ -63,6 +64,11 @@ def deepspeed_config(recipe: Recipe, world_size: int, hidden_size: int | None = 
             zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
             # Tensors below this stay whole on every rank: no all-gather for biases and norms.
             zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+    parallel = recipe.parallel
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if parallel.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     precision: dict[str, Any] = {"enabled": bf16}
     if bf16 and master == torch.bfloat16:  # optimizer adamw_bf16: bf16 master weights and Adam moments
         precision.update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
@@ -123,13 +129,23 @@ class ZeroStrategy:
         if recipe.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
-        optimizer = make_optimizer(model.parameters(), recipe, world.device)
+        optimizer = self._optimizer(deepspeed, model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.config, dist_init_required=False
         )
         self.model: nn.Module = self.engine.module
         self._fragments = self._local_fragments()
         self.ema = ShardedEMA(self._named_master_fragments()) if recipe.train.ema.enabled else None
+
+    def _optimizer(self, deepspeed: Any, model: nn.Module) -> torch.optim.Optimizer:
+        if not self.recipe.parallel.offload_optimizer:
+            return make_optimizer(model.parameters(), self.recipe, self.world.device)
+        # Offloaded state is updated on the CPU: DeepSpeed's vectorised Adam, not torch's.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        train = self.recipe.train
+        return DeepSpeedCPUAdam(model.parameters(), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                                eps=train.adam_epsilon, weight_decay=train.adam_weight_decay, adamw_mode=True)
 
     # ---- model build ------------------------------------------------------------------------
 
