@@ -34,6 +34,7 @@ CASES = {
     "zero2-bf16": {"strategy": "zero2", "mixed_precision": "bf16"},
     "zero3-bf16-adamw_bf16": {"strategy": "zero3", "mixed_precision": "bf16", "optimizer": "adamw_bf16"},
     "zero2-offload": {"strategy": "zero2", "offload_optimizer": True},
+    "zero3-offload": {"strategy": "zero3", "offload_optimizer": True, "offload_params": True},
 }
 PARALLEL_KEYS = ("offload_optimizer", "offload_params")
 
