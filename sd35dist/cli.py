@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         return launcher_main(argv)
     if argv[:1] == ["steps"]:
         return steps_main(argv[1:])
+    if argv[:1] == ["torchrun"]:
+        from sd35dist.jobs.torchrun import main as torchrun_main
+
+        return torchrun_main(argv[1:])
     if argv[:1] == ["export"]:
         from sd35dist.checkpoint.export import main as export_main
 

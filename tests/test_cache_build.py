@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -253,3 +254,60 @@ def test_inspect_reports_contents_and_corruption(built, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "sd35dist", "cache", "inspect", str(tmp_path / "nothing")],
                              capture_output=True, text=True, cwd=PROJECT)
     assert missing.returncode == 2 and "no manifest" in missing.stderr
+
+
+def write_viewer_pairs(directory: Path) -> None:
+    """Pairs of files a viewer shows identically (one plain 8-bit RGB), plus two misfits.
+
+    rotated.png is upright.png stored turned a quarter with EXIF Orientation 6; grey16.png is
+    grey8.png at 16 bits; cutout.png is flat.png's subject on a transparent ground.
+    """
+    directory.mkdir(parents=True)
+    upright = Image.new("RGB", (80, 120), (0, 0, 255))
+    upright.paste((255, 0, 0), (0, 0, 80, 60))
+    upright.save(directory / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(directory / "rotated.png", exif=exif)
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(directory / "grey16.png")
+    Image.fromarray(np.rint(ramp / 257.0).astype(np.uint8)).convert("RGB").save(directory / "grey8.png")
+    cutout = Image.new("RGBA", (96, 96), (0, 0, 0, 0))
+    cutout.paste((230, 200, 20, 255), (16, 16, 80, 80))
+    cutout.save(directory / "cutout.png")
+    flat = Image.new("RGB", (96, 96), (0, 128, 0))
+    flat.paste((230, 200, 20), (16, 16, 80, 80))
+    flat.save(directory / "flat.png")
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(directory / "icon.png")
+    Image.new("RGB", (1000, 50), (40, 90, 200)).save(directory / "panorama.png")
+
+
+def test_the_cache_holds_images_as_a_viewer_shows_them(tmp_path, tiny_model):
+    write_viewer_pairs(tmp_path / "photos")
+    data = {"cache_url": str(tmp_path / "cache"), "buckets": DEMO_BUCKETS, "cache_dtype": "fp32",
+            "max_sequence_length": 32, "cache_batch_size": 1,
+            "datasets": [{"id": "photos", "source": str(tmp_path / "photos"), "caption_strategy": "instance_prompt",
+                          "instance_prompt": "k4s4", "alpha_background": [0, 128, 0]}]}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "viewer", "model": {"pretrained": str(tiny_model)}, "data": data,
+                                      "output": {"dir": str(tmp_path / "out")}}))
+    run_cache(recipe)
+    samples = samples_by_key(tmp_path / "cache")
+    for shown, plain in (("rotated", "upright"), ("grey16", "grey8"), ("cutout", "flat")):
+        a, b = samples[f"photos/{shown}.png#0"], samples[f"photos/{plain}.png#0"]
+        assert a["bucket"] == b["bucket"], shown
+        assert torch.equal(a["original_size"], b["original_size"]), shown
+        torch.testing.assert_close(a["latent_mean"], b["latent_mean"], rtol=1e-5, atol=1e-6, msg=shown)
+    assert samples["photos/rotated.png#0"]["bucket"] == "48x80"
+
+    report = json.loads((tmp_path / "cache" / "report.json").read_text())
+    reasons = {r["image"]: r["reason"] for r in report["rejected"]}
+    assert set(reasons) == {"icon.png", "panorama.png"}
+    assert "enlarged 8x, more than max_upscale 2" in reasons["icon.png"]
+    assert "loses 92% of its area, more than max_crop_fraction 0.5" in reasons["panorama.png"]
+    accepted = {a["image"]: a for a in report["accepted"]}
+    assert report["accepted_count"] == len(accepted) == 6
+    assert accepted["rotated.png"] == {"dataset": "photos", "image": "rotated.png", "size": [80, 120],
+                                       "bucket": "48x80", "upscale": 0.6667, "cropped_fraction": 0.1111}
+    assert accepted["cutout.png"]["upscale"] == 0.6667 and accepted["grey16.png"]["upscale"] == 1.0
+    assert report["max_upscale"] == 1.0 and report["upscaled_count"] == 0

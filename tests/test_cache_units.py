@@ -420,3 +420,35 @@ def test_plan_fingerprint_tracks_items_and_settings():
 def test_filename_caption_that_comes_out_empty_is_missing():
     with pytest.raises(CaptionMissing, match="empty caption"):
         resolve_caption("filename", stem="(2)", textfile_content=None, instance_prompt=None)
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+
+def test_report_lists_each_image_once_with_its_fit(tmp_path):
+    from sd35dist.config.recipe import Recipe
+    from sd35dist.data.cache_builder import RankResult, finish_cache, fit_record
+    from sd35dist.data.manifest import ShardEntry
+    from sd35dist.data.storage import Store
+
+    fit = plan_fit((128, 77), ((64, 64), (80, 48)))
+    accepted = fit_record(SourceImage("d", "wide.png", "/x/wide.png", None), fit)
+    assert accepted == {"dataset": "d", "image": "wide.png", "size": [128, 77], "bucket": "80x48",
+                        "upscale": 0.625, "cropped_fraction": 0.0204}
+
+    def shard(path: str) -> dict:
+        return {"path": path, "bucket": "80x48", "samples": 1, "bytes": 8, "sha256": "0" * 64, "dtype": "fp32",
+                "fitted": [accepted]}
+
+    # Repeats of one image can straddle two shards; both shards prepared (or refused) it.
+    refused = {"dataset": "d", "image": "bad.png", "reason": "unreadable"}
+    results = [RankResult({"a": shard("shards/a"), "b": shard("shards/b")}, [refused, refused])]
+    recipe = Recipe.model_validate({"name": "r", "model": {"pretrained": "m"}, "data": {"cache_url": str(tmp_path)},
+                                    "output": {"dir": "o"}})
+    empty = ShardEntry("empty_prompt.safetensors", "", 1, 8, "0" * 64, "fp32")
+    manifest = finish_cache(Store(str(tmp_path)), results, empty, {}, {}, recipe)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["rejected"] == [refused] and report["rejected_count"] == manifest.rejected == 1
+    assert report["accepted"] == [accepted] and report["accepted_count"] == 1
+    assert report["max_upscale"] == 0.625 and report["upscaled_count"] == 0
+    assert [s.path for s in manifest.shards] == ["shards/a", "shards/b"]

@@ -129,7 +129,7 @@ def test_secret_in_recipe_is_refused(tmp_path, capsys):
     recipe = _recipe(tmp_path)
     recipe["data"]["storage_options"] = {"secret": "hunter2"}
     code, err = _submit(tmp_path, capsys, _profile(tmp_path), recipe)
-    _assert_rejected(tmp_path, code, err, "myrecipe.yaml: data.storage_options:")
+    _assert_rejected(tmp_path, code, err, "myrecipe.yaml: data.storage_options.secret: looks like a credential")
     assert "hunter2" not in err
 
 
@@ -159,3 +159,174 @@ def test_exit_status_is_2_from_the_console_script(tmp_path):
 )
 def test_slurm_time_forms(text, minutes):
     assert slurm_time_minutes(text) == minutes
+
+
+# --- files that are not YAML mappings: one line naming the file, never a traceback ---------------
+
+BAD_FILES = {
+    "latin-1": "name: caf\u00e9\n".encode("latin-1"),
+    "binary junk": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x01\x00",
+    "control characters": b"scheduler: local\nname: a\x00b\n",
+    "invalid YAML": b"scheduler: slurm\nslurm: {nodes: [1\n",
+    "a list": b"- scheduler: local\n- name: t\n",
+    "a scalar": b"just some words\n",
+}
+BAD_FILE_MESSAGES = {
+    "latin-1": "line 1: not UTF-8 text (byte 0xe9)",
+    "binary junk": "line 1: not UTF-8 text (byte 0x89)",
+    "control characters": "line 2: invalid YAML: control character #x0000",
+    "invalid YAML": "invalid YAML",
+    "a list": "top level must be a mapping of keys to values, not a list",
+    "a scalar": "top level must be a mapping of keys to values, not a str",
+}
+
+
+@pytest.mark.parametrize("which", ["profile", "recipe"])
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_unreadable_file_is_one_line(tmp_path, capsys, which, kind):
+    profile_file = _write(tmp_path / "mycluster.yaml", _profile(tmp_path))
+    recipe_file = _write(tmp_path / "myrecipe.yaml", _recipe(tmp_path))
+    (profile_file if which == "profile" else recipe_file).write_bytes(BAD_FILES[kind])
+    output = tmp_path / "job.sbatch"
+    code = main(["submit", "--profile", str(profile_file), "--recipe", str(recipe_file), "--output", str(output)])
+    err = capsys.readouterr().err.strip()
+    name = "mycluster.yaml" if which == "profile" else "myrecipe.yaml"
+    _assert_rejected(tmp_path, code, err, f"error: {name}: ")
+    assert BAD_FILE_MESSAGES[kind] in err, err
+    assert not output.exists()
+
+
+def test_non_utf8_recipe_from_the_console_script(tmp_path):
+    profile_file = _write(tmp_path / "mycluster.yaml", _profile(tmp_path))
+    recipe_file = tmp_path / "myrecipe.yaml"
+    recipe_file.write_bytes("name: t\nmodel: {pretrained: /m\u00fcnchen}\n".encode("latin-1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sd35dist", "submit", "--profile", str(profile_file), "--recipe", str(recipe_file),
+         "--dry-run"],
+        capture_output=True, text=True, cwd=PROJECT,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "error: myrecipe.yaml: line 2: not UTF-8 text (byte 0xfc): save the file as UTF-8\n"
+
+
+# --- model.pretrained is checked at submit when this host can see it ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from sd35dist.models.tiny_sd3 import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+def _local_profile(tmp_path: Path) -> dict:
+    return {"scheduler": "local", "launch": {"procs_per_node": 1}, "run_root": str(tmp_path / "runs")}
+
+
+TRANSFORMER_SHARD = "transformer/diffusion_pytorch_model-00002-of-00004.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("job", "removed", "expected"),
+    [
+        ("train", None, None),
+        ("train", "vae", None),  # the trainer reads latents from the cache, never the VAE
+        ("train", "model_index.json", "has no model_index.json"),
+        ("train", "transformer/config.json", "transformer/ has no config.json"),
+        ("train", TRANSFORMER_SHARD, "transformer/ lacks shard(s) diffusion_pytorch_model-00002-of-00004"),
+        ("train", "scheduler", "has no scheduler/"),
+        ("cache", None, None),
+        ("cache", "transformer", None),
+        ("cache", "text_encoder_3", "has no text_encoder_3/"),
+        ("cache", "tokenizer_2/tokenizer_config.json", "tokenizer_2/ has no tokenizer_config.json"),
+        ("cache", "vae/diffusion_pytorch_model.safetensors", "vae/ has no weights"),
+        ("preflight", "transformer", None),  # preflight never opens the model
+    ],
+)
+def test_submit_checks_the_model_directory(tmp_path, capsys, tiny_model, job, removed, expected):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    if removed:
+        target = model / removed
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    profile_file = _write(tmp_path / "mycluster.yaml", _local_profile(tmp_path))
+    recipe_file = _write(tmp_path / "myrecipe.yaml", _recipe(tmp_path))
+    output = tmp_path / "job.sh"
+    code = main(["submit", "--profile", str(profile_file), "--recipe", str(recipe_file), "--job", job,
+                 "--output", str(output)])
+    err = capsys.readouterr().err.strip()
+    if expected is None:
+        assert code == 0 and err == "", err
+        assert output.is_file()
+    else:
+        _assert_rejected(tmp_path, code, err, f"error: myrecipe.yaml: model.pretrained: {model} {expected}")
+        assert not output.exists()
+    if job == "cache":  # the same verdict as the rank side's own check
+        from sd35dist.models.sd3_components import CACHE_INPUT_PARTS, ModelDirectoryIncomplete, check_model_dir
+
+        try:
+            check_model_dir(model, CACHE_INPUT_PARTS)
+            rank_refuses = False
+        except ModelDirectoryIncomplete:
+            rank_refuses = True
+        assert rank_refuses is (expected is not None)
+
+
+def test_missing_model_on_a_local_profile_is_refused(tmp_path, capsys):
+    profile_file = _write(tmp_path / "mycluster.yaml", _local_profile(tmp_path))
+    recipe_file = _write(tmp_path / "myrecipe.yaml", _recipe(tmp_path))
+    code = main(["submit", "--profile", str(profile_file), "--recipe", str(recipe_file), "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    _assert_rejected(tmp_path, code, err, f"error: myrecipe.yaml: model.pretrained: {tmp_path / 'model'} does not exist")
+
+
+def test_model_not_visible_from_a_cluster_submit_host_is_a_note(tmp_path, capsys):
+    """On Slurm the path may live on the nodes' shared filesystem only: say it was not checked."""
+    profile_file = _write(tmp_path / "mycluster.yaml", _profile(tmp_path))
+    recipe_file = _write(tmp_path / "myrecipe.yaml", _recipe(tmp_path))
+    code = main(["submit", "--profile", str(profile_file), "--recipe", str(recipe_file), "--dry-run"])
+    captured = capsys.readouterr()
+    assert code == 0 and captured.out.startswith("#!/bin/bash")
+    assert captured.err.splitlines() == [
+        f"note: model.pretrained {tmp_path / 'model'} is not visible from this host, so it was not checked; "
+        "the train job needs model_index.json, transformer/, scheduler/ in it"
+    ]
+
+
+def test_model_visible_from_a_cluster_submit_host_is_checked(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    code, err = _submit(tmp_path, capsys, _profile(tmp_path), _recipe(tmp_path), "--job", "train", "--dry-run")
+    _assert_rejected(tmp_path, code, err, "model.pretrained:")
+    assert err.endswith("has no model_index.json; expected a diffusers directory with SD3.5's layout")
+
+
+def test_model_url_is_refused(tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    recipe["model"]["pretrained"] = "s3://models/sd35-large"
+    code, err = _submit(tmp_path, capsys, _profile(tmp_path), recipe, "--job", "train", "--dry-run")
+    _assert_rejected(tmp_path, code, err, "myrecipe.yaml: model.pretrained: is a URL")
+
+
+# --- status | logs | cancel of a job that does not exist ---------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "cancel"])
+def test_unknown_job_id_is_no_such_job(tmp_path, capsys, monkeypatch, command):
+    """No Slurm on PATH: only this account's records are asked (the slurm tier covers Slurm's answer)."""
+    monkeypatch.setenv("SD35DIST_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    code = main([command, "999999"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.strip().splitlines() == [
+        "error: 999999: no such job: not submitted from this account (and no Slurm here to ask)"
+    ]
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "cancel"])
+def test_missing_run_directory_is_no_such_run_directory(tmp_path, capsys, command):
+    code = main([command, str(tmp_path / "runs" / "t-train-20260101-000000")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.splitlines() == [f"error: {tmp_path / 'runs' / 't-train-20260101-000000'}: no such run directory"]

@@ -185,3 +185,22 @@ def test_async_checkpointing_publishes_the_same_checkpoints_and_resumes(straight
     train(train_recipe(tmp_path / "r2.yaml", cache, out, max_train_steps=8, checkpointing_steps=2,
                        async_checkpointing=True), tmp_path / "run2")
     assert sorted(losses(tmp_path / "run2")) == [7, 8]
+
+
+def test_adamw_bf16_stop_and_resume_gives_the_same_losses_and_weights(cache, tmp_path):
+    """Kahan-summed bf16 AdamW (torch-optimi) in bf16 compute: its moments, compensation
+    buffers and step counter go through the checkpoint, so resume is exact too."""
+    from sd35dist.checkpoint.export import checkpoint_state
+
+    bf16 = {"optimizer": "adamw_bf16", "mixed_precision": "bf16", "max_train_steps": 4, "checkpointing_steps": 2}
+    train(train_recipe(tmp_path / "straight.yaml", cache, tmp_path / "straight", **bf16), tmp_path / "run0")
+    expected = losses(tmp_path / "run0")
+    out = tmp_path / "out"
+    train(train_recipe(tmp_path / "first.yaml", cache, out, **{**bf16, "max_train_steps": 2}), tmp_path / "run1")
+    train(train_recipe(tmp_path / "second.yaml", cache, out, **bf16), tmp_path / "run2")
+    assert losses(tmp_path / "run2") == {s: expected[s] for s in (3, 4)}
+    for use_ema in (False, True):
+        resumed = checkpoint_state(CheckpointDir(out).latest(), use_ema)
+        uninterrupted = checkpoint_state(CheckpointDir(tmp_path / "straight").latest(), use_ema)
+        assert resumed.keys() == uninterrupted.keys()
+        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -35,10 +36,19 @@ def clean_name(name: str) -> str:
 def dcp_state(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
     """Every tensor saved under `prefix` (model or ema) in a DCP checkpoint, as full tensors."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(directory))
-    metadata = reader.read_metadata()
+    from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, UnsafeMetadata
+
+    if not (directory / ".metadata").is_file():
+        raise ExportError(f"{directory.parent}: no {directory.name}/.metadata: the checkpoint's weights are missing "
+                          "(copied without its dcp/ directory?)")
+    reader = MetadataCheckedReader(str(directory))
+    try:
+        metadata = reader.read_metadata()
+    except (UnsafeMetadata, pickle.UnpicklingError, EOFError) as err:
+        raise ExportError(f"{directory / '.metadata'}: not readable as DCP metadata ({err})") from None
     targets = {
         key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
@@ -48,7 +58,15 @@ def dcp_state(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
         raise ExportError(f"{directory}: no '{prefix}' tensors in this checkpoint")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process is the point
-        dcp.load(targets, storage_reader=reader, no_dist=True)
+        try:
+            dcp.load(targets, storage_reader=reader, no_dist=True)
+        except CheckpointException as err:
+            # DCP keeps (exception, traceback) per rank
+            errors = [f[0] if isinstance(f, tuple) else f for f in err.failures.values()]
+            causes = {type(e).__name__: e for e in errors}
+            missing = causes.get("FileNotFoundError")
+            why = f"{missing.filename} is missing" if missing is not None else "; ".join(map(str, causes.values()))
+            raise ExportError(f"{directory.parent}: weights unreadable: {why}") from None
     return {clean_name(key[len(prefix) + 1 :]): tensor for key, tensor in targets.items()}
 
 
@@ -98,6 +116,21 @@ def export_checkpoint(checkpoint: Path, out: Path, *, use_ema: bool = False, dty
     return out
 
 
+def find_checkpoint(path: Path) -> Path:
+    """`path` itself when it is a complete checkpoint, else the latest one of the output dir `path`."""
+    from sd35dist.checkpoint.layout import CHECKPOINTS, CheckpointDir
+
+    if (path / COMPLETE).is_file():
+        return path
+    if not path.is_dir():
+        raise ExportError(f"{path}: no such directory")
+    latest = CheckpointDir(path).latest()
+    if latest is None:
+        raise ExportError(f"{path}: neither a complete checkpoint (no {COMPLETE} inside) nor an output "
+                          f"directory with one under {CHECKPOINTS}/")
+    return latest
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sd35dist export", description=__doc__.splitlines()[0].strip("`"))
     parser.add_argument("checkpoint", type=Path, help="a checkpoint directory (…/checkpoints/step-N) or an output dir")
@@ -105,12 +138,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     args = parser.parse_args(argv)
-    checkpoint = args.checkpoint
-    if not (checkpoint / COMPLETE).is_file():
-        from sd35dist.checkpoint.layout import CheckpointDir
-
-        checkpoint = CheckpointDir(args.checkpoint).latest() or checkpoint
     try:
+        checkpoint = find_checkpoint(args.checkpoint)
         out = export_checkpoint(checkpoint, args.out, use_ema=args.ema, dtype=args.dtype)
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)

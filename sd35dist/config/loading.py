@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 import pydantic
 import yaml
 
+from sd35dist.config.credentials import first_credential
+
 ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
 
 
@@ -32,21 +34,62 @@ class StrictModel(pydantic.BaseModel):
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """Read a YAML file whose top level must be a mapping."""
+    """Read a UTF-8 YAML file whose top level must be a mapping; any other content is a ConfigError."""
     source = path.name
     if not path.is_file():
         raise ConfigError(str(path), "", "file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            source, f"line {line}", f"not UTF-8 text (byte 0x{raw[exc.start]:02x}): save the file as UTF-8"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "parse"
-        raise ConfigError(source, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        where, what = _yaml_problem(exc, text)
+        raise ConfigError(source, where, f"invalid YAML: {what}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(source, "", "top level must be a mapping of keys to values")
+        kind = "a list" if isinstance(data, list) else f"a {type(data).__name__}"
+        raise ConfigError(source, "", f"top level must be a mapping of keys to values, not {kind}")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[str, str]:
+    """(where, what) of a YAML error, on one line."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        # Control characters and other bytes no text file holds: binary junk, usually.
+        line = text.count("\n", 0, exc.position) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return f"line {line}", f"control character #x{code:04x} is not allowed (is this a text file?)"
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}" if mark is not None else "parse"
+    what = getattr(exc, "problem", None) or getattr(exc, "context", None) or type(exc).__name__
+    return where, " ".join(str(what).split())
+
+
+def refuse_credentials(data: dict[str, Any], source: str) -> None:
+    """The one credential rule (sd35dist/config/credentials.py), as a ConfigError naming the YAML path."""
+    found = first_credential(data)
+    if found is not None:
+        raise ConfigError(source, found.path, found.reason)
+
+
+def load_mapping(path: Path, overrides: list[tuple[list[str], Any]] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+    """Read `path`, refuse credentials in it, apply `--set` overrides and refuse credentials in them."""
+    data = read_yaml_mapping(path)
+    refuse_credentials(data, path.name)
+    merged = apply_overrides(data, list(overrides))
+    # The file passed; whatever is found now came from an override.
+    refuse_credentials(merged, "--set")
+    return merged
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -135,8 +178,7 @@ def load_model(
     overrides: list[tuple[list[str], Any]] = (),  # type: ignore[assignment]
 ) -> ModelT:
     """Load `path`, apply overrides, validate; every error names the file's name and the key."""
-    data = apply_overrides(read_yaml_mapping(path), list(overrides))
-    return validate_mapping(model_cls, data, path.name)
+    return validate_mapping(model_cls, load_mapping(path, overrides), path.name)
 
 
 def dump_yaml(model: pydantic.BaseModel) -> str:

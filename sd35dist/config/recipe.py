@@ -17,14 +17,8 @@ from typing import Any, Literal
 import pydantic
 from pydantic import Field
 
+from sd35dist.config.credentials import first_credential, looks_secret  # noqa: F401 (preflight redacts with it)
 from sd35dist.config.loading import StrictModel, dump_yaml, load_model
-
-SECRET_WORDS = ("secret", "key", "token", "password", "credential", "session")
-
-
-def looks_secret(key: str) -> bool:
-    """A storage option or variable name that probably holds a credential."""
-    return any(word in key.lower() for word in SECRET_WORDS)
 
 
 class ModelSection(StrictModel):
@@ -54,6 +48,34 @@ class DatasetSection(StrictModel):
     """Center-crop to the nearest bucket; false rejects images whose shape does not fit a bucket."""
     minimum_image_size: int = Field(0, ge=0)
     """Images whose shorter side is smaller are rejected."""
+    max_upscale: float = Field(2.0, ge=1)
+    """Images enlarged more than this to cover their bucket are rejected (2: a 1024² bucket needs ≥ 512 px)."""
+    max_crop_fraction: float = Field(0.5, ge=0, le=1)
+    """Images whose center crop would cut away more than this share of their area are rejected."""
+    alpha_background: tuple[int, int, int] = (255, 255, 255)
+    """Colour transparent pixels are composited on: [r, g, b] (0–255), "#rrggbb" or a CSS name such as white."""
+
+    @pydantic.field_validator("alpha_background", mode="before")
+    @classmethod
+    def _colour(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        from PIL import ImageColor  # only when a recipe names a colour: the launcher rarely needs Pillow
+
+        try:
+            rgb = ImageColor.getrgb(value)
+        except ValueError:
+            raise ValueError(f"unknown colour {value!r}: use [r, g, b], #rrggbb or a name such as white") from None
+        if len(rgb) != 3:
+            raise ValueError(f"colour {value!r} has an alpha part: the background must be opaque")
+        return rgb
+
+    @pydantic.field_validator("alpha_background")
+    @classmethod
+    def _channels(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not all(0 <= channel <= 255 for channel in value):
+            raise ValueError(f"{list(value)}: each channel must be 0–255")
+        return value
 
     @pydantic.model_validator(mode="after")
     def _prompt(self) -> "DatasetSection":
@@ -106,12 +128,10 @@ class DataSection(StrictModel):
     @pydantic.field_validator("storage_options")
     @classmethod
     def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for key in value:
-            if looks_secret(key):
-                raise ValueError(
-                    f"'{key}' looks like a credential: pass it through the environment "
-                    "(e.g. AWS_SECRET_ACCESS_KEY listed in the profile's env.passthrough), not the recipe"
-                )
+        # Files are checked whole by the loader; this covers recipes built in code.
+        found = first_credential(value)
+        if found is not None:
+            raise ValueError(f"{found.path}: {found.reason}")
         return value
 
     @pydantic.field_validator("buckets")
@@ -152,6 +172,8 @@ class ParallelSection(StrictModel):
             raise ValueError("offload_optimizer/offload_params need strategy zero2 or zero3")
         if self.offload_params and self.strategy != "zero3":
             raise ValueError("offload_params needs strategy zero3 (ZeRO-2 keeps whole parameters on every rank)")
+        if self.shard_degree is not None and self.strategy != "fsdp2":
+            raise ValueError("shard_degree (HSDP) needs strategy fsdp2")
         return self
 
 
@@ -173,7 +195,7 @@ class TrainSection(StrictModel):
     lr_scheduler: Literal["constant", "linear", "cosine", "polynomial"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     optimizer: Literal["adamw", "adamw_bf16"] = "adamw"
-    """adamw: fp32 master weights and states; adamw_bf16: pure bf16 weights and states."""
+    """adamw: fp32 master weights and states; adamw_bf16 (fsdp2): bf16 weights and states, Kahan-compensated updates."""
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_weight_decay: float = Field(1e-4, ge=0)
@@ -195,6 +217,8 @@ class TrainSection(StrictModel):
     """FSDP2: write checkpoints in the background while training goes on (published when complete)."""
     resume: str = "latest"
     """latest | none | a checkpoint path."""
+    resume_allow_changes: list[str] = Field(default_factory=list)
+    """Keys (model.pretrained), sections (data) or `*` whose change since the checkpoint's recipe resume accepts."""
 
 
 class LoggingSection(StrictModel):
@@ -219,6 +243,23 @@ class Recipe(StrictModel):
     train: TrainSection = Field(default_factory=TrainSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     output: OutputSection
+
+    @pydantic.model_validator(mode="after")
+    def _optimizer_fits_strategy(self) -> "Recipe":
+        if self.train.optimizer == "adamw_bf16" and self.parallel.strategy != "fsdp2":
+            # DeepSpeed has no compensated or stochastically rounded bf16 Adam: its pure-bf16
+            # mode drops every update below half a bf16 ulp (docs/numerics.md).
+            raise _error_at(("train", "optimizer"), "adamw_bf16",
+                            f"adamw_bf16 runs on strategy fsdp2 only; with {self.parallel.strategy} use adamw")
+        return self
+
+
+def _error_at(loc: tuple[str, ...], value: Any, message: str) -> pydantic.ValidationError:
+    """A validation error at `loc` (a model validator's own errors would point at the recipe's root)."""
+    from pydantic_core import InitErrorDetails, PydanticCustomError
+
+    error = PydanticCustomError("value_error", "{error}", {"error": message})
+    return pydantic.ValidationError.from_exception_data("Recipe", [InitErrorDetails(type=error, loc=loc, input=value)])
 
 
 RECIPE_KEYS = frozenset(Recipe.model_fields)

@@ -53,6 +53,17 @@ class FitPlan:
         """(top, left), the SDXL/SD3 micro-conditioning convention."""
         return self.crop_box[1], self.crop_box[0]
 
+    @property
+    def upscale(self) -> float:
+        """How much the image is enlarged to cover its bucket; below 1 it is reduced."""
+        return max(self.bucket[0] / self.original_size[0], self.bucket[1] / self.original_size[1])
+
+    @property
+    def cropped_fraction(self) -> float:
+        """Share of the resized image's area that the crop cuts away (0 when it fits exactly)."""
+        kept = self.bucket[0] * self.bucket[1]
+        return 1.0 - kept / (self.resized[0] * self.resized[1])
+
 
 class ImageRejected(ValueError):
     """The image cannot go into any bucket under the dataset's policy; the message says why."""
@@ -64,13 +75,16 @@ def plan_fit(
     *,
     crop: bool = True,
     minimum_image_size: int = 0,
+    max_upscale: float = math.inf,
+    max_crop_fraction: float = 1.0,
 ) -> FitPlan:
-    """Bucket, resize and center-crop plan for an image of `size` (width, height).
+    """Bucket, resize and center-crop plan for an image of `size` (width, height), as shown.
 
     The image is scaled so it covers the bucket (the shorter relative side fits exactly),
     then center-cropped. With `crop=False` an image whose aspect ratio differs from its
     bucket's is rejected instead of cropped. Images whose shorter side is below
-    `minimum_image_size` are rejected.
+    `minimum_image_size`, that must be enlarged more than `max_upscale` times, or whose
+    crop cuts away more than `max_crop_fraction` of their area are rejected.
     """
     width, height = size
     if width <= 0 or height <= 0:
@@ -90,5 +104,17 @@ def plan_fit(
     resized = (max(bw, math.ceil(width * scale - 1e-9)), max(bh, math.ceil(height * scale - 1e-9)))
     left = (resized[0] - bw) // 2
     top = (resized[1] - bh) // 2
-    return FitPlan(bucket=bucket, original_size=(width, height), resized=resized, crop_box=(left, top, left + bw, top + bh))
+    crop_box = (left, top, left + bw, top + bh)
+    plan = FitPlan(bucket=bucket, original_size=(width, height), resized=resized, crop_box=crop_box)
+    if plan.upscale > max_upscale:
+        raise ImageRejected(
+            f"too small for bucket {bucket_name(bucket)}: {width}x{height} would be enlarged "
+            f"{round(plan.upscale, 4):g}x, more than max_upscale {max_upscale:g}"
+        )
+    if plan.cropped_fraction > max_crop_fraction:
+        raise ImageRejected(
+            f"cropped too much: {width}x{height} in bucket {bucket_name(bucket)} loses {plan.cropped_fraction:.0%} "
+            f"of its area, more than max_crop_fraction {max_crop_fraction:g}"
+        )
+    return plan
 

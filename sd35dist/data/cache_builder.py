@@ -6,7 +6,8 @@ that rank's samples. A shard's bytes are therefore a function of its slice alone
 what makes resume exact: a rank journals each shard once it is stored, and a rerun after a
 crash skips the journaled shards and writes the rest as an uninterrupted run would have.
 After a barrier rank 0 writes the empty-prompt embeddings, report.json and — last — the
-manifest.
+manifest. report.json lists every rejected image with its reason and every accepted image
+with how it was fitted (bucket, upscale factor, cropped fraction).
 """
 
 from __future__ import annotations
@@ -20,8 +21,16 @@ from typing import Any
 import torch
 
 from sd35dist.config.recipe import DatasetSection, Recipe
-from sd35dist.data.buckets import ImageRejected, bucket_name, plan_fit
-from sd35dist.data.image_source import PreparedImage, Rejected, SourceImage, list_images, prepare_image, read_image_size
+from sd35dist.data.buckets import FitPlan, ImageRejected, bucket_name
+from sd35dist.data.image_source import (
+    PreparedImage,
+    Rejected,
+    SourceImage,
+    fit_for_dataset,
+    list_images,
+    prepare_image,
+    read_image_size,
+)
 from sd35dist.data.manifest import ShardEntry, ShardManifest, write_manifest
 from sd35dist.data.shard_format import (
     CachedSample,
@@ -190,7 +199,7 @@ def bucket_items(
         try:
             if size is None:
                 raise ImageRejected("unreadable header")
-            fit = plan_fit(size, buckets, crop=dataset.crop, minimum_image_size=dataset.minimum_image_size)
+            fit = fit_for_dataset(size, dataset, buckets)
         except ImageRejected:
             unplaced.append(image)  # prepare_image gives the precise reason
             continue
@@ -239,8 +248,8 @@ def build_rank(
         if plan.path in journal["shards"] and store.exists(plan.path):
             on_images(images_in_plan)
             continue
-        samples, rejected = _encode_plan(plan, encoders, datasets, buckets, data)
-        entry: dict[str, Any] = {"rejected": rejected}
+        samples, rejected, fitted = _encode_plan(plan, encoders, datasets, buckets, data)
+        entry: dict[str, Any] = {"rejected": rejected, "fitted": fitted}
         if samples:
             blob = encode_shard(samples, plan.bucket, data.cache_dtype)
             store.write_bytes(plan.path, blob)
@@ -256,10 +265,25 @@ def build_rank(
     return RankResult(stored, rejected_all)
 
 
-def _encode_plan(plan: ShardPlan, encoders: Encoders, datasets: dict[str, DatasetSection],
-                 buckets: tuple[tuple[int, int], ...], data: Any) -> tuple[list[CachedSample], list[dict[str, str]]]:
+def fit_record(image: SourceImage, fit: FitPlan) -> dict[str, Any]:
+    """How one accepted image went into its bucket, as report.json lists it."""
+    return {
+        "dataset": image.dataset,
+        "image": image.path,
+        "size": list(fit.original_size),
+        "bucket": bucket_name(fit.bucket),
+        "upscale": round(fit.upscale, 4),
+        "cropped_fraction": round(fit.cropped_fraction, 4),
+    }
+
+
+def _encode_plan(
+    plan: ShardPlan, encoders: Encoders, datasets: dict[str, DatasetSection], buckets: tuple[tuple[int, int], ...],
+    data: Any,
+) -> tuple[list[CachedSample], list[dict[str, str]], list[dict[str, Any]]]:
     samples: list[CachedSample] = []
     rejected: list[dict[str, str]] = []
+    fitted: list[dict[str, Any]] = []
     prepared: dict[tuple[str, str], PreparedImage] = {}
     refused: set[tuple[str, str]] = set()
     for start in range(0, len(plan.items), data.cache_batch_size):
@@ -274,12 +298,13 @@ def _encode_plan(plan: ShardPlan, encoders: Encoders, datasets: dict[str, Datase
                 rejected.append(dataclasses.asdict(outcome))
             else:
                 prepared[key] = outcome
+                fitted.append(fit_record(item.image, outcome.fit))
         with torch.no_grad():
             samples += encoders.encode(prepared, batch)
         # An image's repeats are consecutive: only the last one can continue into the next batch.
         last = (batch[-1].image.dataset, batch[-1].image.path)
         prepared = {last: prepared[last]} if last in prepared else {}
-    return samples, rejected
+    return samples, rejected, fitted
 
 
 def write_empty_prompt(store: Store, encoders: Encoders, dtype: str) -> ShardEntry:
@@ -306,9 +331,21 @@ def finish_cache(
     recipe: Recipe,
 ) -> ShardManifest:
     """Rank 0, after every rank is done: report.json, then the manifest (last)."""
-    shards = sorted((ShardEntry(**e) for r in results for e in r.shards.values()), key=lambda s: s.path)
-    rejected = sorted((x for r in results for x in r.rejected), key=lambda x: (x["dataset"], x["image"]))
-    report = {"rejected": rejected, "rejected_count": len(rejected)}
+    fields = [f.name for f in dataclasses.fields(ShardEntry)]
+    entries = [e for r in results for e in r.shards.values()]
+    shards = sorted((ShardEntry(**{k: e[k] for k in fields}) for e in entries), key=lambda s: s.path)
+    # An image whose repeats straddle two shards is prepared (and reported) once per shard.
+    rejected = _one_per_image(x for r in results for x in r.rejected)
+    accepted = _one_per_image(x for e in entries for x in e["fitted"])
+    report = {
+        "rejected": rejected,
+        "rejected_count": len(rejected),
+        "accepted": accepted,
+        "accepted_count": len(accepted),
+        "upscaled_count": sum(1 for x in accepted if x["upscale"] > 1),
+        "max_upscale": max((x["upscale"] for x in accepted), default=None),
+        "max_cropped_fraction": max((x["cropped_fraction"] for x in accepted), default=None),
+    }
     store.write_bytes(REPORT_NAME, (json.dumps(report, indent=1) + "\n").encode())
     manifest = ShardManifest(
         shards=tuple(shards),
@@ -322,3 +359,8 @@ def finish_cache(
     )
     write_manifest(store, manifest)
     return manifest
+
+
+def _one_per_image(records: Any) -> list[dict[str, Any]]:
+    unique = {(x["dataset"], x["image"]): x for x in records}
+    return [unique[key] for key in sorted(unique)]

@@ -2,6 +2,10 @@
 
 Listing a *source* directory is fine (it happens once, while building); the cache itself is
 never listed by readers. Every problem with one image becomes a `Rejected` with a reason.
+
+Pixels are taken as a viewer shows them: the EXIF orientation is applied before anything
+else (bucketing included), 16-bit and float images are scaled to 8 bits rather than clipped,
+and transparency is composited on the dataset's `alpha_background`.
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ from typing import Any
 import fsspec
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sd35dist.config.recipe import DatasetSection
 from sd35dist.data.buckets import FitPlan, ImageRejected, plan_fit
 from sd35dist.data.captions import CaptionMissing, caption_variants, resolve_caption
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+EXIF_ORIENTATION = 0x0112
+QUARTER_TURN_ORIENTATIONS = (5, 6, 7, 8)
+"""EXIF orientations that show the stored image turned by 90°: width and height swap."""
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +84,51 @@ def _read(url: str, storage_options: dict[str, Any]) -> bytes:
         return handle.read()
 
 
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as a viewer shows the image: EXIF orientations 5–8 swap the sides."""
+    width, height = image.size
+    if image.getexif().get(EXIF_ORIENTATION, 1) in QUARTER_TURN_ORIENTATIONS:
+        return height, width
+    return width, height
+
+
+def to_eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale → 8-bit "L", scaled rather than clipped.
+
+    PIL's own conversion clips these modes at 255, so a full-range 16-bit image turns white.
+    "I" (32-bit) is read as 16-bit data, which is what PNG and TIFF decoders put in it; "F"
+    follows the float-image convention of 0.0 = black and 1.0 = white.
+    """
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64) / 257.0
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64) * 255.0
+    else:
+        return image
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # 2-D uint8: mode "L"
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Any PIL mode → "RGB", with transparency (alpha band or palette/colour key) composited on `background`."""
+    image = to_eight_bit(image)
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        backdrop = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(backdrop, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def fit_for_dataset(size: tuple[int, int], dataset: DatasetSection, buckets: tuple[tuple[int, int], ...]) -> FitPlan:
+    return plan_fit(
+        size,
+        buckets,
+        crop=dataset.crop,
+        minimum_image_size=dataset.minimum_image_size,
+        max_upscale=dataset.max_upscale,
+        max_crop_fraction=dataset.max_crop_fraction,
+    )
+
+
 def prepare_image(
     image: SourceImage,
     dataset: DatasetSection,
@@ -87,8 +140,9 @@ def prepare_image(
     try:
         with Image.open(io.BytesIO(_read(image.url, storage_options))) as opened:
             opened.load()  # decode fully now: truncated files fail here, not later
-            fit = plan_fit(opened.size, buckets, crop=dataset.crop, minimum_image_size=dataset.minimum_image_size)
-            rgb = opened.convert("RGB")
+            upright = ImageOps.exif_transpose(opened)
+        fit = fit_for_dataset(upright.size, dataset, buckets)
+        rgb = to_rgb(upright, dataset.alpha_background)
         text = _read(image.caption_file, storage_options).decode("utf-8", errors="replace") if image.caption_file else None
         caption = resolve_caption(
             dataset.caption_strategy,
@@ -119,10 +173,10 @@ def prepare_image(
 
 
 def read_image_size(image: SourceImage, storage_options: dict[str, Any]) -> tuple[int, int] | None:
-    """(width, height) from the file header only; None when it is not a readable image."""
+    """(width, height) as shown, from the file header only; None when it is not a readable image."""
     try:
         with fsspec.open(image.url, "rb", **storage_options) as handle:
             with Image.open(handle) as opened:
-                return opened.size
+                return displayed_size(opened)
     except Exception:  # noqa: BLE001 — reported with its real reason when the image is prepared
         return None

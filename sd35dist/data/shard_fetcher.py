@@ -66,6 +66,9 @@ class ShardUnavailable(Exception):
         self.url, self.attempts, self.last_cause = url, attempts, last_cause
 
     def __str__(self) -> str:
+        if isinstance(self.last_cause, FileNotFoundError):
+            return (f"{self.url}: shard missing (the manifest lists it): restore it, or rebuild the cache "
+                    "with `sd35dist cache`")
         cause = " ".join(f"{type(self.last_cause).__name__}: {self.last_cause}".split())
         return f"{self.url}: unavailable after {self.attempts} attempt(s); last error {cause}"
 

@@ -12,12 +12,14 @@ import torch
 import torch.distributed as dist
 
 from sd35dist.config.loading import ConfigError, parse_override
-from sd35dist.config.recipe import load_recipe, resolve_paths
+from sd35dist.config.recipe import Recipe
 from sd35dist.data.cache_builder import Encoders, RankResult, SampleShape, build_rank, finish_cache, write_empty_prompt
 from sd35dist.data.manifest import ManifestError, read_manifest
 from sd35dist.data.shard_format import shard_metadata
 from sd35dist.data.storage import Store, sha256_hex
-from sd35dist.parallel.process_group import destroy, init_process_group_from_env
+from sd35dist.jobs.rank_failure import rank_from_env, report_before_group, report_failure
+from sd35dist.jobs.rank_inputs import check_dataset_sources, check_pretrained, load_rank_recipe
+from sd35dist.parallel.process_group import World, destroy, init_process_group_from_env
 
 # Ranks that finish their shards early wait here for the slowest; torchrun stops the job if
 # a rank dies, so this bounds only a genuinely stuck rank.
@@ -36,42 +38,47 @@ def _sample_shape(encoders: Encoders) -> SampleShape:
     )
 
 
-def build(args: argparse.Namespace) -> int:
+def checked_recipe(recipe_file: Path) -> Recipe:
+    """The recipe, once its model directory and every dataset source are known to be there."""
+    from sd35dist.models.sd3_components import CACHE_INPUT_PARTS
+
+    recipe = load_rank_recipe(recipe_file)
+    if not recipe.data.datasets:
+        raise ConfigError(recipe_file.name, "data.datasets", "no datasets to cache")
+    check_pretrained(recipe, recipe_file.name, CACHE_INPUT_PARTS)
+    check_dataset_sources(recipe.data, recipe_file.name)
+    return recipe
+
+
+def build(recipe: Recipe, world: World) -> int:
     from tqdm import tqdm
 
     from sd35dist.models.sd3_components import encoder_identity, load_text_encoders, load_vae
 
-    recipe = resolve_paths(load_recipe(Path(args.recipe)), Path.cwd())
-    if not recipe.data.datasets:
-        raise ConfigError(Path(args.recipe).name, "data.datasets", "no datasets to cache")
-    world = init_process_group_from_env(CACHE_COLLECTIVE_TIMEOUT_S)
-    try:
-        device = torch.device(world.device) if torch.cuda.is_available() else torch.device("cpu")
-        text_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model_dir = Path(recipe.model.pretrained)
-        # The VAE stays fp32, as in the diffusers SD3 example: bf16 latents drift visibly.
-        encoders = Encoders(
-            vae=load_vae(model_dir, device, torch.float32),
-            text=load_text_encoders(model_dir, device, text_dtype),
-            max_sequence_length=recipe.data.max_sequence_length,
-        )
-        store = Store(recipe.data.cache_url, recipe.data.storage_options)
-        bar = tqdm(desc="caching", unit="img", disable=not world.is_main, dynamic_ncols=True)
-        result = build_rank(recipe, store, encoders, _sample_shape(encoders), world.rank, world.world_size,
-                            on_images=lambda n: bar.update(n * world.world_size))
-        bar.close()
-        results: list[Any] = [None] * world.world_size
-        dist.all_gather_object(results, (result.shards, result.rejected))
-        if world.is_main:
-            empty = write_empty_prompt(store, encoders, recipe.data.cache_dtype)
-            vae_config = {k: float(encoders.vae.config[k]) for k in ("scaling_factor", "shift_factor")}
-            manifest = finish_cache(store, [RankResult(s, r) for s, r in results], empty,
-                                    encoder_identity(model_dir), vae_config, recipe)
-            print(f"cache {store.url}: {manifest.total_samples} samples in {len(manifest.shards)} shards, "
-                  f"{manifest.total_bytes / 2**20:.1f} MiB, {manifest.rejected} images rejected (see report.json)")
-        dist.barrier()
-    finally:
-        destroy()
+    device = torch.device(world.device) if torch.cuda.is_available() else torch.device("cpu")
+    text_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model_dir = Path(recipe.model.pretrained)
+    # The VAE stays fp32, as in the diffusers SD3 example: bf16 latents drift visibly.
+    encoders = Encoders(
+        vae=load_vae(model_dir, device, torch.float32),
+        text=load_text_encoders(model_dir, device, text_dtype),
+        max_sequence_length=recipe.data.max_sequence_length,
+    )
+    store = Store(recipe.data.cache_url, recipe.data.storage_options)
+    bar = tqdm(desc="caching", unit="img", disable=not world.is_main, dynamic_ncols=True)
+    result = build_rank(recipe, store, encoders, _sample_shape(encoders), world.rank, world.world_size,
+                        on_images=lambda n: bar.update(n * world.world_size))
+    bar.close()
+    results: list[Any] = [None] * world.world_size
+    dist.all_gather_object(results, (result.shards, result.rejected))
+    if world.is_main:
+        empty = write_empty_prompt(store, encoders, recipe.data.cache_dtype)
+        vae_config = {k: float(encoders.vae.config[k]) for k in ("scaling_factor", "shift_factor")}
+        manifest = finish_cache(store, [RankResult(s, r) for s, r in results], empty,
+                                encoder_identity(model_dir), vae_config, recipe)
+        print(f"cache {store.url}: {manifest.total_samples} samples in {len(manifest.shards)} shards, "
+              f"{manifest.total_bytes / 2**20:.1f} MiB, {manifest.rejected} images rejected (see report.json)")
+    dist.barrier()
     return 0
 
 
@@ -116,10 +123,16 @@ def _inspect_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        return build(args)
+        recipe = checked_recipe(Path(args.recipe))
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_before_group(err, rank_from_env())
+    world = init_process_group_from_env(CACHE_COLLECTIVE_TIMEOUT_S)
+    try:
+        return build(recipe, world)
+    except Exception as err:  # noqa: BLE001 — one line once for a mistake; a bug is re-raised
+        return report_failure(err, world.rank, Path(args.run_dir) if args.run_dir else None)
+    finally:
+        destroy()
 
 
 def inspect_main(argv: list[str]) -> int:

@@ -64,6 +64,10 @@ class TextEncoders:
 def check_model_dir(model_dir: Path, parts: tuple[str, ...] = tuple(REQUIRED_FILES)) -> None:
     """Raise ModelDirectoryIncomplete naming the first missing subfolder or file among `parts`."""
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelDirectoryIncomplete(
+            f"{model_dir} does not exist; expected a local diffusers directory with SD3.5 Large's layout"
+        )
     if not (model_dir / "model_index.json").is_file():
         raise ModelDirectoryIncomplete(
             f"{model_dir}: no model_index.json; expected a local diffusers directory with SD3.5 Large's layout"

@@ -7,6 +7,11 @@ The torchtitan order. Everything here runs on a meta-built model (see
 A 1-D mesh shards every parameter over all ranks (FSDP). A 2-D mesh (replicas × shards)
 is HSDP: parameters are sharded within a group of ranks (a node, say) and replicated
 across groups, so the all-gathers stay on the fast links.
+
+Mixed precision: parameters are all-gathered in `param_dtype` and gradients reduced in
+`reduce_dtype`. Forward inputs are cast to `param_dtype` too, except the timestep: like
+the diffusers pipeline, the sinusoidal time projection gets it in fp32 (in bf16, 928.35
+would become 928) and its output is cast after projecting.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from sd35dist.parallel.process_group import World
 
 SHARD_DIM_NAME = "dp_shard"
 REPLICATE_DIM_NAME = "dp_replicate"
+# Forward inputs that stay fp32 whatever the compute dtype.
+FP32_INPUTS = ("timestep",)
 
 
 def fsdp_mesh_shape(world_size: int, replicas: int = 1) -> tuple[int, ...]:
@@ -73,9 +80,30 @@ def parallelize_fsdp2(
         # Backward needs the last block first, right after forward: keep it gathered.
         reshard = reshard_after_forward and index < last
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
-    # The root holds the embedders and the output head: everything outside the blocks.
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    # The root holds the embedders and the output head: everything outside the blocks. It casts
+    # its inputs itself (cast_inputs_except), so the timestep reaches the time projection in fp32.
+    root_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy, reshard_after_forward=reshard_after_forward)
+    model.register_forward_pre_hook(cast_inputs_except(param_dtype, FP32_INPUTS), with_kwargs=True)
     return model
+
+
+def cast_inputs_except(dtype: torch.dtype, keep: tuple[str, ...]):
+    """A forward pre-hook casting floating-point inputs to `dtype`, except the keyword inputs named in `keep`."""
+
+    def cast(value):
+        return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        return tuple(cast(a) for a in args), {k: v if k in keep else cast(v) for k, v in kwargs.items()}
+
+    return hook
+
+
+def describe_mesh(mesh: DeviceMesh) -> str:
+    """'FSDP over 8 ranks' or 'HSDP: 4 replicas × 8 shards'."""
+    shape = tuple(mesh.shape)
+    return f"FSDP over {shape[0]} ranks" if len(shape) == 1 else f"HSDP: {shape[0]} replicas × {shape[1]} shards"
 
 
 def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:

@@ -50,15 +50,27 @@ def _dtypes(recipe: Recipe) -> tuple[torch.dtype, torch.dtype]:
 
 
 def make_optimizer(parameters, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+    """torch AdamW on fp32 masters (`adamw`), or torch-optimi's AdamW with Kahan summation on bf16 (`adamw_bf16`).
+
+    Plain AdamW on bf16 weights rounds away every update below half a bf16 ulp (at lr 5e-5,
+    any |w| ≥ 0.0156 never moves). optimi keeps a bf16 compensation buffer per weight that
+    carries what rounding dropped into the next step; measured against fp32 masters it moves
+    the same weights, deterministically (docs/numerics.md).
+    """
     train = recipe.train
-    return torch.optim.AdamW(
-        parameters,
-        lr=train.learning_rate,
-        betas=(train.adam_beta1, train.adam_beta2),
-        weight_decay=train.adam_weight_decay,
-        eps=train.adam_epsilon,
-        fused=device.type == "cuda",
-    )
+    options = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                   weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
+    if train.optimizer == "adamw_bf16":
+        return kahan_adamw(parameters, **options)
+    return torch.optim.AdamW(parameters, **options, fused=device.type == "cuda")
+
+
+def kahan_adamw(parameters, **options: Any) -> torch.optim.Optimizer:
+    import optimi
+
+    # The per-parameter loop: FSDP2's DTensor shards have no sharding rule for the
+    # _foreach_copy_ that optimi's foreach path uses, and its Triton kernels take plain tensors.
+    return optimi.AdamW(parameters, **options, kahan_sum=True, foreach=False, triton=False)
 
 
 class FSDP2Strategy:
@@ -66,16 +78,18 @@ class FSDP2Strategy:
 
     name = "fsdp2"
 
-    def __init__(self, recipe: Recipe, world: World) -> None:
-        from sd35dist.parallel.fsdp2 import load_transformer
+    def __init__(self, recipe: Recipe, world: World, recipe_file: str = "recipe") -> None:
+        from sd35dist.parallel.fsdp2 import describe_mesh, load_transformer
 
         self.recipe = recipe
         self.world = world
         master, compute = _dtypes(recipe)
+        replicas = hsdp_replicas(recipe.parallel.shard_degree, world.world_size, recipe_file)
         self.model = load_transformer(
             Path(recipe.model.pretrained),
             world=world,
             subfolder=recipe.model.transformer_subfolder,
+            replicas=replicas,
             dtype=master,
             param_dtype=compute,
             reduce_dtype=torch.float32,
@@ -83,6 +97,10 @@ class FSDP2Strategy:
             compile_blocks=recipe.train.compile_blocks,
         )
         self.model.train()
+        self.mesh = next(p for p in self.model.parameters()).device_mesh
+        if world.is_main:
+            print(f"fsdp2: {describe_mesh(self.mesh)}, {recipe.train.optimizer}, compute {compute}, "
+                  f"master weights {master}", flush=True)
         self.optimizer = make_optimizer(self.model.parameters(), recipe, world.device)
         self.ema = ShardedEMA(list(self.model.named_parameters())) if recipe.train.ema.enabled else None
         self._checkpoint_group: dist.ProcessGroup | None = None
@@ -145,13 +163,25 @@ class FSDP2Strategy:
         return state
 
 
+def hsdp_replicas(shard_degree: int | None, world_size: int, recipe_file: str = "recipe") -> int:
+    """How many replica groups `parallel.shard_degree` makes on `world_size` ranks: 1 is plain FSDP."""
+    if shard_degree is None:
+        return 1
+    if shard_degree > world_size or world_size % shard_degree:
+        from sd35dist.config.loading import ConfigError
+
+        raise ConfigError(recipe_file, "parallel.shard_degree",
+                          f"{shard_degree} must divide the world size {world_size}")
+    return world_size // shard_degree
+
+
 def _clean(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def make_strategy(recipe: Recipe, world: World, recipe_file: str = "recipe") -> TrainingStrategy:
     if recipe.parallel.strategy == "fsdp2":
-        return FSDP2Strategy(recipe, world)
+        return FSDP2Strategy(recipe, world, recipe_file)
     if recipe.parallel.strategy in ("zero2", "zero3"):
         from sd35dist.parallel.zero import ZeroStrategy
 

@@ -35,6 +35,7 @@ from sd35dist.models.transformer_build import (
     materialize_and_load,
     transformer_config,
 )
+from sd35dist.parallel.fsdp2 import FP32_INPUTS
 from sd35dist.parallel.process_group import World
 from sd35dist.parallel.strategy import _dtypes, make_optimizer
 from sd35dist.train.ema import ShardedEMA
@@ -55,7 +56,7 @@ def deepspeed_config(recipe: Recipe, world_size: int, hidden_size: int | None = 
     """
     train = recipe.train
     stage = STAGES[recipe.parallel.strategy]
-    master, compute = _dtypes(recipe)
+    _, compute = _dtypes(recipe)
     bf16 = compute == torch.bfloat16
     zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
     if hidden_size:
@@ -69,9 +70,9 @@ def deepspeed_config(recipe: Recipe, world_size: int, hidden_size: int | None = 
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if parallel.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    # fp32 master weights and moments always: the recipe refuses adamw_bf16 with ZeRO, since
+    # DeepSpeed's bf16_master_weights_and_grads has no compensation and drops small updates.
     precision: dict[str, Any] = {"enabled": bf16}
-    if bf16 and master == torch.bfloat16:  # optimizer adamw_bf16: bf16 master weights and Adam moments
-        precision.update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.train_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
@@ -169,7 +170,8 @@ class ZeroStrategy:
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         if self.bf16:  # DeepSpeed casts the weights, not the inputs
-            inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+            inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() and k not in FP32_INPUTS else v
+                      for k, v in inputs.items()}
         return self.engine(**inputs, return_dict=False)[0]
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -1,0 +1,80 @@
+"""Read a torch.distributed.checkpoint directory's `.metadata` without running pickled code.
+
+DCP stores its metadata as a pickle, and `FileSystemReader.read_metadata` unpickles it with
+plain `pickle.load`: a crafted `.metadata` runs whatever it names. `export` reads checkpoints
+that may have come from elsewhere, so it reads them through `MetadataCheckedReader`, whose
+unpickler builds only what DCP's metadata is made of (its dataclasses, torch dtypes, sizes,
+layouts, paths) and refuses anything else. Tensors are then read by DCP with
+`torch.load(weights_only=True)`.
+
+Resuming training still goes through DCP's own reader (its optimizer entries are pickled
+Python values): a checkpoint directory is trusted input, see docs/checkpoints.md.
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import pathlib
+import pickle
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_metadata
+
+
+class UnsafeMetadata(pickle.UnpicklingError):
+    """`.metadata` names something DCP metadata never holds: it was not written by DCP alone."""
+
+
+ALLOWED_BUILTINS = frozenset({"set", "frozenset", "slice", "complex"})
+ALLOWED_PATHS = frozenset({"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"})
+STORAGE_INFO = ("torch.distributed.checkpoint.filesystem", "_StorageInfo")
+
+
+def allowed_global(module: str, name: str) -> Any:
+    """The object a pickle may name in DCP metadata, or UnsafeMetadata."""
+    if module == dcp_metadata.__name__:
+        found = getattr(dcp_metadata, name, None)
+        if isinstance(found, type):  # its dataclasses and enums; never its functions
+            return found
+    elif (module, name) == STORAGE_INFO:
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+        return _StorageInfo
+    elif module == "torch":
+        found = getattr(torch, name, None)
+        if found is torch.Size or isinstance(found, (torch.dtype, torch.layout, torch.memory_format)):
+            return found
+    elif (module, name) == ("torch.serialization", "_get_layout"):
+        from torch.serialization import _get_layout
+
+        return _get_layout
+    elif module == "pathlib" and name in ALLOWED_PATHS:
+        return getattr(pathlib, name)
+    elif (module, name) == ("collections", "OrderedDict"):
+        return collections.OrderedDict
+    elif module == "builtins" and name in ALLOWED_BUILTINS:
+        return getattr(builtins, name)
+    raise UnsafeMetadata(f"refusing {module}.{name}: DCP metadata does not hold it")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        return allowed_global(module, name)
+
+
+class MetadataCheckedReader(dcp.FileSystemReader):
+    """DCP's file reader with `.metadata` unpickled through the allow-list above."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise UnsafeMetadata(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata

@@ -1,0 +1,118 @@
+"""How a rank-side job ends when it fails: one line, printed once; exit status 2 for a mistake.
+
+Under torchrun every rank runs the same code, so a corrupt shard or a missing model
+directory would otherwise print one traceback per rank (`[rank0]: …`, `[rank1]: …`), and
+the ranks that only lost a peer would add tracebacks of their own. Instead:
+
+- A mistake met before the ranks join their process group (a bad recipe, a model directory
+  that is not there) is the same on every rank: rank 0 prints `error: FILE: key: message`.
+- A mistake met while running (a corrupt or missing shard, a resume the recipe refuses)
+  writes the rank's traceback to `<run_dir>/logs/rank<N>-traceback.log`; the first rank to
+  fail claims the report in the job's rendezvous store and prints
+  `error: <reason> (traceback: PATH)`. Whoever fails after it (a peer's collective broke)
+  writes its traceback file and prints nothing.
+- Anything else is a bug: the first rank to fail keeps its traceback on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TextIO
+
+from sd35dist.checkpoint.export import ExportError
+from sd35dist.checkpoint.layout import CheckpointNotFound
+from sd35dist.config.loading import ConfigError
+from sd35dist.data.manifest import ManifestError
+from sd35dist.data.shard_fetcher import ShardCorrupt, ShardUnavailable
+from sd35dist.models.sd3_components import ModelDirectoryIncomplete
+from sd35dist.models.transformer_build import CheckpointMismatch
+
+MISTAKE_EXIT = 2
+PEER_FAILED_EXIT = 1
+FAILURE_KEY = "sd35dist/failure-reported"
+
+MISTAKES: tuple[type[BaseException], ...] = (
+    ConfigError, CheckpointNotFound, ExportError, ManifestError, ShardCorrupt, ShardUnavailable,
+    ModelDirectoryIncomplete, CheckpointMismatch,
+)
+"""Errors whose message tells the user what to fix: one line and exit 2, never a traceback."""
+
+
+def is_mistake(error: BaseException) -> bool:
+    return isinstance(error, MISTAKES)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a wrapped cause message may span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def failure_line(error: BaseException, traceback_file: Path | None = None) -> str:
+    line = f"error: {one_line(error)}"
+    return f"{line} (traceback: {traceback_file})" if traceback_file is not None else line
+
+
+def traceback_path(run_dir: Path, rank: int) -> Path:
+    return run_dir / "logs" / f"rank{rank:05d}-traceback.log"
+
+
+def write_traceback(error: BaseException, path: Path) -> Path | None:
+    """The full traceback, for whoever needs more than the one line; None if it cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(error)))
+    except OSError:
+        return None
+    return path
+
+
+def rank_from_env(env: Mapping[str, str] = os.environ) -> int:
+    """This process's rank before any process group exists (torchrun's RANK; 0 when run alone)."""
+    try:
+        return int(env.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def claim_report() -> bool:
+    """True for the first rank of the job to fail: the job's store counts failures.
+
+    Without a process group (or with a store that is gone) every rank claims it: a line
+    printed twice beats a failure printed by nobody.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        return int(store.add(FAILURE_KEY, 1)) == 1
+    except Exception:  # noqa: BLE001 — the store is only a courtesy here
+        return True
+
+
+def report_before_group(error: BaseException, rank: int, out: TextIO | None = None) -> int:
+    """A mistake every rank meets alike before the process group: rank 0 prints it."""
+    if rank == 0:
+        print(failure_line(error), file=out or sys.stderr)
+    return MISTAKE_EXIT
+
+
+def report_failure(error: BaseException, rank: int, run_dir: Path | None, out: TextIO | None = None) -> int:
+    """End this rank after `error`: print one line at most, write the traceback, return the exit
+    status — or re-raise a bug when this rank is the first to fail."""
+    out = out or sys.stderr
+    first = claim_report()
+    if not is_mistake(error) and first:
+        raise error
+    written = None
+    if run_dir is not None and not isinstance(error, ConfigError):
+        written = write_traceback(error, traceback_path(run_dir, rank))
+    if not first:
+        return MISTAKE_EXIT if is_mistake(error) else PEER_FAILED_EXIT
+    print(failure_line(error, written), file=out, flush=True)
+    return MISTAKE_EXIT

@@ -1,0 +1,52 @@
+"""What a rank checks before it joins the process group: the recipe, and the inputs it names.
+
+Every rank reads the same frozen recipe and sees the same files, so a mistake found here is
+found alike on every rank, before minutes of model loading; it is a ConfigError naming the
+recipe file and the key (`error: recipe.yaml: model.pretrained: … does not exist`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sd35dist.config.loading import ConfigError
+from sd35dist.config.recipe import DataSection, ModelSection, Recipe, load_recipe, resolve_paths
+from sd35dist.models.sd3_components import ModelDirectoryIncomplete, check_model_dir
+
+
+def load_rank_recipe(path: Path) -> Recipe:
+    """The recipe with relative paths made absolute against the working directory."""
+    return resolve_paths(load_recipe(path), Path.cwd())
+
+
+def train_model_parts(model: ModelSection) -> tuple[str, ...]:
+    """What training reads of model.pretrained: the scheduler and the transformer."""
+    custom = model.transformer_subfolder != "transformer"  # not a layout check_model_dir knows
+    return ("scheduler",) if custom else ("transformer", "scheduler")
+
+
+def check_pretrained(recipe: Recipe, source: str, parts: tuple[str, ...]) -> None:
+    """model.pretrained holds `parts` (subfolders with their config and weights) in SD3's layout."""
+    try:
+        check_model_dir(Path(recipe.model.pretrained), parts)
+    except ModelDirectoryIncomplete as err:
+        raise ConfigError(source, "model.pretrained", str(err)) from None
+
+
+def check_dataset_sources(data: DataSection, source: str) -> None:
+    """Every data.datasets[i].source is a directory that can be listed (local path or fsspec URL)."""
+    for index, dataset in enumerate(data.datasets):
+        if not _is_directory(dataset.source, data.storage_options):
+            raise ConfigError(source, f"data.datasets[{index}].source",
+                              f"{dataset.source} is not a directory (dataset {dataset.id})")
+
+
+def _is_directory(url: str, storage_options: dict[str, Any]) -> bool:
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        return bool(fs.isdir(root.rstrip("/") or root))
+    except (FileNotFoundError, PermissionError):
+        return False

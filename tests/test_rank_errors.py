@@ -1,0 +1,183 @@
+"""Rank-side mistakes end as one line, printed once, with exit status 2 — under torchrun too —
+and loading a checkpoint or a job's result runs no pickled code."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sd35dist.cli import main as cli_main
+from sd35dist.config.loading import ConfigError
+from sd35dist.data.manifest import read_manifest
+from sd35dist.data.storage import Store
+from sd35dist.jobs.rank_failure import report_before_group, report_failure, traceback_path
+from sd35dist.jobs.torchrun import exit_status, failure_summary
+from tests.conftest import PROJECT, venv_env
+from tests.test_cache_build import tiny_model, write_inputs, write_recipe  # noqa: F401
+from tests.test_train import cache, train_recipe  # noqa: F401
+
+
+def torchrun(job: str, recipe: Path, run_dir: Path | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
+    """The job as a profile's script starts it: sd35dist's torchrun, one agent, `nproc` ranks."""
+    cmd = [sys.executable, "-m", "sd35dist", "torchrun", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "sd35dist", job, "--recipe", str(recipe)] + (["--run-dir", str(run_dir)] if run_dir else [])
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"),
+                          timeout=300)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    text = (proc.stdout + proc.stderr).replace("\r", "\n")
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def assert_one_quiet_line(proc: subprocess.CompletedProcess) -> str:
+    everything = proc.stdout + proc.stderr
+    assert proc.returncode == 2, everything[-4000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1, everything[-4000:]
+    assert "Traceback" not in everything and "[rank" not in everything, everything[-4000:]
+    return lines[0]
+
+
+# ---- train: a shard gone or changed, every rank stops, one line names it --------------------------
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_bad_shard_during_train_is_one_line_with_the_traceback_file(cache, tmp_path, damage):  # noqa: F811
+    model, cache_dir = cache
+    broken = tmp_path / "cache"
+    shutil.copytree(cache_dir, broken)
+    shard = broken / read_manifest(Store(str(broken))).shards[0].path
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
+    recipe = train_recipe(tmp_path / "r.yaml", (model, broken), tmp_path / "out", max_train_steps=4)
+    proc = torchrun("train", recipe, tmp_path / "run")
+    line = assert_one_quiet_line(proc)
+    assert str(shard) in line
+    assert ("shard missing" if damage == "missing" else "corrupt shard") in line
+    written = line.rsplit("(traceback: ", 1)[1].rstrip(")")
+    assert Path(written).parent == tmp_path / "run" / "logs" and "Traceback" in Path(written).read_text()
+    assert "sd35dist: stopped: rank" in proc.stderr.splitlines()[-1], "the agent sums up in one line"
+
+
+@pytest.mark.dist
+def test_model_pretrained_pointing_nowhere_is_one_line_from_rank_zero(cache, tmp_path):  # noqa: F811
+    model, cache_dir = cache
+    recipe = train_recipe(tmp_path / "r.yaml", (tmp_path / "nowhere", cache_dir), tmp_path / "out")
+    line = assert_one_quiet_line(torchrun("train", recipe, tmp_path / "run"))
+    assert line == (f"error: r.yaml: model.pretrained: {tmp_path / 'nowhere'} does not exist; expected a local "
+                    "diffusers directory with SD3.5 Large's layout")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.dist
+def test_cache_with_a_missing_dataset_source_names_the_key(tiny_model, tmp_path):  # noqa: F811
+    inputs = write_inputs(tmp_path / "images")
+    shutil.rmtree(inputs["exact"])
+    recipe = write_recipe(tmp_path / "c.yaml", tiny_model, inputs, str(tmp_path / "cache"))
+    line = assert_one_quiet_line(torchrun("cache", recipe, nproc=2))
+    assert line == f"error: c.yaml: data.datasets[1].source: {inputs['exact']} is not a directory (dataset exact)"
+    assert not (tmp_path / "cache").exists(), "nothing written"
+
+
+# ---- export: one line, nothing written, no pickled code run --------------------------------------
+
+
+def export(capsys, *argv: str) -> tuple[int, str]:
+    code = cli_main(["export", *argv])
+    return code, capsys.readouterr().err
+
+
+def _checkpoint_without_weights(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "COMPLETE").write_text(json.dumps({"step": 8, "world_size": 2, "strategy": "fsdp2"}))
+    (path / "transformer_config.json").write_text("{}")
+    return path
+
+
+@pytest.mark.unit
+def test_export_of_a_checkpoint_without_dcp_or_of_no_checkpoint_is_one_line(capsys, tmp_path):
+    checkpoint = _checkpoint_without_weights(tmp_path / "step-00000008")
+    out = tmp_path / "exported"
+    code, err = export(capsys, str(checkpoint), "--out", str(out))
+    assert code == 2 and err == (f"error: {checkpoint}: no dcp/.metadata: the checkpoint's weights are missing "
+                                 "(copied without its dcp/ directory?)\n")
+    code, err = export(capsys, str(tmp_path), "--out", str(out))
+    assert code == 2 and err.startswith(f"error: {tmp_path}: neither a complete checkpoint") and err.count("\n") == 1
+    code, err = export(capsys, str(tmp_path / "nope"), "--out", str(out))
+    assert code == 2 and err == f"error: {tmp_path / 'nope'}: no such directory\n"
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["step-00000008"]
+
+
+class _Payload:
+    """What a crafted `.metadata` would hold: unpickling it writes a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.mark.unit
+def test_export_refuses_a_crafted_metadata_without_running_it(capsys, tmp_path):
+    checkpoint = _checkpoint_without_weights(tmp_path / "step-00000008")
+    marker = tmp_path / "code-ran"
+    (checkpoint / "dcp").mkdir()
+    (checkpoint / "dcp" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    code, err = export(capsys, str(checkpoint), "--out", str(tmp_path / "exported"))
+    assert not marker.exists(), "the pickle's code did not run"
+    assert code == 2 and "refusing builtins.exec" in err and err.count("\n") == 1
+    assert not (tmp_path / "exported").exists()
+
+
+@pytest.mark.unit
+def test_a_job_result_file_is_read_as_plain_data_only(tmp_path):
+    from launcher.jobs import local_state
+
+    record = {"job_id": "4194000", "scheduler": "local", "submitit_folder": str(tmp_path)}
+    result = tmp_path / "4194000_0_result.pkl"
+    result.write_bytes(pickle.dumps(("success", 0)))
+    assert local_state(record) == "COMPLETED"
+    result.write_bytes(pickle.dumps(("error", "Traceback …")))
+    assert local_state(record) == "FAILED"
+    marker = tmp_path / "code-ran"
+    result.write_bytes(pickle.dumps(("success", _Payload(marker))))
+    assert local_state(record) == "UNKNOWN" and not marker.exists()
+
+
+# ---- the pieces ------------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_report_failure_prints_a_mistake_once_and_re_raises_a_bug(tmp_path):
+    out = io.StringIO()
+    mistake = ConfigError("recipe.yaml", "train.resume", "no such checkpoint")
+    assert report_failure(mistake, 0, tmp_path, out) == 2
+    assert out.getvalue() == "error: recipe.yaml: train.resume: no such checkpoint\n"
+    assert not traceback_path(tmp_path, 0).exists(), "a recipe mistake needs no traceback"
+    with pytest.raises(ZeroDivisionError):
+        try:
+            1 / 0
+        except ZeroDivisionError as bug:
+            report_failure(bug, 0, tmp_path, io.StringIO())
+    quiet = io.StringIO()
+    assert report_before_group(mistake, 1, quiet) == 2 and quiet.getvalue() == "", "rank 0 speaks for all"
+
+
+@pytest.mark.unit
+def test_the_agent_summary_and_exit_status():
+    assert failure_summary(1, "node7", 2) == "sd35dist: stopped: rank 1 on node7 exited with status 2"
+    assert failure_summary(0, "node7", -9) == "sd35dist: stopped: rank 0 on node7 was killed by signal 9"
+    assert (exit_status(2), exit_status(-15), exit_status(0)) == (2, 143, 1)
+
