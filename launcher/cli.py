@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,10 +17,11 @@ from launcher.render import render_script
 from launcher.submission import prepare_run_dir, submit
 from sd35dist.config import ConfigError, Recipe, load_recipe, recipe_yaml, resolve_paths
 from sd35dist.config.loading import dump_yaml
+from sd35dist.config.model_layout import check_pretrained
+from sd35dist.config.save_budget import grace_warnings, read_save_estimate, slurm_kill_wait_s
 
 COMMANDS = ("submit", "status", "logs", "cancel")
 DEFAULT_RECIPE = "sd35dist.yaml"
-TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "INTERRUPTED", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,14 +92,36 @@ def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe]:
         profile_file=profile_file.name,
         recipe_file=recipe_file.name,
     )
+    note = check_pretrained(recipe, args.job, visible_everywhere=profile.scheduler == "local", recipe_file=recipe_file.name)
+    if note:
+        print(note, file=sys.stderr)
+    if args.job == "train":
+        for line in save_budget_warnings(profile, recipe):
+            print(f"warning: {line}", file=sys.stderr)
     return plan, profile, recipe
 
 
+def save_budget_warnings(profile: Profile, recipe: Recipe) -> list[str]:
+    """Whether a save fits the time Slurm gives it, from the last preflight's or run's measurement."""
+    estimate = read_save_estimate(recipe.output.dir)
+    if estimate is None or profile.slurm is None:
+        return []
+    kill_wait = slurm_kill_wait_s() if shutil.which("scontrol") else None
+    lines = grace_warnings(signal_grace_s=profile.slurm.signal_grace_s, kill_wait_s=kill_wait,
+                           save_s=estimate.save_s, step_s=estimate.step_s)
+    return [f"{line} (save time {estimate.source})" for line in lines]
+
+
 def _follow(record: dict[str, str], out=sys.stdout, poll_s: float = 1.0) -> str:
-    """Print the job's logs as they grow until it reaches a terminal state; return that state."""
+    """Print the job's logs as they grow until it has ended for good; return its final state.
+
+    A requeued job (time limit, preemption, node failure) is followed through its restarts,
+    each reported, until it really ends.
+    """
     offsets: dict[Path, int] = {}
+    restarts = 0
     while True:
-        state = jobs.job_state(record)
+        ended = jobs.ended_state(record)
         for path in jobs.log_files(record):
             start = offsets.get(path, 0)
             with path.open("rb") as handle:
@@ -107,8 +131,14 @@ def _follow(record: dict[str, str], out=sys.stdout, poll_s: float = 1.0) -> str:
                 out.write(chunk.decode(errors="replace"))
                 out.flush()
                 offsets[path] = start + len(chunk)
-        if state.split()[0] in TERMINAL_STATES:
-            return state
+        if record["scheduler"] == "slurm" and ended is None:
+            now = jobs.slurm_restarts(record["job_id"])
+            if now > restarts:
+                restarts = now
+                out.write(f"sd35dist: job {record['job_id']} requeued (restart {restarts}); still following it\n")
+                out.flush()
+        if ended is not None:
+            return ended
         time.sleep(poll_s)
 
 

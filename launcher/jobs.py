@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import time
@@ -15,13 +16,21 @@ from sd35dist.config import ConfigError
 
 
 def find_record(ref: str) -> dict[str, str]:
-    """A run directory, or a job id that `sd35dist submit` recorded; plain-sbatch ids fall back to Slurm."""
-    path = Path(ref)
+    """A run directory, or a job id that `sd35dist submit` recorded; plain-sbatch ids fall back to Slurm.
+
+    Anything else is a ConfigError saying there is no such job: a mistyped id must not look
+    like a job in state UNKNOWN, nor reach scancel.
+    """
+    path = Path(ref).expanduser()
     if path.is_dir():
         record_file = path / JOB_RECORD
         if not record_file.is_file():
             raise ConfigError(ref, "", f"no {JOB_RECORD} here: not a submitted run directory")
         return json.loads(record_file.read_text())
+    if not ref.isdigit():
+        if os.sep in ref or ref.startswith((".", "~")):
+            raise ConfigError(ref, "", "no such run directory")
+        raise ConfigError(ref, "", "no such job: give a job id or a run directory")
     index = state_dir() / "jobs"
     for scheduler in ("slurm", "local"):
         link = index / f"{scheduler}-{ref}"
@@ -29,27 +38,84 @@ def find_record(ref: str) -> dict[str, str]:
             run_dir = Path(link.read_text().strip())
             if (run_dir / JOB_RECORD).is_file():
                 return json.loads((run_dir / JOB_RECORD).read_text())
-    if ref.isdigit() and _slurm_available():
+    if not _slurm_available():
+        raise ConfigError(ref, "", "no such job: not submitted from this account (and no Slurm here to ask)")
+    known, trouble = slurm_knows(ref)
+    if known:
         return {"job_id": ref, "scheduler": "slurm", "run_dir": "", "submitit_folder": ""}
-    raise ConfigError(ref, "", "neither a run directory nor a job id submitted from this account")
+    if trouble:
+        raise ConfigError(ref, "", f"no such job: not submitted from this account, and Slurm could not be asked ({trouble})")
+    raise ConfigError(ref, "", "no such job: not submitted from this account, and Slurm knows no job with this id")
 
 
 def _slurm_available() -> bool:
-    return subprocess.run(["sh", "-c", "command -v squeue"], capture_output=True).returncode == 0
+    return shutil.which("squeue") is not None
 
 
 def _run(cmd: list[str]) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
 
 
+def slurm_knows(job_id: str) -> tuple[bool, str]:
+    """Whether the controller (squeue) or accounting (sacct) has a job with this id, and, when
+    squeue could not answer, its last error line."""
+    queue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, check=False)
+    if queue.returncode == 0 and queue.stdout.strip():
+        return True, ""
+    if queue.returncode != 0 and "invalid job id" not in queue.stderr.lower():
+        return False, _last_line(queue.stderr)
+    # Accounting keeps finished jobs after the controller forgets them; without it, this is empty.
+    return bool(_run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])), ""
+
+
+def _last_line(text: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no message")
+
+
+ENDED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED", "INTERRUPTED")
+"""States a job can end in. NODE_FAIL and PREEMPTED end a job only when Slurm does not requeue it."""
+
+
 def slurm_state(job_id: str) -> str:
     """The job's state: squeue while Slurm holds it, else accounting (sacct)."""
-    state = _run(["squeue", "-h", "-j", job_id, "-o", "%T"])
+    state = _queued_state(job_id)
     if state:
-        return state.splitlines()[0]
+        return state
     rows = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]).splitlines()
     # After a requeue sacct lists every attempt; the last row is the current one.
     return rows[-1].split()[0] if rows else "UNKNOWN"
+
+
+def _queued_state(job_id: str) -> str:
+    """The state while the job is pending, running or completing; '' once it has left the queue."""
+    state = _run(["squeue", "-h", "-j", job_id, "-o", "%T"])
+    return state.splitlines()[0] if state else ""
+
+
+def slurm_restarts(job_id: str) -> int:
+    """How many times Slurm has requeued the job (scontrol's Restarts; accounting's attempts)."""
+    for word in _run(["scontrol", "show", "job", "-o", job_id]).split():
+        key, _, value = word.partition("=")
+        if key == "Restarts" and value.isdigit():
+            return int(value)
+    attempts = _run(["sacct", "-n", "-X", "-P", "-D", "-j", job_id, "-o", "State"]).splitlines()
+    return max(0, len(attempts) - 1)
+
+
+def ended_state(record: dict[str, str]) -> str | None:
+    """The final state once the job has ended for good, else None.
+
+    A requeued job is PENDING again in the queue, whatever its previous run ended with, so a
+    Slurm job has ended only when it has left the queue and accounting shows a final state.
+    """
+    if record["scheduler"] != "slurm":
+        state = local_state(record)
+        return state if state in ENDED_STATES else None
+    if _queued_state(record["job_id"]):
+        return None
+    state = slurm_state(record["job_id"])
+    return state if state.split()[0] in ENDED_STATES else None
 
 
 def _descendants(pid: int) -> list[int]:
@@ -87,9 +153,20 @@ def local_state(record: dict[str, str]) -> str:
     result = Path(record["submitit_folder"]) / f"{pid}_0_result.pkl"
     if not result.is_file():
         return "INTERRUPTED"
-    with result.open("rb") as handle:
-        outcome = pickle.load(handle)
+    try:
+        with result.open("rb") as handle:
+            outcome = _PlainDataUnpickler(handle).load()
+    except (pickle.UnpicklingError, EOFError):
+        return "UNKNOWN"
     return "COMPLETED" if outcome[0] == "success" else "FAILED"
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """submitit's result of our node command is ("success", 0) or ("error", traceback text):
+    plain data, so a result file that names any class or function is refused, never run."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: not a result sd35dist's job writes")
 
 
 def job_state(record: dict[str, str]) -> str:
@@ -117,7 +194,9 @@ def log_files(record: dict[str, str]) -> list[Path]:
 
 def cancel(record: dict[str, str], grace_s: float = 10.0) -> None:
     if record["scheduler"] == "slurm":
-        subprocess.run(["scancel", record["job_id"]], check=True)
+        result = subprocess.run(["scancel", record["job_id"]], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise ConfigError(record["job_id"], "", f"scancel refused: {_last_line(result.stderr)}")
         return
     pid = int(record["job_id"])
     # Freeze the tree parent-first so nothing forks or reparents while we look, then stop all

@@ -17,6 +17,8 @@ RANK_JOBS = ("train", "preflight", "cache")
 """Rank-side commands `python -m sd35dist <job>` that a submission may run."""
 
 RDZV_HOST_VAR = "SD35DIST_RDZV_HOST"
+RDZV_PORT_VAR = "SD35DIST_RDZV_PORT"
+SIGNAL_GRACE_VAR = "SD35DIST_SIGNAL_GRACE_S"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,8 +46,11 @@ class JobPlan:
     secret_names: tuple[str, ...]
     """Variables passed by name from the submitting environment; their values are never written."""
     rdzv_port: int
+    """First port of the rendezvous range; a Slurm job adds its id modulo `rdzv_port_span`."""
+    rdzv_port_span: int
     launch_argv: tuple[str, ...]
-    """torchrun … -m sd35dist <job> --recipe <frozen> --run-dir <dir>."""
+    """sd35dist torchrun … -m sd35dist <job> --recipe <frozen> --run-dir <dir>: torchrun's own agent,
+    which sums a failed job up in one line instead of torchrun's traceback and table."""
 
 
 def split_overrides(texts: list[str]) -> tuple[list[tuple[list[str], Any]], list[tuple[list[str], Any]]]:
@@ -114,7 +119,9 @@ def _directives(profile: Profile, job_name: str, log_dir: str) -> tuple[tuple[st
         out.append(("requeue", None))
     else:
         out.append(("no-requeue", None))
-    out.append(("signal", f"USR1@{slurm.signal_grace_s}"))
+    # B: the batch shell alone gets the warning; it asks the ranks to save (PREEMPT file), so
+    # no signal ever reaches torchrun or srun.
+    out.append(("signal", f"B:USR1@{slurm.signal_grace_s}"))
     return tuple(out)
 
 
@@ -128,6 +135,8 @@ def _env(profile: Profile, run_dir: str) -> tuple[tuple[str, str], ...]:
         values["OMP_NUM_THREADS"] = str(max(1, cpus // profile.procs_per_node))
     values.update(profile.env.values)
     values["SD35DIST_RUN_DIR"] = run_dir
+    if profile.slurm:
+        values[SIGNAL_GRACE_VAR] = str(profile.slurm.signal_grace_s)
     return tuple(values.items())
 
 
@@ -138,12 +147,14 @@ def _launch_argv(profile: Profile, job: str, frozen_recipe: str, run_dir: str) -
             f"--nproc-per-node={profile.procs_per_node}",
             "--rdzv-id=$SLURM_JOB_ID",
             "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=${RDZV_HOST_VAR}:{profile.launch.rdzv_port}",
+            f"--rdzv-endpoint=${RDZV_HOST_VAR}:${RDZV_PORT_VAR}",
         )
     else:
         # --standalone picks a free local port, so two local jobs never collide.
         rendezvous = ("--standalone", "--nnodes=1", f"--nproc-per-node={profile.procs_per_node}")
-    return ("torchrun", *rendezvous, "-m", "sd35dist", job, "--recipe", frozen_recipe, "--run-dir", run_dir)
+    # A crashed worker restarts every worker of the job inside the allocation; they resume from latest.
+    rendezvous += (f"--max-restarts={profile.launch.max_restarts}",)
+    return ("sd35dist", "torchrun", *rendezvous, "-m", "sd35dist", job, "--recipe", frozen_recipe, "--run-dir", run_dir)
 
 
 def build_plan(
@@ -182,5 +193,6 @@ def build_plan(
         env=_env(profile, run_dir),
         secret_names=tuple(profile.env.passthrough),
         rdzv_port=profile.launch.rdzv_port,
+        rdzv_port_span=profile.launch.rdzv_port_span,
         launch_argv=_launch_argv(profile, job, frozen, run_dir),
     )

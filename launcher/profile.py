@@ -13,7 +13,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import Field
 
-from sd35dist.config.loading import ConfigError, StrictModel, apply_overrides, read_yaml_mapping, validate_mapping
+from sd35dist.config.loading import ConfigError, StrictModel, load_mapping, validate_mapping
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "cluster_configs"
 
@@ -58,7 +58,8 @@ class SlurmSection(StrictModel):
     requeue: bool = True
     """Requeue the job after preemption or a node failure; the trainer resumes from `latest`."""
     signal_grace_s: int = Field(120, ge=1)
-    """Slurm signals USR1 this many seconds before the time limit so ranks can checkpoint."""
+    """Slurm sends USR1 to the batch shell this many seconds before the time limit; the ranks
+    then save and the job requeues. Must exceed one checkpoint save plus one step."""
 
     @pydantic.field_validator("time")
     @classmethod
@@ -91,14 +92,25 @@ class LaunchSection(StrictModel):
     procs_per_node: int | None = Field(None, ge=1)
     """torchrun workers per node; default: one per GPU, or 1 without GPUs."""
     rdzv_port: int = Field(29500, ge=1024, le=65535)
-    """Port of torchrun's c10d rendezvous on the first node."""
+    """First port of the c10d rendezvous range on the first node; a Slurm job takes
+    `rdzv_port + job id % rdzv_port_span`, so jobs sharing a node never share a port."""
+    rdzv_port_span: int = Field(1000, ge=1, le=20000)
+    """How many ports the rendezvous range holds."""
+    max_restarts: int = Field(3, ge=0, le=100)
+    """torchrun restarts of the workers after a crash, inside the allocation, from the latest checkpoint."""
     network_interface: str | None = None
     """Sets NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME (e.g. ib0, eth0)."""
+
+    @pydantic.model_validator(mode="after")
+    def _port_range(self) -> "LaunchSection":
+        if self.rdzv_port + self.rdzv_port_span - 1 > 65535:
+            raise ValueError(f"rdzv_port {self.rdzv_port} + rdzv_port_span {self.rdzv_port_span} runs past port 65535")
+        return self
 
 
 class EnvSection(StrictModel):
     values: dict[str, str] = Field(default_factory=dict)
-    """Non-secret variables exported on every node (written into the script)."""
+    """Non-secret variables exported on every node (written into the script); credential-looking names are refused."""
     passthrough: list[str] = Field(default_factory=list)
     """Secrets passed by name from the submitting shell (e.g. WANDB_API_KEY); values are never written."""
 
@@ -196,5 +208,4 @@ def profile_path(name_or_path: str, profile_dir: Path = PROFILE_DIR) -> Path:
 
 
 def load_profile(path: Path, overrides: list[tuple[list[str], Any]] = ()) -> Profile:  # type: ignore[assignment]
-    data = apply_overrides(read_yaml_mapping(path), list(overrides))
-    return validate_mapping(Profile, data, path.name)
+    return validate_mapping(Profile, load_mapping(path, list(overrides)), path.name)

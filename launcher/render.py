@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import shlex
 
-from launcher.plan import RDZV_HOST_VAR, JobPlan
+from launcher.plan import RDZV_HOST_VAR, RDZV_PORT_VAR, JobPlan
+from sd35dist.config.run_files import PREEMPT_FILE
 
 
 def shell_word(text: str) -> str:
@@ -23,10 +24,10 @@ def shell_word(text: str) -> str:
     return f'"{escaped}"'
 
 
-def launch_command(plan: JobPlan, continuation: str = " \\\n    ") -> str:
-    """The torchrun command line, one option per line by default."""
+def launch_command(plan: JobPlan) -> str:
+    """The torchrun command line, one option per line."""
     words = [shell_word(w) for w in plan.launch_argv]
-    head, tail = words[0], words[1:]
+    head, tail = " ".join(words[:2]), words[2:]
     # Keep "-m sd35dist <job>" and each "--flag value" pair together on one line.
     lines, i = [head], 0
     while i < len(tail):
@@ -38,7 +39,7 @@ def launch_command(plan: JobPlan, continuation: str = " \\\n    ") -> str:
         else:
             lines.append(word)
             i += 1
-    return continuation.join(lines)
+    return " \\\n    ".join(lines)
 
 
 def setup_block(plan: JobPlan) -> list[str]:
@@ -56,8 +57,8 @@ def setup_block(plan: JobPlan) -> list[str]:
             for name in plan.secret_names
         ]
     out.append(
-        "command -v torchrun >/dev/null || "
-        "{ echo \"sd35dist: torchrun not found on PATH: activate the project's environment in the profile's setup.lines\" >&2; exit 2; }"
+        "command -v sd35dist >/dev/null || "
+        "{ echo \"sd35dist: the sd35dist command is not on PATH: activate the project's environment in the profile's setup.lines\" >&2; exit 2; }"
     )
     if plan.scheduler == "slurm":
         out += [
@@ -65,8 +66,10 @@ def setup_block(plan: JobPlan) -> list[str]:
             'RDZV_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
             "RDZV_ADDR=$(scontrol show node \"$RDZV_NODE\" | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p' | sed -n 1p)",
             f'export {RDZV_HOST_VAR}="${{RDZV_ADDR:-$RDZV_NODE}}"',
+            "# a port of its own per job, so jobs sharing the first node never meet in one c10d store",
+            f"export {RDZV_PORT_VAR}=$(({plan.rdzv_port} + SLURM_JOB_ID % {plan.rdzv_port_span}))",
             f'echo "sd35dist: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} nodes $SLURM_JOB_NODELIST'
-            f' rendezvous ${RDZV_HOST_VAR}:{plan.rdzv_port}"',
+            f' rendezvous ${RDZV_HOST_VAR}:${RDZV_PORT_VAR}"',
         ]
     return out
 
@@ -89,14 +92,45 @@ def render_sbatch(plan: JobPlan) -> str:
     lines += ["", "set -euo pipefail", ""]
     lines += setup_block(plan)
     cpus = dict(plan.directives).get("cpus-per-task", "1")
+    lines += [""] + lifecycle_traps(plan)
     lines += [
         "",
         "# one torchrun agent per node; per-node values (SLURM_NODEID…) reach it through srun's environment",
         f'srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task={cpus} \\',
-        "    " + launch_command(plan),
-        "",
+        "    " + launch_command(plan) + " &",
     ]
-    return "\n".join(lines)
+    lines += [""] + wait_and_requeue()
+    return "\n".join(lines) + "\n"
+
+
+def lifecycle_traps(plan: JobPlan) -> list[str]:
+    """The batch shell's part in preemption: Slurm's time-limit warning (USR1, sent to this
+    shell alone) becomes the PREEMPT file the ranks agree on at a step boundary. SIGTERM
+    (scancel, requeue, preemption) reaches every process of the step from Slurm itself;
+    this shell only keeps waiting so that the ranks can finish their save."""
+    flag = f'"$SD35DIST_RUN_DIR/{PREEMPT_FILE}"'
+    return [
+        "# lifecycle: docs/lifecycle.md",
+        f"rm -f {flag}  # a requeued job starts without the previous run's request",
+        "TIME_LIMIT_WARNED=0",
+        f"trap 'TIME_LIMIT_WARNED=1; echo \"sd35dist: time-limit warning: asking the ranks to save\" >&2; touch {flag}' USR1",
+        "trap 'echo \"sd35dist: SIGTERM from Slurm: the ranks save if it fits, then stop\" >&2' TERM",
+    ]
+
+
+def wait_and_requeue() -> list[str]:
+    """Wait for the step through trapped signals, then requeue after a time-limit save."""
+    return [
+        "STEP_PID=$!",
+        "# a trapped signal ends `wait` early while the step still runs: wait until it has exited",
+        'while kill -0 "$STEP_PID" 2>/dev/null; do wait "$STEP_PID" || true; done',
+        'STEP_STATUS=0; wait "$STEP_PID" || STEP_STATUS=$?',
+        'if ((TIME_LIMIT_WARNED)) && ((STEP_STATUS == 0)); then',
+        '    echo "sd35dist: the ranks saved before the time limit; requeueing job $SLURM_JOB_ID" >&2',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'exit "$STEP_STATUS"',
+    ]
 
 
 def render_local(plan: JobPlan) -> str:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from launcher.plan import JobPlan
-from launcher.render import launch_command, render_script, setup_block
+from launcher.render import render_script
 
 JOB_RECORD = "job.json"
 
@@ -34,7 +34,7 @@ def state_dir() -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class NodeCommand:
-    """What submitit runs in each node's task: one bash command, output straight to the log.
+    """What submitit's local executor runs: one bash command, output straight to the log.
 
     Holds only text from the plan (no secret values): submitit pickles it into the run directory.
     """
@@ -76,38 +76,21 @@ def script_name(plan: JobPlan) -> str:
     return "job.sbatch" if plan.scheduler == "slurm" else "job.sh"
 
 
-def _slurm_executor(plan: JobPlan, folder: Path):  # -> submitit.SlurmExecutor
+def _rendered_script_executor(folder: Path, script: str):  # -> submitit.SlurmExecutor
+    """A submitit Slurm executor whose batch script is ours, byte for byte.
+
+    submitit calls sbatch, records the job and tracks its state; the script Slurm runs is
+    the one in the run directory (and the one a user can `sbatch` by hand), so signals,
+    requeue and logs behave the same whichever way the job was submitted. submitit's own
+    script would run a pickled callable under its own USR1 handler instead (docs/lifecycle.md).
+    """
     import submitit
 
-    directives = dict(plan.directives)
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=1000)
-    params: dict[str, object] = {
-        "job_name": plan.job_name,
-        "nodes": plan.nodes,
-        "ntasks_per_node": 1,
-        "cpus_per_task": int(directives["cpus-per-task"]),
-        "mem": directives["mem"],
-        "time": plan.time_minutes,
-        # submitit's python runs torchrun; its venv comes first on PATH, and it listens for USR1.
-        "setup": [
-            "set -euo pipefail",
-            f'export PATH={shlex.quote(os.path.dirname(sys.executable))}:"$PATH"',
-            *setup_block(plan),
-            "export SUBMITIT_PREEMPT_SIGNAL=USR1",
-        ],
-        "srun_args": ["--kill-on-bad-exit=1", f"--cpus-per-task={directives['cpus-per-task']}"],
-        "additional_parameters": {
-            k: (True if v is None else v)
-            for k, v in plan.directives
-            if k in ("requeue", "no-requeue", "signal", "account", "qos", "constraint", "exclusive")
-        },
-    }
-    if plan.gpus_per_node:
-        params["gpus_per_node"] = plan.gpus_per_node
-    if "partition" in directives:
-        params["partition"] = directives["partition"]
-    executor.update_parameters(**params)
-    return executor
+    class RenderedScriptExecutor(submitit.SlurmExecutor):
+        def _make_submission_file_text(self, command: str, uid: str) -> str:
+            return script
+
+    return RenderedScriptExecutor(folder=folder)
 
 
 @contextlib.contextmanager
@@ -135,13 +118,17 @@ def submit(plan: JobPlan, run_dir: Path) -> dict[str, str]:
 
     folder = run_dir / "submitit"
     if plan.scheduler == "slurm":
-        executor = _slurm_executor(plan, folder)
-        job = executor.submit(NodeCommand(launch_command(plan, continuation=" ")))
+        executor = _rendered_script_executor(folder, (run_dir / script_name(plan)).read_text())
+        folder.mkdir(parents=True, exist_ok=True)
+        # submitit's command-submission path: it runs sbatch on the file it writes (our script).
+        job = executor._submit_command(command="")
+        stdout, stderr = (f"{plan.log_dir}/{job.job_id}.{ext}" for ext in ("out", "err"))
     else:
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=plan.time_minutes, tasks_per_node=1, nodes=1)
         with _stdio_detached():
             job = executor.submit(NodeCommand(f"exec bash {shlex.quote(str(run_dir / script_name(plan)))}"))
+        stdout, stderr = str(job.paths.stdout), str(job.paths.stderr)
     record = {
         "job_id": str(job.job_id),
         "scheduler": plan.scheduler,
@@ -150,8 +137,8 @@ def submit(plan: JobPlan, run_dir: Path) -> dict[str, str]:
         "job": plan.job,
         "run_dir": str(run_dir),
         "submitit_folder": str(folder),
-        "stdout": str(job.paths.stdout),
-        "stderr": str(job.paths.stderr),
+        "stdout": stdout,
+        "stderr": stderr,
         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_record(run_dir, record)

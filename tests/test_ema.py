@@ -1,15 +1,11 @@
-"""EMA maths and the preemption flag (single process)."""
+"""EMA maths (single process)."""
 
 from __future__ import annotations
-
-import os
-import signal
 
 import pytest
 import torch
 
 from sd35dist.train.ema import ShardedEMA, ema_decay_at
-from sd35dist.train.preemption import PREEMPT_FILE, PreemptionWatch, request_requeue
 
 pytestmark = pytest.mark.unit
 
@@ -33,25 +29,3 @@ def test_ema_update_is_a_lerp_in_fp32():
     assert torch.equal(other.shadow["w"], ema.shadow["w"])
     with pytest.raises(KeyError, match="lacks 1"):
         ShardedEMA([("w", param), ("b", param)]).load_state_dict({"w": param.float()})
-
-
-def test_signal_and_flag_file_set_the_flag(tmp_path):
-    watch = PreemptionWatch(str(tmp_path), signals=(signal.SIGUSR1,))
-    try:
-        assert not watch.agreed(torch.device("cpu"))
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert watch.requested_here() and watch.received == "SIGUSR1"
-        assert watch.agreed(torch.device("cpu"))
-    finally:
-        watch.restore()
-    other = PreemptionWatch(str(tmp_path), signals=(signal.SIGUSR1,))
-    try:
-        assert not other.requested_here()
-        (tmp_path / PREEMPT_FILE).write_text("")
-        assert other.requested_here()
-    finally:
-        other.restore()
-
-
-def test_requeue_outside_slurm_only_says_so():
-    assert "not under Slurm" in request_requeue({})

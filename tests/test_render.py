@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from launcher.plan import build_plan
-from launcher.profile import PROFILE_DIR, available_profiles, load_profile
-from launcher.render import launch_command, render_script, shell_word
+from launcher.profile import PROFILE_DIR, LaunchSection, available_profiles, load_profile
+from launcher.render import render_script, shell_word
 from sd35dist.config import load_recipe, resolve_paths
 from tests.conftest import PROJECT
 
@@ -57,13 +58,14 @@ def test_slurm_script_has_what_a_cluster_needs():
         "#SBATCH --ntasks-per-node=1",
         "#SBATCH --gpus-per-node=8",
         "#SBATCH --requeue",
-        "#SBATCH --signal=USR1@300",
+        "#SBATCH --signal=B:USR1@300",
         f"#SBATCH --output={RUN_DIR}/logs/%j.out",
         "set -euo pipefail",
         'scontrol show hostnames "$SLURM_JOB_NODELIST"',
         "srun --kill-on-bad-exit=1",
         "--rdzv-backend=c10d",
-        '--rdzv-endpoint="$SD35DIST_RDZV_HOST:29500"',
+        '--rdzv-endpoint="$SD35DIST_RDZV_HOST:$SD35DIST_RDZV_PORT"',
+        "--max-restarts=3",
         "-m sd35dist train",
         f"--recipe {RUN_DIR}/recipe.yaml",
         "export NCCL_SOCKET_IFNAME=ib0",
@@ -73,10 +75,35 @@ def test_slurm_script_has_what_a_cluster_needs():
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
 
 
+def test_the_time_limit_warning_reaches_the_batch_shell_only_and_becomes_the_preempt_file():
+    text = render_script(_plan("h100x8x4", "train"))
+    assert f"--run-dir {RUN_DIR} &\n" in text, "srun runs in the background while the shell waits for signals"
+    assert text.index("trap 'TIME_LIMIT_WARNED=1") < text.index("srun "), "the trap is set before the step starts"
+    assert f'rm -f "$SD35DIST_RUN_DIR/PREEMPT"' in text, "a requeued job starts without the old request"
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in text.split("STEP_STATUS=0", 1)[1], "requeue only after the step ended"
+    assert "export SD35DIST_SIGNAL_GRACE_S=300" in text
+
+
+def test_each_job_gets_its_own_rendezvous_port():
+    text = render_script(_plan("h100x8x4", "train"))
+    line = next(line for line in text.splitlines() if line.startswith("export SD35DIST_RDZV_PORT="))
+    ports = {
+        job_id: subprocess.run(["bash", "-c", f"SLURM_JOB_ID={job_id}; {line}; echo $SD35DIST_RDZV_PORT"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        for job_id in ("41", "42", "1041")
+    }
+    assert ports == {"41": "29541", "42": "29542", "1041": "29541"}, "rdzv_port + job id % rdzv_port_span"
+
+
+def test_a_port_range_past_65535_is_refused():
+    with pytest.raises(pydantic.ValidationError, match="runs past port 65535"):
+        LaunchSection(rdzv_port=65000, rdzv_port_span=1000)
+
+
 def test_local_script_runs_torchrun_standalone():
     text = render_script(_plan("local", "preflight"))
     assert "#SBATCH" not in text
-    assert "exec torchrun \\\n    --standalone" in text
+    assert "exec sd35dist torchrun \\\n    --standalone" in text
     assert "--nproc-per-node=2" in text
 
 
@@ -104,8 +131,3 @@ def test_shell_words_expand_only_variables():
         capture_output=True, text=True, check=True,
     ).stdout
     assert out.splitlines() == ["--v=a b", "; rm -rf /"]
-
-
-def test_launch_command_is_one_line_for_submitit():
-    line = launch_command(_plan("slurm-dev", "preflight"), continuation=" ")
-    assert "\n" not in line and line.startswith("torchrun --nnodes=")

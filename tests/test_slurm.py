@@ -7,6 +7,7 @@ daemons' logs — they are never skipped.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -85,7 +86,25 @@ def test_rendered_script_runs_with_plain_sbatch(slurm_env, tmp_path):
     out = run_dir / "logs" / f"{job_id}.out"
     assert proc.returncode == 0, f"{proc.stderr}\n{out.read_text() if out.exists() else ''}"
     _assert_two_node_report(run_dir)
-    assert "rendezvous 127.0.0.1:29511" in out.read_text()
+    # slurm-dev's rdzv_port is 29511; each job adds its id modulo the profile's port span.
+    rendezvous = re.search(r"rendezvous 127\.0\.0\.1:(\d+)", out.read_text())
+    assert rendezvous and int(rendezvous.group(1)) >= 29511, out.read_text()
+    # Not recorded by `sd35dist submit`, but Slurm knows it: status and logs still find it.
+    assert f"{job_id} COMPLETED" in sd35dist("status", job_id, env=slurm_env).stdout
+    assert rendezvous.group(0) in sd35dist("logs", job_id, env=slurm_env).stdout
+
+
+def test_unknown_job_ids_say_no_such_job(slurm_env, tmp_path):
+    """Neither recorded here nor known to Slurm: one line and exit 2, never UNKNOWN, "no logs
+    yet" or a scancel traceback."""
+    for command in ("status", "logs", "cancel"):
+        proc = sd35dist(command, "999999", env=slurm_env, check=False)
+        assert (proc.returncode, proc.stdout) == (2, ""), proc.stdout + proc.stderr
+        assert proc.stderr.splitlines() == [
+            "error: 999999: no such job: not submitted from this account, and Slurm knows no job with this id"
+        ]
+        proc = sd35dist(command, str(tmp_path / "no-run"), env=slurm_env, check=False)
+        assert proc.returncode == 2 and proc.stderr.splitlines() == [f"error: {tmp_path / 'no-run'}: no such run directory"]
 
 
 def _wait_for(predicate, timeout_s: float, what: str):
@@ -169,7 +188,7 @@ def test_requeued_training_job_resumes_and_ends_with_the_uninterrupted_loss(slur
     subprocess.run(["scontrol", "requeue", job_id], check=True, env=env)
     _wait_for(lambda: "COMPLETED" in sd35dist("status", job_id, env=env).stdout, 240, "the requeued job to finish")
     logs = sd35dist("logs", job_id, env=env).stdout
-    assert "preempted (SIGTERM" in logs, logs[-3000:]
+    assert "requeued by Slurm (SIGTERM)" in logs, logs[-3000:]
     assert "SLURM_RESTART_COUNT=1" in logs
     got = losses(run_dir)
     assert got[60] == expected[60], "the requeued run ends with the uninterrupted run's loss"

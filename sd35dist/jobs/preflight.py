@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import is_url, load_recipe, looks_secret, recipe_hash, resolve_paths
+from sd35dist.jobs.save_probe import estimate_save
 from sd35dist.parallel.process_group import World, destroy, init_process_group_from_env, node_name
 
 PREFLIGHT_TIMEOUT_S = 300.0
@@ -260,6 +261,12 @@ def summary_lines(report: dict[str, Any], report_path: Path) -> list[str]:
         "  data        " + " ".join(filter(None, [data["url"], data_state])),
         "  output      " + " ".join(filter(None, [output["dir"], output_state])),
     ]
+    save = report.get("checkpoint_save") or {}
+    if save.get("estimated"):
+        lines.append(f"  checkpoint  ~{save['save_s']:.1f} s per save ({save['bytes_per_rank'] / 1e9:.2f} GB per rank "
+                     f"at {save['write_mbps']:.0f} MB/s)")
+    elif save:
+        lines.append(f"  checkpoint  not estimated ({save.get('reason')})")
     for node, count in sorted(report["gpus_per_node"].items()):
         gpus = [r["gpu"] for r in report["ranks"] if r["node"] == node and r["gpu"] is not None]
         names = sorted({g["name"] for g in gpus})
@@ -393,6 +400,7 @@ def _verdict(world: World, recipe_path: Path, run_dir: Path, started: float) -> 
     dist.all_gather_object(checks, mine)
     failures = find_failures(checks)
     report_path = run_dir / REPORT_NAME
+    save = _checkpoint_save(world, recipe_path, checks)
 
     write_error = [None]
     if world.is_main:
@@ -400,6 +408,7 @@ def _verdict(world: World, recipe_path: Path, run_dir: Path, started: float) -> 
             checks, failures, backend=world.backend, bandwidth=bandwidth,
             slurm=slurm_facts(os.environ), storage_options=_storage_options(checks, recipe_path),
         )
+        report["checkpoint_save"] = save
         report["duration_s"] = round(time.monotonic() - started, 3)
         try:
             write_json_atomically(report_path, report)
@@ -416,6 +425,13 @@ def _verdict(world: World, recipe_path: Path, run_dir: Path, started: float) -> 
     # torchrun kills the remaining ranks as soon as one exits non-zero: hold everyone until all have printed.
     dist.barrier()
     return status
+
+
+def _checkpoint_save(world: World, recipe_path: Path, checks: list[Any]) -> dict[str, Any]:
+    """How long a checkpoint of the recipe takes to write (every rank probes output.dir at once)."""
+    if not all(c.output is not None and c.output.writable for c in checks):
+        return {"estimated": False, "reason": "output dir not writable or recipe not loaded"}
+    return estimate_save(world, resolve_paths(load_recipe(recipe_path), Path.cwd()))
 
 
 def main(args: Any) -> int:

@@ -16,7 +16,7 @@
 #SBATCH --error=/shared/runs/golden-run/logs/%j.err
 #SBATCH --open-mode=append
 #SBATCH --requeue
-#SBATCH --signal=USR1@300
+#SBATCH --signal=B:USR1@300
 
 set -euo pipefail
 
@@ -27,25 +27,45 @@ export OMP_NUM_THREADS=12
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export HF_HUB_OFFLINE=1
 export SD35DIST_RUN_DIR=/shared/runs/golden-run
+export SD35DIST_SIGNAL_GRACE_S=300
 # secrets: passed by name from the submitting environment; values are never written here
 [ -n "${AWS_ACCESS_KEY_ID:-}" ] || echo "sd35dist: warning: AWS_ACCESS_KEY_ID is not set in the job environment" >&2
 [ -n "${AWS_SECRET_ACCESS_KEY:-}" ] || echo "sd35dist: warning: AWS_SECRET_ACCESS_KEY is not set in the job environment" >&2
 [ -n "${WANDB_API_KEY:-}" ] || echo "sd35dist: warning: WANDB_API_KEY is not set in the job environment" >&2
-command -v torchrun >/dev/null || { echo "sd35dist: torchrun not found on PATH: activate the project's environment in the profile's setup.lines" >&2; exit 2; }
+command -v sd35dist >/dev/null || { echo "sd35dist: the sd35dist command is not on PATH: activate the project's environment in the profile's setup.lines" >&2; exit 2; }
 # rendezvous on the first node, by the address Slurm knows (node names need not resolve)
 RDZV_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 RDZV_ADDR=$(scontrol show node "$RDZV_NODE" | tr ' ' '\n' | sed -n 's/^NodeAddr=//p' | sed -n 1p)
 export SD35DIST_RDZV_HOST="${RDZV_ADDR:-$RDZV_NODE}"
-echo "sd35dist: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} nodes $SLURM_JOB_NODELIST rendezvous $SD35DIST_RDZV_HOST:29500"
+# a port of its own per job, so jobs sharing the first node never meet in one c10d store
+export SD35DIST_RDZV_PORT=$((29500 + SLURM_JOB_ID % 1000))
+echo "sd35dist: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} nodes $SLURM_JOB_NODELIST rendezvous $SD35DIST_RDZV_HOST:$SD35DIST_RDZV_PORT"
+
+# lifecycle: docs/lifecycle.md
+rm -f "$SD35DIST_RUN_DIR/PREEMPT"  # a requeued job starts without the previous run's request
+TIME_LIMIT_WARNED=0
+trap 'TIME_LIMIT_WARNED=1; echo "sd35dist: time-limit warning: asking the ranks to save" >&2; touch "$SD35DIST_RUN_DIR/PREEMPT"' USR1
+trap 'echo "sd35dist: SIGTERM from Slurm: the ranks save if it fits, then stop" >&2' TERM
 
 # one torchrun agent per node; per-node values (SLURM_NODEID…) reach it through srun's environment
 srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task=96 \
-    torchrun \
+    sd35dist torchrun \
     --nnodes="$SLURM_NNODES" \
     --nproc-per-node=8 \
     --rdzv-id="$SLURM_JOB_ID" \
     --rdzv-backend=c10d \
-    --rdzv-endpoint="$SD35DIST_RDZV_HOST:29500" \
+    --rdzv-endpoint="$SD35DIST_RDZV_HOST:$SD35DIST_RDZV_PORT" \
+    --max-restarts=3 \
     -m sd35dist preflight \
     --recipe /shared/runs/golden-run/recipe.yaml \
-    --run-dir /shared/runs/golden-run
+    --run-dir /shared/runs/golden-run &
+
+STEP_PID=$!
+# a trapped signal ends `wait` early while the step still runs: wait until it has exited
+while kill -0 "$STEP_PID" 2>/dev/null; do wait "$STEP_PID" || true; done
+STEP_STATUS=0; wait "$STEP_PID" || STEP_STATUS=$?
+if ((TIME_LIMIT_WARNED)) && ((STEP_STATUS == 0)); then
+    echo "sd35dist: the ranks saved before the time limit; requeueing job $SLURM_JOB_ID" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$STEP_STATUS"

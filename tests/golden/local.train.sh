@@ -8,12 +8,13 @@ set -euo pipefail
 # environment (non-secret values from the profile)
 export OMP_NUM_THREADS=1
 export SD35DIST_RUN_DIR=/shared/runs/golden-run
-command -v torchrun >/dev/null || { echo "sd35dist: torchrun not found on PATH: activate the project's environment in the profile's setup.lines" >&2; exit 2; }
+command -v sd35dist >/dev/null || { echo "sd35dist: the sd35dist command is not on PATH: activate the project's environment in the profile's setup.lines" >&2; exit 2; }
 
-exec torchrun \
+exec sd35dist torchrun \
     --standalone \
     --nnodes=1 \
     --nproc-per-node=2 \
+    --max-restarts=3 \
     -m sd35dist train \
     --recipe /shared/runs/golden-run/recipe.yaml \
     --run-dir /shared/runs/golden-run

@@ -1,0 +1,100 @@
+"""Stopping a running `sd35dist train` (2 gloo ranks under torchrun, no Slurm): the PREEMPT file,
+a SIGTERM to the ranks, and the warning when a save does not fit the grace Slurm gives it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sd35dist.checkpoint.layout import CheckpointDir
+from sd35dist.config.save_budget import SAVE_ESTIMATE_FILE, read_save_estimate
+from tests.conftest import PROJECT, venv_env
+from tests.test_cache_build import tiny_model  # noqa: F401
+from tests.test_train import cache, losses, train, train_recipe  # noqa: F401
+
+pytestmark = pytest.mark.dist
+
+
+def start_training(recipe: Path, run_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=PROJECT,
+        env={**(env or venv_env()), "OMP_NUM_THREADS": "1"},
+    )
+
+
+def wait_for_steps(run_dir: Path, count: int, proc: subprocess.Popen, timeout_s: float = 180) -> None:
+    metrics = run_dir / "metrics-rank00000.jsonl"
+    deadline = time.monotonic() + timeout_s
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= count):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "training did not reach the step"
+        time.sleep(0.2)
+
+
+def rank_pids(parent: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                    children.append(int(entry.name))
+            except (OSError, IndexError):
+                continue
+    return children
+
+
+def settings(**extra):
+    return {"max_train_steps": 200, "checkpointing_steps": 100, "gradient_checkpointing": False,
+            "ema": {"enabled": False}, **extra}
+
+
+def test_the_preempt_file_saves_at_a_step_boundary_and_resume_continues(cache, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    recipe = train_recipe(tmp_path / "r.yaml", cache, out, **settings())
+    proc = start_training(recipe, tmp_path / "run")
+    wait_for_steps(tmp_path / "run", 3, proc)
+    (tmp_path / "run" / "PREEMPT").write_text("")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    stopped = [line for line in output.splitlines() if "stopped (PREEMPT file): saved step" in line]
+    assert stopped, output[-3000:]
+    step = int(stopped[0].split("saved step ")[1].split(";")[0])
+    assert 3 <= step < 200 and CheckpointDir(out).latest() == CheckpointDir(out).path(step)
+    assert max(losses(tmp_path / "run")) == step, "no step runs after the save"
+
+
+def test_sigterm_outside_slurm_is_a_cancel_that_saves_when_it_can(cache, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    recipe = train_recipe(tmp_path / "r.yaml", cache, out, **settings())
+    proc = start_training(recipe, tmp_path / "run")
+    wait_for_steps(tmp_path / "run", 3, proc)
+    for pid in rank_pids(proc.pid):
+        os.kill(pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "cancelled (SIGTERM): saved step" in output, output[-3000:]
+    assert "requeue" not in output.lower()
+    latest = CheckpointDir(out).latest()
+    assert latest is not None and (latest / "COMPLETE").exists()
+
+
+def test_a_save_longer_than_the_grace_is_warned_and_measured(cache, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    recipe = train_recipe(tmp_path / "r.yaml", cache, out, **settings(max_train_steps=4, checkpointing_steps=2))
+    proc = train(recipe, tmp_path / "run", env=venv_env(SD35DIST_SIGNAL_GRACE_S="0.001"))
+    warnings = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines()
+                if "slurm.signal_grace_s (0.001 s) is shorter than a checkpoint save plus a step" in line]
+    assert len(warnings) == 1, "warned once, after the first save was timed"
+    estimate = read_save_estimate(str(out))
+    assert estimate is not None and estimate.save_s > 0 and estimate.step_s > 0
+    assert estimate.source.startswith("measured at step")
+    assert json.loads((out / SAVE_ESTIMATE_FILE).read_text())["save_s"] == estimate.save_s
