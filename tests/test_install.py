@@ -1,0 +1,60 @@
+"""Installs for three audiences: a cluster (runtime only), the demo (no root), the test suite."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tomllib
+
+import pytest
+
+from tests.conftest import PROJECT
+
+pytestmark = pytest.mark.unit
+
+
+def planned(target: str) -> str:
+    """Every command `make TARGET` would run from a clean clone (-B: as if nothing were installed)."""
+    return subprocess.run(["make", "-n", "-B", target], capture_output=True, text=True, cwd=PROJECT,
+                          check=True).stdout
+
+
+def pins(name: str) -> dict[str, str]:
+    out = {}
+    for line in (PROJECT / name).read_text().splitlines():
+        if line and not line.startswith(("#", "-r")):
+            package, _, version = line.partition("==")
+            out[package.lower().replace("_", "-")] = version
+    return out
+
+
+def test_the_demo_installs_no_system_packages():
+    demo = planned("demo")
+    assert "apt-get" not in demo and "devcluster.sh install" not in demo
+    assert "pip install -q -r requirements.txt" in demo and "requirements-test.txt" not in demo
+    assert "-m sd35dist.demo" in demo
+
+
+def test_the_test_target_installs_the_cluster_packages_and_the_test_pins():
+    test = planned("test")
+    assert "devcluster.sh install" in test and "requirements-test.txt" in test
+    assert test.index("requirements-test.txt") < test.index("pytest -q")
+
+
+def test_runtime_pins_hold_no_test_server_stack():
+    runtime = pins("requirements.txt")
+    for test_only in ("pytest", "moto", "flask", "docker", "werkzeug", "responses"):
+        assert test_only not in runtime, f"{test_only} would land on every cluster install"
+    test = pins("requirements-test.txt")
+    assert {"pytest", "moto"} <= set(test) and not set(test) & set(runtime), "each pin in one file"
+    assert (PROJECT / "requirements-test.txt").read_text().count("-r requirements.txt") == 1
+
+
+def test_every_runtime_dependency_is_pinned_and_test_tools_are_an_extra():
+    project = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]
+    runtime = pins("requirements.txt")
+    for requirement in project["dependencies"]:
+        name = re.split(r"[<>=!~\[ ]", requirement, maxsplit=1)[0].lower()
+        assert name in runtime, f"{name} is a dependency but requirements.txt does not pin it"
+    assert any(r.startswith("pytest") for r in project["optional-dependencies"]["test"])
+    assert not any(r.startswith(("pytest", "moto")) for r in project["dependencies"])
