@@ -1,9 +1,13 @@
-"""Shared test wiring: tier markers, the gpu skip, paths to the project and its venv."""
+"""Shared test wiring: tier markers, the gpu skip, paths to the project and its venv, and the
+session-wide servers (one S3-protocol server, one two-node Slurm cluster) every tier shares."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,3 +55,26 @@ def s3_server():
     server = S3Server().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """Start the dev cluster; yield the environment a user has after `export SLURM_CONF=…`."""
+    # Not under pytest's tmp: that is mode 0700 and munged runs as the munge user.
+    cluster_dir = Path(tempfile.mkdtemp(prefix="sd35dist-slurm-"))
+    cluster_dir.chmod(0o755)
+    script = PROJECT / "slurm" / "devcluster.sh"
+    proc = subprocess.run(
+        ["bash", str(script), "start", "--dir", str(cluster_dir)], capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode != 0:
+        subprocess.run(["bash", str(script), "stop", "--dir", str(cluster_dir)], capture_output=True)
+        pytest.fail(f"the Slurm dev cluster did not start (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    export = proc.stdout.strip().splitlines()[-1]
+    assert export.startswith("export SLURM_CONF="), export
+    conf = export.split("=", 1)[1]
+    try:
+        yield venv_env(SLURM_CONF=conf, SD35DIST_STATE_DIR=str(cluster_dir / "state"))
+    finally:
+        subprocess.run(["bash", str(script), "stop", "--dir", str(cluster_dir)], capture_output=True, timeout=120)
+        shutil.rmtree(cluster_dir, ignore_errors=True)

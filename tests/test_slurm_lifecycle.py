@@ -29,7 +29,6 @@ import yaml
 from sd35dist.checkpoint.layout import CheckpointDir
 from tests.test_cache_build import tiny_model  # noqa: F401
 from tests.test_local_submit import sd35dist, tiny_recipe
-from tests.test_slurm import slurm_env  # noqa: F401
 from tests.test_train import cache, losses, train, train_recipe  # noqa: F401
 
 pytestmark = pytest.mark.slurm
