@@ -95,6 +95,19 @@ def rank_pids(run_dir: Path) -> list[int]:
     return pids
 
 
+def what_the_job_is_doing(run_dir: Path, job_id: str) -> str:
+    """For a failure message: each process of the job with the kernel function it waits in, and the logs' tails."""
+    rows = []
+    for pid in job_processes(run_dir):
+        try:
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
+        except OSError:
+            continue
+        rows.append(f"  {pid} waits in {wchan or '-'}: {cmd}")
+    return "processes:\n" + "\n".join(rows) + "\nlog tail:\n" + logs(run_dir, job_id)[-4000:]
+
+
 def logs(run_dir: Path, job_id: str) -> str:
     return "".join(p.read_text(errors="replace") for p in (run_dir / "logs" / f"{job_id}.out",
                                                            run_dir / "logs" / f"{job_id}.err") if p.exists())
@@ -200,7 +213,11 @@ def test_a_killed_rank_restarts_inside_the_allocation(slurm_env, cache, tmp_path
     wait_for(lambda: (CheckpointDir(out).latest() is not None and metric_steps(run_dir) >= 10), 180, "step 10")
     victim = rank_pids(run_dir)[-1]
     os.kill(victim, signal.SIGKILL)
-    assert final_state(job_id, slurm_env, timeout_s=300) == "COMPLETED"
+    try:
+        state = final_state(job_id, slurm_env, timeout_s=300)
+    except AssertionError as hung:
+        raise AssertionError(f"{hung}\n{what_the_job_is_doing(run_dir, job_id)}") from None
+    assert state == "COMPLETED", what_the_job_is_doing(run_dir, job_id)
     assert len(sacct_states(job_id, slurm_env)) == 1, "restarted inside the allocation, not requeued"
     got = losses(run_dir)
     assert got[30] == losses(reference)[30], "the restarted workers end with the uninterrupted run's loss"
