@@ -10,7 +10,7 @@ logit-normal timesteps) with the same SD3 flow-matching loss (sd35dist.train.flo
   plain  the diffusers SD3 example's loop: eager, model.enable_gradient_checkpointing(), bf16 inputs,
          loss.backward(), clip_grad_norm_, torch.optim.AdamW with torch's default implementation (not
          fused), pure bf16 weights and states (fp32 master weights + AdamW for 8B parameters do not fit 80 GB);
-  ours   the trainer's FSDP2Strategy forward/backward/step on a 1-process group: parallelize_fsdp2 with
+  ours   the trainer's FSDP2Strategy (from_model) forward/backward/step on a 1-process group: FSDP2 with
          bf16 parameters ("adamw_bf16"), per-block activation checkpointing, per-block torch.compile with
          --compile, fused AdamW on CUDA; fp32 inputs cast by FSDP's mixed-precision policy, as in training.
 Per loop: warm-up steps, then timed steps, each ended by a device synchronize. img/s = batch / median
@@ -42,12 +42,10 @@ sys.path.insert(0, str(PROJECT))  # run from a checkout without installing
 from bench_report import device_name, typed_command  # noqa: E402
 from sd35dist.config.recipe import Recipe  # noqa: E402
 from sd35dist.models import tiny_sd3  # noqa: E402
-from sd35dist.parallel.fsdp2 import fsdp_mesh, parallelize_fsdp2  # noqa: E402
+from sd35dist.parallel.fsdp2 import FSDP2Strategy  # noqa: E402
 from sd35dist.parallel.process_group import World  # noqa: E402
-from sd35dist.parallel.strategy import FSDP2Strategy, _dtypes, make_optimizer  # noqa: E402
 from sd35dist.train.flow_matching import (  # noqa: E402
     FlowMatchSchedule,
-    flow_matching_loss,
     flow_matching_loss_sum_and_count,
     loss_weighting,
     noisy_input_and_target,
@@ -100,25 +98,6 @@ def build_model(config: dict, device: torch.device) -> torch.nn.Module:
     return torch.nn.Module.to(model, torch.bfloat16).train()
 
 
-class RandomInitFSDP2(FSDP2Strategy):
-    """FSDP2Strategy around a random-init model: the trainer's own forward, backward and step, no checkpoint."""
-
-    def __init__(self, recipe: Recipe, world: World, model: torch.nn.Module) -> None:
-        _, compute = _dtypes(recipe)
-        self.recipe, self.world = recipe, world
-        self.model = parallelize_fsdp2(
-            model,
-            mesh=fsdp_mesh(world.world_size, device_type=world.device.type),
-            param_dtype=compute,
-            reduce_dtype=torch.float32,
-            activation_checkpointing=recipe.train.gradient_checkpointing,
-            compile_blocks=recipe.train.compile_blocks,
-        )
-        self.model.train()
-        self.optimizer = make_optimizer(self.model.parameters(), recipe, world.device)
-        self.ema = None
-
-
 def synthetic_steps(config: dict, batch: int, resolution: int, tokens: int, count: int,
                     device: torch.device) -> list[dict[str, torch.Tensor]]:
     """`count` steps of fp32 inputs on `device`: fixed latents and embeddings, fresh noise and timesteps per step."""
@@ -151,7 +130,8 @@ def plain_loop(model: torch.nn.Module, recipe: Recipe, foreach: bool | None) -> 
         pred = model(hidden_states=data["hidden_states"].bfloat16(), timestep=data["timestep"],
                      encoder_hidden_states=data["encoder_hidden_states"].bfloat16(),
                      pooled_projections=data["pooled_projections"].bfloat16(), return_dict=False)[0]
-        loss = flow_matching_loss(pred.float(), data["target"], data["weighting"])
+        loss_sum, count = flow_matching_loss_sum_and_count(pred.float(), data["target"], data["weighting"])
+        loss = loss_sum / count  # the example's loss.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
         optimizer.step()
@@ -207,7 +187,7 @@ def measure(loop: str, args: argparse.Namespace, world: World, batch: int) -> di
     if loop == "plain":
         step = plain_loop(model, recipe, foreach=False if args.plain_no_foreach else None)
     else:
-        step = our_loop(RandomInitFSDP2(recipe, world, model), recipe)
+        step = our_loop(FSDP2Strategy.from_model(model, recipe, world), recipe)
     data = synthetic_steps(config, batch, args.resolution, tokens, args.warmup + args.steps, device)
     try:
         seconds = time_steps(step, data, args.warmup, device)

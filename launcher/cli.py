@@ -11,23 +11,24 @@ import time
 from pathlib import Path
 
 from launcher import jobs
-from launcher.plan import RANK_JOBS, JobPlan, build_plan, split_overrides
+from launcher.plan import JobPlan, build_plan, split_overrides
 from launcher.profile import Profile, load_profile, profile_path
 from launcher.render import render_script
 from launcher.submission import prepare_run_dir, submit
 from sd35dist.config import ConfigError, Recipe, load_recipe, recipe_yaml, resolve_paths
+from sd35dist.config.commands import COMMANDS, RANK_JOBS, SUBMIT
 from sd35dist.config.loading import dump_yaml
 from sd35dist.config.model_layout import check_pretrained
 from sd35dist.config.save_budget import grace_warnings, read_save_estimate, slurm_kill_wait_s
 
-COMMANDS = ("submit", "status", "logs", "cancel")
 DEFAULT_RECIPE = "sd35dist.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd35dist", description="SD3.5 fine-tunes on Slurm clusters")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("submit", help="render a job from a profile and a recipe, and submit it")
+    summaries = {c.name: c.summary for c in COMMANDS if c.kind is SUBMIT}
+    p = sub.add_parser("submit", help=summaries["submit"])
     p.add_argument("--profile", required=True, help="a name in cluster_configs/ or a YAML path")
     p.add_argument("--recipe", help=f"recipe YAML (default: the profile's default_recipe, else ./{DEFAULT_RECIPE})")
     p.add_argument("--job", default="train", choices=RANK_JOBS, help="what every rank runs (default: train)")
@@ -37,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     p.add_argument("--output", metavar="FILE", help="write the script to FILE and prepare the run directory; submit nothing")
     p.add_argument("--wait", action="store_true", help="follow the job's log until it ends; exit with its status")
-    for name, helptext in (("status", "a job's state"), ("logs", "print a job's logs"), ("cancel", "cancel a job")):
-        q = sub.add_parser(name, help=helptext)
+    for name in ("status", "logs", "cancel"):
+        q = sub.add_parser(name, help=summaries[name])
         q.add_argument("job", help="job id or run directory")
         if name == "logs":
             q.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")

@@ -11,10 +11,8 @@ from typing import Any
 
 from launcher.profile import PROFILE_KEYS, Profile
 from sd35dist.config import ConfigError, Recipe, parse_override
+from sd35dist.config.commands import RANK_JOBS
 from sd35dist.config.recipe import RECIPE_KEYS
-
-RANK_JOBS = ("train", "preflight", "cache")
-"""Rank-side commands `python -m sd35dist <job>` that a submission may run."""
 
 RDZV_HOST_VAR = "SD35DIST_RDZV_HOST"
 RDZV_PORT_VAR = "SD35DIST_RDZV_PORT"

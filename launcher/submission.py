@@ -14,12 +14,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from launcher.plan import JobPlan
 from launcher.render import render_script
+from sd35dist.config.atomic_files import staged_directory, write_text_atomically
 
 JOB_RECORD = "job.json"
 
@@ -57,18 +57,11 @@ def prepare_run_dir(plan: JobPlan, recipe_yaml: str, profile_yaml: str) -> Path:
     run_dir = Path(plan.run_dir)
     if run_dir.exists():
         raise FileExistsError(f"run directory {run_dir} already exists: pass another --run-dir")
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
-    try:
+    with staged_directory(run_dir) as staging:
         (staging / "logs").mkdir()
         (staging / "recipe.yaml").write_text(recipe_yaml)
         (staging / "profile.yaml").write_text(profile_yaml)
         (staging / script_name(plan)).write_text(render_script(plan))
-        staging.chmod(0o755)
-        os.rename(staging, run_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return run_dir
 
 
@@ -146,13 +139,7 @@ def submit(plan: JobPlan, run_dir: Path) -> dict[str, str]:
 
 
 def write_record(run_dir: Path, record: dict[str, str]) -> None:
-    text = json.dumps(record, indent=2) + "\n"
-    tmp = run_dir / f".{JOB_RECORD}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, run_dir / JOB_RECORD)
+    write_text_atomically(run_dir / JOB_RECORD, json.dumps(record, indent=2) + "\n")
     index = state_dir() / "jobs"
     index.mkdir(parents=True, exist_ok=True)
-    link = index / f"{record['scheduler']}-{record['job_id']}"
-    tmp_link = index / f".{link.name}.tmp"
-    tmp_link.write_text(str(run_dir) + "\n")
-    os.replace(tmp_link, link)
+    write_text_atomically(index / f"{record['scheduler']}-{record['job_id']}", str(run_dir) + "\n")

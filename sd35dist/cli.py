@@ -1,5 +1,8 @@
-"""The `sd35dist` command: submit-side commands go to the launcher (no torch imported),
-rank-side commands (run under torchrun on every rank) to sd35dist.jobs."""
+"""The `sd35dist` command: finds the command in sd35dist/config/commands.py and calls its module.
+
+Submit-side commands go to the launcher (no torch imported), rank jobs (run under torchrun on
+every rank) to sd35dist.jobs, tools to their own modules; only the module asked for is imported.
+"""
 
 from __future__ import annotations
 
@@ -7,101 +10,51 @@ import argparse
 import importlib
 import sys
 
-LAUNCHER_COMMANDS = ("submit", "status", "logs", "cancel")
-PLANNING_COMMANDS = ("steps",)
-RANK_COMMANDS = {
-    "preflight": ("sd35dist.jobs.preflight", "check the cluster before a long job: collectives, recipe, storage"),
-    "train": ("sd35dist.train.loop", "train: the SD3.5 fine-tune every rank runs (FSDP2)"),
-    "cache": ("sd35dist.jobs.cache", "build the latent + text-embedding cache (`sd35dist cache inspect URL` to read one)"),
-}
-RUN_DIR_REQUIRED = ("preflight",)
+from sd35dist.config.commands import COMMANDS, RANK_JOB, SUBMIT, Command, command_table, find_command
 
 
-def _rank_parser() -> argparse.ArgumentParser:
+def _parser() -> argparse.ArgumentParser:
+    """`sd35dist --help`, and the options of the rank jobs (the other commands parse their own)."""
     parser = argparse.ArgumentParser(
         prog="sd35dist",
-        description="SD3.5 fine-tunes on Slurm clusters. Submit side: "
-        + ", ".join(LAUNCHER_COMMANDS)
-        + " (see `sd35dist submit -h`). Rank side, under torchrun: "
-        + ", ".join(RANK_COMMANDS)
-        + ".",
+        description="SD3.5 fine-tunes on Slurm clusters. `sd35dist <command> -h` shows a command's options.",
+        epilog=command_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in LAUNCHER_COMMANDS:
-        sub.add_parser(name, help=f"(submit side) sd35dist {name} -h", add_help=False)
-    for name, (_, helptext) in RANK_COMMANDS.items():
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--recipe", required=True, help="recipe YAML (the frozen copy in the run directory)")
-        p.add_argument("--run-dir", required=name in RUN_DIR_REQUIRED, help="run directory for reports and metrics")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>", help="one of the commands below")
+    for command in COMMANDS:
+        if len(command.words) > 1:
+            continue  # reached by its words before parsing; listed in the table
+        if command.kind is RANK_JOB:
+            p = sub.add_parser(command.name, description=command.summary)
+            p.add_argument("--recipe", required=True, help="recipe YAML (the frozen copy in the run directory)")
+            p.add_argument("--run-dir", required=command.run_dir_required, help="run directory for reports and metrics")
+        else:
+            sub.add_parser(command.name, add_help=False)
     return parser
+
+
+def run_command(command: Command, argv: list[str]) -> int:
+    """Call the command's entry with what its kind takes (sd35dist/config/commands.py)."""
+    if command.kind is RANK_JOB:
+        args = _parser().parse_args(argv)  # before the import: `-h` or a usage error loads no torch
+        return _entry(command)(args)
+    if command.kind is SUBMIT:
+        return _entry(command)(argv)
+    return _entry(command)(argv[len(command.words):])
+
+
+def _entry(command: Command):
+    return getattr(importlib.import_module(command.module), command.entry)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in LAUNCHER_COMMANDS:
-        from launcher.cli import main as launcher_main
-
-        return launcher_main(argv)
-    if argv[:1] == ["steps"]:
-        return steps_main(argv[1:])
-    if argv[:1] == ["torchrun"]:
-        from sd35dist.jobs.torchrun import main as torchrun_main
-
-        return torchrun_main(argv[1:])
-    if argv[:1] == ["export"]:
-        from sd35dist.checkpoint.export import main as export_main
-
-        return export_main(argv[1:])
-    if argv[:2] == ["cache", "inspect"]:
-        from sd35dist.jobs.cache import inspect_main
-
-        return inspect_main(argv[2:])
-    args = _rank_parser().parse_args(argv)
-    module = importlib.import_module(RANK_COMMANDS[args.command][0])
-    return module.main(args)
-
-
-def steps_main(argv: list[str]) -> int:
-    """`sd35dist steps --recipe R [--profile P]`: optimizer steps per epoch and in total, per profile.
-
-    Counted from the cache's manifest the way the stream runs an epoch (bucket-homogeneous
-    steps, remainder steps included), so the numbers are the ones training will log.
-    """
-    import math
-    from pathlib import Path
-
-    from launcher.profile import available_profiles, load_profile, profile_path
-    from sd35dist.config import ConfigError, load_recipe
-    from sd35dist.data.manifest import ManifestError, read_manifest
-    from sd35dist.data.storage import Store
-    from sd35dist.data.stream_order import bucket_layouts, full_epoch, plan_segment
-
-    parser = argparse.ArgumentParser(prog="sd35dist steps", description=steps_main.__doc__.splitlines()[0])
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--profile", action="append", help="profile name or YAML (default: every profile)")
-    args = parser.parse_args(argv)
-    try:
-        recipe = load_recipe(Path(args.recipe))
-        train = recipe.train
-        if train.max_train_steps is None and train.num_train_epochs is None:
-            raise ConfigError(Path(args.recipe).name, "train", "set max_train_steps or num_train_epochs")
-        manifest = read_manifest(Store(recipe.data.cache_url, recipe.data.storage_options))
-        layouts = bucket_layouts([(s.bucket, s.samples) for s in manifest.shards])
-        print(f"{manifest.total_samples} samples per epoch in {len(layouts)} buckets; "
-              f"{train.train_batch_size} per GPU, gradient accumulation {train.gradient_accumulation_steps}")
-        print(f"{'profile':<14} {'ranks':>5} {'global batch':>12} {'steps/epoch':>11} {'total steps':>11} {'epochs':>6}")
-        for name in args.profile or available_profiles():
-            profile = load_profile(profile_path(name))
-            world = profile.world_size
-            micro = len(plan_segment(full_epoch(layouts), world, train.train_batch_size, recipe.seed, 0).steps)
-            per_epoch = max(1, math.ceil(micro / train.gradient_accumulation_steps))
-            total = train.max_train_steps or per_epoch * (train.num_train_epochs or 1)
-            batch = train.train_batch_size * world * train.gradient_accumulation_steps
-            print(f"{Path(name).stem:<14} {world:>5} {batch:>12} {per_epoch:>11} {total:>11} {math.ceil(total / per_epoch):>6}")
-    except (ConfigError, ManifestError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    command = find_command(argv)
+    if command is None:
+        _parser().parse_args(argv)  # prints help, or names the unknown command, and exits
         return 2
-    return 0
+    return run_command(command, argv)
 
 
 def console() -> None:

@@ -77,7 +77,7 @@ def mean_plain_gradients(model_dir: Path, rank: int, world_size: int) -> dict[st
 
 def main(argv: list[str] | None = None) -> int:
     from sd35dist.parallel.process_group import destroy, init_process_group_from_env
-    from sd35dist.parallel.strategy import FSDP2Strategy
+    from sd35dist.parallel.fsdp2 import FSDP2Strategy
 
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir", type=Path)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.profile import slurm_time_minutes
+from launcher.profile import load_profile, slurm_time_minutes
 from sd35dist.cli import main
+from sd35dist.config import load_recipe, parse_override
 from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.unit
@@ -72,6 +73,52 @@ def test_unknown_recipe_key(tmp_path, capsys):
 def test_wrong_type(tmp_path, capsys):
     code, err = _submit(tmp_path, capsys, _profile(tmp_path, cpus_per_task="many"), _recipe(tmp_path))
     _assert_rejected(tmp_path, code, err, "mycluster.yaml: slurm.cpus_per_task: expected int")
+
+
+def test_quoted_number_is_refused_not_coerced(tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    recipe["train"] = {"train_batch_size": "3"}
+    code, err = _submit(tmp_path, capsys, _profile(tmp_path), recipe)
+    _assert_rejected(tmp_path, code, err, "myrecipe.yaml: train.train_batch_size: expected int, got '3'")
+    assert "drop the quotes" in err
+
+
+@pytest.mark.parametrize(("section", "key", "value", "expected"), [
+    ("launch", "max_restarts", 2.0, "mycluster.yaml: launch.max_restarts: expected int, got 2.0"),
+    ("slurm", "exclusive", "true", "mycluster.yaml: slurm.exclusive: expected bool, got 'true'"),
+    ("slurm", "requeue", 1, "mycluster.yaml: slurm.requeue: expected bool, got 1"),
+])
+def test_no_silent_conversions(tmp_path, capsys, section, key, value, expected):
+    profile = _profile(tmp_path)
+    profile.setdefault(section, {})[key] = value
+    code, err = _submit(tmp_path, capsys, profile, _recipe(tmp_path))
+    _assert_rejected(tmp_path, code, err, expected)
+
+
+def test_yaml_numbers_are_accepted_as_users_write_them(tmp_path, capsys):
+    recipe_file = _write(tmp_path / "myrecipe.yaml", _recipe(tmp_path))
+    recipe_file.write_text(recipe_file.read_text() + "train:\n  learning_rate: 1\n  adam_epsilon: 1e-6\n"
+                           "  train_batch_size: 3\n")
+    recipe = load_recipe(recipe_file)
+    assert (recipe.train.learning_rate, recipe.train.adam_epsilon, recipe.train.train_batch_size) == (1.0, 1e-6, 3)
+    assert isinstance(recipe.train.learning_rate, float)
+    overridden = load_recipe(recipe_file, [parse_override("train.learning_rate=1e-5"),
+                                           parse_override("train.train_batch_size=4"),
+                                           parse_override("data.buckets=[[64, 64], [80, 48]]")])
+    assert (overridden.train.learning_rate, overridden.train.train_batch_size) == (1e-5, 4)
+    assert overridden.data.buckets == [(64, 64), (80, 48)]
+    code, _ = _submit(tmp_path, capsys, _profile(tmp_path), None, "--recipe", str(recipe_file), "--dry-run",
+                      "--set", "train.learning_rate=2e-5")
+    assert code == 0
+
+
+@pytest.mark.parametrize("path", sorted((PROJECT / "recipes").glob("*.yaml")) + sorted((PROJECT / "cluster_configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_and_profiles_load(path):
+    if path.parent.name == "recipes":
+        assert load_recipe(path).data.buckets
+    else:
+        assert load_profile(path).world_size >= 1
 
 
 @pytest.mark.parametrize("nodes", [0, -1])

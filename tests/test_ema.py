@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd35dist.train.ema import ShardedEMA, ema_decay_at
+from sd35dist.parallel.ema import ShardedEMA, ema_decay_at
 
 pytestmark = pytest.mark.unit
 

@@ -15,7 +15,7 @@ import pytest
 
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import Recipe
-from sd35dist.parallel.strategy import hsdp_replicas
+from sd35dist.parallel.fsdp2 import hsdp_replicas
 from tests.conftest import PROJECT, venv_env
 from tests.test_cache_build import tiny_model  # noqa: F401
 
@@ -63,3 +63,18 @@ def test_shard_degree_needs_fsdp2():
               "parallel": {"strategy": "zero3", "shard_degree": 2}}
     with pytest.raises(ValueError, match="shard_degree \\(HSDP\\) needs strategy fsdp2"):
         Recipe.model_validate(recipe)
+
+
+@pytest.mark.unit
+def test_every_strategy_a_recipe_names_has_one_class_with_the_whole_protocol():
+    import typing
+
+    from sd35dist.config.recipe import ParallelSection
+    from sd35dist.parallel.strategy import STRATEGIES
+
+    assert set(STRATEGIES) == set(typing.get_args(ParallelSection.model_fields["strategy"].annotation))
+    for cls in STRATEGIES.values():
+        for method in ("forward", "backward", "step", "update_ema", "save", "save_async", "load", "full_state_dict",
+                       "read_full"):
+            assert callable(getattr(cls, method)), f"{cls.__name__}.{method}"
+        assert isinstance(cls.supports_async, bool)

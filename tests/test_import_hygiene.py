@@ -1,4 +1,12 @@
-"""The submit side stays light: launcher/ and the dry-run path never import torch & co."""
+"""Imports point one way: the submit side stays light, every module imports on its own, no cycles.
+
+- launcher/ and the dry-run path never import torch & co; the rank side never imports launcher/
+  (except the one command that reads profiles on the submit host);
+- every module of sd35dist/ and launcher/ imports first, in a process that has loaded no
+  other project module;
+- parallel/ imports nothing from train/, and the project's import graph — imports inside
+  functions included, so a lazy import cannot hide a cycle — has no cycle.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +23,10 @@ from tests.conftest import PROJECT
 pytestmark = pytest.mark.unit
 
 HEAVY = ("torch", "diffusers", "deepspeed", "transformers", "accelerate", "peft")
+PACKAGES = ("sd35dist", "launcher")
+SUBMIT_HOST_MODULES = {
+    "sd35dist.jobs.steps": "counts steps for each cluster profile; runs on the submit host, never under torchrun",
+}
 PROBE = """
 import json, sys
 {body}
@@ -29,10 +42,80 @@ def _heavy_modules_after(body: str) -> list[str]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _module_files() -> dict[str, Path]:
+    """Dotted name → file, for every module of the project's packages."""
+    files = {}
+    for package in PACKAGES:
+        for path in sorted((PROJECT / package).rglob("*.py")):
+            parts = path.relative_to(PROJECT).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return files
+
+
+def _imported_names(path: Path, module: str, *, module_level_only: bool = False) -> set[str]:
+    """Every dotted name `path` imports (`from a import b` gives a.b and a), relative imports resolved."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if module_level_only else ast.walk(tree)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            names.add(base)
+            names |= {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Project module → the project modules it imports. Edges to parent packages are left out:
+    a package's __init__ importing its own submodules is how packages work, not a cycle."""
+    files = _module_files()
+    graph = {}
+    for module, path in files.items():
+        graph[module] = {name for name in _imported_names(path, module) if name in files} - {module}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as [a, b, …, a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
 def test_dry_run_imports_no_torch():
     body = (
         "from sd35dist.cli import main\n"
         "assert main(['submit', '--profile', 'h100x8', '--dry-run', '--run-dir', '/tmp/sd35dist-probe']) == 0"
+    )
+    assert _heavy_modules_after(body) == []
+
+
+def test_help_imports_no_torch():
+    body = (
+        "from sd35dist.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as done:\n    assert done.code == 0\n"
     )
     assert _heavy_modules_after(body) == []
 
@@ -45,23 +128,87 @@ def test_every_launcher_module_imports_without_torch():
 
 def test_launcher_source_names_no_heavy_import():
     for path in (PROJECT / "launcher").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            for name in names:
-                assert name.split(".")[0] not in HEAVY, f"{path.name} imports {name}"
-                assert not name.startswith("sd35dist.") or name.startswith("sd35dist.config"), (
-                    f"{path.name} imports rank-side {name}"
-                )
+        for name in _imported_names(path, f"launcher.{path.stem}"):
+            assert name.split(".")[0] not in HEAVY, f"{path.name} imports {name}"
+            assert not name.startswith("sd35dist.") or name.startswith("sd35dist.config"), (
+                f"{path.name} imports rank-side {name}"
+            )
 
 
 def test_rank_side_never_imports_the_launcher():
-    for path in (PROJECT / "sd35dist").rglob("*.py"):
-        if path.name == "cli.py" and path.parent.name == "sd35dist":
-            continue  # the command dispatcher hands submit-side commands to the launcher
-        assert "launcher" not in {
-            (n.module or "").split(".")[0] for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)
-        } | {a.name.split(".")[0] for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import) for a in n.names}, path
+    for module, path in _module_files().items():
+        if module.startswith("sd35dist") and module not in SUBMIT_HOST_MODULES:
+            launcher_imports = sorted(n for n in _imported_names(path, module) if n.split(".")[0] == "launcher")
+            assert not launcher_imports, f"{path.relative_to(PROJECT)} imports {launcher_imports}"
+
+
+def test_parallel_imports_nothing_from_train():
+    for module, path in _module_files().items():
+        if module.startswith("sd35dist.parallel"):
+            from_train = sorted(n for n in _imported_names(path, module) if n.startswith("sd35dist.train"))
+            assert not from_train, f"{path.relative_to(PROJECT)} imports {from_train}"
+
+
+def test_project_import_graph_has_no_cycle():
+    cycle = find_cycle(_import_graph())
+    assert cycle is None, "import cycle: " + " → ".join(cycle or [])
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+# Third-party modules are loaded once in the parent; each forked child then imports one project
+# module first, as a fresh `python -c "import it"` would, in a fraction of a second.
+FORKED_IMPORTS = """
+import importlib, json, os, sys, traceback
+preload, modules = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+for name in preload:
+    try:
+        importlib.import_module(name)
+    except ImportError:  # `from module import attribute`: load the attribute (lazy packages)
+        module, _, attribute = name.rpartition(".")
+        try:
+            getattr(importlib.import_module(module), attribute)
+        except Exception:
+            pass  # the child that needs it reports the failure
+    except Exception:
+        pass
+assert not [m for m in sys.modules if m.split(".")[0] in ("sd35dist", "launcher")]
+for module in modules:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            importlib.import_module(module)
+            message = ""
+        except BaseException:
+            message = traceback.format_exc()
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        message = pipe.read()
+    os.waitpid(pid, 0)
+    if message:
+        print(f"--- {module}\\n{message}")
+"""
+
+
+def test_every_module_imports_on_its_own():
+    files = _module_files()
+    modules = [m for m in files if not m.endswith("__main__")]  # __main__ runs the program
+    preload = sorted({
+        name
+        for module, path in files.items()
+        for name in _imported_names(path, module, module_level_only=True)
+        if name.split(".")[0] not in PACKAGES and name != "__future__"
+    })
+    proc = subprocess.run(
+        [sys.executable, "-c", FORKED_IMPORTS, json.dumps(preload), json.dumps(modules)],
+        capture_output=True, text=True, cwd=PROJECT, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", "modules that fail when imported first:\n" + proc.stdout

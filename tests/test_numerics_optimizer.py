@@ -104,7 +104,7 @@ def test_adamw_bf16_with_zero_is_a_one_line_error(strategy, tmp_path, capsys):
 def test_adamw_bf16_makes_a_kahan_summed_optimizer():
     import optimi
 
-    from sd35dist.parallel.strategy import make_optimizer
+    from sd35dist.parallel.optimizer import make_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))]
     # The configuration a GPU run gets (building it needs no GPU): never foreach or Triton on DTensors.

@@ -13,6 +13,7 @@ from sd35dist.data.stream_order import (
     bucket_layouts,
     full_epoch,
     merge_intervals,
+    optimizer_steps_per_epoch,
     plan_segment,
 )
 
@@ -140,3 +141,13 @@ def test_each_rank_reads_a_contiguous_span_so_shards_are_not_shared():
 
 def test_merge_intervals():
     assert merge_intervals([(5, 7), (0, 2), (2, 4), (9, 9)]) == [(0, 4), (5, 7)]
+
+
+@pytest.mark.parametrize("world,batch,accumulation", [(1, 2, 1), (2, 2, 1), (3, 1, 2), (4, 3, 4)])
+def test_optimizer_steps_per_epoch_counts_every_micro_step_rounded_up(world, batch, accumulation):
+    layouts = bucket_layouts(SHARDS)
+    micro = len(plan_segment(full_epoch(layouts), world, batch, seed=3, epoch=0).steps)
+    steps = optimizer_steps_per_epoch(layouts, world, batch, seed=3, gradient_accumulation_steps=accumulation)
+    assert (steps - 1) * accumulation < micro <= steps * accumulation
+    for epoch in (1, 2):
+        assert len(plan_segment(full_epoch(layouts), world, batch, seed=3, epoch=epoch).steps) == micro

@@ -1,4 +1,4 @@
-"""The training maths against diffusers: flow-matching loss, LR schedules, step counts."""
+"""The training maths the trainer runs, against diffusers: flow-matching loss, LR schedules, step counts."""
 
 from __future__ import annotations
 
@@ -14,24 +14,16 @@ from diffusers.training_utils import (
 )
 from torch.utils.data import DataLoader, DistributedSampler
 
+from sd35dist.data.stream_order import bucket_layouts, optimizer_steps_per_epoch
 from sd35dist.train.flow_matching import (
     FlowMatchSchedule,
-    flow_matching_loss,
     flow_matching_loss_sum_and_count,
     loss_weighting,
-    mean_loss_from_sum_and_count,
     noisy_input_and_target,
     sample_timestep_density,
     sample_timestep_indices,
 )
 from sd35dist.train.lr_schedule import learning_rate_at, learning_rate_factor_at
-from sd35dist.train.step_math import (
-    StepPlan,
-    count_epoch_samples,
-    format_step_plan,
-    plan_steps,
-    tutorial_max_steps,
-)
 
 pytestmark = pytest.mark.unit
 
@@ -64,6 +56,13 @@ def example_training_step(scheme, x0, noise, pred, generator, scheduler):
     target = noise - x0
     loss = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1)
     return timesteps, noisy, target, weighting, loss.mean()
+
+
+def trainer_loss(pred, target, weighting, *, world_size=1, global_count=None, accumulation=1):
+    """One rank's loss as Trainer.train_step computes it before backward (sd35dist/train/loop.py)."""
+    part_sum, count = flow_matching_loss_sum_and_count(pred.float(), target, weighting)
+    global_count = torch.tensor(float(count if global_count is None else global_count))
+    return part_sum * world_size / (global_count * accumulation)
 
 
 # --- flow matching ---------------------------------------------------------------------
@@ -110,7 +109,7 @@ def test_a_training_step_equals_the_sd3_example(scheme, dtype):
     sigmas = schedule.sigmas_at(indices, ndim=x0.ndim, dtype=x0.dtype)
     noisy, target = noisy_input_and_target(x0, noise, schedule.sigmas_at(indices))
     weighting = loss_weighting(scheme, sigmas)
-    loss = flow_matching_loss(pred, target, weighting)
+    loss = trainer_loss(pred, target, weighting)
 
     assert torch.equal(schedule.timesteps_at(indices), timesteps_ex)
     assert torch.equal(noisy, noisy_ex) and noisy.dtype == dtype
@@ -200,8 +199,8 @@ def test_loss_is_zero_when_the_prediction_is_the_target():
     sigmas = FlowMatchSchedule.build(1000, 3.0).sigmas_at(torch.tensor([0, 500, 999]))
     _, target = noisy_input_and_target(x0, noise, sigmas)
     weighting = loss_weighting("cosmap", sigmas)
-    assert float(flow_matching_loss(target.clone(), target, weighting)) == 0.0
-    assert float(flow_matching_loss(target + 0.1, target, weighting)) > 0.0
+    assert float(trainer_loss(target.clone(), target, weighting)) == 0.0
+    assert float(trainer_loss(target + 0.1, target, weighting)) > 0.0
 
 
 def test_pure_noise_input_at_sigma_one_and_clean_input_at_sigma_zero():
@@ -215,24 +214,25 @@ def test_uneven_rank_batches_give_the_global_mean_via_sum_and_count():
     data = seeded(12)
     pred, target = torch.randn(5, 4, 3, 3, generator=data), torch.randn(5, 4, 3, 3, generator=data)
     weighting = loss_weighting("cosmap", torch.rand(5, generator=data))
-    full = flow_matching_loss(pred, target, weighting)
+    full = trainer_loss(pred, target, weighting)
+    example = torch.mean((weighting.reshape(5, 1, 1, 1) * (pred - target) ** 2).reshape(5, -1), 1).mean()
+    assert torch.equal(full, example)
 
     parts = [slice(0, 3), slice(3, 5)]  # rank 0 holds 3 samples, rank 1 holds 2
     sums_counts = [flow_matching_loss_sum_and_count(pred[p], target[p], weighting[p]) for p in parts]
     total = sum(s for s, _ in sums_counts)
     count = sum(c for _, c in sums_counts)
     assert count == 5
-    assert torch.allclose(mean_loss_from_sum_and_count(total, count), full, rtol=1e-6, atol=0)
+    assert torch.allclose(total / count, full, rtol=1e-6, atol=0)
     # the mean of the two rank means is not the global mean: the reason for sum/count
-    rank_means = [flow_matching_loss(pred[p], target[p], weighting[p]) for p in parts]
+    rank_means = [trainer_loss(pred[p], target[p], weighting[p]) for p in parts]
     assert not torch.allclose(sum(rank_means) / 2, full, rtol=1e-6, atol=0)
-    shares = [flow_matching_loss(pred[p], target[p], weighting[p], reduction_counts=5) for p in parts]
-    assert torch.allclose(sum(shares), full, rtol=1e-6, atol=0)
+    # each rank backpropagates its share scaled by the world size; DDP/FSDP average the gradients
+    shares = [trainer_loss(pred[p], target[p], weighting[p], world_size=2, global_count=5) for p in parts]
+    assert torch.allclose(sum(shares) / 2, full, rtol=1e-6, atol=0)
 
 
-def test_an_empty_step_and_an_unknown_scheme_are_refused():
-    with pytest.raises(ValueError, match="empty step"):
-        mean_loss_from_sum_and_count(torch.tensor(0.0), 0)
+def test_an_unknown_scheme_is_refused():
     with pytest.raises(ValueError, match="weighting_scheme 'sigma_sqrt'"):
         loss_weighting("sigma_sqrt", torch.ones(2))  # type: ignore[arg-type]
 
@@ -301,90 +301,28 @@ def test_bad_schedule_settings_are_refused():
         learning_rate_at(-1, base_lr=1e-4, scheduler="linear", warmup_steps=0, total_steps=10)
 
 
-# --- step maths ------------------------------------------------------------------------
-
-
-def plan_for(samples, *, world=1, batch=6, accum=1, max_steps=None, epochs=None):
-    return plan_steps(
-        samples,
-        world_size=world,
-        train_batch_size=batch,
-        gradient_accumulation_steps=accum,
-        max_train_steps=max_steps,
-        num_train_epochs=epochs,
-    )
-
-
-def test_tutorial_worked_example_476_images_5_repeats_batch_6_30_epochs():
-    samples = count_epoch_samples([(476, 5)])
-    assert samples == 2380
-    assert tutorial_max_steps(samples, train_batch_size=6, num_train_epochs=30) == pytest.approx(11_900)
-    plan = plan_for(samples, epochs=30)
-    # the tutorial floors 396.7 to 396 per epoch; the short 397th batch is a step too
-    assert plan == StepPlan(
-        global_batch=6,
-        micro_steps_per_epoch=397,
-        optimizer_steps_per_epoch=397,
-        max_train_steps=11_910,
-        num_train_epochs=30,
-        samples_per_epoch=2380,
-    )
-
-
-def test_global_view_divides_by_gpus_times_accumulation():
-    assert count_epoch_samples([(476, 5), (120, 3)]) == 2380 + 360
-    estimate = tutorial_max_steps(
-        2380, train_batch_size=6, num_train_epochs=30, world_size=4, gradient_accumulation_steps=2
-    )
-    assert estimate == pytest.approx(11_900 / 8)
-    plan = plan_for(2380, world=4, accum=2, epochs=30)
-    assert (plan.global_batch, plan.micro_steps_per_epoch, plan.optimizer_steps_per_epoch) == (48, 100, 50)
-    assert plan.max_train_steps == 1500
+# --- step counts -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("samples,world,batch,accum", [(100, 2, 4, 4), (2380, 4, 6, 2), (7, 8, 1, 3), (1000, 3, 5, 1)])
-def test_steps_per_epoch_match_a_distributed_dataloader_and_the_examples_ceil(samples, world, batch, accum):
+@pytest.mark.parametrize("shards", [1, 3])
+def test_steps_per_epoch_match_a_distributed_dataloader_and_the_examples_ceil(samples, world, batch, accum, shards):
+    """With one bucket the trainer's epoch is the examples' epoch: a short last batch and a short
+    last accumulation window each still count as a step."""
     loader = DataLoader(
         range(samples),
         batch_size=batch,
         sampler=DistributedSampler(range(samples), num_replicas=world, rank=0, shuffle=False),
     )
-    plan = plan_for(samples, world=world, batch=batch, accum=accum, epochs=1)
-    assert plan.micro_steps_per_epoch == len(loader)
-    assert plan.optimizer_steps_per_epoch == math.ceil(len(loader) / accum)
+    sizes = [samples // shards] * (shards - 1) + [samples - samples // shards * (shards - 1)]
+    layouts = bucket_layouts([("1024x1024", n) for n in sizes])
+    for seed in (0, 1):
+        steps = optimizer_steps_per_epoch(layouts, world, batch, seed, accum)
+        assert steps == math.ceil(len(loader) / accum)
 
 
 def test_a_final_partial_accumulation_window_counts_as_a_step():
-    plan = plan_for(100, world=2, batch=4, accum=4, epochs=2)
-    assert plan.micro_steps_per_epoch == 13  # 12 full windows of 8 samples, then 4
-    assert plan.optimizer_steps_per_epoch == 4  # windows of 4, 4, 4 and 1 micro-steps
-    assert plan.max_train_steps == 8
-
-
-def test_max_train_steps_wins_and_sets_the_epochs():
-    plan = plan_for(2380, max_steps=24_000, epochs=30)
-    assert plan.max_train_steps == 24_000
-    assert plan.num_train_epochs == math.ceil(24_000 / 397) == 61
-
-
-def test_missing_length_and_empty_epoch_are_refused_with_the_fix():
-    with pytest.raises(ValueError, match="set train.max_train_steps or train.num_train_epochs"):
-        plan_for(10, batch=1)
-    with pytest.raises(ValueError, match="the epoch is empty"):
-        plan_for(0, batch=1, max_steps=10)
-    with pytest.raises(ValueError, match="train.train_batch_size must be at least 1"):
-        plan_for(10, batch=0, max_steps=10)
-
-
-def test_format_step_plan_tells_the_user_the_run_length():
-    plan = plan_for(2380, max_steps=24_000)
-    text = format_step_plan(plan)
-    assert text.splitlines() == [
-        "samples per epoch   2,380",
-        "global batch        6 samples per optimizer step",
-        "steps per epoch     397 optimizer steps (397 micro-steps per rank)",
-        "total steps         24,000",
-        "epochs              61 (the last stops part-way: 60.45 epochs in all)",
-    ]
-    whole = format_step_plan(plan_for(2380, epochs=30))
-    assert whole.splitlines()[-1] == "epochs              30"
+    layouts = bucket_layouts([("1024x1024", 100)])
+    # 2 ranks × 4: 13 micro-steps (12 full windows of 8 samples, then 4) in windows of 4, 4, 4 and 1
+    assert optimizer_steps_per_epoch(layouts, 2, 4, 0, 4) == 4
+    assert optimizer_steps_per_epoch(layouts, 2, 4, 0, 1) == 13

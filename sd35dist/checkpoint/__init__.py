@@ -1,1 +1,1 @@
-"""Checkpoints: atomic layout, strategy-specific payloads, export to diffusers."""
+"""Checkpoints: the manager (what a checkpoint holds and when it is written), the atomic layout, export to diffusers."""

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sd35dist.config.atomic_files import write_text_atomically
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -30,6 +32,10 @@ _NAME = re.compile(r"^step-(\d{8})$")
 
 class CheckpointNotFound(FileNotFoundError):
     """`resume:` names a checkpoint that is not there or not complete; the message says which."""
+
+
+class CheckpointUnreadable(ValueError):
+    """A checkpoint's weights cannot be read back (missing, damaged or of another kind); the message says why."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -71,12 +77,12 @@ class CheckpointDir:
     def commit(self, step: int, info: dict[str, Any]) -> Path:
         """Mark complete, publish under the final name, then move `latest`."""
         partial = self.partial_path(step)
-        _write_atomically(partial / COMPLETE, json.dumps({"step": step, "time": time.time(), **info}, indent=1))
+        write_text_atomically(partial / COMPLETE, json.dumps({"step": step, "time": time.time(), **info}, indent=1))
         final = self.path(step)
         if final.exists():  # the same step saved again (e.g. a resumed run re-reached it)
             shutil.rmtree(final)
         os.rename(partial, final)
-        _write_atomically(self.root / LATEST, final.name + "\n")
+        write_text_atomically(self.root / LATEST, final.name + "\n")
         return final
 
     def complete_steps(self) -> list[int]:
@@ -125,12 +131,3 @@ class CheckpointDir:
 
 def read_info(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / COMPLETE).read_text())
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

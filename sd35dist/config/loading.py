@@ -6,6 +6,7 @@ Pure apart from reading the YAML file; knows nothing of torch so the launcher ca
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,9 +29,38 @@ class ConfigError(Exception):
 
 
 class StrictModel(pydantic.BaseModel):
-    """Base of every config section: unknown keys are errors, no coercion of str ↔ number."""
+    """Base of every config section: unknown keys are errors, and a value keeps the type YAML gave it.
 
-    model_config = pydantic.ConfigDict(extra="forbid", strict=False, frozen=True)
+    "3" is not an int, 2.0 not an int, "true" not a bool. An int is a float (learning_rate: 1),
+    and a YAML list is a tuple where a field declares one (`YamlTuple`).
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+YamlTuple = pydantic.Strict(False)
+"""Marks a tuple field (Annotated[tuple[int, int], YamlTuple]) that a YAML list may fill: YAML has no
+tuples. Only the container is lax; its items stay strict."""
+
+
+class ConfigYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does: 1e-4 is a float, not the string "1e-4"."""
+
+
+ConfigYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+
+        |[-+]?\.[0-9_]+[eE][-+]?[0-9]+)$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text → Python values, the way every config file and `--set` value is read."""
+    return yaml.load(text, Loader=ConfigYamlLoader)  # noqa: S506 — a SafeLoader subclass
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
@@ -50,7 +80,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
             source, f"line {line}", f"not UTF-8 text (byte 0x{raw[exc.start]:02x}): save the file as UTF-8"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         where, what = _yaml_problem(exc, text)
         raise ConfigError(source, where, f"invalid YAML: {what}") from None
@@ -99,7 +129,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not all(parts):
         raise ConfigError("--set", text, "expected KEY.PATH=VALUE, e.g. slurm.nodes=2")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -122,6 +152,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]
     return out
 
 
+NATIVE_YAML_TYPES = ("int", "float", "bool")
+
+
 def _describe_error(model_cls: type[pydantic.BaseModel], err: dict[str, Any]) -> tuple[str, str]:
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc)
@@ -140,7 +173,8 @@ def _describe_error(model_cls: type[pydantic.BaseModel], err: dict[str, Any]) ->
         return key, f"must be {sign} {bound}, got {given!r}"
     if kind.endswith("_parsing") or kind.endswith("_type"):
         wanted = kind.removesuffix("_parsing").removesuffix("_type").replace("_", " ")
-        return key, f"expected {wanted}, got {given!r}"
+        quoted = " (a quoted string: drop the quotes)" if isinstance(given, str) and wanted in NATIVE_YAML_TYPES else ""
+        return key, f"expected {wanted}, got {given!r}{quoted}"
     if kind == "literal_error":
         return key, f"must be one of {ctx.get('expected')}, got {given!r}"
     if kind == "value_error":

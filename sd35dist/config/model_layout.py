@@ -1,7 +1,7 @@
 """What a local SD3 diffusers directory must hold for each job, checked by file names only.
 
 The ranks load these parts (sd35dist/models/sd3_components.py, transformer_build.py,
-train/loop.py); `sd35dist submit` looks for the same files first, without torch, so a model
+jobs/train.py); `sd35dist submit` looks for the same files first, without torch, so a model
 directory the ranks would die on is refused as one line before anything is submitted.
 """
 

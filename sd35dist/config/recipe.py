@@ -12,13 +12,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import Field
 
 from sd35dist.config.credentials import first_credential, looks_secret  # noqa: F401 (preflight redacts with it)
-from sd35dist.config.loading import StrictModel, dump_yaml, load_model
+from sd35dist.config.loading import StrictModel, YamlTuple, dump_yaml, load_model
 
 
 class ModelSection(StrictModel):
@@ -52,7 +52,7 @@ class DatasetSection(StrictModel):
     """Images enlarged more than this to cover their bucket are rejected (2: a 1024² bucket needs ≥ 512 px)."""
     max_crop_fraction: float = Field(0.5, ge=0, le=1)
     """Images whose center crop would cut away more than this share of their area are rejected."""
-    alpha_background: tuple[int, int, int] = (255, 255, 255)
+    alpha_background: Annotated[tuple[int, int, int], YamlTuple] = (255, 255, 255)
     """Colour transparent pixels are composited on: [r, g, b] (0–255), "#rrggbb" or a CSS name such as white."""
 
     @pydantic.field_validator("alpha_background", mode="before")
@@ -111,7 +111,7 @@ class DataSection(StrictModel):
     """fsspec storage options (e.g. endpoint_url). Credentials come from the environment, never from here."""
     datasets: list[DatasetSection] = Field(default_factory=list)
     """Image datasets the cache is built from (`sd35dist cache`)."""
-    buckets: list[tuple[int, int]] = Field(default_factory=lambda: [tuple(b) for b in DEFAULT_BUCKETS])
+    buckets: list[Annotated[tuple[int, int], YamlTuple]] = Field(default_factory=lambda: [tuple(b) for b in DEFAULT_BUCKETS])
     """Aspect buckets as [width, height]; the default is the SD3.5 tutorial's 8 one-megapixel buckets."""
     shard_target_mb: float = Field(256.0, gt=0)
     """Approximate size of one cache shard."""

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from sd35dist.config.atomic_files import write_text_atomically
 
 SAVE_ESTIMATE_FILE = "save_estimate.json"
 
@@ -82,10 +83,7 @@ def write_save_estimate(output_dir: str, estimate: SaveEstimate) -> None:
     if directory is None:
         return
     directory.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{SAVE_ESTIMATE_FILE}.", dir=directory)
-    with os.fdopen(handle, "w") as out:
-        json.dump(asdict(estimate), out)
-    os.replace(tmp, directory / SAVE_ESTIMATE_FILE)
+    write_text_atomically(directory / SAVE_ESTIMATE_FILE, json.dumps(asdict(estimate)))
 
 
 def slurm_kill_wait_s() -> float | None:

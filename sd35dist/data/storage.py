@@ -11,11 +11,12 @@ import hashlib
 import os
 import posixpath
 import re
-import uuid
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from sd35dist.config.atomic_files import write_bytes_atomically
 
 
 class UnsafePath(ValueError):
@@ -47,17 +48,7 @@ class Store:
         target = self.path(relative)
         if self.is_local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex[:12]}"
-            try:
-                with open(tmp, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
+            write_bytes_atomically(target, data)
         else:
             self.fs.pipe_file(target, data)
 

@@ -167,3 +167,14 @@ def plan_segment(
 
 def full_epoch(layouts: Sequence[BucketLayout]) -> dict[str, list[Interval]]:
     return {layout.name: [(0, layout.size)] for layout in layouts}
+
+
+def optimizer_steps_per_epoch(
+    layouts: Sequence[BucketLayout], world_size: int, batch_size: int, seed: int, gradient_accumulation_steps: int
+) -> int:
+    """Optimizer steps one full epoch takes on `world_size` ranks, remainder steps included.
+
+    Every epoch has the same number of steps (bucket sizes do not change), so epoch 0 counts for all.
+    """
+    micro_steps = len(plan_segment(full_epoch(layouts), world_size, batch_size, seed, 0).steps)
+    return -(-micro_steps // gradient_accumulation_steps)

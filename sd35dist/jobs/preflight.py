@@ -26,6 +26,7 @@ import fsspec
 import torch
 import torch.distributed as dist
 
+from sd35dist.config.atomic_files import write_text_atomically
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import is_url, load_recipe, looks_secret, recipe_hash, resolve_paths
 from sd35dist.jobs.save_probe import estimate_save
@@ -374,18 +375,6 @@ def measure_bandwidth(world: World, nbytes: int = BANDWIDTH_BYTES, iterations: i
     )
 
 
-def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    """Readers see the old report or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def _storage_options(checks: list[RankCheck], recipe_path: Path) -> Mapping[str, Any]:
     if checks[0].config_error is not None:
         return {}
@@ -411,7 +400,8 @@ def _verdict(world: World, recipe_path: Path, run_dir: Path, started: float) -> 
         report["checkpoint_save"] = save
         report["duration_s"] = round(time.monotonic() - started, 3)
         try:
-            write_json_atomically(report_path, report)
+            report_path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(report_path, json.dumps(report, indent=2) + "\n")
         except OSError as exc:
             write_error = [f"cannot write {report_path}: {one_line(exc)}"]
         print("\n".join(summary_lines(report, report_path)), flush=True)

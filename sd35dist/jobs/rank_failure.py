@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from sd35dist.checkpoint.export import ExportError
-from sd35dist.checkpoint.layout import CheckpointNotFound
+from sd35dist.checkpoint.layout import CheckpointNotFound, CheckpointUnreadable
 from sd35dist.config.loading import ConfigError
 from sd35dist.data.manifest import ManifestError
 from sd35dist.data.shard_fetcher import ShardCorrupt, ShardUnavailable
@@ -36,7 +36,7 @@ PEER_FAILED_EXIT = 1
 FAILURE_KEY = "sd35dist/failure-reported"
 
 MISTAKES: tuple[type[BaseException], ...] = (
-    ConfigError, CheckpointNotFound, ExportError, ManifestError, ShardCorrupt, ShardUnavailable,
+    ConfigError, CheckpointNotFound, CheckpointUnreadable, ExportError, ManifestError, ShardCorrupt, ShardUnavailable,
     ModelDirectoryIncomplete, CheckpointMismatch,
 )
 """Errors whose message tells the user what to fix: one line and exit 2, never a traceback."""

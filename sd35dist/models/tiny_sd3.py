@@ -12,13 +12,12 @@ tokenizers come from hand-made vocabularies, the weights from a seeded initialis
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import shutil
 from pathlib import Path
 
 import torch
 
+from sd35dist.config.atomic_files import staged_directory
 from sd35dist.models.sd3_components import ModelDirectoryIncomplete, check_model_dir
 
 # The transformer is split into several files so tests walk the same index-json path as the
@@ -81,21 +80,13 @@ def build_tiny_sd3(out_dir: Path, seed: int = 0) -> Path:
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: exists but is not a complete SD3 model directory; remove it or pick another path")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would stick to the renamed model directory.
-    staging = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
     try:
-        _save_pipeline(tiny_sd3_pipeline(seed), staging)
-        try:
-            os.rename(staging, out_dir)  # an empty out_dir is replaced; a full one raises
-        except OSError:
-            if not _is_complete(out_dir):
-                raise
-            # Another process (e.g. a second rank) finished the same build first.
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        with staged_directory(out_dir) as staging:
+            _save_pipeline(tiny_sd3_pipeline(seed), staging)
+    except OSError:
+        if not _is_complete(out_dir):
+            raise
+        # Another process (e.g. a second rank) finished the same build first.
     return out_dir
 
 

@@ -23,12 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from sd35dist.models.state_keys import key_mismatch, plain_name
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-# Prefixes that wrappers insert into module paths but not into state-dict keys.
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
-# How many key names an error message lists before saying "…".
-KEYS_SHOWN = 5
 
 
 class CheckpointMismatch(ValueError):
@@ -141,7 +139,7 @@ def recompute_derived_buffers(model: nn.Module) -> set[str]:
         )
         with torch.no_grad():
             buffer.copy_(pos_embed.float().unsqueeze(0))
-        recomputed.add(_state_dict_name(f"{name}.pos_embed" if name else "pos_embed"))
+        recomputed.add(plain_name(f"{name}.pos_embed" if name else "pos_embed"))
     return recomputed
 
 
@@ -150,41 +148,23 @@ def _derived_buffer_names(model: nn.Module) -> Iterator[str]:
 
     for name, module in model.named_modules():
         if isinstance(module, PatchEmbed) and module.pos_embed is not None:
-            yield _state_dict_name(f"{name}.pos_embed" if name else "pos_embed")
-
-
-def _state_dict_name(module_path: str) -> str:
-    for prefix in WRAPPER_PREFIXES:
-        module_path = module_path.replace(prefix, "")
-    return module_path
+            yield plain_name(f"{name}.pos_embed" if name else "pos_embed")
 
 
 def _check_keys(folder: Path, model_keys: set[str], checkpoint_keys: set[str], recomputable: set[str]) -> None:
-    missing = sorted(model_keys - checkpoint_keys - recomputable)
-    unexpected = sorted(checkpoint_keys - model_keys)
-    if not missing and not unexpected:
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} model keys not in the checkpoint ({_first_few(missing)})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} checkpoint keys the model does not have ({_first_few(unexpected)})")
-    raise CheckpointMismatch(
-        f"{folder}: checkpoint does not match the model built from its config.json: {'; '.join(parts)}; "
-        "point model.pretrained at an unmodified SD3/SD3.5 diffusers directory"
-    )
-
-
-def _first_few(keys: list[str]) -> str:
-    shown = ", ".join(keys[:KEYS_SHOWN])
-    return shown + (", …" if len(keys) > KEYS_SHOWN else "")
+    problem = key_mismatch(model_keys, checkpoint_keys, recomputable)
+    if problem is not None:
+        raise CheckpointMismatch(
+            f"{folder}: checkpoint does not match the model built from its config.json: {problem}; "
+            "point model.pretrained at an unmodified SD3/SD3.5 diffusers directory"
+        )
 
 
 def _check_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     for name, param in model.named_parameters():
         if param.is_floating_point() and param.dtype != dtype:
             raise ValueError(
-                f"parameter {_state_dict_name(name)} is {param.dtype}, expected {dtype}; "
+                f"parameter {plain_name(name)} is {param.dtype}, expected {dtype}; "
                 f"build the model with build_on_meta(config, dtype={dtype})"
             )
 
@@ -192,7 +172,7 @@ def _check_dtype(model: nn.Module, dtype: torch.dtype) -> None:
 def _check_buffers_restorable(model: nn.Module, targets: dict[str, torch.Tensor], recomputed: set[str]) -> None:
     # A non-persistent buffer is neither loaded nor (unless known) recomputed: it would stay garbage.
     for name, _ in model.named_buffers():
-        name = _state_dict_name(name)
+        name = plain_name(name)
         if name not in targets and name not in recomputed:
             raise NotImplementedError(f"buffer {name} is not in the state dict and has no recipe to recompute it after to_empty")
 

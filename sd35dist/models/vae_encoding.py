@@ -40,8 +40,3 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Gener
 def scale_latents(latents: torch.Tensor, vae_config: Mapping[str, Any]) -> torch.Tensor:
     """(latents - shift_factor) * scaling_factor: what the SD3 transformer sees (as in the SD3 example)."""
     return (latents - vae_config["shift_factor"]) * vae_config["scaling_factor"]
-
-
-def unscale_latents(latents: torch.Tensor, vae_config: Mapping[str, Any]) -> torch.Tensor:
-    """The inverse of scale_latents: what `vae.decode` takes (as the SD3 pipeline does before decoding)."""
-    return latents / vae_config["scaling_factor"] + vae_config["shift_factor"]

@@ -1,1 +1,1 @@
-"""Process groups and (later) the FSDP2 / ZeRO strategies behind one interface."""
+"""Process groups, and the FSDP2 / ZeRO strategies behind one interface (`strategy.STRATEGIES`)."""

@@ -1,4 +1,5 @@
-"""FSDP2 for the SD3 MMDiT: activation checkpointing → compile → fully_shard per block → root.
+"""FSDP2 for the SD3 MMDiT: activation checkpointing → compile → fully_shard per block → root,
+and `FSDP2Strategy`, the training strategy built on it (checkpoints through DCP).
 
 The torchtitan order. Everything here runs on a meta-built model (see
 `sd35dist.models.transformer_build`): sharding is decided before any storage exists, and
@@ -16,20 +17,42 @@ would become 928) and its output is cast after projecting.
 
 from __future__ import annotations
 
+import pickle
+import warnings
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, UnsafeMetadata
+from sd35dist.checkpoint.layout import CheckpointUnreadable
+from sd35dist.config.loading import ConfigError
+from sd35dist.config.recipe import Recipe
+from sd35dist.models.state_keys import plain_name
 from sd35dist.models.transformer_build import build_on_meta, materialize_and_load, transformer_config
+from sd35dist.parallel.ema import ShardedEMA
+from sd35dist.parallel.optimizer import make_optimizer, master_and_compute_dtypes
 from sd35dist.parallel.process_group import World
 
 SHARD_DIM_NAME = "dp_shard"
 REPLICATE_DIM_NAME = "dp_replicate"
 # Forward inputs that stay fp32 whatever the compute dtype.
 FP32_INPUTS = ("timestep",)
+DCP_DIR = "dcp"
+"""The checkpoint's subdirectory torch.distributed.checkpoint writes."""
 
 
 def fsdp_mesh_shape(world_size: int, replicas: int = 1) -> tuple[int, ...]:
@@ -155,3 +178,164 @@ def load_transformer(
 
 def _device_type() -> str:
     return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
+def hsdp_replicas(shard_degree: int | None, world_size: int, recipe_file: str = "recipe") -> int:
+    """How many replica groups `parallel.shard_degree` makes on `world_size` ranks: 1 is plain FSDP."""
+    if shard_degree is None:
+        return 1
+    if shard_degree > world_size or world_size % shard_degree:
+        raise ConfigError(recipe_file, "parallel.shard_degree",
+                          f"{shard_degree} must divide the world size {world_size}")
+    return world_size // shard_degree
+
+
+class FSDP2Strategy:
+    """fully_shard per transformer block then the root; checkpoints through torch.distributed.checkpoint."""
+
+    name = "fsdp2"
+    supports_async = True
+
+    def __init__(self, recipe: Recipe, world: World, recipe_file: str = "recipe") -> None:
+        """The pretrained transformer of `recipe.model`, built on meta, sharded, then loaded shard by shard."""
+        master, compute = master_and_compute_dtypes(recipe)
+        replicas = hsdp_replicas(recipe.parallel.shard_degree, world.world_size, recipe_file)
+        model = load_transformer(
+            Path(recipe.model.pretrained),
+            world=world,
+            subfolder=recipe.model.transformer_subfolder,
+            replicas=replicas,
+            dtype=master,
+            param_dtype=compute,
+            reduce_dtype=torch.float32,
+            activation_checkpointing=recipe.train.gradient_checkpointing,
+            compile_blocks=recipe.train.compile_blocks,
+        )
+        self._adopt(model, recipe, world)
+        if world.is_main:
+            print(f"fsdp2: {describe_mesh(self.mesh)}, {recipe.train.optimizer}, compute {compute}, "
+                  f"master weights {master}", flush=True)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, recipe: Recipe, world: World, recipe_file: str = "recipe") -> FSDP2Strategy:
+        """The strategy around a model already in memory (a random init, say): sharded as the recipe says."""
+        _, compute = master_and_compute_dtypes(recipe)
+        replicas = hsdp_replicas(recipe.parallel.shard_degree, world.world_size, recipe_file)
+        parallelize_fsdp2(
+            model,
+            mesh=fsdp_mesh(world.world_size, replicas, world.device.type),
+            param_dtype=compute,
+            reduce_dtype=torch.float32,
+            activation_checkpointing=recipe.train.gradient_checkpointing,
+            compile_blocks=recipe.train.compile_blocks,
+        )
+        strategy = cls.__new__(cls)
+        strategy._adopt(model, recipe, world)
+        return strategy
+
+    def _adopt(self, model: nn.Module, recipe: Recipe, world: World) -> None:
+        self.recipe, self.world = recipe, world
+        self.model = model
+        self.model.train()
+        self.mesh = next(p for p in self.model.parameters()).device_mesh
+        self.optimizer = make_optimizer(self.model.parameters(), recipe, world.device)
+        self.ema = ShardedEMA(list(self.model.named_parameters())) if recipe.train.ema.enabled else None
+        self._checkpoint_group: dist.ProcessGroup | None = None
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**inputs, return_dict=False)[0]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, learning_rate: float, max_grad_norm: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def update_ema(self, decay: float) -> None:
+        if self.ema is not None:
+            self.ema.update(list(self.model.named_parameters()), decay)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state: dict[str, Any] = {"model": model_state, "optim": optim_state}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def save(self, directory: Path) -> None:
+        """Every rank writes its shards (DCP); resharding on load handles another world size."""
+        dcp.save(self._state(), checkpoint_id=str(directory / DCP_DIR))
+
+    def save_async(self, directory: Path) -> Future:
+        """Stage the state in host memory now and write it in the background; the future says when.
+
+        The background writer's collectives run on a gloo group of their own, so they never
+        interleave with the training step's collectives on the default group.
+        """
+        if self._checkpoint_group is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        return dcp.async_save(self._state(), checkpoint_id=str(directory / DCP_DIR), process_group=self._checkpoint_group)
+
+    def load(self, directory: Path) -> None:
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+
+    def full_state_dict(self, use_ema: bool = False) -> dict[str, torch.Tensor]:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        if use_ema and self.ema is not None:
+            for name, tensor in self.ema.state_dict().items():
+                full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+                if dist.get_rank() == 0:
+                    state[plain_name(name)] = full.cpu()
+        return state
+
+    @staticmethod
+    def read_full(checkpoint: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+        """Full tensors of a checkpoint's weights (or EMA), in one process, without a process group."""
+        state = _read_dcp_tensors(checkpoint / DCP_DIR, "model")
+        if use_ema:  # the EMA covers parameters; buffers (pos_embed) come from the model
+            state.update(_read_dcp_tensors(checkpoint / DCP_DIR, "ema"))
+        return state
+
+
+def _read_dcp_tensors(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Every tensor saved under `prefix` (model or ema) in a DCP checkpoint, as full tensors."""
+    if not (directory / ".metadata").is_file():
+        raise CheckpointUnreadable(f"{directory.parent}: no {directory.name}/.metadata: the checkpoint's weights are "
+                                   f"missing (copied without its {directory.name}/ directory?)")
+    reader = MetadataCheckedReader(str(directory))
+    try:
+        metadata = reader.read_metadata()
+    except (UnsafeMetadata, pickle.UnpicklingError, EOFError) as err:
+        raise CheckpointUnreadable(f"{directory / '.metadata'}: not readable as DCP metadata ({err})") from None
+    targets = {
+        key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(prefix + ".") and isinstance(meta, TensorStorageMetadata)
+    }
+    if not targets:
+        raise CheckpointUnreadable(f"{directory}: no '{prefix}' tensors in this checkpoint")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process is the point
+        try:
+            dcp.load(targets, storage_reader=reader, no_dist=True)
+        except CheckpointException as err:
+            # DCP keeps (exception, traceback) per rank
+            errors = [f[0] if isinstance(f, tuple) else f for f in err.failures.values()]
+            causes = {type(e).__name__: e for e in errors}
+            missing = causes.get("FileNotFoundError")
+            why = f"{missing.filename} is missing" if missing is not None else "; ".join(map(str, causes.values()))
+            raise CheckpointUnreadable(f"{directory.parent}: weights unreadable: {why}") from None
+    return {plain_name(key[len(prefix) + 1 :]): tensor for key, tensor in targets.items()}

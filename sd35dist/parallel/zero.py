@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sd35dist.checkpoint.layout import CheckpointUnreadable, read_info
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import Recipe
+from sd35dist.models.state_keys import key_mismatch
 from sd35dist.models.transformer_build import (
     CheckpointMismatch,
     build_on_meta,
@@ -35,14 +38,15 @@ from sd35dist.models.transformer_build import (
     materialize_and_load,
     transformer_config,
 )
+from sd35dist.parallel.ema import ShardedEMA
 from sd35dist.parallel.fsdp2 import FP32_INPUTS
+from sd35dist.parallel.optimizer import make_optimizer, master_and_compute_dtypes
 from sd35dist.parallel.process_group import World
-from sd35dist.parallel.strategy import _dtypes, make_optimizer
-from sd35dist.train.ema import ShardedEMA
 
 CONFIG_FILE = "deepspeed_config.json"
 DS_TAG = "ds"
 EMA_LAYOUT_KEY = "sd35dist.ema_layout"
+EMA_FILES = "ema-rank*.safetensors"
 STAGES = {"zero2": 2, "zero3": 3}
 
 
@@ -56,7 +60,7 @@ def deepspeed_config(recipe: Recipe, world_size: int, hidden_size: int | None = 
     """
     train = recipe.train
     stage = STAGES[recipe.parallel.strategy]
-    _, compute = _dtypes(recipe)
+    _, compute = master_and_compute_dtypes(recipe)
     bf16 = compute == torch.bfloat16
     zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
     if hidden_size:
@@ -102,7 +106,9 @@ class _Fragment:
 class ZeroStrategy:
     """deepspeed.initialize over the pretrained SD3 transformer; DeepSpeed's own checkpoint format."""
 
-    def __init__(self, recipe: Recipe, world: World) -> None:
+    supports_async = False  # DeepSpeed's save_checkpoint writes before it returns
+
+    def __init__(self, recipe: Recipe, world: World, recipe_file: str = "recipe") -> None:
         if not torch.cuda.is_available():
             # DeepSpeed picks its accelerator at import time; on CPU it then falls back to gloo.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -125,7 +131,7 @@ class ZeroStrategy:
             output.mkdir(parents=True, exist_ok=True)
             (output / CONFIG_FILE).write_text(json.dumps(self.config, indent=2) + "\n")
 
-        _, compute = _dtypes(recipe)
+        _, compute = master_and_compute_dtypes(recipe)
         model = self._build(deepspeed, model_dir, config, compute)
         if recipe.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
@@ -205,9 +211,10 @@ class ZeroStrategy:
             save_file(self.ema.state_dict(), str(directory / _ema_file(self.world.rank)),
                       metadata={EMA_LAYOUT_KEY: json.dumps(layout)})
 
-    def load(self, directory: Path) -> None:
-        from sd35dist.checkpoint.layout import read_info
+    def save_async(self, directory: Path) -> Future:
+        raise NotImplementedError("ZeRO checkpoints are written synchronously (supports_async is False)")
 
+    def load(self, directory: Path) -> None:
         info = read_info(directory)
         if not (directory / DS_TAG).is_dir():
             raise ConfigError(str(directory), "parallel.strategy", f"checkpoint written by {info.get('strategy')}, "
@@ -241,6 +248,24 @@ class ZeroStrategy:
         if self.world.is_main:
             for name, buffer in self.model.named_buffers():
                 state[name] = buffer.detach().cpu().clone()
+        return state
+
+    @staticmethod
+    def read_full(checkpoint: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+        """Full tensors of a ZeRO checkpoint (master weights, or the EMA), in one process, no process group."""
+        if not (checkpoint / DS_TAG).is_dir():
+            raise CheckpointUnreadable(f"{checkpoint}: no DeepSpeed checkpoint ({DS_TAG}/) in it")
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # Buffers (pos_embed) are in it too; the EMA covers parameters only.
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG)
+        if use_ema:
+            files = sorted(checkpoint.glob(EMA_FILES))
+            if not files:
+                raise CheckpointUnreadable(f"{checkpoint}: no EMA in this checkpoint (train.ema.enabled was false)")
+            state.update(_assemble_ema(files))
         return state
 
     # ---- master-weight fragments ------------------------------------------------------------
@@ -292,29 +317,6 @@ def _ema_file(rank: int) -> str:
     return f"ema-rank{rank:05d}.safetensors"
 
 
-EMA_FILES = "ema-rank*.safetensors"
-
-
-def zero_checkpoint_state(checkpoint: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Full tensors of a ZeRO checkpoint (master weights, or the EMA), in one process, no process group."""
-    from sd35dist.checkpoint.export import ExportError
-
-    if not (checkpoint / DS_TAG).is_dir():
-        raise ExportError(f"{checkpoint}: no DeepSpeed checkpoint ({DS_TAG}/) in it")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    # Buffers (pos_embed) are in it too; the EMA covers parameters only.
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG)
-    if use_ema:
-        files = sorted(checkpoint.glob(EMA_FILES))
-        if not files:
-            raise ExportError(f"{checkpoint}: no EMA in this checkpoint (train.ema.enabled was false)")
-        state.update(_assemble_ema(files))
-    return state
-
-
 def _assemble_ema(files: list[Path]) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
@@ -337,12 +339,11 @@ def _load_partitions(model: nn.Module, folder: Path) -> None:
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     key_files = checkpoint_key_files(folder)
-    missing = sorted(set(params) - set(key_files))  # buffers (pos_embed) were computed at construction
-    unexpected = sorted(set(key_files) - set(params) - set(buffers))
-    if missing or unexpected:
+    # Buffers (pos_embed) were computed at construction: the checkpoint may lack them.
+    problem = key_mismatch([*params, *buffers], key_files, recomputable=buffers)
+    if problem is not None:
         raise CheckpointMismatch(f"{folder}: checkpoint does not match the model built from its config.json: "
-                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}; point model.pretrained at an "
-                                 "unmodified SD3/SD3.5 diffusers directory")
+                                 f"{problem}; point model.pretrained at an unmodified SD3/SD3.5 diffusers directory")
     with torch.no_grad():
         for name, full in iter_checkpoint_tensors(folder, key_files):
             if name in buffers:

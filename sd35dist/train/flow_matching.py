@@ -186,41 +186,13 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, weighting: torch.T
     return squared.reshape(target.shape[0], -1).mean(dim=1)
 
 
-def flow_matching_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    weighting: torch.Tensor,
-    reduction_counts: int | None = None,
-) -> torch.Tensor:
-    """The scalar loss: the per-sample losses summed and divided by `reduction_counts`.
-
-    With `reduction_counts` None it divides by this batch's size: the example's
-    `loss.mean()`. Pass the number of samples across all ranks (`all_reduce` of the
-    counts from `flow_matching_loss_sum_and_count`) when ranks hold batches of different
-    sizes: each rank's loss is then its share of the global-batch mean, and the sum of
-    the ranks' losses (and gradients) is that mean exactly.
-    """
-    loss_sum, count = flow_matching_loss_sum_and_count(pred, target, weighting)
-    divisor = count if reduction_counts is None else reduction_counts
-    if divisor <= 0:
-        raise ValueError(f"reduction_counts must be positive, got {divisor}")
-    return loss_sum / divisor
-
-
 def flow_matching_loss_sum_and_count(
     pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor
 ) -> tuple[torch.Tensor, int]:
     """(sum of per-sample losses as a float32 scalar, number of samples) for all-reducing.
 
     Summing both across ranks and dividing gives the mean over every sample of the step,
-    whatever each rank's batch size: see `mean_loss_from_sum_and_count`.
+    whatever each rank's batch size; on one rank that is the example's `loss.mean()`.
     """
     losses = per_sample_loss(pred, target, weighting)
     return losses.sum(), losses.shape[0]
-
-
-def mean_loss_from_sum_and_count(loss_sum: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
-    """The mean loss from (all-reduced) sum and count; refuses an empty step rather than dividing by 0."""
-    if int(count) <= 0:
-        raise ValueError("no samples were counted: the mean loss of an empty step is undefined")
-    return loss_sum / count

@@ -1,6 +1,6 @@
-"""`sd35dist train --recipe R --run-dir D`: what every rank runs.
+"""The training loop every rank runs (its entry point, `sd35dist train`, is jobs/train.py).
 
-Read top to bottom: set up (process group, stream, strategy, resume), then one optimizer
+Read top to bottom: set up (stream, strategy, checkpoint manager, resume), then one optimizer
 step after another — micro-batches from the stream, SD3 flow-matching loss, backward,
 clip, step, EMA — with a checkpoint every `checkpointing_steps`, on preemption, and at the
 end. All randomness comes from generators seeded by (seed, step, micro-step, rank), so a
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -19,21 +18,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from sd35dist.checkpoint.export import TRANSFORMER_CONFIG
-from sd35dist.checkpoint.layout import CheckpointDir, read_info
-from sd35dist.checkpoint.recipe_match import RECIPE_FILE, as_current_schema, refused_changes, resume_refusal
-from sd35dist.config.loading import ConfigError
-from sd35dist.config.recipe import Recipe, recipe_hash, recipe_yaml
+from sd35dist.checkpoint.manager import CheckpointManager, resume_checkpoint
+from sd35dist.checkpoint.recipe_match import RECIPE_FILE
+from sd35dist.config.recipe import Recipe
 from sd35dist.config.save_budget import SaveBudget
 from sd35dist.data.latent_stream import Batch, LatentStream, StreamOptions
 from sd35dist.data.shard_fetcher import RetryPolicy
-from sd35dist.jobs.rank_failure import rank_from_env, report_before_group, report_failure
-from sd35dist.jobs.rank_inputs import check_pretrained, load_rank_recipe, train_model_parts
-from sd35dist.parallel.process_group import World, destroy, init_process_group_from_env
+from sd35dist.data.stream_order import optimizer_steps_per_epoch
+from sd35dist.parallel.ema import ema_decay_at
+from sd35dist.parallel.process_group import World
 from sd35dist.parallel.strategy import TrainingStrategy, make_strategy
-from sd35dist.train.ema import ema_decay_at
 from sd35dist.train.flow_matching import (
     FlowMatchSchedule,
     flow_matching_loss_sum_and_count,
@@ -45,9 +40,6 @@ from sd35dist.train.lr_schedule import learning_rate_at
 from sd35dist.train.metrics import MetricsLog
 from sd35dist.train.mfu import mfu, mmdit_train_flops_per_sample, peak_bf16_flops
 from sd35dist.train.preemption import PreemptionWatch, StopKind, save_fits
-
-TRAINER_STATE = "trainer_state.json"
-COLLECTIVE_TIMEOUT_S = 1800
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -74,13 +66,8 @@ def stream_options(recipe: Recipe) -> StreamOptions:
 class Trainer:
     def __init__(self, recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE_FILE) -> None:
         self.recipe, self.world, self.run_dir = recipe, world, run_dir
-        self.recipe_source = recipe_source
-        """The recipe file's name, for messages about its keys."""
-        self.checkpoints = CheckpointDir(recipe.output.dir)
         # Before the stream and the model are built: a refused resume says so at once.
-        self.resume_from = self.checkpoints.resolve(recipe.train.resume)
-        if self.resume_from is not None:
-            self.check_recipe(self.resume_from)
+        resume_from = resume_checkpoint(recipe, recipe_source)
         self.device = world.device
         self.stream = LatentStream(recipe.data.cache_url, rank=world.rank, world_size=world.world_size,
                                    options=stream_options(recipe), storage_options=recipe.data.storage_options)
@@ -88,22 +75,17 @@ class Trainer:
         scheduler_config = Path(recipe.model.pretrained) / "scheduler" / "scheduler_config.json"
         self.schedule = FlowMatchSchedule.from_scheduler_config(json.loads(scheduler_config.read_text()))
         self.strategy: TrainingStrategy = make_strategy(recipe, world, recipe_source)
+        self.checkpoints = CheckpointManager(recipe, world, self.strategy, {"stream": self.stream}, resume_from)
         self.step = 0
         self.total_steps = self._total_steps()
-        self._pending: tuple[int, Any, dict[str, Any], float] | None = None
-        self.last_save_s: float | None = None
-        """Seconds the last synchronous save took (from the resumed checkpoint until this run saves)."""
-        self.saved_step = -1
 
     def _total_steps(self) -> int:
         train = self.recipe.train
         if train.max_train_steps:
             return train.max_train_steps
-        from sd35dist.data.stream_order import full_epoch, plan_segment
-
-        micro = len(plan_segment(full_epoch(self.stream.layouts), self.world.world_size, train.train_batch_size,
-                                 self.recipe.seed, 0).steps)
-        return math.ceil(micro / train.gradient_accumulation_steps) * (train.num_train_epochs or 1)
+        per_epoch = optimizer_steps_per_epoch(self.stream.layouts, self.world.world_size, train.train_batch_size,
+                                              self.recipe.seed, train.gradient_accumulation_steps)
+        return per_epoch * (train.num_train_epochs or 1)
 
     # ---- one optimizer step ------------------------------------------------------------
 
@@ -172,82 +154,10 @@ class Trainer:
         return {"loss": float(totals[0] / totals[1]), "lr": lr, "grad_norm": grad_norm, "samples": float(totals[1]),
                 "rank_flops": rank_flops}
 
-    # ---- checkpoints --------------------------------------------------------------------
-
-    def save(self) -> Path:
-        """Every rank writes its part; rank 0 alone publishes it (after a barrier) and rotates.
-
-        With `async_checkpointing` (FSDP2) the state is staged now and written in the
-        background; it is published by `finish_save`, at the next save or at the end.
-        """
-        self.finish_save()
-        started = time.monotonic()
-        partial = self.checkpoints.partial_path(self.step)
-        if self.world.is_main:
-            self.checkpoints.begin(self.step)
-        dist.barrier()
-        rng = torch.get_rng_state()
-        (partial / f"rng-rank{self.world.rank:05d}.bin").write_bytes(rng.numpy().tobytes())
-        state = {"step": self.step, "stream": self.stream.state_dict(), "world_size": self.world.world_size,
-                 "strategy": self.recipe.parallel.strategy}
-        if self.recipe.train.async_checkpointing and hasattr(self.strategy, "save_async"):
-            self._pending = (self.step, self.strategy.save_async(partial), state, started)
-        else:
-            self.strategy.save(partial)
-            self._pending = (self.step, None, state, started)
-            self.finish_save()
-        return self.checkpoints.path(self.step)
-
-    def finish_save(self) -> None:
-        """Wait for the checkpoint being written (if any), then publish it and rotate."""
-        if self._pending is None:
-            return
-        step, writing, state, started = self._pending
-        self._pending = None
-        if writing is not None:
-            writing.result()
-        dist.barrier()
-        if writing is None:  # a background write overlaps training: its wall time says nothing of a save's
-            self.last_save_s = time.monotonic() - started
-            state["save_seconds"] = round(self.last_save_s, 3)
-        self.saved_step = step
-        if self.world.is_main:
-            partial = self.checkpoints.partial_path(step)
-            (partial / TRAINER_STATE).write_text(json.dumps(state))
-            (partial / TRANSFORMER_CONFIG).write_text(json.dumps(dict(self.strategy.model.config)))
-            (partial / RECIPE_FILE).write_text(recipe_yaml(self.recipe))
-            self.checkpoints.commit(step, {"world_size": self.world.world_size,
-                                           "strategy": self.recipe.parallel.strategy,
-                                           "recipe_sha256": recipe_hash(self.recipe)})
-            self.checkpoints.rotate(self.recipe.train.checkpoints_total_limit)
-        dist.barrier()
-
     def resume(self) -> Path | None:
-        checkpoint = self.resume_from
-        if checkpoint is None:
-            return None
-        self.strategy.load(checkpoint)
-        state = json.loads((checkpoint / TRAINER_STATE).read_text())
-        self.step = int(state["step"])
-        self.saved_step = self.step
-        self.last_save_s = state.get("save_seconds")
-        self.stream.load_state_dict(state["stream"])
-        rng_file = checkpoint / f"rng-rank{self.world.rank:05d}.bin"
-        if read_info(checkpoint)["world_size"] == self.world.world_size and rng_file.is_file():
-            torch.set_rng_state(torch.frombuffer(bytearray(rng_file.read_bytes()), dtype=torch.uint8))
-        return checkpoint
-
-    def check_recipe(self, checkpoint: Path) -> None:
-        """Refuse to resume a checkpoint trained with another model, data, optimizer or LoRA
-        (recipe_match.py says which keys count), unless train.resume_allow_changes names them."""
-        saved_file = checkpoint / RECIPE_FILE
-        if not saved_file.is_file():
-            return  # written before checkpoints held their recipe: nothing to compare
-        saved = as_current_schema(yaml.safe_load(saved_file.read_text()) or {}, Recipe)
-        current = self.recipe.model_dump(mode="json")
-        refused = refused_changes(saved, current, self.recipe.train.resume_allow_changes)
-        if refused:
-            raise resume_refusal(self.recipe_source, checkpoint.name, refused)
+        """Continue from the checkpoint `train.resume` names, if any; returns it."""
+        self.step = self.checkpoints.resume()
+        return self.checkpoints.resume_from
 
 
 def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE_FILE) -> int:
@@ -263,7 +173,8 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
     restart = os.environ.get("SLURM_RESTART_COUNT", "0")
     metrics.note(f"train: step {trainer.step}/{trainer.total_steps}, world {world.world_size}, "
                  f"{recipe.parallel.strategy}, resumed from {resumed or 'nothing'}, SLURM_RESTART_COUNT={restart}")
-    budget = SaveBudget.for_this_job(recipe.output.dir, trainer.last_save_s) if world.is_main else None
+    checkpoints = trainer.checkpoints
+    budget = SaveBudget.for_this_job(recipe.output.dir, checkpoints.last_save_s) if world.is_main else None
     for line in budget.warnings(step_s=None) if budget else []:
         metrics.note(f"warning: {line}")
     watch = PreemptionWatch(str(run_dir))
@@ -286,13 +197,13 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
             if stop is not StopKind.NONE:
                 metrics.note(stop_and_save(trainer, stop, watch, budget))
                 return 0
-            if trainer.step % recipe.train.checkpointing_steps == 0 or trainer.step == trainer.total_steps:
-                path = trainer.save()
+            if checkpoints.due(trainer.step, trainer.total_steps):
+                path = checkpoints.save(trainer.step)
                 metrics.note(f"checkpoint {path}")
-                if budget is not None and budget.measured(trainer.last_save_s, seconds, trainer.step):
+                if budget is not None and budget.measured(checkpoints.last_save_s, seconds, trainer.step):
                     for line in budget.warnings(step_s=seconds):
                         metrics.note(f"warning: {line}")
-        trainer.finish_save()
+        checkpoints.finish_save()
         metrics.note(f"done: {trainer.step} steps")
         return 0
     finally:
@@ -304,50 +215,30 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
 
 def stop_and_save(trainer: Trainer, stop: StopKind, watch: PreemptionWatch, budget: SaveBudget | None) -> str:
     """Save for the stop every rank agreed on; returns the line that says what happened."""
-    trainer.finish_save()
+    checkpoints = trainer.checkpoints
+    checkpoints.finish_save()
     if stop is StopKind.TIME_LIMIT:
-        if trainer.saved_step != trainer.step:
-            trainer.save()
-            trainer.finish_save()
+        if checkpoints.saved_step != trainer.step:
+            checkpoints.save(trainer.step)
+            checkpoints.finish_save()
         if os.environ.get("SLURM_JOB_ID"):
             return f"time limit: saved step {trainer.step}; the batch script requeues the job once every rank has exited"
         return f"stopped (PREEMPT file): saved step {trainer.step}; `resume: latest` continues"
     what = "requeued by Slurm" if stop is StopKind.REQUEUE else "cancelled"
-    if trainer.saved_step == trainer.step:
+    if checkpoints.saved_step == trainer.step:
         return f"{what} ({watch.received or 'signal'}): step {trainer.step} is saved"
     # A save must end before Slurm's SIGKILL; rank 0 knows KillWait and decides for all.
     decision = torch.ones(1, dtype=torch.int64, device=trainer.device)
     if budget is not None:
-        decision.fill_(int(save_fits(elapsed_s=watch.seconds_since_terminate(), save_s=trainer.last_save_s,
+        decision.fill_(int(save_fits(elapsed_s=watch.seconds_since_terminate(), save_s=checkpoints.last_save_s,
                                      kill_wait_s=budget.kill_wait_s)))
     if trainer.world.world_size > 1:
         dist.broadcast(decision, src=0)
     if decision.item():
-        trainer.save()
-        trainer.finish_save()
+        checkpoints.save(trainer.step)
+        checkpoints.finish_save()
         return f"{what} ({watch.received or 'signal'}): saved step {trainer.step}"
-    latest = trainer.checkpoints.latest()
+    latest = checkpoints.latest()
     kill_wait = f"{budget.kill_wait_s:g} s" if budget and budget.kill_wait_s is not None else "KillWait"
-    return (f"{what} ({watch.received or 'signal'}): no final checkpoint: a save takes ~{trainer.last_save_s or 0:.0f} s "
+    return (f"{what} ({watch.received or 'signal'}): no final checkpoint: a save takes ~{checkpoints.last_save_s or 0:.0f} s "
             f"and Slurm kills the job {kill_wait} after its SIGTERM; latest is {latest.name if latest else 'none'}")
-
-
-def main(args: Any) -> int:
-    recipe_file = Path(args.recipe)
-    try:
-        recipe = load_rank_recipe(recipe_file)
-        check_pretrained(recipe, recipe_file.name, train_model_parts(recipe.model))
-    except ConfigError as err:
-        return report_before_group(err, rank_from_env())
-    run_dir = Path(args.run_dir or recipe.output.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    world = init_process_group_from_env(COLLECTIVE_TIMEOUT_S)
-    try:
-        code = run(recipe, world, run_dir, recipe_file.name)
-        # Leave together: gloo can abort a rank that destroys its group while a peer still works.
-        dist.barrier()
-        return code
-    except Exception as err:  # noqa: BLE001 — one line once for a mistake; a bug is re-raised
-        return report_failure(err, world.rank, run_dir)
-    finally:
-        destroy()

@@ -1,29 +1,53 @@
-"""What a user watches: a progress bar on rank 0, a JSONL metrics file per rank, wandb (offline by default).
+"""What a user watches: progress on rank 0, a JSONL metrics file per rank, wandb (offline by default).
 
-No key is ever written: wandb reads WANDB_API_KEY from the environment when online.
+Progress is a bar on a terminal and plain lines elsewhere (a Slurm log is not a terminal:
+a bar's carriage returns would pile up there as one endless line). No key is ever
+written: wandb reads WANDB_API_KEY from the environment when online.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from sd35dist.parallel.process_group import World
 
+PLAIN_LINE_EVERY_S = 30.0
+"""Without a terminal, a progress line at most this often (and at the first and last step)."""
+
+
+def progress_line(step: int, total: int, values: dict[str, float], images_per_second: float,
+                  eta_s: float | None) -> str:
+    """One plain progress line, as a Slurm log shows it."""
+    parts = [f"step {step}/{total}", f"loss {values['loss']:.4f}", f"lr {values['lr']:.2e}",
+             f"img/s {images_per_second:.1f}"]
+    if "mfu" in values:
+        parts.append(f"mfu {values['mfu']:.1%}")
+    if eta_s is not None:
+        hours, rest = divmod(int(eta_s), 3600)
+        parts.append(f"eta {hours}h{rest // 60:02d}m")
+    return "sd35dist: " + ", ".join(parts)
+
 
 class MetricsLog:
     def __init__(self, run_dir: Path, world: World, *, total_steps: int, start_step: int,
-                 wandb_settings: dict[str, Any] | None = None) -> None:
+                 wandb_settings: dict[str, Any] | None = None, interactive: bool | None = None) -> None:
         self.world = world
+        self.total_steps, self._start_step = total_steps, start_step
+        self._started = time.monotonic()
+        self._last_line = float("-inf")
+        interactive = sys.stderr.isatty() if interactive is None else interactive
         self._file = open(run_dir / f"metrics-rank{world.rank:05d}.jsonl", "a", buffering=1)
         self._bar = None
         self._wandb = None
         if world.is_main:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train")
+            if interactive:
+                self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train")
             if wandb_settings is not None:
                 import wandb
 
@@ -42,6 +66,13 @@ class MetricsLog:
                 shown["mfu"] = f"{values['mfu']:.1%}"
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(1)
+        elif self.world.is_main:
+            now = time.monotonic()
+            if step in (self._start_step + 1, self.total_steps) or now - self._last_line >= PLAIN_LINE_EVERY_S:
+                self._last_line = now
+                done = step - self._start_step
+                eta = (now - self._started) / done * (self.total_steps - step) if done > 0 else None
+                print(progress_line(step, self.total_steps, values, record["images_per_second"], eta), flush=True)
         if self._wandb is not None:
             self._wandb.log(record, step=step)
 

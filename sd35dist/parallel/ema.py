@@ -1,8 +1,10 @@
-"""Exponential moving average of the weights, sharded exactly like the model.
+"""Exponential moving average of the weights, sharded exactly like the model, and when it is updated.
 
-With FSDP2 each parameter is a DTensor; its EMA is a DTensor with the same placements, so
-every rank keeps only its shard (fp32), checkpoints save it through the same
-torch.distributed.checkpoint call as the model, and export gathers it like the model.
+Each strategy keeps its EMA next to what it shards. With FSDP2 each parameter is a DTensor;
+its EMA is a DTensor with the same placements, so every rank keeps only its shard (fp32),
+checkpoints save it through the same torch.distributed.checkpoint call as the model, and
+export gathers it like the model. With ZeRO it follows DeepSpeed's master-weight fragments.
+The update schedule (`ema_decay_at`) lives here too: the EMA is one concept in one file.
 """
 
 from __future__ import annotations

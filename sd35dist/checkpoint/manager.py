@@ -1,0 +1,171 @@
+"""What a checkpoint holds, and when it is written, published, resumed and rotated.
+
+One checkpoint (layout.py says where it lives and how it is published atomically) holds:
+
+- the strategy's part: model, optimizer and EMA, in the strategy's own format (DCP for
+  FSDP2, DeepSpeed's for ZeRO), written by every rank;
+- `trainer_state.json`: the step, the state of every tracked part (the stream's position),
+  the world size, the strategy, and how long the save took;
+- `rng-rankNNNNN.bin`: each rank's torch RNG state, restored only on the same world size;
+- `recipe.yaml`: the resolved recipe that wrote it (its sha256 in COMPLETE), compared with
+  the resuming recipe before anything is built (recipe_match.py says which keys count);
+- `transformer_config.json`: the model's config, which export builds the diffusers model from.
+
+Like torchtitan's CheckpointManager it holds the parts it saves; the training loop says only
+"this step is done" and asks `due`, `save`, `finish_save` and `resume`. Every rank calls
+every method at the same point; rank 0 alone publishes and rotates, after a barrier.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from sd35dist.checkpoint.layout import CheckpointDir, read_info
+from sd35dist.checkpoint.recipe_match import RECIPE_FILE, as_current_schema, refused_changes, resume_refusal
+from sd35dist.config.recipe import Recipe, recipe_hash, recipe_yaml
+from sd35dist.parallel.process_group import World
+from sd35dist.parallel.strategy import TrainingStrategy
+
+TRAINER_STATE = "trainer_state.json"
+TRANSFORMER_CONFIG = "transformer_config.json"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank:05d}.bin"
+
+
+class Stateful(Protocol):
+    """A part of the run whose state a checkpoint keeps as JSON (the stream's position, say)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def resume_checkpoint(recipe: Recipe, recipe_source: str = RECIPE_FILE) -> Path | None:
+    """The checkpoint `train.resume` names (`latest`, `none` or a path), or None to start fresh.
+
+    Cheap and done before the stream and the model are built, so a refused resume says so at once.
+    """
+    checkpoint = CheckpointDir(recipe.output.dir).resolve(recipe.train.resume)
+    if checkpoint is not None:
+        check_recipe(checkpoint, recipe, recipe_source)
+    return checkpoint
+
+
+def check_recipe(checkpoint: Path, recipe: Recipe, recipe_source: str = RECIPE_FILE) -> None:
+    """Refuse to resume a checkpoint trained with another model, data, optimizer or LoRA
+    (recipe_match.py says which keys count), unless train.resume_allow_changes names them."""
+    saved_file = checkpoint / RECIPE_FILE
+    if not saved_file.is_file():
+        return  # written before checkpoints held their recipe: nothing to compare
+    saved = as_current_schema(yaml.safe_load(saved_file.read_text()) or {}, Recipe)
+    refused = refused_changes(saved, recipe.model_dump(mode="json"), recipe.train.resume_allow_changes)
+    if refused:
+        raise resume_refusal(recipe_source, checkpoint.name, refused)
+
+
+@dataclass
+class _PendingSave:
+    """A checkpoint every rank has written (or is writing in the background) but nobody has published."""
+
+    step: int
+    writing: Future | None
+    trainer_state: dict[str, Any]
+    started: float
+
+
+class CheckpointManager:
+    def __init__(self, recipe: Recipe, world: World, strategy: TrainingStrategy, parts: Mapping[str, Stateful],
+                 resume_from: Path | None) -> None:
+        """`parts` are saved under their names in trainer_state.json; `resume_from` comes from `resume_checkpoint`."""
+        self.recipe, self.world, self.strategy, self.parts = recipe, world, strategy, dict(parts)
+        self.layout = CheckpointDir(recipe.output.dir)
+        self.resume_from = resume_from
+        self.last_save_s: float | None = None
+        """Seconds the last synchronous save took (from the resumed checkpoint until this run saves)."""
+        self.saved_step = -1
+        """The step of the newest checkpoint this run published or resumed from."""
+        self._pending: _PendingSave | None = None
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """Whether optimizer step `step` ends with a checkpoint: every `checkpointing_steps`, and the last."""
+        return step % self.recipe.train.checkpointing_steps == 0 or step == total_steps
+
+    def latest(self) -> Path | None:
+        return self.layout.latest()
+
+    def save(self, step: int) -> Path:
+        """Every rank writes its part; rank 0 alone publishes it (after a barrier) and rotates.
+
+        With `async_checkpointing` and a strategy that supports it the state is staged now and
+        written in the background; it is published by `finish_save`, at the next save or at the end.
+        """
+        self.finish_save()
+        started = time.monotonic()
+        partial = self.layout.partial_path(step)
+        if self.world.is_main:
+            self.layout.begin(step)
+        dist.barrier()
+        (partial / rng_file(self.world.rank)).write_bytes(torch.get_rng_state().numpy().tobytes())
+        trainer_state = {"step": step, **{name: part.state_dict() for name, part in self.parts.items()},
+                         "world_size": self.world.world_size, "strategy": self.recipe.parallel.strategy}
+        if self.recipe.train.async_checkpointing and self.strategy.supports_async:
+            self._pending = _PendingSave(step, self.strategy.save_async(partial), trainer_state, started)
+        else:
+            self.strategy.save(partial)
+            self._pending = _PendingSave(step, None, trainer_state, started)
+            self.finish_save()
+        return self.layout.path(step)
+
+    def finish_save(self) -> None:
+        """Wait for the checkpoint being written (if any), then publish it and rotate."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.writing is not None:
+            pending.writing.result()
+        dist.barrier()
+        if pending.writing is None:  # a background write overlaps training: its wall time says nothing of a save's
+            self.last_save_s = time.monotonic() - pending.started
+            pending.trainer_state["save_seconds"] = round(self.last_save_s, 3)
+        self.saved_step = pending.step
+        if self.world.is_main:
+            self._publish(pending)
+        dist.barrier()
+
+    def _publish(self, pending: _PendingSave) -> None:
+        partial = self.layout.partial_path(pending.step)
+        (partial / TRAINER_STATE).write_text(json.dumps(pending.trainer_state))
+        (partial / TRANSFORMER_CONFIG).write_text(json.dumps(dict(self.strategy.model.config)))
+        (partial / RECIPE_FILE).write_text(recipe_yaml(self.recipe))
+        self.layout.commit(pending.step, {"world_size": self.world.world_size,
+                                          "strategy": self.recipe.parallel.strategy,
+                                          "recipe_sha256": recipe_hash(self.recipe)})
+        self.layout.rotate(self.recipe.train.checkpoints_total_limit)
+
+    def resume(self) -> int:
+        """Load `resume_from` into the strategy and the parts; the step to continue from (0 without one)."""
+        checkpoint = self.resume_from
+        if checkpoint is None:
+            return 0
+        self.strategy.load(checkpoint)
+        trainer_state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        step = int(trainer_state["step"])
+        self.saved_step = step
+        self.last_save_s = trainer_state.get("save_seconds")
+        for name, part in self.parts.items():
+            part.load_state_dict(trainer_state[name])
+        rng = checkpoint / rng_file(self.world.rank)
+        if read_info(checkpoint)["world_size"] == self.world.world_size and rng.is_file():
+            torch.set_rng_state(torch.frombuffer(bytearray(rng.read_bytes()), dtype=torch.uint8))
+        return step

@@ -1,0 +1,60 @@
+"""Files and directories that appear complete or not at all (no torch here; the launcher uses it).
+
+A reader — another rank, a resumed job, `sd35dist status` — sees the old content or the new,
+never half of it: content goes to a hidden temporary name beside the target, then one
+`os.replace`/`os.rename` publishes it (atomic within one file system).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden name beside `path`, unique per process and call, so concurrent writers never share one."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def write_bytes_atomically(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace `path` with `data`, flushed to disk before it becomes visible. The parent must exist."""
+    path = Path(path)
+    temporary = temporary_name(path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
+    """Replace `path` with `text` (UTF-8), flushed to disk before it becomes visible."""
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def staged_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty directory to fill; on success it is renamed to `final`, on error removed.
+
+    The staging directory gets the ordinary mode (umask applies; not mkdtemp's 0700, which would
+    stick to `final`). Renaming onto an existing non-empty `final` raises OSError; an empty one is
+    replaced.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = temporary_name(final)
+    staging.mkdir()
+    try:
+        yield staging
+        os.rename(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
