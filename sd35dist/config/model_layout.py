@@ -14,7 +14,8 @@ from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import Recipe, is_url
 
 MODEL_INDEX = "model_index.json"
-# subfolder -> the file that must be in it (as sd3_components.REQUIRED_FILES)
+# subfolder -> the file that must be in it (weights are checked separately: they may be sharded);
+# the rank side (models/sd3_components.py) checks the same table
 REQUIRED_FILES = {
     "transformer": "config.json",
     "vae": "config.json",

@@ -15,24 +15,12 @@ from typing import Any
 
 import torch
 
-# subfolder -> a file that must be there (weights are checked separately, they may be sharded)
-REQUIRED_FILES = {
-    "transformer": "config.json",
-    "vae": "config.json",
-    "text_encoder": "config.json",
-    "text_encoder_2": "config.json",
-    "text_encoder_3": "config.json",
-    "tokenizer": "tokenizer_config.json",
-    "tokenizer_2": "tokenizer_config.json",
-    "tokenizer_3": "tokenizer_config.json",
-    "scheduler": "scheduler_config.json",
-}
-WEIGHTED = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+from sd35dist.config.model_layout import REQUIRED_FILES, WEIGHT_SUFFIXES, WEIGHTED
+
 TEXT_ENCODER_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 # What a latent cache depends on: change any of these and cached latents/embeddings are stale.
 CACHE_INPUT_PARTS = ("vae", *TEXT_ENCODER_PARTS)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # Bytes read from each end of a weight file: detects a swapped fine-tune without hashing GBs.
 FINGERPRINT_BYTES = 1 << 20
 
