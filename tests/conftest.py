@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,17 @@ def _cuda_available() -> bool:
 @pytest.fixture
 def project() -> Path:
     return PROJECT
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    """Poll `predicate` until it returns something true (returned), failing after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
+        time.sleep(0.5)
 
 
 def venv_env(**extra: str) -> dict[str, str]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import wait_for
 from tests.test_local_submit import SECRET, all_text_under, sd35dist, tiny_recipe
 
 pytestmark = pytest.mark.slurm
@@ -81,16 +81,6 @@ def test_unknown_job_ids_say_no_such_job(slurm_env, tmp_path):
         assert proc.returncode == 2 and proc.stderr.splitlines() == [f"error: {tmp_path / 'no-run'}: no such run directory"]
 
 
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
 def test_status_logs_cancel_on_a_running_job(slurm_env, tmp_path):
     run_dir = tmp_path / "run"
     sd35dist(
@@ -98,11 +88,11 @@ def test_status_logs_cancel_on_a_running_job(slurm_env, tmp_path):
         "--run-dir", str(run_dir), "--set", 'setup.lines=["echo setup-started-marker", "sleep 300"]', env=slurm_env,
     )
     job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
-    _wait_for(lambda: "RUNNING" in sd35dist("status", job_id, env=slurm_env).stdout, 60, "RUNNING")
-    _wait_for(lambda: "setup-started-marker" in sd35dist("logs", job_id, env=slurm_env, check=False).stdout,
+    wait_for(lambda: "RUNNING" in sd35dist("status", job_id, env=slurm_env).stdout, 60, "RUNNING")
+    wait_for(lambda: "setup-started-marker" in sd35dist("logs", job_id, env=slurm_env, check=False).stdout,
               30, "the job's log")
     assert "cancelled" in sd35dist("cancel", str(run_dir), env=slurm_env).stdout
-    _wait_for(lambda: "CANCELLED" in sd35dist("status", job_id, env=slurm_env).stdout, 60, "CANCELLED")
+    wait_for(lambda: "CANCELLED" in sd35dist("status", job_id, env=slurm_env).stdout, 60, "CANCELLED")
     squeue = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, env=slurm_env).stdout
     assert squeue.strip() == ""
 
@@ -158,9 +148,9 @@ def test_requeued_training_job_resumes_and_ends_with_the_uninterrupted_loss(slur
     sd35dist("submit", "--profile", "slurm-dev", "--recipe", str(recipe("slurm")), "--run-dir", str(run_dir), env=env)
     job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
     metrics = run_dir / "metrics-rank00000.jsonl"
-    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 5, 120, "training to start")
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 5, 120, "training to start")
     subprocess.run(["scontrol", "requeue", job_id], check=True, env=env)
-    _wait_for(lambda: "COMPLETED" in sd35dist("status", job_id, env=env).stdout, 240, "the requeued job to finish")
+    wait_for(lambda: "COMPLETED" in sd35dist("status", job_id, env=env).stdout, 240, "the requeued job to finish")
     logs = sd35dist("logs", job_id, env=env).stdout
     assert "requeued by Slurm (SIGTERM)" in logs, logs[-3000:]
     assert "SLURM_RESTART_COUNT=1" in logs

@@ -107,7 +107,8 @@ def init_process_group_from_env(timeout_s: float, env: Mapping[str, str] | None 
         device_id = world.device
     if "MASTER_ADDR" in env:
         dist.init_process_group(
-            backend, rank=world.rank, world_size=world.world_size, timeout=timeout, device_id=device_id
+            backend, store=attempt_store(env, world, timeout), rank=world.rank, world_size=world.world_size,
+            timeout=timeout, device_id=device_id,
         )
     else:
         # No torchrun: a one-process group on an in-memory store, so the same code runs unchanged.
@@ -115,6 +116,20 @@ def init_process_group_from_env(timeout_s: float, env: Mapping[str, str] | None 
             backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, device_id=device_id
         )
     return world
+
+
+def attempt_store(env: Mapping[str, str], world: World, timeout: timedelta) -> dist.Store:
+    """The rendezvous store as this attempt of the workers sees it.
+
+    torchrun's agent keeps one store for the whole job and restarts crashed workers against it
+    (`--max-restarts`); keys the previous attempt left there (the killed rank's gloo address,
+    barrier counters) would make the restarted ranks connect to a dead peer or hang. A prefix per
+    restart gives every attempt clean keys.
+    """
+    agent_hosts_it = env.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world.world_size,
+                          is_master=not agent_hosts_it and world.rank == 0, timeout=timeout)
+    return dist.PrefixStore(f"sd35dist/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def destroy() -> None:

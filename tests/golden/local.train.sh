@@ -14,7 +14,7 @@ exec sd35dist torchrun \
     --standalone \
     --nnodes=1 \
     --nproc-per-node=2 \
-    --max-restarts=3 \
+    --max-restarts=0 \
     -m sd35dist train \
     --recipe /shared/runs/golden-run/recipe.yaml \
     --run-dir /shared/runs/golden-run
