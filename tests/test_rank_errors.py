@@ -9,6 +9,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -171,8 +172,28 @@ def test_report_failure_prints_a_mistake_once_and_re_raises_a_bug(tmp_path):
             1 / 0
         except ZeroDivisionError as bug:
             report_failure(bug, 0, tmp_path, io.StringIO())
-    quiet = io.StringIO()
-    assert report_before_group(mistake, 1, quiet) == 2 and quiet.getvalue() == "", "rank 0 speaks for all"
+    late = io.StringIO()
+    started = time.monotonic()
+    assert report_before_group(mistake, 1, late, wait_for_rank0_s=0.2) == 2
+    assert time.monotonic() - started >= 0.2, "rank 1 first gives rank 0 the time to speak for all"
+    assert late.getvalue() == "error: recipe.yaml: train.resume: no such checkpoint\n", "…then speaks if still alive"
+
+
+@pytest.mark.dist
+def test_a_mistake_before_the_group_is_one_line_even_when_rank_zero_is_the_slowest(tmp_path):
+    """torchrun stops the group at the first rank that exits: rank 1 must not end it before rank 0 has printed."""
+    script = tmp_path / "slow_rank0.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from sd35dist.config.loading import ConfigError\n"
+        "from sd35dist.jobs.rank_failure import rank_from_env, report_before_group\n"
+        "rank = rank_from_env()\n"
+        "time.sleep(3 if rank == 0 else 0)  # rank 0 loads slower, as it does on a busy node\n"
+        "sys.exit(report_before_group(ConfigError('r.yaml', 'model.pretrained', 'gone'), rank))\n")
+    proc = subprocess.run([sys.executable, "-m", "sd35dist", "torchrun", "--standalone", "--nproc-per-node=2",
+                           str(script)], capture_output=True, text=True, cwd=PROJECT,
+                          env=venv_env(OMP_NUM_THREADS="1"), timeout=120)
+    assert assert_one_quiet_line(proc) == "error: r.yaml: model.pretrained: gone"
 
 
 @pytest.mark.unit

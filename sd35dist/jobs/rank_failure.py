@@ -6,6 +6,9 @@ the ranks that only lost a peer would add tracebacks of their own. Instead:
 
 - A mistake met before the ranks join their process group (a bad recipe, a model directory
   that is not there) is the same on every rank: rank 0 prints `error: FILE: key: message`.
+  The other ranks wait before they exit: torchrun stops the whole group at the first rank
+  that exits, and a rank 1 that exits before rank 0 has printed would leave the job with no
+  line at all. A rank still alive after the wait (rank 0 did not meet the mistake) prints it.
 - A mistake met while running (a corrupt or missing shard, a resume the recipe refuses)
   writes the rank's traceback to `<run_dir>/logs/rank<N>-traceback.log`; the first rank to
   fail claims the report in the job's rendezvous store and prints
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +38,7 @@ from sd35dist.models.transformer_build import CheckpointMismatch
 MISTAKE_EXIT = 2
 PEER_FAILED_EXIT = 1
 FAILURE_KEY = "sd35dist/failure-reported"
+RANK0_SPEAKS_WITHIN_S = 30.0
 
 MISTAKES: tuple[type[BaseException], ...] = (
     ConfigError, CheckpointNotFound, CheckpointUnreadable, ExportError, ManifestError, ShardCorrupt, ShardUnavailable,
@@ -95,10 +100,13 @@ def claim_report() -> bool:
         return True
 
 
-def report_before_group(error: BaseException, rank: int, out: TextIO | None = None) -> int:
-    """A mistake every rank meets alike before the process group: rank 0 prints it."""
-    if rank == 0:
-        print(failure_line(error), file=out or sys.stderr)
+def report_before_group(error: BaseException, rank: int, out: TextIO | None = None,
+                        wait_for_rank0_s: float = RANK0_SPEAKS_WITHIN_S) -> int:
+    """A mistake every rank meets alike before the process group: rank 0 prints it; the
+    others give rank 0 `wait_for_rank0_s` to print and end the group, then print it themselves."""
+    if rank != 0:
+        time.sleep(wait_for_rank0_s)
+    print(failure_line(error), file=out or sys.stderr, flush=True)
     return MISTAKE_EXIT
 
 
