@@ -22,7 +22,7 @@ demo: venv
 	$(BIN)/python -m sd35dist.demo
 
 test: test-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=40
 
 venv: $(STAMP)
 

@@ -19,7 +19,8 @@ from sd35dist.config import ConfigError, Recipe, load_recipe, recipe_yaml, resol
 from sd35dist.config.commands import COMMANDS, RANK_JOBS, SUBMIT
 from sd35dist.config.loading import dump_yaml
 from sd35dist.config.model_layout import check_pretrained
-from sd35dist.config.save_budget import grace_warnings, read_save_estimate, slurm_kill_wait_s
+from sd35dist.config.save_budget import grace_warnings, read_save_estimate
+from sd35dist.config.slurm_query import kill_wait_s
 
 DEFAULT_RECIPE = "sd35dist.yaml"
 
@@ -107,7 +108,7 @@ def save_budget_warnings(profile: Profile, recipe: Recipe) -> list[str]:
     estimate = read_save_estimate(recipe.output.dir)
     if estimate is None or profile.slurm is None:
         return []
-    kill_wait = slurm_kill_wait_s() if shutil.which("scontrol") else None
+    kill_wait = kill_wait_s() if shutil.which("scontrol") else None
     lines = grace_warnings(signal_grace_s=profile.slurm.signal_grace_s, kill_wait_s=kill_wait,
                            save_s=estimate.save_s, step_s=estimate.step_s)
     return [f"{line} (save time {estimate.source})" for line in lines]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from launcher.submission import JOB_RECORD, state_dir
 from sd35dist.config import ConfigError
+from sd35dist.config.slurm_query import accounting_states, controller_restarts, slurm_output
 
 
 def find_record(ref: str) -> dict[str, str]:
@@ -52,10 +53,6 @@ def _slurm_available() -> bool:
     return shutil.which("squeue") is not None
 
 
-def _run(cmd: list[str]) -> str:
-    return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
-
-
 def slurm_knows(job_id: str) -> tuple[bool, str]:
     """Whether the controller (squeue) or accounting (sacct) has a job with this id, and, when
     squeue could not answer, its last error line."""
@@ -65,7 +62,7 @@ def slurm_knows(job_id: str) -> tuple[bool, str]:
     if queue.returncode != 0 and "invalid job id" not in queue.stderr.lower():
         return False, _last_line(queue.stderr)
     # Accounting keeps finished jobs after the controller forgets them; without it, this is empty.
-    return bool(_run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])), ""
+    return bool(accounting_states(job_id)), ""
 
 
 def _last_line(text: str) -> str:
@@ -78,29 +75,24 @@ ENDED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", 
 
 
 def slurm_state(job_id: str) -> str:
-    """The job's state: squeue while Slurm holds it, else accounting (sacct)."""
+    """The job's state: squeue while Slurm holds it, else accounting's last run (sacct)."""
     state = _queued_state(job_id)
     if state:
         return state
-    rows = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]).splitlines()
-    # After a requeue sacct lists every attempt; the last row is the current one.
-    return rows[-1].split()[0] if rows else "UNKNOWN"
+    runs = accounting_states(job_id)
+    return runs[-1].split()[0] if runs else "UNKNOWN"
 
 
 def _queued_state(job_id: str) -> str:
     """The state while the job is pending, running or completing; '' once it has left the queue."""
-    state = _run(["squeue", "-h", "-j", job_id, "-o", "%T"])
+    state = (slurm_output(["squeue", "-h", "-j", job_id, "-o", "%T"]) or "").strip()
     return state.splitlines()[0] if state else ""
 
 
 def slurm_restarts(job_id: str) -> int:
-    """How many times Slurm has requeued the job (scontrol's Restarts; accounting's attempts)."""
-    for word in _run(["scontrol", "show", "job", "-o", job_id]).split():
-        key, _, value = word.partition("=")
-        if key == "Restarts" and value.isdigit():
-            return int(value)
-    attempts = _run(["sacct", "-n", "-X", "-P", "-D", "-j", job_id, "-o", "State"]).splitlines()
-    return max(0, len(attempts) - 1)
+    """How many times Slurm has requeued the job (scontrol's Restarts; accounting's runs)."""
+    restarts = controller_restarts(job_id)
+    return restarts if restarts is not None else max(0, len(accounting_states(job_id)) - 1)
 
 
 def ended_state(record: dict[str, str]) -> str | None:
@@ -184,7 +176,7 @@ def log_files(record: dict[str, str]) -> list[Path]:
         logs = Path(record["run_dir"]) / "logs"
         found += [p for p in (logs / f"{job_id}.out", logs / f"{job_id}.err") if p.is_file()]
     if not found and record["scheduler"] == "slurm":
-        info = _run(["scontrol", "show", "job", job_id])
+        info = slurm_output(["scontrol", "show", "job", job_id]) or ""
         for word in info.split():
             key, _, value = word.partition("=")
             if key in ("StdOut", "StdErr") and Path(value).is_file() and Path(value) not in found:

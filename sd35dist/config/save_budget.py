@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sd35dist.config.atomic_files import write_text_atomically
+from sd35dist.config.slurm_query import kill_wait_s
 
 SAVE_ESTIMATE_FILE = "save_estimate.json"
 
@@ -86,20 +86,6 @@ def write_save_estimate(output_dir: str, estimate: SaveEstimate) -> None:
     write_text_atomically(directory / SAVE_ESTIMATE_FILE, json.dumps(asdict(estimate)))
 
 
-def slurm_kill_wait_s() -> float | None:
-    """The cluster's KillWait (seconds from Slurm's SIGTERM to its SIGKILL), or None without Slurm."""
-    try:
-        proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    for line in proc.stdout.splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() == "KillWait":
-            number = value.strip().split(" ")[0]
-            return float(number) if number.isdigit() else None
-    return None
-
-
 @dataclass
 class SaveBudget:
     """One job's deadlines and what a save costs; rank 0 keeps it and warns from it."""
@@ -118,7 +104,7 @@ class SaveBudget:
         if last_save_s is not None:
             estimate = SaveEstimate(last_save_s, estimate.step_s if estimate else None, "measured by the last run")
         return cls(output_dir=output_dir, signal_grace_s=float(grace) if grace else None,
-                   kill_wait_s=slurm_kill_wait_s() if env.get("SLURM_JOB_ID") else None, estimate=estimate)
+                   kill_wait_s=kill_wait_s() if env.get("SLURM_JOB_ID") else None, estimate=estimate)
 
     def warnings(self, step_s: float | None) -> list[str]:
         if self.estimate is None:

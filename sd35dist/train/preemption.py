@@ -23,7 +23,6 @@ from __future__ import annotations
 import enum
 import os
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from sd35dist.config.run_files import PREEMPT_FILE
+from sd35dist.config.slurm_query import accounting_states, controller_restarts
 
 REQUEUE_STATES = ("REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PREEMPTED", "NODE_FAIL")
 
@@ -86,25 +86,11 @@ def save_fits(*, elapsed_s: float, save_s: float | None, kill_wait_s: float | No
     return elapsed_s + save_s < kill_wait_s
 
 
-def _run(argv: list[str]) -> str | None:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return proc.stdout if proc.returncode == 0 else None
-
-
 def read_slurm_view(job_id: str, restart_count: int) -> SlurmJobView:
-    """Ask slurmctld (scontrol) and accounting (sacct) about `job_id`."""
-    rows = (_run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]) or "").split("\n")
-    rows = [row.strip() for row in rows if row.strip()]
-    restarts = None
-    shown = _run(["scontrol", "show", "job", "-o", job_id]) or ""
-    for word in shown.split():
-        key, _, value = word.partition("=")
-        if key == "Restarts" and value.isdigit():
-            restarts = int(value)
-    return SlurmJobView(accounting_state=rows[-1] if rows else None, restarts=restarts, restart_count=restart_count)
+    """Ask accounting (sacct) and slurmctld (scontrol) about `job_id`."""
+    states = accounting_states(job_id)
+    return SlurmJobView(accounting_state=states[-1] if states else None, restarts=controller_restarts(job_id),
+                        restart_count=restart_count)
 
 
 class PreemptionWatch:
