@@ -12,6 +12,7 @@ and records, from every rank, into OUT_DIR/result.json (written by rank 0):
   as (operation, ranks of its group, bytes), to show which runs inside a node and which across;
 - grad_error: the largest gap between its gradients after one backward on this rank's
   own batch and the mean of the four ranks' gradients computed on plain unsharded models;
+- bytes: this rank's bytes of weights, Adam moments and EMA, for the memory plan;
 - weights_sha256: a hash of the full weights after one optimizer step (replicas agree);
 - resumed_equal: the HSDP checkpoint loaded under plain FSDP (shard_degree 4) holds
   the same weights and Adam moments, and after an FSDP step and save, a fresh HSDP
@@ -69,7 +70,8 @@ def recipe_for(model_dir: Path, out_dir: Path, shard_degree: int | None):
     return Recipe.model_validate({
         "name": "hsdp", "model": {"pretrained": str(model_dir)}, "data": {"cache_url": str(out_dir)},
         "parallel": {"strategy": "fsdp2", "shard_degree": shard_degree},
-        "train": {"optimizer": "adamw", "mixed_precision": "fp32", "gradient_checkpointing": False},
+        "train": {"optimizer": "adamw", "mixed_precision": "fp32", "gradient_checkpointing": False,
+                  "ema": {"enabled": True}},
         "logging": {"report_to": "none"}, "output": {"dir": str(out_dir / "output")},
     })
 
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         grad_error = max(float((p.grad.full_tensor() - expected[name]).abs().max() / expected[name].abs().max().clamp(min=1e-12))
                          for name, p in hsdp.model.named_parameters())
         hsdp.step(LEARNING_RATE, 1.0)
+        local_bytes = shard_bytes(hsdp)
         stepped = full_state(hsdp)
         digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in stepped.values())).hexdigest()
 
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
         mine = {"layout": layout, "grad_error": grad_error, "weights_sha256": digest,
                 "resumed_equal": {"hsdp_to_fsdp": to_fsdp, "fsdp_to_hsdp": back},
-                "meshes": [describe(s) for s in (hsdp, fsdp, again)], "collectives": log.calls,
+                "meshes": [describe(s) for s in (hsdp, fsdp, again)], "collectives": log.calls, "bytes": local_bytes,
                 "node_rank": int(os.environ["GROUP_RANK"]), "local_world_size": world.local_world_size}
         gathered = [None] * world.world_size
         dist.all_gather_object(gathered, mine)
@@ -158,6 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         destroy()
     return 0
+
+
+def shard_bytes(strategy) -> dict[str, int]:
+    """Bytes this rank holds of the weights, the Adam moments and the EMA (what `sd35dist plan` predicts)."""
+    def size(tensor) -> int:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        return local.numel() * local.element_size()
+
+    return {
+        "weights": sum(size(p) for p in strategy.model.parameters()),
+        "optimizer": sum(size(v) for state in strategy.optimizer.state.values() for k, v in state.items()
+                         if k in ("exp_avg", "exp_avg_sq")),
+        "ema": sum(size(t) for t in strategy.ema.shadow.values()),
+        "tensors": sum(1 for _ in strategy.model.parameters()),
+    }
 
 
 def describe(strategy) -> list[int]:

@@ -88,6 +88,27 @@ def test_under_hsdp_only_the_gradient_all_reduce_crosses_nodes(two_nodes):
         assert gathered >= shard_bytes, "every shard is all-gathered inside the node at least once"
 
 
+@pytest.mark.dist
+def test_measured_shard_bytes_equal_the_memory_plan(two_nodes, tiny_model):  # noqa: F811
+    """Weights, Adam moments and EMA each rank holds are what `sd35dist plan` predicts (fp32 adamw, HSDP 2 × 2)."""
+    from sd35dist.config.model_size import transformer_size
+    from sd35dist.config.resource_plan import memory_plan, workload_from_recipe
+    from tests.hsdp_check import recipe_for
+
+    ranks, _ = two_nodes
+    config = json.loads((tiny_model / "transformer" / "config.json").read_text())
+    recipe = recipe_for(tiny_model, tiny_model, None)
+    mesh = resolve_mesh(strategy="fsdp2", shard_degree=None, nodes=2, procs_per_node=2)
+    rows = dict(memory_plan(transformer_size(config), workload_from_recipe(recipe, config, on_gpus=False), mesh).rows)
+    predicted = {"weights": rows["weights (sharded master)"], "optimizer": rows["optimizer state (sharded)"],
+                 "ema": rows["EMA, fp32 (sharded like the optimizer)"]}
+    for kind, plan_bytes in predicted.items():
+        measured = [rank["bytes"][kind] for rank in ranks]
+        # Uneven splits give one rank at most one row more per tensor; a shard group's two ranks sum to the whole.
+        assert measured[0] + measured[1] == measured[2] + measured[3] == 2 * plan_bytes, (kind, measured, plan_bytes)
+        assert all(abs(m - plan_bytes) <= 4 * 64 * ranks[0]["bytes"]["tensors"] for m in measured), kind
+
+
 @pytest.mark.unit
 def test_the_default_across_gpu_nodes_is_hsdp_with_the_node_as_shard_group():
     hsdp = resolve_mesh(strategy="fsdp2", shard_degree=None, nodes=4, procs_per_node=8)
