@@ -280,7 +280,6 @@ def largest_batch_that_fits(size: TransformerSize, work: Workload, mesh: MeshLay
 def fit_advice(size: TransformerSize, work: Workload, mesh: MeshLayout, plan: MemoryPlan,
                memory_gib: float) -> tuple[str, str]:
     """(recipe key, what to do) for a plan whose peak exceeds `memory_gib`: the knob that helps most."""
-    rows = dict(plan.rows)
     kept = next(b for name, b in plan.rows if name.startswith("activations kept"))
     state = sum(b for name, b in plan.rows if "sharded" in name or "whole" in name or name.startswith("EMA"))
     budget = memory_gib * GIB
@@ -298,7 +297,6 @@ def fit_advice(size: TransformerSize, work: Workload, mesh: MeshLayout, plan: Me
     fits = largest_batch_that_fits(size, work, mesh, memory_gib)
     if fits:
         return "train.train_batch_size", f"at most {fits} fits (now {work.batch})"
-    del rows
     return "parallel.strategy", "nothing fits one sample: shard over more GPUs or offload (zero3 with offload_optimizer)"
 
 
