@@ -16,6 +16,7 @@ from sd35dist.data.shard_fetcher import RetryPolicy, ShardCorrupt
 from sd35dist.data.storage import Store
 from sd35dist.data.demo_dataset import write_demo_dataset
 from tests.s3_server import S3Server
+from tests.shaping_proxy import ShapingProxy
 from tests.test_cache_build import run_cache, samples_by_key, tiny_model, write_recipe  # noqa: F401
 
 BUCKET = "stream-test"
@@ -195,3 +196,20 @@ def test_corrupt_shard_errors_by_default_and_is_skipped_on_request(s3_server, lo
     assert skipping.skipped_shards == [f"s3://corrupt/c/{victim.path}"]
     assert sum(seen.values()) == sum(all_keys(local_cache).values()) - victim.samples
     assert max(seen.values()) == 1
+
+
+@pytest.mark.s3
+def test_two_ranks_read_every_sample_once_while_connections_drop_mid_object(s3_cache, local_cache, s3_server):
+    url, options = s3_cache
+    shard_sizes = sorted(p.stat().st_size for p in local_cache.rglob("*.safetensors") if "shards" in p.parts)
+    cut_after = shard_sizes[0] // 2
+    # 30 ms to the first byte, 80 MB/s per connection, and every third shard GET reset halfway through.
+    with ShapingProxy("127.0.0.1", s3_server.port, first_byte_delay_s=0.03, bytes_per_s=80e6,
+                      drop_every=3, drop_min_body=shard_sizes[0], drop_after=cut_after) as proxy:
+        ranks = [stream(url, {**options, "endpoint_url": proxy.endpoint_url}, r, 2) for r in range(2)]
+        batches = [list(s.iter_epoch()) for s in ranks]
+        for s in ranks:
+            s.close()
+    seen = Counter(k for per_rank in batches for batch in per_rank for k in batch.keys)
+    assert seen == all_keys(local_cache), "every sample once, none lost, none twice"
+    assert proxy.stats.drops >= 2, f"the proxy cut {proxy.stats.drops} responses mid-object"
