@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from launcher import jobs, resource_report
-from launcher.plan import JobPlan, build_plan, split_overrides
+from launcher.plan import JobPlan, build_plan, check_fit, split_overrides
 from launcher.profile import Profile, load_profile, profile_path
 from launcher.render import render_script
 from launcher.submission import prepare_run_dir, submit
@@ -157,6 +157,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     recipe = resolve_paths(load_recipe(recipe_file, recipe_overrides), Path.cwd())
     report = resource_report.build_report(profile, recipe, profile_file.stem, recipe_file.name)
     sys.stdout.write(resource_report.render_report(report))
+    check_fit(profile, recipe, profile_file.name, recipe_file.name)
     resource_report.refuse_if_too_big(report)
     return 0
 

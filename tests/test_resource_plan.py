@@ -101,6 +101,17 @@ def test_plan_prints_the_hsdp_plan_for_four_nodes(capsys):
 
 
 @pytest.mark.unit
+def test_the_dry_run_prints_a_one_line_plan_beside_the_script(capsys, tmp_path):
+    assert main(["submit", "--profile", "h100x8x4", "--dry-run", "--run-dir", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    plan_lines = [line for line in captured.err.splitlines() if line.startswith("plan")]
+    assert len(plan_lines) == 1 and "GiB per GPU" in plan_lines[0] and "across nodes" in plan_lines[0]
+    assert "MFU" in plan_lines[0] and "plan" not in captured.out.split("\n")[0]
+    assert main(["plan", "--profile", "h100x8x4", "--recipe", str(PROJECT / "recipes/sd35l-full-zero3.yaml")]) == 2
+    assert "parallel.strategy: zero3 across 4 nodes" in capsys.readouterr().err, "plan refuses what submit refuses"
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize(("override", "key"), [
     ("train.gradient_checkpointing=false", "train.gradient_checkpointing"),
     ("train.train_batch_size=64", "train.train_batch_size"),
