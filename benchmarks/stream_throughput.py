@@ -121,6 +121,7 @@ def _rank_process(url, options, env, rank, world, batch, queue, barrier):
     os.environ.update(env)
     torch.set_num_threads(1)  # two ranks, the server and their fetch threads share this machine's cores
     result: dict = {}
+    Store(url, options).read_bytes("manifest.json")  # s3fs/botocore's cold start, as warm as the 1-rank reader
     barrier.wait()  # both ranks start reading together, after their imports
     stream_epoch(url, options, rank, world, batch, result)
     queue.put(result[rank])

@@ -167,7 +167,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     # Only a profile that declares its GPU (hardware:) gets the fit check and the dry-run's plan line.
     report = None
     if profile.hardware.resolved() is not None:
-        report = resource_report.build_report(profile, recipe, plan.profile_name, _recipe_path(args.recipe, profile, profile_path(args.profile)).name)
+        recipe_name = _recipe_path(args.recipe, profile, profile_path(args.profile)).name
+        report = resource_report.build_report(profile, recipe, plan.profile_name, recipe_name)
         if args.job == "train":
             resource_report.refuse_if_too_big(report)
     script = render_script(plan)
@@ -225,7 +226,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    handler = {"submit": cmd_submit, "plan": cmd_plan, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}[args.command]
+    handlers = {"submit": cmd_submit, "plan": cmd_plan, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}
+    handler = handlers[args.command]
     try:
         return handler(args)
     except ConfigError as err:
