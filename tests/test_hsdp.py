@@ -9,6 +9,8 @@ checkpoints moving between HSDP and plain FSDP; the rest are the rules around it
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -34,8 +36,14 @@ def _run_as_two_nodes(tiny_model, out_dir):
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=hsdp-test",
                "-m", "tests.hsdp_check", str(tiny_model), str(out_dir)]
     agents = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=PROJECT,
-                               env=venv_env(OMP_NUM_THREADS="1")) for _ in range(2)]
-    outputs = [agent.communicate(timeout=600) for agent in agents]
+                               env=venv_env(OMP_NUM_THREADS="1"), start_new_session=True) for _ in range(2)]
+    try:
+        outputs = [agent.communicate(timeout=600) for agent in agents]
+    finally:
+        for agent in agents:  # a hung rendezvous must not outlive the test
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)  # the agent's own session: it and its workers
+                agent.wait()
     return [agent.returncode for agent in agents], "".join(o for o, _ in outputs), "".join(e for _, e in outputs)
 
 
