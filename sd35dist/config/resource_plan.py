@@ -233,8 +233,8 @@ def traffic(strategy: str, params: int, *, world_size: int, nodes: int, shard_de
 
 
 def traffic_table(params: int, *, world_size: int, nodes: int, compute_bytes: int = 2) -> list[Traffic]:
-    """FSDP, HSDP (shards = GPUs per node), ZeRO-2 and ZeRO-3 on the same job shape."""
-    kinds = ["fsdp"] + (["hsdp"] if nodes > 1 else []) + ["zero2", "zero3"]
+    """FSDP, HSDP (shards = GPUs per node; only with several nodes of several GPUs), ZeRO-2 and ZeRO-3."""
+    kinds = ["fsdp"] + (["hsdp"] if nodes > 1 and world_size > nodes else []) + ["zero2", "zero3"]
     return [traffic(k, params, world_size=world_size, nodes=nodes, shard_degree=world_size // nodes,
                     compute_bytes=compute_bytes) for k in kinds]
 
