@@ -10,6 +10,9 @@ format (the issue's 3.3 MB counts one latent tensor; we store the distribution).
 - stream: LatentStream reading one epoch, 1 rank, and 2 ranks in 2 processes at once;
 - naive: one GET per sample object, in order, as a per-sample Dataset does.
 `--million` also times the first batch from a 1,000,000-sample manifest.
+`--shaped` puts tests/shaping_proxy.py (its own process) between every reader and the server:
+30 ms to each response's first byte and 80 MB/s per connection, as real S3 behaves
+(`--delay-ms`, `--mb-per-s` change them). Writes go to the server directly.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +35,7 @@ from sd35dist.data.latent_stream import LatentStream, StreamOptions  # noqa: E40
 from sd35dist.data.manifest import ShardEntry, ShardManifest  # noqa: E402
 from sd35dist.data.shard_format import CachedSample, SampleRecord, encode_shard  # noqa: E402
 from sd35dist.data.storage import Store, sha256_hex  # noqa: E402
-from tests.s3_server import S3Server  # noqa: E402
+from tests.s3_server import S3Server, free_port  # noqa: E402
 
 LATENT = (16, 128, 128)
 TEXT = (333, 4096)
@@ -117,6 +121,7 @@ def _rank_process(url, options, env, rank, world, batch, queue, barrier):
     os.environ.update(env)
     torch.set_num_threads(1)  # two ranks, the server and their fetch threads share this machine's cores
     result: dict = {}
+    Store(url, options).read_bytes("manifest.json")  # s3fs/botocore's cold start, as warm as the 1-rank reader
     barrier.wait()  # both ranks start reading together, after their imports
     stream_epoch(url, options, rank, world, batch, result)
     queue.put(result[rank])
@@ -142,6 +147,9 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=float, default=32.0)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--million", action="store_true")
+    parser.add_argument("--shaped", action="store_true", help="read through the latency/bandwidth-shaping proxy")
+    parser.add_argument("--delay-ms", type=float, default=30.0)
+    parser.add_argument("--mb-per-s", type=float, default=80.0)
     args = parser.parse_args()
     with S3Server() as server:
         os.environ.update(server.env)
@@ -155,44 +163,65 @@ def main() -> None:
         mb = total / 1e6
         print(f"# {args.samples} samples of {per_sample / 1e6:.2f} MB in {len(shard_paths)} shards of {per_shard}; "
               f"moto on 127.0.0.1:{server.port}; {os.cpu_count()} CPUs; torch {torch.__version__}")
-        rows = []
-        seconds, got = ceiling(store, shard_paths)
-        rows.append(("ceiling: whole shard objects, 32 threads", seconds, got, args.samples, None))
-        seconds, got, first = stream_epoch(url, server.storage_options, 0, 1, args.batch)
-        rows.append(("LatentStream, 1 rank", seconds, total, got, first))
-        ctx = multiprocessing.get_context("spawn")
-        queue, barrier = ctx.Queue(), ctx.Barrier(2)
-        procs = [ctx.Process(target=_rank_process,
-                             args=(url, server.storage_options, server.env, r, 2, args.batch, queue, barrier))
-                 for r in range(2)]
-        for p in procs:
-            p.start()
-        results = [queue.get() for _ in procs]
-        for p in procs:
-            p.join()
-        wall = max(r[0] for r in results)
-        print(f"# per rank (seconds, samples, first batch s, fetched bytes): {results}")
-        rows.append(("LatentStream, 2 ranks (2 processes)", wall, sum(r[3] for r in results),
-                     sum(r[1] for r in results), max(r[2] for r in results)))
-        seconds, got = naive(store, keys)
-        rows.append(("naive: one GET per sample, in order", seconds, got, args.samples, None))
-        print("| reader | samples/s | MB/s | seconds | first batch s |")
-        print("|---|---|---|---|---|")
-        for name, seconds, nbytes, samples, first in rows:
-            first_text = f"{first:.2f}" if first is not None else "–"
-            print(f"| {name} | {samples / seconds:.1f} | {nbytes / 1e6 / seconds:.0f} | {seconds:.2f} | {first_text} |")
-        print(f"# stream / ceiling: {rows[1][2] / rows[1][1] / (rows[0][2] / rows[0][1]):.0%} (1 rank), "
-              f"{rows[2][2] / rows[2][1] / (rows[0][2] / rows[0][1]):.0%} (2 ranks); total data {mb:.0f} MB")
-        if args.million:
-            mstore = Store(f"s3://{BUCKET}/million", server.storage_options)
-            million_manifest(mstore)
-            start = time.perf_counter()
-            s = LatentStream(f"s3://{BUCKET}/million", rank=0, world_size=8, storage_options=server.storage_options,
-                             options=StreamOptions(batch_size=6))
-            next(iter(s.iter_epoch()))
-            print(f"# time to first batch, 1,000,000-sample manifest ({len(s.manifest.shards)} shards), "
-                  f"rank 0 of 8, batch 6: {time.perf_counter() - start:.2f} s")
-            s.close()
+        options, proxy = server.storage_options, None
+        if args.shaped:
+            port = free_port()
+            proxy = subprocess.Popen([sys.executable, "-m", "tests.shaping_proxy", "--upstream",
+                                      f"127.0.0.1:{server.port}", "--port", str(port), "--delay-ms", str(args.delay_ms),
+                                      "--mb-per-s", str(args.mb_per_s)], stdout=subprocess.PIPE, text=True,
+                                     cwd=Path(__file__).resolve().parent.parent)
+            proxy.stdout.readline()  # "listening on …"
+            options = {**server.storage_options, "endpoint_url": f"http://127.0.0.1:{port}"}
+            store = Store(url, options)
+            print(f"# shaped: {args.delay_ms:g} ms to each first byte, {args.mb_per_s:g} MB/s per connection "
+                  f"(tests/shaping_proxy.py, own process)")
+        try:
+            run_readers(args, server, url, store, options, shard_paths, total, keys, mb)
+        finally:
+            if proxy is not None:
+                proxy.terminate()
+                proxy.wait(10)
+
+
+def run_readers(args, server, url, store, options, shard_paths, total, keys, mb) -> None:
+    rows = []
+    seconds, got = ceiling(store, shard_paths)
+    rows.append(("ceiling: whole shard objects, 32 threads", seconds, got, args.samples, None))
+    seconds, got, first = stream_epoch(url, options, 0, 1, args.batch)
+    rows.append(("LatentStream, 1 rank", seconds, total, got, first))
+    ctx = multiprocessing.get_context("spawn")
+    queue, barrier = ctx.Queue(), ctx.Barrier(2)
+    procs = [ctx.Process(target=_rank_process,
+                         args=(url, options, server.env, r, 2, args.batch, queue, barrier))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    wall = max(r[0] for r in results)
+    print(f"# per rank (seconds, samples, first batch s, fetched bytes): {results}")
+    rows.append(("LatentStream, 2 ranks (2 processes)", wall, sum(r[3] for r in results),
+                 sum(r[1] for r in results), max(r[2] for r in results)))
+    seconds, got = naive(store, keys)
+    rows.append(("naive: one GET per sample, in order", seconds, got, args.samples, None))
+    print("| reader | samples/s | MB/s | seconds | first batch s |")
+    print("|---|---|---|---|---|")
+    for name, seconds, nbytes, samples, first in rows:
+        first_text = f"{first:.2f}" if first is not None else "–"
+        print(f"| {name} | {samples / seconds:.1f} | {nbytes / 1e6 / seconds:.0f} | {seconds:.2f} | {first_text} |")
+    print(f"# stream / ceiling: {rows[1][2] / rows[1][1] / (rows[0][2] / rows[0][1]):.0%} (1 rank), "
+          f"{rows[2][2] / rows[2][1] / (rows[0][2] / rows[0][1]):.0%} (2 ranks); total data {mb:.0f} MB")
+    if args.million:
+        mstore = Store(f"s3://{BUCKET}/million", options)
+        million_manifest(mstore)
+        start = time.perf_counter()
+        s = LatentStream(f"s3://{BUCKET}/million", rank=0, world_size=8, storage_options=options,
+                         options=StreamOptions(batch_size=6))
+        next(iter(s.iter_epoch()))
+        print(f"# time to first batch, 1,000,000-sample manifest ({len(s.manifest.shards)} shards), "
+              f"rank 0 of 8, batch 6: {time.perf_counter() - start:.2f} s")
+        s.close()
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from launcher import jobs
-from launcher.plan import JobPlan, build_plan, split_overrides
+from launcher import jobs, resource_report
+from launcher.plan import JobPlan, build_plan, check_fit, split_overrides
 from launcher.profile import Profile, load_profile, profile_path
 from launcher.render import render_script
 from launcher.submission import prepare_run_dir, submit
@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     p.add_argument("--output", metavar="FILE", help="write the script to FILE and prepare the run directory; submit nothing")
     p.add_argument("--wait", action="store_true", help="follow the job's log until it ends; exit with its status")
+    q = sub.add_parser("plan", help=summaries["plan"])
+    q.add_argument("--profile", required=True, help="a name in cluster_configs/ or a YAML path")
+    q.add_argument("--recipe", help=f"recipe YAML (default: the profile's default_recipe, else ./{DEFAULT_RECIPE})")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a profile or recipe key, e.g. train.train_batch_size=2")
     for name in ("status", "logs", "cancel"):
         q = sub.add_parser(name, help=summaries[name])
         q.add_argument("job", help="job id or run directory")
@@ -144,10 +149,33 @@ def _follow(record: dict[str, str], out=sys.stdout, poll_s: float = 1.0) -> str:
         time.sleep(poll_s)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """`sd35dist plan`: memory, communication and step time per GPU; exit 2 when it cannot fit."""
+    profile_overrides, recipe_overrides = split_overrides(args.overrides)
+    profile_file = profile_path(args.profile)
+    profile = load_profile(profile_file, profile_overrides)
+    recipe_file = _recipe_path(args.recipe, profile, profile_file)
+    recipe = resolve_paths(load_recipe(recipe_file, recipe_overrides), Path.cwd())
+    report = resource_report.build_report(profile, recipe, profile_file.stem, recipe_file.name)
+    sys.stdout.write(resource_report.render_report(report))
+    check_fit(profile, recipe, profile_file.name, recipe_file.name)
+    resource_report.refuse_if_too_big(report)
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     plan, profile, recipe = plan_from_args(args)
+    # Only a profile that declares its GPU (hardware:) gets the fit check and the dry-run's plan line.
+    report = None
+    if profile.hardware.resolved() is not None:
+        recipe_name = _recipe_path(args.recipe, profile, profile_path(args.profile)).name
+        report = resource_report.build_report(profile, recipe, plan.profile_name, recipe_name)
+        if args.job == "train":
+            resource_report.refuse_if_too_big(report)
     script = render_script(plan)
     if args.dry_run and not args.output:
+        if report is not None:
+            print(resource_report.summary_line(report), file=sys.stderr)
         sys.stdout.write(script)
         return 0
     run_dir = prepare_run_dir(plan, recipe_yaml(recipe), dump_yaml(profile))
@@ -199,7 +227,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    handler = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}[args.command]
+    handlers = {"submit": cmd_submit, "plan": cmd_plan, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}
+    handler = handlers[args.command]
     try:
         return handler(args)
     except ConfigError as err:

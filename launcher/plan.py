@@ -12,6 +12,7 @@ from typing import Any
 from launcher.profile import PROFILE_KEYS, Profile
 from sd35dist.config import ConfigError, Recipe, parse_override
 from sd35dist.config.commands import RANK_JOBS
+from sd35dist.config.mesh_layout import MeshLayout, refuse_zero3_across_gpu_nodes, resolve_mesh
 from sd35dist.config.recipe import RECIPE_KEYS
 
 RDZV_HOST_VAR = "SD35DIST_RDZV_HOST"
@@ -35,6 +36,8 @@ class JobPlan:
     nodes: int
     procs_per_node: int
     gpus_per_node: int
+    mesh: str
+    """Which mesh the ranks build (FSDP, HSDP replicas × shards, ZeRO): the job's first log line."""
     time_minutes: int
     directives: tuple[tuple[str, str | None], ...]
     """(#SBATCH option, value) in order; value None for flags such as --requeue."""
@@ -83,12 +86,19 @@ def check_fit(profile: Profile, recipe: Recipe, profile_file: str, recipe_file: 
             "parallel.shard_degree",
             f"{degree} must divide the world size {profile.world_size} of profile {profile_file}",
         )
+    refuse_zero3_across_gpu_nodes(recipe.parallel.strategy, profile.nodes, profile.gpus_per_node, recipe_file)
     if profile.gpus_per_node and profile.procs_per_node > profile.gpus_per_node:
         raise ConfigError(
             profile_file,
             "launch.procs_per_node",
             f"{profile.procs_per_node} workers per node but only {profile.gpus_per_node} GPUs per node",
         )
+
+
+def mesh_layout(profile: Profile, recipe: Recipe, recipe_file: str = "recipe") -> MeshLayout:
+    """The mesh the ranks of this profile will build for this recipe (they resolve it the same way)."""
+    return resolve_mesh(strategy=recipe.parallel.strategy, shard_degree=recipe.parallel.shard_degree,
+                        nodes=profile.nodes, procs_per_node=profile.procs_per_node, recipe_file=recipe_file)
 
 
 def _directives(profile: Profile, job_name: str, log_dir: str) -> tuple[tuple[str, str | None], ...]:
@@ -185,6 +195,7 @@ def build_plan(
         nodes=profile.nodes,
         procs_per_node=profile.procs_per_node,
         gpus_per_node=profile.gpus_per_node,
+        mesh=mesh_layout(profile, recipe, recipe_file).describe(),
         time_minutes=profile.time_minutes,
         directives=_directives(profile, job_name, log_dir) if profile.scheduler == "slurm" else (),
         setup_lines=tuple(setup),

@@ -14,6 +14,7 @@ import pydantic
 from pydantic import Field
 
 from sd35dist.config.loading import ConfigError, StrictModel, load_mapping, validate_mapping
+from sd35dist.config.resource_plan import GPU_PRESETS, Hardware
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "cluster_configs"
 
@@ -143,6 +144,32 @@ class SetupSection(StrictModel):
     """Shell lines run before launch (e.g. `source ~/venvs/sd35/bin/activate`)."""
 
 
+class HardwareSection(StrictModel):
+    """The GPU and links `sd35dist plan` and submit's fit check compute with (sd35dist/config/resource_plan.py)."""
+
+    gpu: Literal["h100", "h200"] | None = None
+    """A preset for every value below: h100 (SXM 80 GB: 79.6 GiB, 989 TFLOP/s bf16, 60% of it reached,
+    NVLink 360 GB/s, 50 GB/s NIC per GPU) or h200 (the same with 140.4 GiB). None: no GPU declared,
+    so no fit check and no step time."""
+    memory_gib: float | None = Field(None, gt=0)
+    peak_bf16_tflops: float | None = Field(None, gt=0)
+    matmul_efficiency: float | None = Field(None, gt=0, le=1)
+    """Share of the peak the training kernels reach."""
+    intra_node_gb_s: float | None = Field(None, gt=0)
+    """Collective bandwidth per GPU inside a node, GB/s."""
+    inter_node_gb_s: float | None = Field(None, gt=0)
+    """Network bandwidth per GPU between nodes, GB/s (400 Gb/s = 50)."""
+
+    def resolved(self) -> Hardware | None:
+        """The preset with this section's values over it; None when neither a preset nor every value is given."""
+        values = {k: v for k, v in self.model_dump().items() if k != "gpu" and v is not None}
+        if self.gpu is not None:
+            return Hardware(**{**GPU_PRESETS[self.gpu].__dict__, **values})
+        if len(values) == len(Hardware.__dataclass_fields__) - 1:
+            return Hardware(name="custom", **values)
+        return None
+
+
 class Profile(StrictModel):
     scheduler: Literal["slurm", "local"]
     slurm: SlurmSection | None = None
@@ -150,6 +177,7 @@ class Profile(StrictModel):
     launch: LaunchSection = Field(default_factory=LaunchSection)
     env: EnvSection = Field(default_factory=EnvSection)
     setup: SetupSection = Field(default_factory=SetupSection)
+    hardware: HardwareSection = Field(default_factory=HardwareSection)
     run_root: str = "./runs"
     """Run directories (frozen recipe, logs, reports) are created under this; on a cluster, shared storage."""
     default_recipe: str | None = None

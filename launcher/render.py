@@ -44,7 +44,7 @@ def launch_command(plan: JobPlan) -> str:
 
 def setup_block(plan: JobPlan) -> list[str]:
     """Lines run once per job before launch: profile setup, environment, secret checks, rendezvous."""
-    out: list[str] = []
+    out: list[str] = [f"echo {shlex.quote('sd35dist: ' + plan.mesh)}"]
     if plan.setup_lines:
         out.append("# setup from the profile")
         out += list(plan.setup_lines)

@@ -1,4 +1,5 @@
-"""LatentStream against the real S3-protocol server (moto on 127.0.0.1, through s3fs)."""
+"""LatentStream against the real S3-protocol server (moto on 127.0.0.1, through s3fs), also behind
+tests/shaping_proxy.py (first-byte latency, per-connection bandwidth, connections reset mid-object)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,14 @@ from sd35dist.data.shard_fetcher import RetryPolicy, ShardCorrupt
 from sd35dist.data.storage import Store
 from sd35dist.data.demo_dataset import write_demo_dataset
 from tests.s3_server import S3Server
+from tests.shaping_proxy import ShapingProxy
 from tests.test_cache_build import run_cache, samples_by_key, tiny_model, write_recipe  # noqa: F401
 
 BUCKET = "stream-test"
 PREFIX = "cache"
+# tests/shaping_proxy.py in front of the server: what one real S3 connection gives.
+SHAPED_DELAY_S = 0.03
+SHAPED_BYTES_PER_S = 80e6
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +200,46 @@ def test_corrupt_shard_errors_by_default_and_is_skipped_on_request(s3_server, lo
     assert skipping.skipped_shards == [f"s3://corrupt/c/{victim.path}"]
     assert sum(seen.values()) == sum(all_keys(local_cache).values()) - victim.samples
     assert max(seen.values()) == 1
+
+
+@pytest.mark.s3
+def test_two_ranks_read_every_sample_once_while_connections_drop_mid_object(s3_cache, local_cache, s3_server):
+    url, options = s3_cache
+    shard_sizes = sorted(p.stat().st_size for p in local_cache.rglob("*.safetensors") if "shards" in p.parts)
+    cut_after = shard_sizes[0] // 2
+    # 30 ms to the first byte, 80 MB/s per connection, and every third shard GET reset halfway through.
+    with ShapingProxy("127.0.0.1", s3_server.port, first_byte_delay_s=SHAPED_DELAY_S, bytes_per_s=SHAPED_BYTES_PER_S,
+                      drop_every=3, drop_min_body=shard_sizes[0], drop_after=cut_after) as proxy:
+        ranks = [stream(url, {**options, "endpoint_url": proxy.endpoint_url}, r, 2) for r in range(2)]
+        batches = [list(s.iter_epoch()) for s in ranks]
+        for s in ranks:
+            s.close()
+    seen = Counter(k for per_rank in batches for batch in per_rank for k in batch.keys)
+    assert seen == all_keys(local_cache), "every sample once, none lost, none twice"
+    assert proxy.stats.drops >= 2, f"the proxy cut {proxy.stats.drops} responses mid-object"
+
+
+@pytest.mark.s3
+def test_the_proxy_delays_each_first_byte_and_caps_each_connection(s3_server, monkeypatch):
+    import s3fs
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    client = s3_server.client()
+    client.create_bucket(Bucket="shaped")
+    client.put_object(Bucket="shaped", Key="small", Body=b"x")
+    client.put_object(Bucket="shaped", Key="big", Body=bytes(8_000_000))
+    with ShapingProxy("127.0.0.1", s3_server.port, first_byte_delay_s=SHAPED_DELAY_S, bytes_per_s=SHAPED_BYTES_PER_S) as proxy:
+        fs = s3fs.S3FileSystem(**{**s3_server.storage_options, "endpoint_url": proxy.endpoint_url},
+                               skip_instance_cache=True)
+        fs.cat_file("shaped/small")  # open the connection
+        start = time.perf_counter()
+        for _ in range(3):
+            fs.cat_file("shaped/small")
+        per_request = (time.perf_counter() - start) / 3
+        start = time.perf_counter()
+        assert len(fs.cat_file("shaped/big")) == 8_000_000
+        big = time.perf_counter() - start
+    assert SHAPED_DELAY_S <= per_request < SHAPED_DELAY_S + 0.1, per_request
+    assert big >= SHAPED_DELAY_S + 8_000_000 / SHAPED_BYTES_PER_S, f"8 MB took {big:.3f} s: faster than 80 MB/s"
+    assert proxy.stats.responses >= 5

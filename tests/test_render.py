@@ -119,7 +119,10 @@ def test_override_changes_only_what_it_names(tmp_path):
     ).stdout
     assert base == render_script(_plan("h100x8x4", "train"))  # the CLI prints exactly the pure rendering
     diff = [(a, b) for a, b in zip(base.splitlines(), changed.splitlines()) if a != b]
-    assert diff == [("#SBATCH --nodes=4", "#SBATCH --nodes=2"), ("#SBATCH --partition=gpu", "#SBATCH --partition=h100-long")]
+    mesh = "echo 'sd35dist: fsdp2: HSDP {} replicas × 8 shards over {} node(s) (mesh [{}, 8]; " \
+           "shard_degree = workers per node, the default across nodes)'"
+    assert diff == [("#SBATCH --nodes=4", "#SBATCH --nodes=2"), ("#SBATCH --partition=gpu", "#SBATCH --partition=h100-long"),
+                    (mesh.format(4, 4, 4), mesh.format(2, 2, 2))], "the mesh the ranks build follows the node count"
 
 
 def test_shell_words_expand_only_variables():

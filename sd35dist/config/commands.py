@@ -41,6 +41,8 @@ SUBMIT, RANK_JOB, TOOL = CommandKind.SUBMIT_SIDE, CommandKind.RANK_JOB, CommandK
 COMMANDS: tuple[Command, ...] = (
     Command(words=("submit",), kind=SUBMIT, module="launcher.cli",
             summary="render a job from a profile and a recipe, and submit it (--dry-run prints it)"),
+    Command(words=("plan",), kind=SUBMIT, module="launcher.cli",
+            summary="memory, communication and step time per GPU of a recipe on a profile; exit 2 if it cannot fit"),
     Command(words=("status",), kind=SUBMIT, module="launcher.cli", summary="a job's state"),
     Command(words=("logs",), kind=SUBMIT, module="launcher.cli", summary="print a job's logs (--follow to keep printing)"),
     Command(words=("cancel",), kind=SUBMIT, module="launcher.cli", summary="cancel a job"),

@@ -39,7 +39,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, UnsafeMetadata
 from sd35dist.checkpoint.layout import CheckpointUnreadable
-from sd35dist.config.loading import ConfigError
+from sd35dist.config.mesh_layout import MeshLayout, resolve_mesh
 from sd35dist.config.recipe import Recipe
 from sd35dist.models.state_keys import plain_name
 from sd35dist.models.transformer_build import build_on_meta, materialize_and_load, transformer_config
@@ -123,12 +123,6 @@ def cast_inputs_except(dtype: torch.dtype, keep: tuple[str, ...]):
     return hook
 
 
-def describe_mesh(mesh: DeviceMesh) -> str:
-    """'FSDP over 8 ranks' or 'HSDP: 4 replicas × 8 shards'."""
-    shape = tuple(mesh.shape)
-    return f"FSDP over {shape[0]} ranks" if len(shape) == 1 else f"HSDP: {shape[0]} replicas × {shape[1]} shards"
-
-
 def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
     """Recompute each block's activations in backward instead of storing them (full AC, per block)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -180,14 +174,12 @@ def _device_type() -> str:
     return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
-def hsdp_replicas(shard_degree: int | None, world_size: int, recipe_file: str = "recipe") -> int:
-    """How many replica groups `parallel.shard_degree` makes on `world_size` ranks: 1 is plain FSDP."""
-    if shard_degree is None:
-        return 1
-    if shard_degree > world_size or world_size % shard_degree:
-        raise ConfigError(recipe_file, "parallel.shard_degree",
-                          f"{shard_degree} must divide the world size {world_size}")
-    return world_size // shard_degree
+def mesh_layout_for(recipe: Recipe, world: World, recipe_file: str = "recipe") -> MeshLayout:
+    """The layout this job runs, from the recipe and torchrun's view of nodes × workers per node:
+    the same pure decision the launcher's dry-run prints (HSDP by default across nodes)."""
+    per_node = world.local_world_size if world.world_size % world.local_world_size == 0 else world.world_size
+    return resolve_mesh(strategy=recipe.parallel.strategy, shard_degree=recipe.parallel.shard_degree,
+                        nodes=world.world_size // per_node, procs_per_node=per_node, recipe_file=recipe_file)
 
 
 class FSDP2Strategy:
@@ -199,7 +191,8 @@ class FSDP2Strategy:
     def __init__(self, recipe: Recipe, world: World, recipe_file: str = "recipe") -> None:
         """The pretrained transformer of `recipe.model`, built on meta, sharded, then loaded shard by shard."""
         master, compute = master_and_compute_dtypes(recipe)
-        replicas = hsdp_replicas(recipe.parallel.shard_degree, world.world_size, recipe_file)
+        layout = mesh_layout_for(recipe, world, recipe_file)
+        replicas = layout.replicas
         model = load_transformer(
             Path(recipe.model.pretrained),
             world=world,
@@ -213,14 +206,14 @@ class FSDP2Strategy:
         )
         self._adopt(model, recipe, world)
         if world.is_main:
-            print(f"fsdp2: {describe_mesh(self.mesh)}, {recipe.train.optimizer}, compute {compute}, "
+            print(f"{layout.describe()}; {recipe.train.optimizer}, compute {compute}, "
                   f"master weights {master}", flush=True)
 
     @classmethod
     def from_model(cls, model: nn.Module, recipe: Recipe, world: World, recipe_file: str = "recipe") -> FSDP2Strategy:
         """The strategy around a model already in memory (a random init, say): sharded as the recipe says."""
         _, compute = master_and_compute_dtypes(recipe)
-        replicas = hsdp_replicas(recipe.parallel.shard_degree, world.world_size, recipe_file)
+        replicas = mesh_layout_for(recipe, world, recipe_file).replicas
         parallelize_fsdp2(
             model,
             mesh=fsdp_mesh(world.world_size, replicas, world.device.type),

@@ -20,6 +20,7 @@
 
 set -euo pipefail
 
+echo 'sd35dist: fsdp2: FSDP over 8 ranks on 1 node(s) (mesh [8])'
 # setup from the profile
 source "$HOME/venvs/sd35dist/bin/activate"
 # environment (non-secret values from the profile)

@@ -20,6 +20,7 @@
 
 set -euo pipefail
 
+echo 'sd35dist: fsdp2: HSDP 4 replicas × 8 shards over 4 node(s) (mesh [4, 8]; shard_degree = workers per node, the default across nodes)'
 # setup from the profile
 source "$HOME/venvs/sd35dist/bin/activate"
 # environment (non-secret values from the profile)

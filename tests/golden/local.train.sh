@@ -5,6 +5,7 @@
 
 set -euo pipefail
 
+echo 'sd35dist: fsdp2: FSDP over 2 ranks on 1 node(s) (mesh [2])'
 # environment (non-secret values from the profile)
 export OMP_NUM_THREADS=1
 export SD35DIST_RUN_DIR=/shared/runs/golden-run

@@ -1,0 +1,107 @@
+"""Parameter counts of diffusers' SD3Transformer2DModel from its config alone: pure arithmetic.
+
+The launcher plans memory and communication before any process exists and never imports
+torch, so it cannot build the model, not even on the meta device. These formulas follow
+diffusers' module tree (transformer_sd3.py, attention.py); a unit test checks them against
+the meta-built model for the tiny and the SD3.5 Large configs, parameter for parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+SD35_LARGE_CONFIG: dict[str, Any] = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 38,
+    "attention_head_dim": 64, "num_attention_heads": 38, "joint_attention_dim": 4096,
+    "caption_projection_dim": 2432, "pooled_projection_dim": 2048, "pos_embed_max_size": 192,
+    "qk_norm": "rms_norm", "dual_attention_layers": [],
+}
+"""SD3.5 Large's transformer/config.json without diffusers' bookkeeping keys (8.06e9 parameters)."""
+TIMESTEP_CHANNELS = 256
+"""Sinusoidal timestep features fed to the time embedder (diffusers' Timesteps(256))."""
+
+
+def _linear(fan_in: int, fan_out: int) -> int:
+    return fan_in * fan_out + fan_out
+
+
+def _get(config: Mapping[str, Any], key: str, default: Any) -> Any:
+    value = config.get(key, default)
+    return default if value is None else value
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerSize:
+    """Parameters of an SD3 MMDiT, grouped the way FSDP2 shards it (one unit per block, then the root)."""
+
+    blocks: tuple[int, ...]
+    """Parameters of each JointTransformerBlock, in order."""
+    root: int
+    """Everything outside the blocks: patch, time, pooled and caption embedders, output norm and head."""
+    hidden_size: int
+
+    @property
+    def total(self) -> int:
+        return self.root + sum(self.blocks)
+
+    @property
+    def largest_block(self) -> int:
+        return max(self.blocks, default=0)
+
+
+def _attention(dim: int, head_dim: int, *, added_kv: bool, context_pre_only: bool, qk_norm: bool) -> int:
+    count = 3 * _linear(dim, dim) + _linear(dim, dim)  # to_q, to_k, to_v, to_out
+    count += 2 * head_dim if qk_norm else 0  # norm_q, norm_k (RMSNorm over one head)
+    if added_kv:
+        count += 3 * _linear(dim, dim)  # add_q_proj, add_k_proj, add_v_proj
+        count += 2 * head_dim if qk_norm else 0  # norm_added_q, norm_added_k
+        count += 0 if context_pre_only else _linear(dim, dim)  # to_add_out
+    return count
+
+
+def _feed_forward(dim: int) -> int:
+    return _linear(dim, 4 * dim) + _linear(4 * dim, dim)
+
+
+def transformer_size(config: Mapping[str, Any]) -> TransformerSize:
+    """Parameter counts of `SD3Transformer2DModel.from_config(config)`; missing keys take diffusers' defaults."""
+    patch = int(_get(config, "patch_size", 2))
+    layers = int(_get(config, "num_layers", 18))
+    head_dim = int(_get(config, "attention_head_dim", 64))
+    dim = int(_get(config, "num_attention_heads", 18)) * head_dim
+    in_channels = int(_get(config, "in_channels", 16))
+    out_channels = int(_get(config, "out_channels", in_channels))
+    joint = int(_get(config, "joint_attention_dim", 4096))
+    caption = int(_get(config, "caption_projection_dim", 1152))
+    pooled = int(_get(config, "pooled_projection_dim", 2048))
+    dual_layers = set(_get(config, "dual_attention_layers", ()))
+    qk_norm = _get(config, "qk_norm", None) == "rms_norm"
+    if _get(config, "qk_norm", None) not in (None, "rms_norm"):
+        raise ValueError(f"qk_norm {config['qk_norm']!r}: only None and 'rms_norm' are counted")
+
+    blocks = []
+    for index in range(layers):
+        last = index == layers - 1
+        dual = index in dual_layers
+        count = _linear(dim, (9 if dual else 6) * dim)  # norm1: AdaLayerNormZero(X)
+        count += _linear(dim, (2 if last else 6) * dim)  # norm1_context: continuous in the last block
+        count += _attention(dim, head_dim, added_kv=True, context_pre_only=last, qk_norm=qk_norm)
+        if dual:
+            count += _attention(dim, head_dim, added_kv=False, context_pre_only=False, qk_norm=qk_norm)
+        count += _feed_forward(dim) * (1 if last else 2)  # ff, and ff_context except in the last block
+        blocks.append(count)
+    root = in_channels * patch * patch * dim + dim  # pos_embed.proj (a patch×patch conv)
+    root += _linear(TIMESTEP_CHANNELS, dim) + _linear(dim, dim)  # timestep embedder
+    root += _linear(pooled, dim) + _linear(dim, dim)  # pooled text embedder
+    root += _linear(joint, caption)  # context_embedder
+    root += _linear(dim, 2 * dim)  # norm_out
+    root += _linear(dim, patch * patch * out_channels)  # proj_out
+    return TransformerSize(blocks=tuple(blocks), root=root, hidden_size=dim)
+
+
+def image_tokens(config: Mapping[str, Any], width: int, height: int) -> int:
+    """Image tokens of one sample at width × height pixels (VAE /8, then patch × patch)."""
+    patch = int(_get(config, "patch_size", 2))
+    return (width // 8 // patch) * (height // 8 // patch)
