@@ -40,6 +40,7 @@ from sd35dist.train.lr_schedule import learning_rate_at
 from sd35dist.train.metrics import MetricsLog
 from sd35dist.train.mfu import mfu, mmdit_train_flops_per_sample, peak_bf16_flops
 from sd35dist.train.preemption import PreemptionWatch, StopKind, save_fits
+from sd35dist.validation.during_training import TrainingValidation
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -178,6 +179,9 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
     for line in budget.warnings(step_s=None) if budget else []:
         metrics.note(f"warning: {line}")
     watch = PreemptionWatch(str(run_dir))
+    validation = TrainingValidation.for_run(recipe, trainer, run_dir, recipe_source)
+    if validation is not None and recipe.validation.at_start:
+        validation.run_round(trainer.step, metrics)
     batches = iter(trainer.stream)
     peak = peak_bf16_flops(torch.cuda.get_device_name(trainer.device)) if trainer.device.type == "cuda" else None
     stop = StopKind.NONE
@@ -203,6 +207,8 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
                 if budget is not None and budget.measured(checkpoints.last_save_s, seconds, trainer.step):
                     for line in budget.warnings(step_s=seconds):
                         metrics.note(f"warning: {line}")
+            if validation is not None and validation.due(trainer.step, trainer.total_steps):
+                validation.run_round(trainer.step, metrics)
         checkpoints.finish_save()
         metrics.note(f"done: {trainer.step} steps")
         return 0
