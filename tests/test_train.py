@@ -204,3 +204,18 @@ def test_adamw_bf16_stop_and_resume_gives_the_same_losses_and_weights(cache, tmp
         uninterrupted = checkpoint_state(CheckpointDir(tmp_path / "straight").latest(), use_ema)
         assert resumed.keys() == uninterrupted.keys()
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"
+
+
+def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, cache, tmp_path):  # noqa: F811
+    """3 (prompt, seed) pairs on 2 ranks, model and EMA weights side by side, next to the straight run."""
+    from sd35dist.parallel.fsdp2 import FSDP2Strategy
+    from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
+
+    root, straight_losses = straight
+    recipe = train_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", checkpointing_steps=2)
+    cache_validation_prompts(recipe)
+    train(with_validation(recipe, weights="both"), tmp_path / "run")
+    final = max(straight_losses)
+    checkpoint = next((tmp_path / "out" / "checkpoints").glob(f"*{final}"))
+    states = {"model": FSDP2Strategy.read_full(checkpoint), "ema": FSDP2Strategy.read_full(checkpoint, use_ema=True)}
+    check_validation_run(tmp_path / "run", straight_losses, cache, states)

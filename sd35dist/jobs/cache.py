@@ -88,10 +88,11 @@ def cache_validation_prompts(recipe: Recipe, store: Store, text_encoders) -> Non
     """Encode the recipe's validation prompts and record them in the (existing) manifest."""
     from sd35dist.data.validation_prompts import encode_validation_prompts, record_in_manifest, write_validation_prompts
 
-    section, length = recipe.validation, recipe.data.max_sequence_length
+    manifest = read_manifest(store)  # its T5 length and dtype, which training reads, not the recipe's
+    section, length = recipe.validation, manifest.max_sequence_length
     prompts = section.prompt_list()
     embeddings = encode_validation_prompts(text_encoders, prompts, section.negative_prompt, length)
-    entry, digest = write_validation_prompts(store, embeddings, section.negative_prompt, length, recipe.data.cache_dtype)
+    entry, digest = write_validation_prompts(store, embeddings, section.negative_prompt, length, manifest.dtype)
     record_in_manifest(store, entry, digest)
     print(f"cache {store.url}: {len(prompts)} validation prompts encoded ({entry.path})")
 

@@ -61,17 +61,34 @@ def save_round(out: Path, images: dict[int, np.ndarray], pairs: list[Pair], prom
 @contextlib.contextmanager
 def ema_weights(strategy: Any):
     """FSDP2: the EMA shadow (same sharding) in place of the weights, then the weights back exactly."""
-    params = dict(strategy.model.named_parameters())
+    # A block left gathered by the last forward shows its full parameter: shard everything first,
+    # and again after, so no gathered copy of the EMA weights outlives the round.
+    _reshard(strategy.model)
+    params = {name: _local(p) for name, p in strategy.model.named_parameters()}
     saved = {name: p.detach().clone() for name, p in params.items()}
     with torch.no_grad():
         for name, shadow in strategy.ema.shadow.items():
-            params[name].copy_(shadow)
+            params[name].copy_(_local(shadow))
     try:
         yield
     finally:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(saved[name])
+        _reshard(strategy.model)
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard (a view: writing it writes the parameter)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 class TrainingValidation:
