@@ -81,6 +81,10 @@ def check_validation_run(run: Path, straight_losses: dict[int, float], cache: tu
         grid = Image.open(run / "validation" / name / "grid.png")
         assert grid.width > len(final_states) * 32 and grid.height > len(PROMPTS) * 32
         assert len(list((run / "validation" / name).glob("*-p0*-seed5-32x32.png"))) == len(PROMPTS) * len(final_states)
+    # The training job wrote the report at its checkpoints and at the end, with every round's grid.
+    page = (run / "report.html").read_text()
+    assert page.count("<h3>step ") == len(rounds)
+    assert (run / "plots" / "loss.png").is_file()
     # Validation does not change training: the same losses, bit for bit.
     assert losses_of(run) == straight_losses
     # Training moved the weights, and the images show it.

@@ -56,6 +56,8 @@ COMMANDS: tuple[Command, ...] = (
             summary="summarise a cache from its manifest (--verify checks every shard's sha256)"),
     Command(words=("export",), kind=TOOL, module="sd35dist.checkpoint.export",
             summary="write a checkpoint's transformer as a diffusers directory"),
+    Command(words=("report",), kind=TOOL, module="sd35dist.validation.report",
+            summary="a run's loss/lr/throughput plots and validation grids as one self-contained report.html"),
     Command(words=("torchrun",), kind=TOOL, module="sd35dist.jobs.torchrun",
             summary="torchrun that ends a failed job with one line (what job scripts run)"),
 )

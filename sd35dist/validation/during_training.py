@@ -144,3 +144,16 @@ class TrainingValidation:
         s = self.settings
         title = (f"step {step} · {s.guidance.kind} {s.guidance.scale:g} · {s.steps} steps")
         return save_round(step_dir(self.run_dir, step), images, self.pairs, self.embeddings.prompts, self.weights, title)
+
+
+def write_run_report(run_dir: Path, metrics: Any) -> bool:
+    """Rank 0: rewrite report.html; a failure is a warning line, never the end of a long run."""
+    from sd35dist.validation.report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except Exception as err:  # noqa: BLE001 — the report is a view of the run, not part of it
+        metrics.note(f"warning: report not written: {type(err).__name__}: {err}")
+        return False
+    metrics.note(f"report {path}")
+    return True
