@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from sd35dist.cli import main as sd35dist_main
-from sd35dist.validation.report import loss_summary, moving_average, read_metrics
+from sd35dist.validation.report import loss_summary, moving_average, read_metrics, read_runs
 
 pytestmark = pytest.mark.unit
 
@@ -53,8 +53,19 @@ def test_report_embeds_plots_and_grids_in_step_order_and_fetches_nothing(tmp_pat
     assert tuple(images[5][0, 0]) == (255, 0, 0) and tuple(images[6][0, 0]) == (0, 0, 255)
     records = read_metrics(run)
     assert sorted(records) == list(range(1, 31)) and records[5]["data_wait_fraction"] == pytest.approx(0.1)
-    first, last, window = loss_summary(run)
+    first, last, window = loss_summary(records)
     assert window == 6 and first > last
+
+
+def test_a_resumed_run_reports_over_its_run_directories(tmp_path):
+    write_run(tmp_path / "first", steps=10)
+    write_run(tmp_path / "second", steps=30)
+    (tmp_path / "first" / "validation" / "step-000000").mkdir()
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "first" / "validation" / "step-000000" / "grid.png")
+    assert sd35dist_main(["report", str(tmp_path / "first"), str(tmp_path / "second"), "--out", str(tmp_path / "r")]) == 0
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert [int(s) for s in re.findall(r"<h3>step (\d+)</h3>", page)] == [0, 4, 20]
+    assert sorted(read_runs([tmp_path / "first", tmp_path / "second"])) == list(range(1, 31))
 
 
 def test_a_missing_run_directory_is_one_line(tmp_path, capsys):

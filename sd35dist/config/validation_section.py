@@ -37,9 +37,9 @@ class ValidationSection(StrictModel):
     seeds: list[int] = Field(default_factory=lambda: [0])
     """One image per (prompt, seed, resolution); each has its own generator."""
     every_n_steps: int = Field(0, ge=0)
-    """Render every this many optimizer steps (0: never during training)."""
+    """Render every this many optimizer steps, and after the last (0: never during training)."""
     at_start: bool = False
-    """Also render before the first step (the base model, or the resumed weights)."""
+    """Also render before the first optimizer step (the base model); a resumed run does not render it again."""
     num_inference_steps: int = Field(28, ge=1)
     guidance_scale: float = Field(4.0, ge=1)
     guidance: Literal["cfg", "apg"] = "cfg"

@@ -180,11 +180,12 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
         metrics.note(f"warning: {line}")
     watch = PreemptionWatch(str(run_dir))
     validation = TrainingValidation.for_run(recipe, trainer, run_dir, recipe_source)
-    if validation is not None and recipe.validation.at_start:
+    if validation is not None and validation.due_at_start(trainer.step):
         validation.run_round(trainer.step, metrics)
     batches = iter(trainer.stream)
     peak = peak_bf16_flops(torch.cuda.get_device_name(trainer.device)) if trainer.device.type == "cuda" else None
     stop = StopKind.NONE
+    saved = False
     try:
         while trainer.step < trainer.total_steps:
             started = time.perf_counter()
@@ -213,7 +214,7 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
             if saved and world.is_main:  # after the round, so the report shows its grid
                 write_run_report(run_dir, metrics)
         checkpoints.finish_save()
-        if world.is_main:
+        if world.is_main and not saved:  # a final checkpoint has just written it
             write_run_report(run_dir, metrics)
         metrics.note(f"done: {trainer.step} steps")
         return 0

@@ -118,6 +118,10 @@ class TrainingValidation:
     def for_run(cls, recipe: Recipe, trainer: Any, run_dir: Path, recipe_file: str) -> TrainingValidation | None:
         return cls(recipe, trainer, run_dir, recipe_file) if recipe.validation.renders_during_training else None
 
+    def due_at_start(self, step: int) -> bool:
+        """`at_start`: the weights before the first optimizer step; a resumed run does not render again."""
+        return self.recipe.validation.at_start and step == 0
+
     def due(self, step: int, total_steps: int) -> bool:
         every = self.recipe.validation.every_n_steps
         return every > 0 and (step % every == 0 or step == total_steps)

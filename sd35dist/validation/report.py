@@ -65,9 +65,18 @@ def read_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
     return dict(sorted(steps.items()))
 
 
-def loss_summary(run_dir: Path) -> tuple[float, float, int] | None:
+def read_runs(run_dirs: Sequence[Path]) -> dict[int, dict[str, float]]:
+    """The metrics of a run continued over several run directories (each resume submits anew):
+    a later directory's record of a step wins."""
+    merged: dict[int, dict[str, float]] = {}
+    for run_dir in run_dirs:
+        merged.update(read_metrics(Path(run_dir)))
+    return dict(sorted(merged.items()))
+
+
+def loss_summary(records: dict[int, dict[str, float]]) -> tuple[float, float, int] | None:
     """(first, last) value of the loss's moving average and its window; None without metrics."""
-    losses = [r["loss"] for r in read_metrics(run_dir).values()]
+    losses = [r["loss"] for r in records.values()]
     if not losses:
         return None
     window = default_window(len(losses))
@@ -107,13 +116,15 @@ def write_plots(records: dict[int, dict[str, float]], out: Path) -> list[Path]:
     return written
 
 
-def validation_grids(run_dir: Path) -> list[tuple[int, Path]]:
-    grids = []
-    for grid in (run_dir / "validation").glob("step-*/grid.png"):
-        step = grid.parent.name.removeprefix("step-")
-        if step.isdigit():
-            grids.append((int(step), grid))
-    return sorted(grids)
+def validation_grids(run_dirs: Sequence[Path]) -> list[tuple[int, Path]]:
+    """(step, grid.png) in step order; a later directory's grid of a step wins."""
+    grids: dict[int, Path] = {}
+    for run_dir in run_dirs:
+        for grid in (Path(run_dir) / "validation").glob("step-*/grid.png"):
+            step = grid.parent.name.removeprefix("step-")
+            if step.isdigit():
+                grids[int(step)] = grid
+    return sorted(grids.items())
 
 
 def _img(path: Path, alt: str) -> str:
@@ -121,13 +132,13 @@ def _img(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def render_html(run_dir: Path, records: dict[int, dict[str, float]], plots: list[Path],
+def render_html(run_dirs: Sequence[Path], records: dict[int, dict[str, float]], plots: list[Path],
                 grids: list[tuple[int, Path]]) -> str:
-    rows: list[tuple[str, Any]] = [("run directory", run_dir), ("steps logged", len(records))]
+    rows: list[tuple[str, Any]] = [("run directory", ", ".join(map(str, run_dirs))), ("steps logged", len(records))]
     if records:
         last = records[max(records)]
         rows += [("last step", max(records)), ("last loss", f"{last['loss']:.4f}")]
-        summary = loss_summary(run_dir)
+        summary = loss_summary(records)
         if summary:
             rows.append((f"loss moving average ({summary[2]} steps), first → last", f"{summary[0]:.4f} → {summary[1]:.4f}"))
         rates = [r["images_per_second"] for r in records.values() if "images_per_second" in r]
@@ -138,7 +149,7 @@ def render_html(run_dir: Path, records: dict[int, dict[str, float]], plots: list
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>sd35dist run report</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}img{max-width:100%;display:block;"
         "margin:0.5em 0 1.5em}th{text-align:left;padding-right:1em}</style></head><body>",
-        f"<h1>Run report: {html.escape(run_dir.name)}</h1><table>{table}</table>",
+        f"<h1>Run report: {html.escape(Path(run_dirs[-1]).name)}</h1><table>{table}</table>",
         "<h2>Training</h2>" + ("".join(_img(p, p.stem) for p in plots) or "<p>no metrics yet</p>"),
         "<h2>Validation images</h2>"
         + ("".join(f"<h3>step {step}</h3>{_img(path, f'step {step}')}" for step, path in grids)
@@ -148,24 +159,30 @@ def render_html(run_dir: Path, records: dict[int, dict[str, float]], plots: list
     return "\n".join(parts)
 
 
-def write_report(run_dir: Path) -> Path:
-    """Plots (run_dir/plots/*.png) and run_dir/report.html; returns the report's path."""
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
-    plots = write_plots(records, run_dir / PLOTS_DIR) if records else []
-    page = render_html(run_dir, records, plots, validation_grids(run_dir))
-    write_text_atomically(run_dir / REPORT_NAME, page)
-    return run_dir / REPORT_NAME
+def write_report(run_dir: Path, *earlier: Path, out: Path | None = None) -> Path:
+    """Plots (OUT/plots/*.png) and OUT/report.html, OUT defaulting to `run_dir`; `earlier` run
+    directories of the same run (before a resume) come first. Returns the report's path."""
+    run_dirs = [Path(p) for p in (*earlier, run_dir)]
+    out = Path(out or run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = read_runs(run_dirs)
+    plots = write_plots(records, out / PLOTS_DIR) if records else []
+    page = render_html(run_dirs, records, plots, validation_grids(run_dirs))
+    write_text_atomically(out / REPORT_NAME, page)
+    return out / REPORT_NAME
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sd35dist report", description="plots and validation grids of a run as report.html")
-    parser.add_argument("run_dir", help="a run directory (holds metrics-rank*.jsonl and validation/)")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run directories (metrics-rank*.jsonl, validation/), oldest first when a run was resumed")
+    parser.add_argument("--out", help="where report.html and plots/ go (default: the last RUN_DIR)")
     args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        print(f"error: {run_dir}: no such run directory", file=sys.stderr)
-        return 2
-    path = write_report(run_dir)
-    print(f"report {path} (plots in {run_dir / PLOTS_DIR})")
+    run_dirs = [Path(p) for p in args.run_dirs]
+    for run_dir in run_dirs:
+        if not run_dir.is_dir():
+            print(f"error: {run_dir}: no such run directory", file=sys.stderr)
+            return 2
+    path = write_report(run_dirs[-1], *run_dirs[:-1], out=Path(args.out) if args.out else None)
+    print(f"report {path} (plots in {path.parent / PLOTS_DIR})")
     return 0
