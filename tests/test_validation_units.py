@@ -14,7 +14,12 @@ from sd35dist.config.loading import ConfigError
 from sd35dist.config.validation_section import ValidationSection
 from sd35dist.data.manifest import ShardEntry, ShardManifest, read_manifest, write_manifest
 from sd35dist.data.storage import Store
-from sd35dist.data.validation_prompts import PromptEmbeddings, read_validation_prompts, record_in_manifest, write_validation_prompts
+from sd35dist.data.validation_prompts import (
+    PromptEmbeddings,
+    read_validation_prompts,
+    record_in_manifest,
+    write_validation_prompts,
+)
 from sd35dist.validation.during_training import save_round
 from sd35dist.validation.guidance import GuidanceSettings
 from sd35dist.validation.render import Renderer, rank_rounds, validation_pairs
@@ -61,7 +66,8 @@ def test_images_equal_the_diffusers_pipeline_pixel_for_pixel(parts):
     pipe.set_progress_bar_config(disable=True)
     for index, pair in enumerate(pairs):
         p = pair.prompt
-        expected = pipe(prompt_embeds=embeddings.prompt_embeds[p : p + 1], pooled_prompt_embeds=embeddings.pooled_prompt_embeds[p : p + 1],
+        expected = pipe(prompt_embeds=embeddings.prompt_embeds[p : p + 1],
+                        pooled_prompt_embeds=embeddings.pooled_prompt_embeds[p : p + 1],
                         negative_prompt_embeds=embeddings.negative_prompt_embeds,
                         negative_pooled_prompt_embeds=embeddings.negative_pooled_prompt_embeds,
                         width=64, height=48, num_inference_steps=4, guidance_scale=4.5,
@@ -69,7 +75,8 @@ def test_images_equal_the_diffusers_pipeline_pixel_for_pixel(parts):
         assert images[index].shape == (48, 64, 3)
         assert np.array_equal(images[index], np.asarray(expected))
     assert not np.array_equal(images[0], images[1])  # the prompt matters
-    apg = renderer.render(pairs[:1], embeddings, SampleSettings(steps=4, guidance=GuidanceSettings(kind="apg", scale=4.5, momentum=-0.5, norm_threshold=1.0, eta=0.0)))
+    apg_settings = GuidanceSettings(kind="apg", scale=4.5, momentum=-0.5, norm_threshold=1.0, eta=0.0)
+    apg = renderer.render(pairs[:1], embeddings, SampleSettings(steps=4, guidance=apg_settings))
     assert not np.array_equal(apg[0], images[0])  # APG is not CFG at these settings
 
 
@@ -101,7 +108,8 @@ def test_cached_prompts_round_trip_and_a_changed_list_names_the_command(tmp_path
             read_validation_prompts(store, manifest, changed, "r.yaml")
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("a fox\n\n  a cat \n")
-    assert read_validation_prompts(store, manifest, ValidationSection(prompts_file=str(prompts_file), negative_prompt="blurry"), "r.yaml")
+    from_file = ValidationSection(prompts_file=str(prompts_file), negative_prompt="blurry")
+    assert read_validation_prompts(store, manifest, from_file, "r.yaml").prompts == ("a fox", "a cat")
 
 
 def test_a_round_saves_single_images_and_a_labelled_grid(tmp_path: Path):

@@ -20,7 +20,7 @@ class ApgSection(StrictModel):
     """Adaptive projected guidance (Sadat et al. 2024), used when `guidance: apg`."""
 
     eta: float = Field(0.0, ge=0)
-    """Weight of the update's part parallel to the conditional prediction (0: the paper's choice, 1 with no momentum/cap: CFG)."""
+    """Weight of the update's part parallel to the conditional prediction (0: the paper's; 1, no momentum/cap: CFG)."""
     momentum: float | None = -0.5
     """Momentum of the running update (the paper uses -0.5); null: none."""
     norm_threshold: float = Field(15.0, ge=0)

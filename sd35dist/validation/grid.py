@@ -30,9 +30,11 @@ def labelled_grid(cells: Mapping[tuple[int, int], np.ndarray], row_labels: Seque
                for r in range(len(row_labels))]
     wrap = max(8, LABEL_WIDTH // 7)
     title_h = LINE_HEIGHT + 2 * PAD if title else 0
-    header_h = max(len(textwrap.wrap(label, max(4, w // 7)) or [""]) for label, w in zip(column_labels, widths)) * LINE_HEIGHT + 2 * PAD
+    header_lines = max(len(textwrap.wrap(label, max(4, w // 7)) or [""]) for label, w in zip(column_labels, widths))
+    header_h = header_lines * LINE_HEIGHT + 2 * PAD
     row_h = [max(h, len(textwrap.wrap(label, wrap)) * LINE_HEIGHT) + PAD for label, h in zip(row_labels, heights)]
-    canvas = Image.new("RGB", (LABEL_WIDTH + sum(w + PAD for w in widths) + PAD, title_h + header_h + sum(row_h)), "white")
+    size = (LABEL_WIDTH + sum(w + PAD for w in widths) + PAD, title_h + header_h + sum(row_h))
+    canvas = Image.new("RGB", size, "white")
     draw, font = ImageDraw.Draw(canvas), _font()
     if title:
         draw.text((PAD, PAD), title, fill="black", font=font)

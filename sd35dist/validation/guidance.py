@@ -36,7 +36,8 @@ class Guidance:
 
     def __init__(self, settings: GuidanceSettings) -> None:
         self.settings = settings
-        self._momentum = MomentumBuffer(settings.momentum) if settings.kind == "apg" and settings.momentum is not None else None
+        with_momentum = settings.kind == "apg" and settings.momentum is not None
+        self._momentum = MomentumBuffer(settings.momentum) if with_momentum else None
 
     @property
     def needs_uncond(self) -> bool:

@@ -173,7 +173,8 @@ def write_report(run_dir: Path, *earlier: Path, out: Path | None = None) -> Path
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sd35dist report", description="plots and validation grids of a run as report.html")
+    parser = argparse.ArgumentParser(prog="sd35dist report",
+                                     description="plots and validation grids of a run as report.html")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="run directories (metrics-rank*.jsonl, validation/), oldest first when a run was resumed")
     parser.add_argument("--out", help="where report.html and plots/ go (default: the last RUN_DIR)")

@@ -56,8 +56,10 @@ def renderer_for(model: torch.nn.Module, base_model: Path, device: torch.device)
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd35dist sample", description=__doc__.splitlines()[0].strip("`"))
-    parser.add_argument("source", type=Path, help="a checkpoint, an output dir (its latest), an export dir or the base model")
-    parser.add_argument("--model", type=Path, help="base model directory (VAE, text encoders); default: the checkpoint's recipe")
+    parser.add_argument("source", type=Path,
+                        help="a checkpoint, an output dir (its latest), an export dir or the base model")
+    parser.add_argument("--model", type=Path,
+                        help="base model directory (VAE, text encoders); default: the checkpoint's recipe")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
     parser.add_argument("--prompts-file", type=Path, help="one prompt per line")
     parser.add_argument("--negative-prompt", default="")

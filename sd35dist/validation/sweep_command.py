@@ -48,7 +48,8 @@ def main(argv: list[str]) -> int:
     missing = [s for s in steps if s not in checkpoints.complete_steps()]
     if not steps or missing:
         kept = ", ".join(map(str, checkpoints.complete_steps())) or "none"
-        print(f"error: {args.output_dir}: no complete checkpoint for step(s) {missing or 'any'} (kept: {kept})", file=sys.stderr)
+        print(f"error: {args.output_dir}: no complete checkpoint for step(s) {missing or 'any'} (kept: {kept})",
+              file=sys.stderr)
         return 2
     try:
         if args.recipe:
@@ -57,7 +58,8 @@ def main(argv: list[str]) -> int:
         else:
             recipe, recipe_name = checkpoint_recipe(checkpoints.path(steps[-1])), "the checkpoint's recipe.yaml"
         if recipe is None or not recipe.validation.enabled:
-            raise ConfigError(str(args.recipe or "recipe"), "validation.prompts", "no validation prompts to sweep: add them (and re-run `sd35dist cache --validation-only`)")
+            raise ConfigError(str(args.recipe or "recipe"), "validation.prompts",
+                              "no validation prompts to sweep: add them, then `sd35dist cache --validation-only`")
         store = Store(recipe.data.cache_url, recipe.data.storage_options)
         embeddings = read_validation_prompts(store, read_manifest(store), recipe.validation, recipe_name)
     except ConfigError as err:
@@ -80,9 +82,11 @@ def main(argv: list[str]) -> int:
         for kind in kinds:
             guidance = GuidanceSettings(kind=kind, scale=section.guidance_scale, eta=apg.eta, momentum=apg.momentum,
                                         norm_threshold=apg.norm_threshold)
-            images = renderer.render(pairs, embeddings, SampleSettings(steps=section.num_inference_steps, guidance=guidance))
+            settings = SampleSettings(steps=section.num_inference_steps, guidance=guidance)
+            images = renderer.render(pairs, embeddings, settings)
             for seed in section.seeds:
-                label = f"step {step}" + (f" {kind}" if len(kinds) > 1 else "") + (f" seed {seed}" if len(section.seeds) > 1 else "")
+                label = (f"step {step}" + (f" {kind}" if len(kinds) > 1 else "")
+                         + (f" seed {seed}" if len(section.seeds) > 1 else ""))
                 columns.append(label)
                 for index, pair in enumerate(pairs):
                     if pair.seed == seed:
