@@ -30,8 +30,10 @@ def cache_validation_prompts(recipe: Path) -> None:
     assert sd35dist_main(["cache", "--recipe", str(with_validation(recipe)), "--validation-only"]) == 0
 
 
-def render_one_process(cache: tuple[Path, Path], state: dict[str, torch.Tensor]) -> dict[int, np.ndarray]:
-    """The same pairs with a checkpoint's weights in one plain process (world size 1, no process group)."""
+def render_one_process(cache: tuple[Path, Path], state: dict[str, torch.Tensor],
+                       dtype: torch.dtype = torch.float32) -> dict[int, np.ndarray]:
+    """The same pairs with a checkpoint's weights in one plain process (world size 1, no process group);
+    in bf16 as the ranks compute: weights and inputs bf16, the timestep fp32."""
     from diffusers import SD3Transformer2DModel
 
     from sd35dist.config.validation_section import ValidationSection
@@ -48,12 +50,17 @@ def render_one_process(cache: tuple[Path, Path], state: dict[str, torch.Tensor])
     embeddings = read_validation_prompts(store, read_manifest(store), ValidationSection(**VALIDATION), "r.yaml")
     transformer = SD3Transformer2DModel.from_pretrained(model_dir, subfolder="transformer")
     transformer.load_state_dict(state)
+    transformer.to(dtype)
     vae = load_vae(model_dir)
     config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run (OMP_NUM_THREADS=1)
     try:
-        renderer = Renderer(forward=lambda **kw: transformer(**kw, return_dict=False)[0], vae=vae,
+        def forward(**inputs: torch.Tensor) -> torch.Tensor:
+            cast = {k: v if k == "timestep" else v.to(dtype) for k, v in inputs.items()}
+            return transformer(**cast, return_dict=False)[0]
+
+        renderer = Renderer(forward=forward, vae=vae,
                             scheduler_config=config, latent_shape=latent_shape_of(transformer.config, vae),
                             device=torch.device("cpu"))
         settings = SampleSettings(steps=VALIDATION["num_inference_steps"],
@@ -71,7 +78,7 @@ def images_of(run_dir: Path, step: int, weights: str) -> dict[int, np.ndarray]:
 
 
 def check_validation_run(run: Path, straight_losses: dict[int, float], cache: tuple[Path, Path],
-                         final_states: dict[str, dict[str, torch.Tensor]]) -> None:
+                         final_states: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype = torch.float32) -> None:
     """The asserts on one validation-on run; `final_states`: weights name -> the last checkpoint's tensors."""
     last = max(straight_losses)
     rounds = sorted(p.name for p in (run / "validation").iterdir())
@@ -92,10 +99,14 @@ def check_validation_run(run: Path, straight_losses: dict[int, float], cache: tu
                                                           images_of(run, last, "model").values()))
     # Images are a function of (weights, prompt, seed, settings): 2 ranks == 1 process, pixel for pixel.
     for weights, state in final_states.items():
-        expected = render_one_process(cache, state)
+        expected = render_one_process(cache, state, dtype)
         got = images_of(run, last, weights)
         for p in range(len(PROMPTS)):
-            assert np.array_equal(got[p], expected[p]), (weights, p)
+            if dtype == torch.float32:
+                assert np.array_equal(got[p], expected[p]), (weights, p)
+            else:  # bf16 rounds differently inside DeepSpeed's engine: ~1/255 apart, training moves them ~20
+                diff = np.abs(got[p].astype(int) - expected[p].astype(int))
+                assert diff.mean() < 3, (weights, p, diff.mean())
 
 
 def losses_of(run_dir: Path) -> dict[int, float]:
