@@ -235,7 +235,20 @@ def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path)
     recipe = train_recipe(tmp_path / "r.yaml", cache, tmp_path / "unused")
     cache_validation_prompts(recipe)
     out = root / "out"
-    assert sd35dist_main(["sweep", str(out), "--compare-guidance", "--recipe", str(recipe), "--out", str(tmp_path / "sweep")]) == 0
+    sweep = ["sweep", str(out), "--compare-guidance", "--recipe", str(recipe)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks below run
+    try:
+        assert sd35dist_main([*sweep, "--out", str(tmp_path / "sweep")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    # The same sweep on 2 ranks (3 images per step and kind: one placeholder round) gives the same pixels.
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "sd35dist", *sweep, "--out", str(tmp_path / "sweep2")], capture_output=True, text=True,
+                          cwd=PROJECT, env={**venv_env(), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for path in (tmp_path / "sweep").glob("step*.png"):
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(tmp_path / "sweep2" / path.name))), path
     grid = Image.open(tmp_path / "sweep" / "grid.png")
     assert grid.width > 4 * 32 and grid.height > len(PROMPTS) * 32  # steps 4, 6 x cfg, apg; one row per prompt
     image = {(s, k): np.asarray(Image.open(tmp_path / "sweep" / f"step{s}-{k}-p00-seed5-32x32.png"))
