@@ -105,6 +105,19 @@ def _stdio_detached():
         os.close(devnull)
 
 
+@contextlib.contextmanager
+def _quiet_submitit():
+    """The local job's submitit wrapper logs INFO lines into the job's log, which `--wait` and
+    `sd35dist logs` print: keep it to warnings unless the user set SUBMITIT_LOG_LEVEL."""
+    before = os.environ.get("SUBMITIT_LOG_LEVEL")
+    os.environ.setdefault("SUBMITIT_LOG_LEVEL", "WARNING")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("SUBMITIT_LOG_LEVEL", None)
+
+
 def submit(plan: JobPlan, run_dir: Path) -> dict[str, str]:
     """Submit through submitit and write the job record; returns it."""
     import submitit
@@ -119,7 +132,7 @@ def submit(plan: JobPlan, run_dir: Path) -> dict[str, str]:
     else:
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=plan.time_minutes, tasks_per_node=1, nodes=1)
-        with _stdio_detached():
+        with _stdio_detached(), _quiet_submitit():
             job = executor.submit(NodeCommand(f"exec bash {shlex.quote(str(run_dir / script_name(plan)))}"))
         stdout, stderr = str(job.paths.stdout), str(job.paths.stderr)
     record = {

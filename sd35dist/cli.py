@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
             p = sub.add_parser(command.name, description=command.summary)
             p.add_argument("--recipe", required=True, help="recipe YAML (the frozen copy in the run directory)")
             p.add_argument("--run-dir", required=command.run_dir_required, help="run directory for reports and metrics")
+            if command.name == "cache":
+                p.add_argument("--validation-only", action="store_true",
+                               help="re-encode only the recipe's validation prompts into the existing cache")
         else:
             sub.add_parser(command.name, add_help=False)
     return parser

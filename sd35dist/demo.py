@@ -4,9 +4,11 @@ cluster user types (profile `local`: submitit's local executor, torchrun, 2 CPU 
 1. a tiny SD3 (real diffusers classes) and a small generated image dataset under runs/demo/
 2. `sd35dist submit --profile local --job preflight`
 3. `sd35dist submit --profile local --job cache`          latent + text-embedding cache
-4. `sd35dist submit --profile local` to step 4, then again: it resumes from `latest` to step 8
+4. `sd35dist submit --profile local` to step 16, then again: it resumes from `latest` to step 32,
+   rendering validation images on both ranks at steps 0, 16 and 32
 5. `sd35dist export` the final checkpoint (EMA weights) to a diffusers transformer/
 6. one sample image from StableDiffusion3Pipeline with the exported transformer
+7. the run report over both submissions, and the loss's moving average: it must fall
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ def sample_image(model_dir: Path, transformer_dir: Path, out: Path) -> Path:
 def main() -> int:
     from sd35dist.data.demo_dataset import write_demo_dataset
     from sd35dist.models.tiny_sd3 import build_tiny_sd3
+    from sd35dist.validation.demo_leg import show_training
 
     # The recipe's relative paths and the profile's run_root resolve against the working
     # directory (the project root under `make demo`).
     runs = Path.cwd() / "runs"
     DEMO = runs / "demo"  # noqa: N806
     started = time.perf_counter()
-    for stale in ("cache", "output", "export", "sample.png"):
+    for stale in ("cache", "output", "export", "sample.png", "report"):
         path = DEMO / stale
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     model_dir = build_tiny_sd3(DEMO / "tiny-sd3")
@@ -60,11 +63,12 @@ def main() -> int:
     sd35dist("submit", *common, "--job", "preflight")
     sd35dist("submit", *common, "--job", "cache")
     sd35dist("cache", "inspect", str(DEMO / "cache"))
-    sd35dist("submit", *common, "--set", "train.max_train_steps=4")
-    print("\n(stopped at step 4 — the next submission resumes from the latest checkpoint)")
+    sd35dist("submit", *common, "--set", "train.max_train_steps=16")
+    print("\n(stopped at step 16 — the next submission resumes from the latest checkpoint)")
     sd35dist("submit", *common)
     sd35dist("export", str(DEMO / "output"), "--out", str(DEMO / "export" / "transformer"), "--ema", "--dtype", "fp32")
     image = sample_image(model_dir, DEMO / "export" / "transformer", DEMO / "sample.png")
+    show_training(runs, DEMO / "report")
     print(f"""
 demo finished in {time.perf_counter() - started:.0f} s
   model         {model_dir}

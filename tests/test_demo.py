@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -18,14 +19,22 @@ def test_demo_runs_end_to_end(tmp_path):
                           env=venv_env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = proc.stdout
-    for step in ("--job preflight", "--job cache", "train.max_train_steps=4", "export"):
+    for step in ("--job preflight", "--job cache", "train.max_train_steps=16", "export"):
         assert step in out
     assert out.count("ended: COMPLETED") == 4
-    assert "resumed from" in out and "step-00000004" in out
+    assert "resumed from" in out and "step-00000016" in out
     demo = tmp_path / "runs" / "demo"
     assert (demo / "cache" / "manifest.json").is_file()
-    assert (demo / "output" / "checkpoints" / "step-00000008" / "COMPLETE").is_file()
+    assert (demo / "output" / "checkpoints" / "step-00000032" / "COMPLETE").is_file()
     assert (demo / "export" / "transformer" / "config.json").is_file()
     with Image.open(demo / "sample.png") as image:
         assert image.size == (64, 64)
     assert "demo finished" in out
+    # The demo shows training: grids at the start, the stop and the end, one report, a falling loss.
+    grids = [line.split()[-1] for line in out.splitlines() if line.strip().startswith("validation grid, step")]
+    assert [Path(g).parent.name for g in grids] == ["step-000000", "step-000016", "step-000032"]
+    with Image.open(grids[0]) as first, Image.open(grids[-1]) as last:
+        assert first.size == last.size and first.width > 4 * 64 and first.height > 3 * 64  # 2 weights x 2 seeds, 3 prompts
+    assert (demo / "report" / "report.html").stat().st_size > 10_000
+    assert (demo / "report" / "plots" / "loss.png").is_file()
+    assert "at the start ->" in out and "submitit INFO" not in out

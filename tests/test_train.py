@@ -204,3 +204,69 @@ def test_adamw_bf16_stop_and_resume_gives_the_same_losses_and_weights(cache, tmp
         uninterrupted = checkpoint_state(CheckpointDir(tmp_path / "straight").latest(), use_ema)
         assert resumed.keys() == uninterrupted.keys()
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"
+
+
+def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, cache, tmp_path):  # noqa: F811
+    """3 (prompt, seed) pairs on 2 ranks, model and EMA weights side by side, next to the straight run."""
+    from sd35dist.parallel.fsdp2 import FSDP2Strategy
+    from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
+
+    root, straight_losses = straight
+    recipe = train_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", checkpointing_steps=2)
+    cache_validation_prompts(recipe)
+    train(with_validation(recipe, weights="both"), tmp_path / "run")
+    final = max(straight_losses)
+    checkpoint = next((tmp_path / "out" / "checkpoints").glob(f"*{final}"))
+    states = {"model": FSDP2Strategy.read_full(checkpoint), "ema": FSDP2Strategy.read_full(checkpoint, use_ema=True)}
+    check_validation_run(tmp_path / "run", straight_losses, cache, states)
+
+
+def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path):  # noqa: F811
+    """`sd35dist sweep --compare-guidance` over the straight run's checkpoints; `sd35dist sample` of a
+    checkpoint equals the sample of its export, pixel for pixel."""
+    import numpy as np
+    from PIL import Image
+
+    from sd35dist.checkpoint.export import export_checkpoint
+    from sd35dist.cli import main as sd35dist_main
+    from tests.validation_check import PROMPTS, cache_validation_prompts
+
+    root, _ = straight
+    recipe = train_recipe(tmp_path / "r.yaml", cache, tmp_path / "unused")
+    cache_validation_prompts(recipe)
+    out = root / "out"
+    sweep = ["sweep", str(out), "--compare-guidance", "--recipe", str(recipe)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks below run
+    try:
+        assert sd35dist_main([*sweep, "--out", str(tmp_path / "sweep")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    # The same sweep on 2 ranks (3 images per step and kind: one placeholder round) gives the same pixels.
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "sd35dist", *sweep, "--out", str(tmp_path / "sweep2")], capture_output=True, text=True,
+                          cwd=PROJECT, env={**venv_env(), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for path in (tmp_path / "sweep").glob("step*.png"):
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(tmp_path / "sweep2" / path.name))), path
+    grid = Image.open(tmp_path / "sweep" / "grid.png")
+    assert grid.width > 4 * 32 and grid.height > len(PROMPTS) * 32  # steps 4, 6 x cfg, apg; one row per prompt
+    image = {(s, k): np.asarray(Image.open(tmp_path / "sweep" / f"step{s}-{k}-p00-seed5-32x32.png"))
+             for s in (4, 6) for k in ("cfg", "apg")}
+    assert not np.array_equal(image[4, "cfg"], image[6, "cfg"])  # the steps differ
+    assert not np.array_equal(image[6, "cfg"], image[6, "apg"])  # and so do the guidance kinds
+    assert sd35dist_main(["sweep", str(out), "--steps", "5", "--recipe", str(recipe)]) == 2  # no such checkpoint
+
+    checkpoint = out / "checkpoints" / "step-00000006"
+    export_checkpoint(checkpoint, tmp_path / "export", dtype="fp32")
+    common = ["--prompt", "a red fox", "--seed", "1", "--seed", "2", "--steps", "3", "--width", "32", "--height", "32",
+              "--max-sequence-length", "32"]
+    samples = {}
+    for name, source in (("ckpt", [str(checkpoint)]), ("export", [str(tmp_path / "export"), "--model", str(cache[0])]),
+                         ("ema", [str(checkpoint), "--ema"]), ("base", [str(cache[0])])):
+        assert sd35dist_main(["sample", *source, *common, "--out", str(tmp_path / name)]) == 0
+        samples[name] = np.asarray(Image.open(tmp_path / name / "sample-p00-seed1-32x32.png"))
+        assert (tmp_path / name / "sample-p00-seed2-32x32.png").is_file() and (tmp_path / name / "grid.png").is_file()
+    assert np.array_equal(samples["ckpt"], samples["export"])
+    assert not np.array_equal(samples["ckpt"], samples["ema"]) and not np.array_equal(samples["ckpt"], samples["base"])
+    assert sd35dist_main(["sample", str(tmp_path / "export"), *common, "--out", str(tmp_path / "x")]) == 2  # needs --model

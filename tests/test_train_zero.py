@@ -167,3 +167,19 @@ def test_deepspeed_config_follows_the_recipe():
     with pytest.raises(ValueError, match="offload_params needs strategy zero3"):
         Recipe.model_validate({"name": "t", "model": {"pretrained": "m"}, "data": {"cache_url": "c"},
                                "parallel": {"strategy": "zero2", "offload_params": True}, "output": {"dir": "o"}})
+
+
+def test_zero3_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, cache, tmp_path):  # noqa: F811
+    """ZeRO-3 gathers each block's weights in forward: every rank renders, placeholder round included (bf16)."""
+    from sd35dist.parallel.zero import ZeroStrategy
+    from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
+
+    case, root, straight_losses = straight
+    if case != "zero3-bf16":
+        pytest.skip("validation is checked once on ZeRO-3, in bf16 (FSDP2 checks it in fp32)")
+    recipe = zero_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", checkpointing_steps=2, **CASES[case])
+    cache_validation_prompts(recipe)
+    train(with_validation(recipe), tmp_path / "run")
+    checkpoint = next((tmp_path / "out" / "checkpoints").glob(f"*{max(straight_losses)}"))
+    check_validation_run(tmp_path / "run", straight_losses, cache, {"model": ZeroStrategy.read_full(checkpoint)},
+                         dtype=torch.bfloat16)

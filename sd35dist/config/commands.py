@@ -58,6 +58,12 @@ COMMANDS: tuple[Command, ...] = (
             summary="summarise a cache from its manifest (--verify checks every shard's sha256)"),
     Command(words=("export",), kind=TOOL, module="sd35dist.checkpoint.export",
             summary="write a checkpoint's transformer as a diffusers directory"),
+    Command(words=("sample",), kind=TOOL, module="sd35dist.validation.sample_command",
+            summary="images from a checkpoint, an export or the base model (CFG or APG)"),
+    Command(words=("sweep",), kind=TOOL, module="sd35dist.validation.sweep_command",
+            summary="the validation prompts x seeds for every kept checkpoint as one grid (--compare-guidance: CFG vs APG)"),
+    Command(words=("report",), kind=TOOL, module="sd35dist.validation.report",
+            summary="a run's loss/lr/throughput plots and validation grids as one self-contained report.html"),
     Command(words=("torchrun",), kind=TOOL, module="sd35dist.jobs.torchrun",
             summary="torchrun that ends a failed job with one line (what job scripts run)"),
 )

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from sd35dist.config.credentials import first_credential, looks_secret  # noqa: F401 (preflight redacts with it)
 from sd35dist.config.loading import StrictModel, YamlTuple, dump_yaml, load_model
+from sd35dist.config.validation_section import ValidationSection
 
 
 class ModelSection(StrictModel):
@@ -243,6 +244,8 @@ class Recipe(StrictModel):
     train: TrainSection = Field(default_factory=TrainSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     output: OutputSection
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+    """Images rendered while training, by `sd35dist sample` and `sd35dist sweep` (config/validation_section.py)."""
 
     @pydantic.model_validator(mode="after")
     def _optimizer_fits_strategy(self) -> "Recipe":
@@ -291,6 +294,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
                 }
             ),
             "output": recipe.output.model_copy(update={"dir": _absolute(recipe.output.dir, base)}),
+            "validation": recipe.validation.model_copy(update={"prompts_file": (
+                _absolute(recipe.validation.prompts_file, base) if recipe.validation.prompts_file else None)}),
         }
     )
 

@@ -48,6 +48,10 @@ class ShardManifest:
     rejected: int
     """Images skipped while building; reasons in report.json."""
     format: str = MANIFEST_FORMAT
+    validation_prompts: ShardEntry | None = None
+    """Embeddings of the recipe's validation prompts and negative prompt (data/validation_prompts.py)."""
+    validation_prompts_sha256: str | None = None
+    """Hash of the prompt list those embeddings encode: a recipe with other prompts is told to re-cache."""
 
     @property
     def total_samples(self) -> int:
@@ -110,6 +114,9 @@ def parse_manifest(text: str, source: str = MANIFEST_NAME) -> ShardManifest:
             max_sequence_length=int(data["max_sequence_length"]),
             buckets=tuple(data.get("buckets", ())),
             rejected=int(data.get("rejected", 0)),
+            validation_prompts=(_entry(data["validation_prompts"], f"{source}: validation_prompts")
+                                if data.get("validation_prompts") else None),
+            validation_prompts_sha256=data.get("validation_prompts_sha256"),
         )
     except KeyError as missing:
         raise ManifestError(f"{source}: missing {missing}") from None

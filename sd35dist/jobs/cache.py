@@ -78,7 +78,39 @@ def build(recipe: Recipe, world: World) -> int:
                                 encoder_identity(model_dir), vae_config, recipe)
         print(f"cache {store.url}: {manifest.total_samples} samples in {len(manifest.shards)} shards, "
               f"{manifest.total_bytes / 2**20:.1f} MiB, {manifest.rejected} images rejected (see report.json)")
+        if recipe.validation.enabled:
+            cache_validation_prompts(recipe, store, encoders.text)
     dist.barrier()
+    return 0
+
+
+def cache_validation_prompts(recipe: Recipe, store: Store, text_encoders) -> None:
+    """Encode the recipe's validation prompts and record them in the (existing) manifest."""
+    from sd35dist.data.validation_prompts import encode_validation_prompts, record_in_manifest, write_validation_prompts
+
+    manifest = read_manifest(store)  # its T5 length and dtype, which training reads, not the recipe's
+    section, length = recipe.validation, manifest.max_sequence_length
+    prompts = section.prompt_list()
+    embeddings = encode_validation_prompts(text_encoders, prompts, section.negative_prompt, length)
+    entry, digest = write_validation_prompts(store, embeddings, section.negative_prompt, length, manifest.dtype)
+    record_in_manifest(store, entry, digest)
+    print(f"cache {store.url}: {len(prompts)} validation prompts encoded ({entry.path})")
+
+
+def validation_only(recipe_file: Path) -> int:
+    """`sd35dist cache --validation-only`: re-encode just the validation prompts, in this process."""
+    from sd35dist.models.sd3_components import CACHE_INPUT_PARTS, load_text_encoders
+
+    recipe = load_rank_recipe(recipe_file)
+    check_pretrained(recipe, recipe_file.name, CACHE_INPUT_PARTS)
+    if not recipe.validation.enabled:
+        raise ConfigError(recipe_file.name, "validation.prompts", "no validation prompts to cache")
+    store = Store(recipe.data.cache_url, recipe.data.storage_options)
+    read_manifest(store)  # the cache must exist: its manifest records the prompts
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    text = load_text_encoders(Path(recipe.model.pretrained), device,
+                              torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cache_validation_prompts(recipe, store, text)
     return 0
 
 
@@ -122,6 +154,12 @@ def _inspect_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "validation_only", False):
+        try:
+            return validation_only(Path(args.recipe))
+        except (ConfigError, ManifestError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     try:
         recipe = checked_recipe(Path(args.recipe))
     except ConfigError as err:

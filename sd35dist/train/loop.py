@@ -40,6 +40,7 @@ from sd35dist.train.lr_schedule import learning_rate_at
 from sd35dist.train.metrics import MetricsLog
 from sd35dist.train.mfu import mfu, mmdit_train_flops_per_sample, peak_bf16_flops
 from sd35dist.train.preemption import PreemptionWatch, StopKind, save_fits
+from sd35dist.validation.during_training import TrainingValidation, write_run_report
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -178,9 +179,13 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
     for line in budget.warnings(step_s=None) if budget else []:
         metrics.note(f"warning: {line}")
     watch = PreemptionWatch(str(run_dir))
+    validation = TrainingValidation.for_run(recipe, trainer, run_dir, recipe_source)
+    if validation is not None and validation.due_at_start(trainer.step):
+        validation.run_round(trainer.step, metrics)
     batches = iter(trainer.stream)
     peak = peak_bf16_flops(torch.cuda.get_device_name(trainer.device)) if trainer.device.type == "cuda" else None
     stop = StopKind.NONE
+    saved = False
     try:
         while trainer.step < trainer.total_steps:
             started = time.perf_counter()
@@ -197,13 +202,20 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
             if stop is not StopKind.NONE:
                 metrics.note(stop_and_save(trainer, stop, watch, budget))
                 return 0
-            if checkpoints.due(trainer.step, trainer.total_steps):
+            saved = checkpoints.due(trainer.step, trainer.total_steps)
+            if saved:
                 path = checkpoints.save(trainer.step)
                 metrics.note(f"checkpoint {path}")
                 if budget is not None and budget.measured(checkpoints.last_save_s, seconds, trainer.step):
                     for line in budget.warnings(step_s=seconds):
                         metrics.note(f"warning: {line}")
+            if validation is not None and validation.due(trainer.step, trainer.total_steps):
+                validation.run_round(trainer.step, metrics)
+            if saved and world.is_main:  # after the round, so the report shows its grid
+                write_run_report(run_dir, metrics)
         checkpoints.finish_save()
+        if world.is_main and not saved:  # a final checkpoint has just written it
+            write_run_report(run_dir, metrics)
         metrics.note(f"done: {trainer.step} steps")
         return 0
     finally:

@@ -82,6 +82,13 @@ class MetricsLog:
         elif self.world.is_main:
             print(f"sd35dist: {message}", flush=True)
 
+    def image(self, step: int, key: str, path: Path) -> None:
+        """An image (a validation grid) for wandb; the file itself stays in the run directory."""
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(str(path))}, step=step)
+
     def close(self) -> None:
         self._file.close()
         if self._bar is not None:

@@ -1,0 +1,84 @@
+"""The recipe's `validation:` section: which images to render while training, and how.
+
+The prompts' text embeddings are computed by `sd35dist cache` and stored with the cache
+(sd35dist/data/validation_prompts.py), so no rank ever loads the text encoders; a hash of
+the prompt list in the manifest tells a recipe whose prompts changed since.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import pydantic
+from pydantic import Field
+
+from sd35dist.config.loading import StrictModel, YamlTuple
+
+
+class ApgSection(StrictModel):
+    """Adaptive projected guidance (Sadat et al. 2024), used when `guidance: apg`."""
+
+    eta: float = Field(0.0, ge=0)
+    """Weight of the update's part parallel to the conditional prediction (0: the paper's; 1, no momentum/cap: CFG)."""
+    momentum: float | None = -0.5
+    """Momentum of the running update (the paper uses -0.5); null: none."""
+    norm_threshold: float = Field(15.0, ge=0)
+    """Cap on the update's L2 norm per image (0: no cap)."""
+
+
+class ValidationSection(StrictModel):
+    prompts: list[str] = Field(default_factory=list)
+    """Validation prompts, inline."""
+    prompts_file: str | None = None
+    """Or a text file with one prompt per line (blank lines skipped); relative to the recipe's directory."""
+    negative_prompt: str = ""
+    """The unconditional prompt of guidance."""
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    """One image per (prompt, seed, resolution); each has its own generator."""
+    every_n_steps: int = Field(0, ge=0)
+    """Render every this many optimizer steps, and after the last (0: never during training)."""
+    at_start: bool = False
+    """Also render before the first optimizer step (the base model); a resumed run does not render it again."""
+    num_inference_steps: int = Field(28, ge=1)
+    guidance_scale: float = Field(4.0, ge=1)
+    guidance: Literal["cfg", "apg"] = "cfg"
+    """cfg: classic classifier-free guidance; apg: adaptive projected guidance (apg: section)."""
+    apg: ApgSection = Field(default_factory=ApgSection)
+    resolutions: list[Annotated[tuple[int, int], YamlTuple]] = Field(default_factory=lambda: [(1024, 1024)])
+    """[width, height] of the images; each a multiple of 16."""
+    weights: Literal["model", "ema", "both"] = "model"
+    """Render with the trained weights, the EMA weights, or both side by side (ema needs train.ema.enabled)."""
+
+    @pydantic.field_validator("resolutions")
+    @classmethod
+    def _sizes(cls, value: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if not value:
+            raise ValueError("at least one resolution is needed")
+        for width, height in value:
+            if width <= 0 or height <= 0 or width % 16 or height % 16:
+                raise ValueError(f"{width}x{height}: sides must be positive multiples of 16")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self) -> "ValidationSection":
+        if self.prompts and self.prompts_file:
+            raise ValueError("give prompts or prompts_file, not both")
+        if not self.seeds:
+            raise ValueError("seeds: at least one seed is needed")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prompts or self.prompts_file)
+
+    @property
+    def renders_during_training(self) -> bool:
+        return self.enabled and (self.every_n_steps > 0 or self.at_start)
+
+    def prompt_list(self) -> list[str]:
+        """The prompts, read from `prompts_file` when one is named."""
+        if self.prompts_file is None:
+            return list(self.prompts)
+        lines = Path(self.prompts_file).read_text(encoding="utf-8").splitlines()
+        return [line.strip() for line in lines if line.strip()]

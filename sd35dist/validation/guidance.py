@@ -1,0 +1,56 @@
+"""Classifier-free guidance and adaptive projected guidance (APG) for a velocity-predicting model.
+
+APG (Sadat et al. 2024, "Eliminating Oversaturation and Artifacts of High Guidance Scales in
+Diffusion Models") splits the guidance update `cond - uncond` into a part parallel to the
+conditional prediction and a part orthogonal to it, keeps the orthogonal part and scales the
+parallel one by `eta`; before that the update runs through a momentum buffer and its norm is
+capped at `norm_threshold`. The maths is diffusers' own (`diffusers.guiders.
+adaptive_projected_guidance.normalized_guidance` and its `MomentumBuffer`); this module only
+applies it where the paper does: to the denoised prediction x0, not to SD3's velocity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GuidanceSettings:
+    kind: Literal["cfg", "apg"] = "cfg"
+    scale: float = 4.0
+    """Guidance scale; 1.0 means the conditional prediction alone."""
+    eta: float = 1.0
+    """APG: weight of the update's part parallel to the conditional prediction (0 drops it: less saturation)."""
+    momentum: float | None = None
+    """APG: momentum of the running update (the paper uses a negative one, e.g. -0.5); None: no momentum."""
+    norm_threshold: float = 0.0
+    """APG: the update's L2 norm per image is capped at this (0: no cap)."""
+
+
+class Guidance:
+    """Combines the conditional and unconditional velocity of one sampling run (holds APG's momentum)."""
+
+    def __init__(self, settings: GuidanceSettings) -> None:
+        self.settings = settings
+        with_momentum = settings.kind == "apg" and settings.momentum is not None
+        self._momentum = MomentumBuffer(settings.momentum) if with_momentum else None
+
+    @property
+    def needs_uncond(self) -> bool:
+        return self.settings.scale != 1.0
+
+    def __call__(self, v_cond: torch.Tensor, v_uncond: torch.Tensor | None, latents: torch.Tensor,
+                 sigma: float) -> torch.Tensor:
+        s = self.settings
+        if v_uncond is None or not self.needs_uncond:
+            return v_cond
+        if s.kind == "cfg":
+            return v_uncond + s.scale * (v_cond - v_uncond)
+        # Flow matching: x_t = (1 - sigma) x0 + sigma * noise and v = noise - x0, so x0 = x_t - sigma * v.
+        x0_cond, x0_uncond = latents - sigma * v_cond, latents - sigma * v_uncond
+        x0 = normalized_guidance(x0_cond, x0_uncond, s.scale, self._momentum, s.eta, s.norm_threshold)
+        return (latents - x0) / sigma

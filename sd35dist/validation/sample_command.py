@@ -1,0 +1,115 @@
+"""`sd35dist sample SOURCE --prompt P [--seed N …] --out DIR`: images from a checkpoint, an export or the
+base model, in one process, with the sampler validation uses (CFG or APG).
+
+Ad-hoc prompts need the text encoders: they are loaded from the base model directory (the
+checkpoint's recipe names it, or --model does). Without --prompt/--prompts-file the recipe's
+validation prompts are taken from the cache, as training renders them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from sd35dist.data.validation_prompts import PromptEmbeddings, encode_validation_prompts
+from sd35dist.validation.during_training import save_round
+from sd35dist.validation.guidance import GuidanceSettings
+from sd35dist.validation.render import Renderer, validation_pairs
+from sd35dist.validation.sampler import SampleSettings, latent_shape_of
+from sd35dist.validation.sources import SourceError, load_transformer
+
+
+def guidance_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=28, help="inference steps (default 28)")
+    parser.add_argument("--guidance", choices=("cfg", "apg"), default="cfg")
+    parser.add_argument("--scale", type=float, default=4.0, help="guidance scale (default 4.0)")
+    parser.add_argument("--apg-eta", type=float, default=0.0)
+    parser.add_argument("--apg-momentum", type=float, default=-0.5)
+    parser.add_argument("--apg-norm-threshold", type=float, default=15.0)
+
+
+def guidance_of(args: argparse.Namespace, kind: str | None = None) -> GuidanceSettings:
+    return GuidanceSettings(kind=kind or args.guidance, scale=args.scale, eta=args.apg_eta,
+                            momentum=args.apg_momentum, norm_threshold=args.apg_norm_threshold)
+
+
+def renderer_for(model: torch.nn.Module, base_model: Path, device: torch.device) -> Renderer:
+    from sd35dist.models.sd3_components import load_vae
+
+    vae = load_vae(base_model, device, torch.float32)
+    config = json.loads((base_model / "scheduler" / "scheduler_config.json").read_text())
+    model.to(device)
+    dtype = next(model.parameters()).dtype
+
+    def forward(**inputs: torch.Tensor) -> torch.Tensor:
+        # As the pipeline: inputs in the transformer's dtype, the timestep as given.
+        cast = {k: v.to(dtype) if k != "timestep" and v.is_floating_point() else v for k, v in inputs.items()}
+        return model(**cast, return_dict=False)[0]
+
+    return Renderer(forward=forward, vae=vae, scheduler_config=config, latent_shape=latent_shape_of(model.config, vae),
+                    device=device)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd35dist sample", description=__doc__.splitlines()[0].strip("`"))
+    parser.add_argument("source", type=Path,
+                        help="a checkpoint, an output dir (its latest), an export dir or the base model")
+    parser.add_argument("--model", type=Path,
+                        help="base model directory (VAE, text encoders); default: the checkpoint's recipe")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
+    parser.add_argument("--prompts-file", type=Path, help="one prompt per line")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--seed", type=int, action="append", help="a seed (repeat for more; default 0)")
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the checkpoint's recipe, else 256)")
+    parser.add_argument("--ema", action="store_true", help="a checkpoint's EMA weights")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the images and grid.png")
+    guidance_arguments(parser)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        print("error: give --prompt or --prompts-file", file=sys.stderr)
+        return 2
+    if args.width % 16 or args.height % 16:
+        print(f"error: --width/--height {args.width}x{args.height}: multiples of 16 needed", file=sys.stderr)
+        return 2
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        loaded = load_transformer(args.source, use_ema=args.ema, dtype=dtype)
+    except (SourceError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    base = args.model or loaded.base_model
+    if base is None:
+        print(f"error: {args.source} does not say which base model it belongs to: add --model DIR", file=sys.stderr)
+        return 2
+    length = args.max_sequence_length or (loaded.recipe.data.max_sequence_length if loaded.recipe else 256)
+    embeddings = _encode(base, prompts, args.negative_prompt, length, device)
+    renderer = renderer_for(loaded.model, base, device)
+    pairs = validation_pairs(len(prompts), args.seed or [0], [(args.width, args.height)])
+    images = renderer.render(pairs, embeddings, SampleSettings(steps=args.steps, guidance=guidance_of(args)))
+    title = f"{loaded.label} · {args.guidance} {args.scale:g} · {args.steps} steps"
+    grid = save_round(args.out, images, pairs, embeddings.prompts, ["sample"], title)
+    print(f"{len(images)} images from {loaded.label} in {args.out} (grid {grid})")
+    return 0
+
+
+def _encode(base: Path, prompts: list[str], negative: str, length: int, device: torch.device) -> PromptEmbeddings:
+    from sd35dist.models.sd3_components import load_text_encoders
+
+    text = load_text_encoders(base, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    embeddings = encode_validation_prompts(text, prompts, negative, length)
+    del text  # T5-XXL is 4.7 B parameters: free it before the transformer runs
+    return embeddings

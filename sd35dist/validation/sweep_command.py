@@ -1,0 +1,135 @@
+"""`sd35dist sweep OUTPUT_DIR [--steps 400,800] [--compare-guidance]`: the recipe's validation prompts x
+seeds for every kept checkpoint (or the steps named), as one labelled grid: rows = prompts,
+columns = steps (x CFG/APG with --compare-guidance, x seeds). The prompts' embeddings come from
+the cache, as in training, so no text encoder is loaded. It runs in one process, or under
+torchrun on every rank: each rank loads the whole transformer (inference needs no optimizer
+state) and renders its share of the images; rank 0 writes the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from sd35dist.checkpoint.layout import CheckpointDir
+from sd35dist.config.loading import ConfigError, load_model
+from sd35dist.config.recipe import Recipe, resolve_paths
+from sd35dist.data.manifest import read_manifest
+from sd35dist.data.storage import Store
+from sd35dist.data.validation_prompts import read_validation_prompts
+from sd35dist.validation.grid import labelled_grid
+from sd35dist.validation.guidance import GuidanceSettings
+from sd35dist.validation.render import validation_pairs
+from sd35dist.validation.sample_command import renderer_for
+from sd35dist.validation.sampler import SampleSettings
+from sd35dist.validation.sources import checkpoint_recipe, load_transformer
+
+SWEEP_DIR = "sweep"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd35dist sweep", description=__doc__.splitlines()[0].strip("`"))
+    parser.add_argument("output_dir", type=Path, help="a training output directory (holds checkpoints/)")
+    parser.add_argument("--steps", help="comma-separated checkpoint steps (default: every kept checkpoint)")
+    parser.add_argument("--compare-guidance", action="store_true", help="CFG and APG columns at the same seeds")
+    parser.add_argument("--recipe", type=Path, help="recipe whose validation section to render (default: the checkpoint's)")
+    parser.add_argument("--ema", action="store_true", help="the checkpoints' EMA weights")
+    parser.add_argument("--out", type=Path, help="where grid.png goes (default: OUTPUT_DIR/sweep)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    checkpoints = CheckpointDir(args.output_dir)
+    steps = checkpoints.complete_steps() if not args.steps else [int(s) for s in args.steps.split(",") if s.strip()]
+    missing = [s for s in steps if s not in checkpoints.complete_steps()]
+    if not steps or missing:
+        kept = ", ".join(map(str, checkpoints.complete_steps())) or "none"
+        print(f"error: {args.output_dir}: no complete checkpoint for step(s) {missing or 'any'} (kept: {kept})",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.recipe:
+            recipe = resolve_paths(load_model(Recipe, args.recipe), args.recipe.resolve().parent)
+            recipe_name = args.recipe.name
+        else:
+            recipe, recipe_name = checkpoint_recipe(checkpoints.path(steps[-1])), "the checkpoint's recipe.yaml"
+        if recipe is None or not recipe.validation.enabled:
+            raise ConfigError(str(args.recipe or "recipe"), "validation.prompts",
+                              "no validation prompts to sweep: add them, then `sd35dist cache --validation-only`")
+        store = Store(recipe.data.cache_url, recipe.data.storage_options)
+        embeddings = read_validation_prompts(store, read_manifest(store), recipe.validation, recipe_name)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    world = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank renders its share
+        from sd35dist.parallel.process_group import destroy, init_process_group_from_env
+
+        world = init_process_group_from_env(SWEEP_COLLECTIVE_TIMEOUT_S)
+    try:
+        code = _sweep(args, steps, recipe, embeddings, checkpoints, world)
+        if world is not None:
+            dist.barrier()  # leave together: gloo can abort a rank whose peer has already gone
+        return code
+    finally:
+        if world is not None:
+            destroy()
+
+
+SWEEP_COLLECTIVE_TIMEOUT_S = 3600
+
+
+def _sweep(args: argparse.Namespace, steps: list[int], recipe: Recipe, embeddings, checkpoints: CheckpointDir,
+           world) -> int:
+    section = recipe.validation
+    apg = section.apg
+    kinds = ["cfg", "apg"] if args.compare_guidance else [section.guidance]
+    width, height = section.resolutions[0]
+    pairs = validation_pairs(len(embeddings.prompts), section.seeds, [(width, height)])
+    if torch.cuda.is_available():
+        device = torch.device(world.device) if world is not None else torch.device("cuda")
+    else:
+        device = torch.device("cpu")
+    rank, world_size = (world.rank, world.world_size) if world is not None else (0, 1)
+    out = args.out or args.output_dir / SWEEP_DIR
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    cells: dict[tuple[int, int], np.ndarray] = {}
+    columns: list[str] = []
+    for step in steps:
+        loaded = load_transformer(checkpoints.path(step), use_ema=args.ema,
+                                  dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        renderer = dataclasses.replace(renderer_for(loaded.model, Path(recipe.model.pretrained), device),
+                                       rank=rank, world_size=world_size)
+        for kind in kinds:
+            guidance = GuidanceSettings(kind=kind, scale=section.guidance_scale, eta=apg.eta, momentum=apg.momentum,
+                                        norm_threshold=apg.norm_threshold)
+            settings = SampleSettings(steps=section.num_inference_steps, guidance=guidance)
+            images = renderer.render(pairs, embeddings, settings)  # all of them on rank 0, none elsewhere
+            for seed in section.seeds:
+                label = (f"step {step}" + (f" {kind}" if len(kinds) > 1 else "")
+                         + (f" seed {seed}" if len(section.seeds) > 1 else ""))
+                columns.append(label)
+                for index, pair in enumerate(pairs):
+                    if pair.seed == seed and index in images:
+                        cells[pair.prompt, len(columns) - 1] = images[index]
+                        Image.fromarray(images[index]).save(out / f"step{step}-{kind}-{pair.file_stem}.png")
+        del loaded, renderer
+    if rank != 0:
+        return 0
+    title = (f"sweep of {args.output_dir.name}{' (EMA)' if args.ema else ''} · "
+             f"{'/'.join(kinds)} {section.guidance_scale:g} · {section.num_inference_steps} steps · {width}x{height}")
+    grid = labelled_grid(cells, list(embeddings.prompts), columns, title)
+    grid.save(out / "grid.png")
+    print(f"sweep over steps {', '.join(map(str, steps))}: {out / 'grid.png'} "
+          f"({len(embeddings.prompts)} prompts x {len(columns)} columns)")
+    return 0
