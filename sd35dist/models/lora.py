@@ -67,8 +67,8 @@ def lora_config(section: LoraSection, modules: list[str]):
 
 def inject_lora(model: nn.Module, section: LoraSection | None, *, dtype: torch.dtype,
                 seed: int = 0) -> dict[str, Callable[[], torch.Tensor]]:
-    """Add `section`'s adapters to `model` (on meta) in `dtype`, freeze everything else, and return
-    how each adapter tensor starts: state-dict name → a function making the full tensor.
+    """Add `section`'s adapters to `model` (on meta, normally) in `dtype`, freeze everything else, and
+    return how each adapter tensor starts: state-dict name → a function making the full tensor.
 
     Returns {} and leaves the model alone when `section` is None (a full fine-tune).
     """
@@ -77,7 +77,8 @@ def inject_lora(model: nn.Module, section: LoraSection | None, *, dtype: torch.d
     from peft import inject_adapter_in_model
 
     config = lora_config(section, target_modules(model, section.targets))
-    with torch.device("meta"):
+    # Adapters are made where the base is: on meta (no memory) before sharding, or on the device.
+    with torch.device(next(model.parameters()).device):
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter_key(name))

@@ -47,8 +47,8 @@ def build_on_meta(config: dict[str, Any], *, dtype: torch.dtype = torch.float32)
 
     with torch.device("meta"):
         model = SD3Transformer2DModel.from_config(config)
-    # Skipped when already right: diffusers' ModelMixin.to warns on every dtype cast.
-    return model if model.dtype == dtype else model.to(dtype)
+    # nn.Module.to, not ModelMixin.to: the latter warns on every dtype cast.
+    return model if model.dtype == dtype else nn.Module.to(model, dtype)
 
 
 def materialize_and_load(
