@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {targets} | {rank} | {adapters:,} | {100 * adapters / base:.2f}% | {16 * adapters / 2**20:,.0f} MiB |")
     print(f"\nbase (frozen) parameters: {base:,}; a full fine-tune's checkpoint (fp32 weights, AdamW, EMA): "
           f"{16 * base / GIB:,.0f} GiB\n")
-    print("| strategy | GPUs | targets | rank | per-GPU weights + grads + AdamW + EMA (GiB) | full fine-tune, adamw (GiB) |")
+    print("| strategy | GPUs | targets | rank | per-GPU weights + grads + AdamW + EMA (GiB) | full fine-tune, adamw + EMA (GiB) |")
     print("|---|---|---|---|---|---|")
     for strategy in ("fsdp2", "zero2"):
         for gpus in (1, args.gpus):
