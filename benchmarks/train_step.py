@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/train_step.py --compile                  # SD3.5 Large, 1024 px, batch 4, cuda
     .venv/bin/python benchmarks/train_step.py --size tiny --device cpu    # tiny_sd3 shapes on CPU: a proof
+    .venv/bin/python benchmarks/train_step.py --compile --lora 256       # the same with a rank-256 LoRA (recipes/sd35l-lora-fsdp2.yaml)
 
 Both loops train the same model (SD3Transformer2DModel at random init, built directly on the device
 in bf16: throughput depends on shapes, not weights) on the same synthetic batches (latents
@@ -42,6 +43,7 @@ sys.path.insert(0, str(PROJECT))  # run from a checkout without installing
 from bench_report import device_name, typed_command  # noqa: E402
 from sd35dist.config.recipe import Recipe  # noqa: E402
 from sd35dist.models import tiny_sd3  # noqa: E402
+from sd35dist.models.lora import inject_lora  # noqa: E402
 from sd35dist.parallel.fsdp2 import FSDP2Strategy  # noqa: E402
 from sd35dist.parallel.process_group import World  # noqa: E402
 from sd35dist.train.flow_matching import (  # noqa: E402
@@ -68,12 +70,14 @@ DEFAULTS = {
 SCHEDULE = FlowMatchSchedule.build(1000, shift=3.0)  # SD3.5 Large's scheduler_config.json
 
 
-def bench_recipe(compile_blocks: bool) -> Recipe:
-    """The recipe `sd35dist train` would run: pure bf16 AdamW, bf16 compute, per-block AC; paths unused."""
+def bench_recipe(compile_blocks: bool, lora_rank: int | None = None) -> Recipe:
+    """The recipe `sd35dist train` would run: pure bf16 AdamW, bf16 compute, per-block AC; paths unused.
+    With `lora_rank`: recipes/sd35l-lora-fsdp2.yaml's LoRA (attention, alpha = rank), AdamW on fp32 adapters."""
+    lora = None if lora_rank is None else {"rank": lora_rank, "alpha": lora_rank, "targets": "attention"}
     return Recipe(name="bench", model={"pretrained": "unused"}, data={"cache_url": "unused"},
                   output={"dir": "unused"},
-                  train={"optimizer": "adamw_bf16", "mixed_precision": "bf16", "gradient_checkpointing": True,
-                         "compile_blocks": compile_blocks})
+                  train={"optimizer": "adamw_bf16" if lora is None else "adamw", "mixed_precision": "bf16",
+                         "gradient_checkpointing": True, "compile_blocks": compile_blocks, "lora": lora})
 
 
 @contextlib.contextmanager
@@ -123,7 +127,8 @@ def plain_loop(model: torch.nn.Module, recipe: Recipe, foreach: bool | None) -> 
     """One step of the diffusers SD3 example, bf16 weights, no accelerate wrapper (one GPU, nothing to sync)."""
     train = recipe.train
     model.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+    trained = [p for p in model.parameters() if p.requires_grad]  # all, or the LoRA adapters
+    optimizer = torch.optim.AdamW(trained, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                                   weight_decay=train.adam_weight_decay, eps=train.adam_epsilon, foreach=foreach)
 
     def step(data: dict) -> float:
@@ -133,7 +138,7 @@ def plain_loop(model: torch.nn.Module, recipe: Recipe, foreach: bool | None) -> 
         loss_sum, count = flow_matching_loss_sum_and_count(pred.float(), data["target"], data["weighting"])
         loss = loss_sum / count  # the example's loss.mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(trained, train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
         return loss.detach().item()
@@ -180,10 +185,12 @@ def measure(loop: str, args: argparse.Namespace, world: World, batch: int) -> di
     """Build the model, run warm-up + timed steps of `loop`, free everything; img/s and peak memory."""
     config, device = SHAPES[args.size], args.device
     tokens = CLIP_TOKENS + args.max_sequence_length
-    recipe = bench_recipe(args.compile)
+    recipe = bench_recipe(args.compile, args.lora)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(config, device)
+    # LoRA: peft adapters (fp32, peft's init) on the frozen bf16 base, for both loops.
+    inject_lora(model, recipe.train.lora, dtype=torch.float32)
     if loop == "plain":
         step = plain_loop(model, recipe, foreach=False if args.plain_no_foreach else None)
     else:
@@ -213,6 +220,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed steps per loop (default 10 large, 5 tiny)")
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile each transformer block")
     parser.add_argument("--loops", default="plain,ours", help="which loops to run, comma-separated (default plain,ours)")
+    parser.add_argument("--lora", type=int, metavar="RANK",
+                        help="train a LoRA of this rank (attention, alpha = rank) instead of the full model")
     parser.add_argument("--plain-no-foreach", action="store_true",
                         help="plain: per-tensor AdamW (foreach=False), when the default one's temporaries do not fit")
     args = parser.parse_args(argv)
@@ -263,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     names = {"plain": "plain (eager, diffusers GC, AdamW bf16)",
              "ours": f"ours (FSDP2 1 rank, AC{', per-block compile' if args.compile else ''}, "
                      f"{'fused ' if device.type == 'cuda' else ''}AdamW bf16)"}
+    if args.lora:
+        names = {loop: f"{name.replace('AdamW bf16', 'AdamW fp32 adapters')}, LoRA r{args.lora}"
+                 for loop, name in names.items()}
     try:
         for batch in args.batch_sizes:
             for loop in args.loops:

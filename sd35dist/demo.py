@@ -9,6 +9,7 @@ cluster user types (profile `local`: submitit's local executor, torchrun, 2 CPU 
 5. `sd35dist export` the final checkpoint (EMA weights) to a diffusers transformer/
 6. one sample image from StableDiffusion3Pipeline with the exported transformer
 7. the run report over both submissions, and the loss's moving average: it must fall
+8. a LoRA of the same model: train, export, load_lora_weights, sample (sd35dist/demo_lora.py)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def sample_image(model_dir: Path, transformer_dir: Path, out: Path) -> Path:
 
 def main() -> int:
     from sd35dist.data.demo_dataset import write_demo_dataset
+    from sd35dist.demo_lora import lora_leg
     from sd35dist.models.tiny_sd3 import build_tiny_sd3
     from sd35dist.validation.demo_leg import show_training
 
@@ -69,6 +71,7 @@ def main() -> int:
     sd35dist("export", str(DEMO / "output"), "--out", str(DEMO / "export" / "transformer"), "--ema", "--dtype", "fp32")
     image = sample_image(model_dir, DEMO / "export" / "transformer", DEMO / "sample.png")
     show_training(runs, DEMO / "report")
+    lora = lora_leg(DEMO, model_dir, sd35dist)  # sd35dist/demo_lora.py: train, export, load and sample a LoRA
     print(f"""
 demo finished in {time.perf_counter() - started:.0f} s
   model         {model_dir}
@@ -77,7 +80,8 @@ demo finished in {time.perf_counter() - started:.0f} s
   runs          {runs}/tiny-*  (frozen recipe, logs, preflight.json, metrics-rank*.jsonl)
   checkpoints   {DEMO / 'output' / 'checkpoints'}
   export        {DEMO / 'export' / 'transformer'} (EMA weights, diffusers layout)
-  sample image  {image}""")
+  sample image  {image}
+{lora}""")
     return 0
 
 

@@ -21,13 +21,16 @@ def test_demo_runs_end_to_end(tmp_path):
     out = proc.stdout
     for step in ("--job preflight", "--job cache", "train.max_train_steps=16", "export"):
         assert step in out
-    assert out.count("ended: COMPLETED") == 4
+    assert out.count("ended: COMPLETED") == 5, "preflight, cache, train twice, and the LoRA leg's train"
     assert "resumed from" in out and "step-00000016" in out
     demo = tmp_path / "runs" / "demo"
     assert (demo / "cache" / "manifest.json").is_file()
     assert (demo / "output" / "checkpoints" / "step-00000032" / "COMPLETE").is_file()
     assert (demo / "export" / "transformer" / "config.json").is_file()
     with Image.open(demo / "sample.png") as image:
+        assert image.size == (64, 64)
+    assert (demo / "export-lora" / "pytorch_lora_weights.safetensors").is_file()
+    with Image.open(demo / "sample-lora.png") as image:
         assert image.size == (64, 64)
     assert "demo finished" in out
     # The demo shows training: grids at the start, the stop and the end, one report, a falling loss.

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE, CheckpointDir, CheckpointUnreadable, read_info
+from sd35dist.checkpoint.lora_export import checkpoint_lora, export_lora
 from sd35dist.checkpoint.manager import TRANSFORMER_CONFIG
 from sd35dist.config.atomic_files import staged_directory
 from sd35dist.models.state_keys import key_mismatch
@@ -61,6 +62,16 @@ def export_checkpoint(checkpoint: Path, out: Path, *, use_ema: bool = False, dty
     return out
 
 
+def export_lora_checkpoint(checkpoint: Path, out: Path, *, use_ema: bool = False, dtype: str = "bf16",
+                           merge: bool = False) -> Path:
+    """`pytorch_lora_weights.safetensors` (or with `merge` the fused transformer) in `out`, completely or not at all."""
+    if not (checkpoint / COMPLETE).is_file():
+        raise ExportError(f"{checkpoint}: not a complete checkpoint (no {COMPLETE})")
+    if out.exists():
+        raise ExportError(f"{out} already exists: choose another --out")
+    return export_lora(checkpoint, out, checkpoint_state(checkpoint, use_ema), dtype=DTYPES[dtype], merge=merge)
+
+
 def find_checkpoint(path: Path) -> Path:
     """`path` itself when it is a complete checkpoint, else the latest one of the output dir `path`."""
     if (path / COMPLETE).is_file():
@@ -80,10 +91,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the transformer directory to write")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--merge", action="store_true",
+                        help="LoRA checkpoints: write the transformer with the LoRA fused in instead of the LoRA file")
     args = parser.parse_args(argv)
     try:
         checkpoint = find_checkpoint(args.checkpoint)
-        out = export_checkpoint(checkpoint, args.out, use_ema=args.ema, dtype=args.dtype)
+        if checkpoint_lora(checkpoint) is not None:  # a LoRA checkpoint: sd35dist/checkpoint/lora_export.py
+            out = export_lora_checkpoint(checkpoint, args.out, use_ema=args.ema, dtype=args.dtype, merge=args.merge)
+        elif args.merge:
+            raise ExportError(f"{checkpoint}: --merge needs a LoRA checkpoint; this one is a full fine-tune")
+        else:
+            out = export_checkpoint(checkpoint, args.out, use_ema=args.ema, dtype=args.dtype)
     except (ExportError, CheckpointUnreadable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

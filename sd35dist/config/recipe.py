@@ -185,6 +185,33 @@ class EmaSection(StrictModel):
     start_step: int = Field(0, ge=0)
 
 
+LORA_TARGET_PRESETS = ("attention", "attention_ff", "all_linear")
+
+
+class LoraSection(StrictModel):
+    """A LoRA fine-tune (peft's LoraConfig): the base transformer stays frozen, only the adapters train."""
+
+    rank: int = Field(16, ge=1)
+    """r: the adapters' inner dimension."""
+    alpha: float = Field(16.0, gt=0)
+    """lora_alpha: the update is scaled by alpha / rank."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """lora_dropout on the adapters' input."""
+    init: Literal["default", "gaussian"] = "default"
+    """peft's init_lora_weights: default (A Kaiming-uniform, B zero) or gaussian (A normal, std 1/rank).
+    Inits that rewrite the base weights or need data (pissa, olora, loftq, eva, corda) are not offered."""
+    targets: Literal["attention", "attention_ff", "all_linear"] | list[str] = "attention"
+    """attention: joint-attention projections of both streams; attention_ff: those and the MLPs;
+    all_linear: every Linear; or a list of module names (peft target_modules: a name or its suffix)."""
+
+    @pydantic.field_validator("targets")
+    @classmethod
+    def _targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError(f"an empty list trains nothing: name modules or a preset ({', '.join(LORA_TARGET_PRESETS)})")
+        return value
+
+
 class TrainSection(StrictModel):
     train_batch_size: int = Field(1, ge=1)
     """Samples per GPU per micro-step."""
@@ -220,6 +247,8 @@ class TrainSection(StrictModel):
     """latest | none | a checkpoint path."""
     resume_allow_changes: list[str] = Field(default_factory=list)
     """Keys (model.pretrained), sections (data) or `*` whose change since the checkpoint's recipe resume accepts."""
+    lora: LoraSection | None = None
+    """A LoRA fine-tune; absent: a full fine-tune (sd35dist/models/lora.py)."""
 
 
 class LoggingSection(StrictModel):
@@ -254,6 +283,9 @@ class Recipe(StrictModel):
             # mode drops every update below half a bf16 ulp (docs/numerics.md).
             raise _error_at(("train", "optimizer"), "adamw_bf16",
                             f"adamw_bf16 runs on strategy fsdp2 only; with {self.parallel.strategy} use adamw")
+        if self.train.lora is not None and self.parallel.strategy == "zero3":
+            # ZeRO-3 partitions every parameter, frozen or not; its checkpoints then hold the whole base model.
+            raise _error_at(("train", "lora"), "zero3", "LoRA runs on strategy fsdp2 or zero2, not zero3")
         return self
 
 

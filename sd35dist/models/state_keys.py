@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 # Prefixes that wrappers insert into module paths but not into state-dict keys:
-# activation checkpointing (checkpoint_wrapper) and torch.compile.
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+# activation checkpointing (checkpoint_wrapper) and torch.compile; and peft's LoRA layer,
+# whose wrapped Linear is `base_layer` (the pretrained checkpoint names the Linear itself).
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "base_layer.")
 # How many key names a message lists before saying "…".
 KEYS_SHOWN = 5
 

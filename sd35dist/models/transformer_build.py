@@ -16,7 +16,7 @@ which is how the tests compare against `SD3Transformer2DModel.from_pretrained`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,8 @@ def build_on_meta(config: dict[str, Any], *, dtype: torch.dtype = torch.float32)
 
     with torch.device("meta"):
         model = SD3Transformer2DModel.from_config(config)
-    # Skipped when already right: diffusers' ModelMixin.to warns on every dtype cast.
-    return model if model.dtype == dtype else model.to(dtype)
+    # nn.Module.to, not ModelMixin.to: the latter warns on every dtype cast.
+    return model if model.dtype == dtype else nn.Module.to(model, dtype)
 
 
 def materialize_and_load(
@@ -58,30 +58,41 @@ def materialize_and_load(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    initial: Mapping[str, Callable[[], torch.Tensor]] | None = None,
 ) -> nn.Module:
     """Give a meta-built (possibly FSDP2-sharded) model real storage and the pretrained weights.
 
     `dtype` is the dtype the parameters are kept in (the master weights); the model must have
     been built in it (`build_on_meta(config, dtype=...)`). Checkpoint tensors are converted to
-    it as they are copied. Raises CheckpointMismatch, before reading any weights, when a model
-    key is not in the checkpoint (and cannot be recomputed) or the checkpoint has extra keys.
+    it as they are copied. `initial` makes the full tensors of keys the checkpoint cannot have
+    (LoRA adapters, models/lora.py), which may be in another dtype. Raises CheckpointMismatch,
+    before reading any weights, when a model key is not in the checkpoint (and cannot be
+    recomputed or made) or the checkpoint has extra keys.
     """
     folder = Path(model_dir) / subfolder
+    initial = dict(initial or {})
     key_files = checkpoint_key_files(folder)
-    targets = model.state_dict(keep_vars=True)
-    recomputable = set(_derived_buffer_names(model))
+    targets = _plain_state(model)
+    recomputable = set(_derived_buffer_names(model)) | set(initial)
     _check_keys(folder, set(targets), set(key_files), recomputable)
-    _check_dtype(model, dtype)
+    _check_dtype(model, dtype, skip=set(initial))
 
     model.to_empty(device=device)
     recomputed = recompute_derived_buffers(model)
-    _check_buffers_restorable(model, targets, recomputed)
+    _check_buffers_restorable(model, targets, recomputed | set(initial))
     # to_empty swaps in new tensors; fetch the live ones again.
-    targets = model.state_dict(keep_vars=True)
+    targets = _plain_state(model)
     with torch.no_grad():
         for name, tensor in iter_checkpoint_tensors(folder, key_files):
             _copy_full_into(targets[name], tensor, name, folder)
+        for name, make in initial.items():
+            _copy_full_into(targets[name], make(), name, folder)
     return model
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    # peft's `base_layer.` stays in state-dict keys; the checkpoint names the plain module.
+    return {plain_name(name): tensor for name, tensor in model.state_dict(keep_vars=True).items()}
 
 
 def checkpoint_key_files(folder: Path) -> dict[str, Path]:
@@ -160,9 +171,9 @@ def _check_keys(folder: Path, model_keys: set[str], checkpoint_keys: set[str], r
         )
 
 
-def _check_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+def _check_dtype(model: nn.Module, dtype: torch.dtype, skip: set[str] = frozenset()) -> None:
     for name, param in model.named_parameters():
-        if param.is_floating_point() and param.dtype != dtype:
+        if param.is_floating_point() and param.dtype != dtype and plain_name(name) not in skip:
             raise ValueError(
                 f"parameter {plain_name(name)} is {param.dtype}, expected {dtype}; "
                 f"build the model with build_on_meta(config, dtype={dtype})"

@@ -39,8 +39,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, UnsafeMetadata
 from sd35dist.checkpoint.layout import CheckpointUnreadable
+from sd35dist.config.loading import ConfigError
 from sd35dist.config.mesh_layout import MeshLayout, resolve_mesh
-from sd35dist.config.recipe import Recipe
+from sd35dist.config.recipe import LoraSection, Recipe
+from sd35dist.models.lora import inject_lora, trainable_parameters
 from sd35dist.models.state_keys import plain_name
 from sd35dist.models.transformer_build import build_on_meta, materialize_and_load, transformer_config
 from sd35dist.parallel.ema import ShardedEMA
@@ -53,6 +55,10 @@ REPLICATE_DIM_NAME = "dp_replicate"
 FP32_INPUTS = ("timestep",)
 DCP_DIR = "dcp"
 """The checkpoint's subdirectory torch.distributed.checkpoint writes."""
+STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+"""Checkpoints hold what trains (everything, or LoRA's adapters) and the buffers."""
+LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+"""Loading leaves the frozen base as it is; dcp.load has already checked every saved key is there."""
 
 
 def fsdp_mesh_shape(world_size: int, replicas: int = 1) -> tuple[int, ...]:
@@ -93,7 +99,9 @@ def parallelize_fsdp2(
         mesh = fsdp_mesh(dist.get_world_size())
     blocks = model.transformer_blocks
     if activation_checkpointing:
-        apply_activation_checkpointing(blocks)
+        # LoRA dropout draws random masks: the recomputed forward must draw the same ones.
+        dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in blocks.modules())
+        apply_activation_checkpointing(blocks, preserve_rng_state=dropout)
     if compile_blocks:
         compile_each_block(blocks)
 
@@ -123,13 +131,13 @@ def cast_inputs_except(dtype: torch.dtype, keep: tuple[str, ...]):
     return hook
 
 
-def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
+def apply_activation_checkpointing(blocks: nn.ModuleList, preserve_rng_state: bool = False) -> None:
     """Recompute each block's activations in backward instead of storing them (full AC, per block)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for index, block in enumerate(blocks):
-        # preserve_rng_state=False: SD3 blocks have no dropout, and saving RNG state costs a sync on GPU.
-        blocks[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+        # preserve_rng_state=False unless asked: SD3 blocks have no dropout, and saving RNG state costs a sync on GPU.
+        blocks[index] = checkpoint_wrapper(block, preserve_rng_state=preserve_rng_state)
 
 
 def compile_each_block(blocks: nn.ModuleList) -> None:
@@ -150,13 +158,17 @@ def load_transformer(
     activation_checkpointing: bool = False,
     compile_blocks: bool = False,
     reshard_after_forward: bool = True,
+    lora: LoraSection | None = None,
+    seed: int = 0,
 ) -> nn.Module:
-    """Meta build → FSDP2 → materialise and load: the sharded, pretrained SD3 transformer.
+    """Meta build → (LoRA) → FSDP2 → materialise and load: the sharded, pretrained SD3 transformer.
 
     `dtype` is the dtype of the sharded master weights; the other options go to
-    `parallelize_fsdp2`. Needs the process group that `world` describes.
+    `parallelize_fsdp2`. With `lora` the base is frozen in `param_dtype` and only the
+    adapters keep `dtype` masters. Needs the process group that `world` describes.
     """
-    model = build_on_meta(transformer_config(model_dir, subfolder), dtype=dtype)
+    model = build_on_meta(transformer_config(model_dir, subfolder), dtype=dtype if lora is None else param_dtype)
+    initial = inject_lora(model, lora, dtype=dtype, seed=seed)
     mesh = fsdp_mesh(world.world_size, replicas, world.device.type)
     parallelize_fsdp2(
         model,
@@ -167,7 +179,8 @@ def load_transformer(
         compile_blocks=compile_blocks,
         reshard_after_forward=reshard_after_forward,
     )
-    return materialize_and_load(model, model_dir, subfolder, device=world.device, dtype=dtype)
+    return materialize_and_load(model, model_dir, subfolder, device=world.device,
+                                dtype=dtype if lora is None else param_dtype, initial=initial)
 
 
 def _device_type() -> str:
@@ -203,6 +216,8 @@ class FSDP2Strategy:
             reduce_dtype=torch.float32,
             activation_checkpointing=recipe.train.gradient_checkpointing,
             compile_blocks=recipe.train.compile_blocks,
+            lora=recipe.train.lora,
+            seed=recipe.seed,
         )
         self._adopt(model, recipe, world)
         if world.is_main:
@@ -231,8 +246,9 @@ class FSDP2Strategy:
         self.model = model
         self.model.train()
         self.mesh = next(p for p in self.model.parameters()).device_mesh
-        self.optimizer = make_optimizer(self.model.parameters(), recipe, world.device)
-        self.ema = ShardedEMA(list(self.model.named_parameters())) if recipe.train.ema.enabled else None
+        self.trainable = trainable_parameters(self.model)
+        self.optimizer = make_optimizer([p for _, p in self.trainable], recipe, world.device)
+        self.ema = ShardedEMA(self.trainable) if recipe.train.ema.enabled else None
         self._checkpoint_group: dist.ProcessGroup | None = None
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
@@ -244,7 +260,7 @@ class FSDP2Strategy:
     def step(self, learning_rate: float, max_grad_norm: float) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable], max_grad_norm if max_grad_norm > 0 else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -252,12 +268,13 @@ class FSDP2Strategy:
 
     def update_ema(self, decay: float) -> None:
         if self.ema is not None:
-            self.ema.update(list(self.model.named_parameters()), decay)
+            self.ema.update(self.trainable, decay)
 
     # ---- checkpoints ----------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        # A LoRA checkpoint holds the adapters only: the frozen base is the pretrained model's.
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=STATE_OPTIONS)
         state: dict[str, Any] = {"model": model_state, "optim": optim_state}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -280,7 +297,8 @@ class FSDP2Strategy:
     def load(self, directory: Path) -> None:
         state = self._state()
         dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=LOAD_OPTIONS)
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
 

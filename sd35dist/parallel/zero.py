@@ -29,6 +29,7 @@ from torch import nn
 from sd35dist.checkpoint.layout import CheckpointUnreadable, read_info
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import Recipe
+from sd35dist.models.lora import inject_lora, trainable_parameters
 from sd35dist.models.state_keys import key_mismatch
 from sd35dist.models.transformer_build import (
     CheckpointMismatch,
@@ -131,8 +132,8 @@ class ZeroStrategy:
             output.mkdir(parents=True, exist_ok=True)
             (output / CONFIG_FILE).write_text(json.dumps(self.config, indent=2) + "\n")
 
-        _, compute = master_and_compute_dtypes(recipe)
-        model = self._build(deepspeed, model_dir, config, compute)
+        master, compute = master_and_compute_dtypes(recipe)
+        model = self._build(deepspeed, model_dir, config, compute, master)
         if recipe.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
@@ -142,26 +143,31 @@ class ZeroStrategy:
         )
         self.model: nn.Module = self.engine.module
         self._fragments = self._local_fragments()
+        self._frozen = len(trainable_parameters(self.model)) < len(list(self.model.parameters()))
         self.ema = ShardedEMA(self._named_master_fragments()) if recipe.train.ema.enabled else None
 
     def _optimizer(self, deepspeed: Any, model: nn.Module) -> torch.optim.Optimizer:
         if not self.recipe.parallel.offload_optimizer:
-            return make_optimizer(model.parameters(), self.recipe, self.world.device)
+            return make_optimizer([p for _, p in trainable_parameters(model)], self.recipe, self.world.device)
         # Offloaded state is updated on the CPU: DeepSpeed's vectorised Adam, not torch's.
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         train = self.recipe.train
-        return DeepSpeedCPUAdam(model.parameters(), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+        return DeepSpeedCPUAdam([p for _, p in trainable_parameters(model)], lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                                 eps=train.adam_epsilon, weight_decay=train.adam_weight_decay, adamw_mode=True)
 
     # ---- model build ------------------------------------------------------------------------
 
-    def _build(self, deepspeed: Any, model_dir: Path, config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    def _build(self, deepspeed: Any, model_dir: Path, config: dict[str, Any], dtype: torch.dtype,
+               master: torch.dtype) -> nn.Module:
         subfolder = self.recipe.model.transformer_subfolder
         if self.stage == 2:
             # ZeRO-2 keeps whole weights on every rank: build them in the compute dtype DeepSpeed trains in.
-            return materialize_and_load(build_on_meta(config, dtype=dtype), model_dir, subfolder,
-                                        device=self.world.device, dtype=dtype)
+            # LoRA adapters start from master-dtype values; DeepSpeed keeps their fp32 masters.
+            model = build_on_meta(config, dtype=dtype)
+            initial = inject_lora(model, self.recipe.train.lora, dtype=master, seed=self.recipe.seed)
+            return materialize_and_load(model, model_dir, subfolder, device=self.world.device, dtype=dtype,
+                                        initial=initial)
         from diffusers import SD3Transformer2DModel
 
         # Parameters are partitioned as each submodule is constructed: no rank holds the whole model.
@@ -200,7 +206,8 @@ class ZeroStrategy:
 
     def save(self, directory: Path) -> None:
         """Every rank writes its ZeRO partition (DeepSpeed's format) and its EMA fragments."""
-        self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
+        # A LoRA checkpoint holds the adapters only: the frozen base is the pretrained model's.
+        self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
         if self.ema is not None:
             from safetensors.torch import save_file
 
@@ -222,7 +229,8 @@ class ZeroStrategy:
         if info.get("world_size") != self.world.world_size:
             raise ConfigError(str(directory), "world_size", f"ZeRO checkpoint written by {info.get('world_size')} "
                               f"ranks cannot resume on {self.world.world_size}; run on the same number of ranks")
-        path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG, load_lr_scheduler_states=False)
+        path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG, load_lr_scheduler_states=False,
+                                              load_module_strict=not self._frozen)
         if path is None:
             raise FileNotFoundError(f"{directory / DS_TAG}: DeepSpeed could not load this checkpoint")
         if self.ema is not None:
@@ -238,7 +246,7 @@ class ZeroStrategy:
 
         state: dict[str, torch.Tensor] = {}
         shadow = self.ema.state_dict() if use_ema and self.ema is not None else None
-        for name, param in self.model.named_parameters():
+        for name, param in trainable_parameters(self.model):
             if shadow is None:
                 full = safe_get_full_fp32_param(param)
             else:
@@ -260,7 +268,7 @@ class ZeroStrategy:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # Buffers (pos_embed) are in it too; the EMA covers parameters only.
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG, exclude_frozen_parameters=True)
         if use_ema:
             files = sorted(checkpoint.glob(EMA_FILES))
             if not files:

@@ -1,0 +1,193 @@
+"""LoRA fine-tunes (`train.lora`) with fsdp2 and zero2 on the tiny SD3, 2 CPU ranks: the adapters
+train and the base stays put, checkpoints hold only the adapters, resume is exact (and FSDP2
+resumes on another world size), and the exports load in diffusers (and map onto ComfyUI).
+
+One straight run and one stopped-and-resumed run per strategy (module-scoped fixtures) serve
+every assert; the bf16 run checks adapters move in bf16 compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sd35dist.checkpoint.layout import CheckpointDir
+from tests.conftest import PROJECT
+from tests.test_cache_build import tiny_model  # noqa: F401
+from tests.test_train import cache, losses, train, train_recipe  # noqa: F401
+
+pytestmark = pytest.mark.dist
+
+LORA = {"rank": 4, "alpha": 8.0, "targets": "attention_ff"}
+# Accumulation and clipping as in full fine-tunes; 4 steps, a checkpoint every 2.
+SETTINGS = {"max_train_steps": 4, "checkpointing_steps": 2, "gradient_accumulation_steps": 2, "max_grad_norm": 0.05,
+            "lora": LORA}
+TOLERANCE = 1e-5
+"""fp32 outputs of the diffusers-loaded LoRA vs the trained model: the same math in another order."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def deepspeed_on_cpu():
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "sd35dist" / "torch_extensions"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DS_ACCELERATOR", "cpu")
+        patch.setenv("TORCH_EXTENSIONS_DIR", extensions)
+        yield
+
+
+def lora_recipe(path: Path, cache: tuple[Path, Path], output: Path, strategy: str, **train) -> Path:  # noqa: F811
+    train_recipe(path, cache, output, **{**SETTINGS, **train})
+    recipe = yaml.safe_load(path.read_text())
+    recipe["parallel"]["strategy"] = strategy
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def export(checkpoint: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(checkpoint), "--out", str(out), *flags],
+                          capture_output=True, text=True, cwd=PROJECT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+PRECISION = {"fsdp2": "bf16", "zero2": "fp32"}
+"""FSDP2 in bf16 compute (a bf16 frozen base and fp32 adapters in one FSDP group), ZeRO-2 in fp32."""
+
+
+@pytest.fixture(scope="module", params=["fsdp2", "zero2"])
+def runs(request, tmp_path_factory, cache) -> tuple[str, Path]:  # noqa: F811
+    """A straight 4-step run (root/straight, checkpoints at 2 and 4) and a run resumed from its
+    step-2 checkpoint to step 4 (root/resumed): 2N straight against N + resume N."""
+    strategy = request.param
+    root = tmp_path_factory.mktemp(f"lora-{strategy}")
+    precision = PRECISION[strategy]
+    train(lora_recipe(root / "straight.yaml", cache, root / "straight", strategy, mixed_precision=precision), root / "run0")
+    halfway = str(CheckpointDir(root / "straight").path(2))
+    train(lora_recipe(root / "resume.yaml", cache, root / "resumed", strategy, mixed_precision=precision,
+                      resume=halfway), root / "run2")
+    return strategy, root
+
+
+def test_adapters_train_and_resume_exactly_from_adapter_only_checkpoints(runs, cache):  # noqa: F811
+    from sd35dist.checkpoint.export import checkpoint_state
+    from sd35dist.config.recipe import LoraSection
+    from sd35dist.models.lora import inject_lora
+    from sd35dist.models.transformer_build import build_on_meta, transformer_config
+
+    strategy, root = runs
+    model = build_on_meta(transformer_config(cache[0]))
+    seed = yaml.safe_load((root / "straight.yaml").read_text())["seed"]
+    made = inject_lora(model, LoraSection(**LORA), dtype=torch.float32, seed=seed)
+    initial_a = {k: make() for k, make in made.items() if ".lora_A." in k}
+    expected = losses(root / "run0")
+    assert sorted(expected) == [1, 2, 3, 4]
+    assert losses(root / "run2") == {s: expected[s] for s in (3, 4)}, "CPU/gloo resume is exact"
+    for use_ema in (False, True):
+        resumed = checkpoint_state(CheckpointDir(root / "resumed").latest(), use_ema)
+        straight = checkpoint_state(CheckpointDir(root / "straight").latest(), use_ema)
+        adapters = sorted(k for k in straight if ".lora_" in k)
+        assert adapters and resumed.keys() == straight.keys()
+        assert all(torch.equal(resumed[k], straight[k]) for k in adapters), "final adapters (and EMA) equal"
+    assert not any(k.endswith("to_q.weight") for k in straight), "no base weights in a LoRA checkpoint"
+    still = [k for k in adapters if ".lora_B." in k and straight[k].abs().max() == 0]
+    # The last block drops its context stream's output, so its context queries get no gradient.
+    assert still == ["transformer_blocks.3.attn.add_q_proj.lora_B.default.weight"], "every other B moved from zero"
+    assert all(straight[k].dtype == torch.float32 for k in adapters), f"fp32 masters in {PRECISION[strategy]} compute"
+    a = [straight[k] for k in adapters if ".lora_A." in k]
+    assert all(not torch.equal(t, t.bfloat16().float()) for t in a), "the masters keep what bf16 would round away"
+    assert all(not torch.equal(t, initial_a[k]) for k, t in zip([k for k in adapters if ".lora_A." in k], a))
+
+
+def probe_inputs(config) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {"hidden_states": torch.randn(2, config.in_channels, 8, 8, generator=generator),
+            "timestep": torch.tensor([500.0, 100.0]),
+            "encoder_hidden_states": torch.randn(2, 12, config.joint_attention_dim, generator=generator),
+            "pooled_projections": torch.randn(2, config.pooled_projection_dim, generator=generator)}
+
+
+@torch.no_grad()
+def trained_model_output(model_dir: Path, adapters: dict[str, torch.Tensor], inputs: dict) -> torch.Tensor:
+    """The trained model, built apart from the export: base + peft LoRA of the recipe + the checkpoint's adapters."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from sd35dist.models.lora import PRESETS
+
+    model = SD3Transformer2DModel.from_pretrained(model_dir / "transformer", torch_dtype=torch.float32)
+    inject_adapter_in_model(LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"],
+                                       target_modules=list(PRESETS[LORA["targets"]])), model)
+    assert not model.load_state_dict(adapters, strict=False).unexpected_keys
+    return model(**inputs, return_dict=False)[0]
+
+
+def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(runs, cache, tmp_path):  # noqa: F811
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from safetensors import safe_open
+
+    from sd35dist.checkpoint.export import checkpoint_state
+    from tests.comfy_lora_keys import mmdit_lora_key_map, unloaded_keys
+
+    strategy, root = runs
+    model_dir, _ = cache
+    checkpoint = CheckpointDir(root / "straight").latest()
+    export(root / "straight", tmp_path / "lora", "--ema", "--dtype", "fp32")
+    export(root / "straight", tmp_path / "merged", "--ema", "--merge", "--dtype", "fp32")
+    file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(file), framework="pt") as handle:
+        metadata, lora = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    assert {json.loads(metadata[f"sd35dist.{k}"]) for k in ("rank", "step")} == {LORA["rank"], 4}
+    assert json.loads(metadata["sd35dist.alpha"]) == LORA["alpha"] and json.loads(metadata["sd35dist.targets"]) == LORA["targets"]
+    assert json.loads(metadata["sd35dist.base_model"]) == str(model_dir)
+    assert json.loads(metadata["sd35dist.recipe_sha256"]) == json.loads((checkpoint / "COMPLETE").read_text())["recipe_sha256"]
+
+    # ComfyUI sizes SD3 from its width (64 per layer); the tiny model is narrower, so map it by its
+    # layer count (test_lora_units.py checks the qkv slices at SD3.5 Large's shape).
+    layers = json.loads((model_dir / "transformer" / "config.json").read_text())["num_layers"]
+    key_map = mmdit_lora_key_map({"depth": layers, "num_blocks": layers})
+    assert unloaded_keys(lora, key_map) == [], "ComfyUI's SD3 key map reaches every tensor"
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, torch_dtype=torch.float32, local_files_only=True)
+    inputs = probe_inputs(pipe.transformer.config)
+    with torch.no_grad():
+        base = pipe.transformer(**inputs, return_dict=False)[0]
+        pipe.load_lora_weights(tmp_path / "lora")
+        loaded = pipe.transformer(**inputs, return_dict=False)[0]
+    ema = {k: v for k, v in checkpoint_state(checkpoint, True).items() if ".lora_" in k}
+    expected = trained_model_output(model_dir, ema, inputs)
+    assert torch.allclose(loaded, expected, rtol=0, atol=TOLERANCE), (loaded - expected).abs().max()
+    assert (loaded - base).abs().max() > 100 * TOLERANCE, "the LoRA changes the outputs"
+
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = pipe.transformer.state_dict()
+    merged = SD3Transformer2DModel.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).state_dict()
+    assert merged.keys() == fused.keys()
+    assert all(torch.allclose(merged[k], fused[k], rtol=0, atol=1e-6) for k in fused), "--merge equals fuse_lora"
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+def test_fsdp2_lora_checkpoint_reloads_exactly_on_another_world_size(runs, tmp_path):
+    from sd35dist.parallel.fsdp2 import DCP_DIR, _read_dcp_tensors
+
+    strategy, root = runs
+    if strategy != "fsdp2":
+        pytest.skip("ZeRO resumes on its own world size only (a one-line error otherwise)")
+    checkpoint = CheckpointDir(root / "straight").latest()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                           "-m", "tests.lora_reshard_check", str(root / "straight.yaml"), str(checkpoint),
+                           str(tmp_path / "again")], capture_output=True, text=True, cwd=PROJECT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for part in ("model", "optim", "ema"):
+        written = _read_dcp_tensors(checkpoint / DCP_DIR, part)
+        again = _read_dcp_tensors(tmp_path / "again" / DCP_DIR, part)
+        assert written.keys() == again.keys() and written
+        assert all(torch.equal(written[k], again[k]) for k in written), f"{part}: 2 ranks → 1 rank → saved alike"
