@@ -175,6 +175,7 @@ def test_single_file_export_of_every_strategy_loads_in_diffusers_equal_to_the_ch
                                                                                         tmp_path):  # noqa: F811
     from diffusers import SD3Transformer2DModel
 
+    from sd35dist.checkpoint.inspect import diff
     from sd35dist.checkpoint.single_file import export_single_file
 
     case, root, _ = straight
@@ -198,3 +199,6 @@ def test_single_file_export_of_every_strategy_loads_in_diffusers_equal_to_the_ch
             got = loaded.state_dict()
             assert got.keys() == want.keys(), strategy
             assert all(torch.equal(got[k], want[k]) for k in want), f"{strategy} ema={use_ema}: tensor for tensor"
+        # `inspect --diff` reads the 2-rank sharded checkpoint in this one process: every block moved.
+        changes = diff(output, model_dir)[0]
+        assert all(c.relative > 0 for c in changes if c.group.startswith("joint block")), strategy

@@ -85,8 +85,9 @@ def _block_plan(i: int, last: bool, dual: bool, qk_norm: bool) -> list[OriginalT
     return plan
 
 
-def transformer_plan(config: Mapping, diffusers_keys: Iterable[str]) -> list[OriginalTensor]:
-    """The MMDiT's original tensors (with TRANSFORMER_PREFIX) from an SD3Transformer2DModel's config and keys."""
+def transformer_plan(config: Mapping, diffusers_keys: Iterable[str] | None) -> list[OriginalTensor]:
+    """The MMDiT's original tensors (with TRANSFORMER_PREFIX) from an SD3Transformer2DModel's config and keys
+    (None: the keys are not known yet, as when reading an original file, and are not checked)."""
     qk_norm = config.get("qk_norm")
     if qk_norm not in (None, "rms_norm"):
         raise LayoutMismatch(f"qk_norm {qk_norm!r}: the original SD3 layout has RMS q/k norms (rms_norm) or none")
@@ -109,8 +110,27 @@ def transformer_plan(config: Mapping, diffusers_keys: Iterable[str]) -> list[Ori
         plan.append(OriginalTensor(f"final_layer.linear.{kind}", (f"proj_out.{kind}",)))
         plan.append(OriginalTensor(f"final_layer.adaLN_modulation.1.{kind}", (f"norm_out.linear.{kind}",), "swap_halves"))
     plan = [OriginalTensor(TRANSFORMER_PREFIX + t.name, t.sources, t.op) for t in plan]
-    check_covers(plan, diffusers_keys, "transformer")
+    if diffusers_keys is not None:
+        check_covers(plan, diffusers_keys, "transformer")
     return plan
+
+
+def config_from_original_keys(keys: Iterable[str]) -> dict:
+    """What transformer_plan needs to know of the model, read off an original file's key names."""
+    blocks: set[int] = set()
+    dual: set[int] = set()
+    qk_norm = None
+    for key in keys:
+        parts = key.removeprefix(TRANSFORMER_PREFIX).split(".")
+        if parts[0] == "joint_blocks":
+            blocks.add(int(parts[1]))
+            if "attn2" in parts:
+                dual.add(int(parts[1]))
+            if parts[-2] in ("ln_q", "ln_k"):
+                qk_norm = "rms_norm"
+    if not blocks:
+        raise LayoutMismatch("no joint_blocks keys: not an SD3 MMDiT in the original layout")
+    return {"num_layers": max(blocks) + 1, "dual_attention_layers": sorted(dual), "qk_norm": qk_norm}
 
 
 # diffusers' VAE names → the original (LDM) ones: exact names first, then name fragments.

@@ -179,6 +179,48 @@ class ZeroTensors:
         return tensor if isinstance(tensor, torch.Tensor) else tensor.contiguous()
 
 
+class OriginalLayoutView:
+    """An original-layout file's MMDiT under diffusers' names (q, k, v split from qkv, adaLN halves
+    swapped back), so it compares with a diffusers folder or a checkpoint; other keys (the VAE,
+    text encoders) keep their own names."""
+
+    def __init__(self, source: TensorSource) -> None:
+        from sd35dist.checkpoint.original_layout import (TRANSFORMER_PREFIX, config_from_original_keys,
+                                                         transformer_plan)
+
+        self.source = source
+        original = source.specs()
+        ours = [key for key in original if key.startswith(TRANSFORMER_PREFIX)]
+        plan = transformer_plan(config_from_original_keys(ours), None)
+        self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._origin: dict[str, tuple[str, str, int]] = {}
+        for tensor in plan:
+            if tensor.name not in original:
+                raise CheckpointUnreadable(f"{tensor.name}: missing from the file (not a complete SD3 MMDiT)")
+            shape, dtype = original[tensor.name]
+            for index, name in enumerate(tensor.sources):
+                part_shape = (shape[0] // len(tensor.sources), *shape[1:]) if tensor.op == "qkv" else shape
+                self._specs[name] = (tuple(part_shape), dtype)
+                self._origin[name] = (tensor.name, tensor.op, index)
+        planned = {tensor.name for tensor in plan}
+        self._specs.update({key: spec for key, spec in original.items() if key not in planned})
+
+    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return dict(self._specs)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._origin:
+            return self.source.get(name)
+        original, op, index = self._origin[name]
+        tensor = self.source.get(original)
+        if op == "qkv":
+            return tensor.chunk(3, dim=0)[index].clone()
+        if op == "swap_halves":
+            first, second = tensor.chunk(2, dim=0)
+            return torch.cat([second, first], dim=0)
+        return tensor
+
+
 def open_checkpoint(checkpoint: Path, use_ema: bool) -> TensorSource:
     """The lazy reader of a complete checkpoint, chosen by the strategy it records."""
     from sd35dist.parallel.fsdp2 import DCP_DIR

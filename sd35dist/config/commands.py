@@ -55,7 +55,9 @@ COMMANDS: tuple[Command, ...] = (
     Command(words=("cache", "inspect"), kind=TOOL, module="sd35dist.jobs.cache", entry="inspect_main",
             summary="summarise a cache from its manifest (--verify checks every shard's sha256)"),
     Command(words=("export",), kind=TOOL, module="sd35dist.checkpoint.export",
-            summary="write a checkpoint's transformer as a diffusers directory"),
+            summary="write a checkpoint's transformer as a diffusers directory (or one SD3.5 single file)"),
+    Command(words=("inspect",), kind=TOOL, module="sd35dist.checkpoint.inspect",
+            summary="what a checkpoint, diffusers folder, single file or LoRA holds (--diff BASE: what training changed)"),
     Command(words=("torchrun",), kind=TOOL, module="sd35dist.jobs.torchrun",
             summary="torchrun that ends a failed job with one line (what job scripts run)"),
 )
