@@ -58,6 +58,8 @@ COMMANDS: tuple[Command, ...] = (
             summary="write a checkpoint's transformer as a diffusers directory (or one SD3.5 single file)"),
     Command(words=("inspect",), kind=TOOL, module="sd35dist.checkpoint.inspect",
             summary="what a checkpoint, diffusers folder, single file or LoRA holds (--diff BASE: what training changed)"),
+    Command(words=("import", "simpletuner"), kind=TOOL, module="sd35dist.importers.simpletuner",
+            summary="write a recipe from a SimpleTuner config.json/config.env (+ multidatabackend.json)"),
     Command(words=("torchrun",), kind=TOOL, module="sd35dist.jobs.torchrun",
             summary="torchrun that ends a failed job with one line (what job scripts run)"),
 )
