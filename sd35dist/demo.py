@@ -7,6 +7,7 @@ cluster user types (profile `local`: submitit's local executor, torchrun, 2 CPU 
 4. `sd35dist submit --profile local` to step 4, then again: it resumes from `latest` to step 8
 5. `sd35dist export` the final checkpoint (EMA weights) to a diffusers transformer/
 6. one sample image from StableDiffusion3Pipeline with the exported transformer
+7. the same weights as one SD3.5-layout file, and `sd35dist inspect --diff` against the base
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def sample_image(model_dir: Path, transformer_dir: Path, out: Path) -> Path:
 
 def main() -> int:
     from sd35dist.data.demo_dataset import write_demo_dataset
+    from sd35dist.demo_model_files import share_and_inspect
     from sd35dist.models.tiny_sd3 import build_tiny_sd3
 
     # The recipe's relative paths and the profile's run_root resolve against the working
@@ -65,6 +67,7 @@ def main() -> int:
     sd35dist("submit", *common)
     sd35dist("export", str(DEMO / "output"), "--out", str(DEMO / "export" / "transformer"), "--ema", "--dtype", "fp32")
     image = sample_image(model_dir, DEMO / "export" / "transformer", DEMO / "sample.png")
+    single_file, diff_png = share_and_inspect(DEMO / "output", model_dir, DEMO / "export")
     print(f"""
 demo finished in {time.perf_counter() - started:.0f} s
   model         {model_dir}
@@ -73,6 +76,8 @@ demo finished in {time.perf_counter() - started:.0f} s
   runs          {runs}/tiny-*  (frozen recipe, logs, preflight.json, metrics-rank*.jsonl)
   checkpoints   {DEMO / 'output' / 'checkpoints'}
   export        {DEMO / 'export' / 'transformer'} (EMA weights, diffusers layout)
+  single file   {single_file} (SD3.5 layout + VAE, bf16)
+  change plot   {diff_png}
   sample image  {image}""")
     return 0
 

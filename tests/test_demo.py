@@ -29,3 +29,5 @@ def test_demo_runs_end_to_end(tmp_path):
     with Image.open(demo / "sample.png") as image:
         assert image.size == (64, 64)
     assert "demo finished" in out
+    assert (demo / "export" / "tiny-sd3-ft.safetensors").is_file() and "‖Δ‖/‖W_base‖" in out
+    assert (demo / "export" / "change-by-block.png").read_bytes()[:4] == b"\x89PNG"

@@ -5,6 +5,7 @@ metadata, the streaming writer. (The checkpoints of every strategy: test_train_z
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from safetensors import safe_open
 from sd35dist.checkpoint.original_layout import LayoutMismatch, transformer_plan
 from sd35dist.checkpoint.safetensors_stream import TensorSpec, write_streaming
 from sd35dist.checkpoint.single_file import Part, peak_bytes
-from sd35dist.checkpoint.tensor_sources import DcpTensors
+from sd35dist.checkpoint.tensor_sources import DcpTensors, block_group
 from sd35dist.cli import main as cli_main
 from tests.test_cache_build import tiny_model  # noqa: F401
 
@@ -134,7 +135,11 @@ def test_the_plan_covers_sd35_large_and_states_its_peak(tmp_path):
     peak = peak_bytes([Part(MetaSource(), plan)], "bf16")
     pos_embed = 192 * 192 * 2432
     assert peak == pos_embed * (4 + 2), "the largest output (pos_embed) read in fp32 and stored in bf16"
-    print(f"SD3.5 Large single-file bf16 export from fp32: peak {peak / 2**20:.0f} MiB")
+    by_block = peak_bytes([Part(MetaSource(), plan)], "bf16", group_of=block_group)
+    block = sum(4 * math.prod(shape) for key, (shape, _) in specs.items() if key.startswith("transformer_blocks.0."))
+    assert block < by_block < block + 2**30, "an FSDP2 checkpoint is read a block at a time"
+    print(f"SD3.5 Large single-file bf16 export from fp32: peak {peak / 2**20:.0f} MiB tensor by tensor, "
+          f"{by_block / 2**20:.0f} MiB block by block")
     with pytest.raises(LayoutMismatch, match="no place for"):
         transformer_plan(config, [*specs, "transformer_blocks.0.attn.to_q.lora_A.weight"])
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,18 +84,25 @@ def make_tensor(tensor: OriginalTensor, source: TensorSource, dtype: torch.dtype
     return made.to(dtype)
 
 
-def peak_bytes(parts: list[Part], dtype: str) -> int:
+def peak_bytes(parts: list[Part], dtype: str, group_of: Callable[[str], str] | None = None) -> int:
     """The most bytes the writer holds at once: one output tensor's inputs, what combining them
-    makes, and the stored copy (the largest such set over the file)."""
+    makes, and the stored copy (the largest such set over the file). `group_of` names the
+    group a source reads its tensors in (an FSDP2 checkpoint reads a block at a time)."""
     peak = 0
     for part in parts:
         shapes = part.source.specs()
+        nbytes = {name: TensorSpec(name, tuple(shape), kind).nbytes for name, (shape, kind) in shapes.items()}
+        groups: dict[str, int] = {}
+        if group_of is not None:
+            for name, size in nbytes.items():
+                groups[group_of(name)] = groups.get(group_of(name), 0) + size
         for tensor in part.plan:
-            inputs = [TensorSpec(s, tuple(shapes[s][0]), shapes[s][1]) for s in tensor.sources]
-            shape = output_shape(tensor, [spec.shape for spec in inputs])
-            made = TensorSpec(tensor.name, shape, inputs[0].dtype).nbytes if tensor.op != "copy" else 0
+            first = shapes[tensor.sources[0]]
+            shape = output_shape(tensor, [shapes[s][0] for s in tensor.sources])
+            held = groups[group_of(tensor.sources[0])] if group_of else sum(nbytes[s] for s in tensor.sources)
+            made = TensorSpec(tensor.name, shape, first[1]).nbytes if tensor.op != "copy" else 0
             stored = TensorSpec(tensor.name, shape, stored_dtype(tensor.name, shape, dtype)).nbytes
-            peak = max(peak, sum(spec.nbytes for spec in inputs) + made + stored)
+            peak = max(peak, held + made + stored)
     return peak
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,6 +86,12 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def block_group(name: str) -> str:
+    """`transformer_blocks.N.` for a block's tensor, "" for the embedders and the final layer."""
+    match = re.match(r"transformer_blocks\.\d+\.", name)
+    return match.group(0) if match else ""
+
+
 class DcpTensors:
     """The model (or, with `use_ema`, the EMA over the model's buffers) of an FSDP2 checkpoint."""
 
@@ -111,6 +118,8 @@ class DcpTensors:
                     self._specs[name] = (tuple(meta.size), meta.properties.dtype)
         if not self._keys:
             raise CheckpointUnreadable(f"{directory}: no 'model' tensors in this checkpoint")
+        self._group: str | None = None
+        self._block: dict[str, torch.Tensor] = {}
         if use_ema and not any(key.startswith("ema.") for key in self._keys.values()):
             raise CheckpointUnreadable(f"{directory.parent}: no EMA in this checkpoint (train.ema.enabled was false)")
 
@@ -118,20 +127,29 @@ class DcpTensors:
         return dict(self._specs)
 
     def get(self, name: str) -> torch.Tensor:
+        # One dcp.load per transformer block, not per tensor: each call re-plans the whole read,
+        # which made a tiny model's export take seconds per block. Memory: one block's tensors.
+        group = block_group(name)
+        if group != self._group:
+            self._group, self._block = None, {}
+            self._block = self._load([key for key in self._keys if block_group(key) == group])
+            self._group = group
+        return self._block[name]
+
+    def _load(self, names: list[str]) -> dict[str, torch.Tensor]:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
 
         from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader
 
-        shape, dtype = self._specs[name]
-        target = {self._keys[name]: torch.empty(shape, dtype=dtype)}
+        targets = {self._keys[name]: torch.empty(self._specs[name][0], dtype=self._specs[name][1]) for name in names}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process is the point
             try:
-                dcp.load(target, storage_reader=MetadataCheckedReader(str(self.directory)), no_dist=True)
+                dcp.load(targets, storage_reader=MetadataCheckedReader(str(self.directory)), no_dist=True)
             except CheckpointException as err:
-                raise CheckpointUnreadable(f"{self.directory.parent}: {name} unreadable: {err}") from None
-        return target[self._keys[name]]
+                raise CheckpointUnreadable(f"{self.directory.parent}: weights unreadable: {err}") from None
+        return {name: targets[self._keys[name]] for name in names}
 
 
 class ZeroTensors:
