@@ -183,9 +183,9 @@ class BlockChange:
 def _add(changes: dict[str, BlockChange], key: str, delta: torch.Tensor | None, base: torch.Tensor) -> None:
     change = changes.setdefault(block_of(key)[0], BlockChange(block_of(key)[0]))
     change.tensors += 1
-    change.base_sq += float(base.double().square().sum())
+    change.base_sq += float(base.detach().double().square().sum())
     if delta is not None:
-        change.delta_sq += float(delta.double().square().sum())
+        change.delta_sq += float(delta.detach().double().square().sum())
 
 
 def full_diff(source: TensorSource, base: TensorSource) -> tuple[list[BlockChange], list[str]]:
