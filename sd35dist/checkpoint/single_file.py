@@ -161,7 +161,8 @@ def export_single_file(source_path: Path, out: Path, *, use_ema: bool = False, d
     from sd35dist.checkpoint.layout import COMPLETE, CheckpointUnreadable, read_info
     from sd35dist.checkpoint.manager import TRANSFORMER_CONFIG
     from sd35dist.checkpoint.recipe_match import RECIPE_FILE
-    from sd35dist.checkpoint.tensor_sources import SafetensorsFiles, open_checkpoint
+    from sd35dist.checkpoint.inspect import open_checkpoint
+    from sd35dist.checkpoint.tensor_sources import SafetensorsFiles
 
     if out.exists():
         raise CheckpointUnreadable(f"{out} already exists: choose another --out")

@@ -11,7 +11,7 @@ a time, without a process group or a GPU:
   files memory-mapped; ZeRO-2's model-states file is read whole by DeepSpeed), and the EMA
   from our per-rank EMA files, gathered per tensor.
 
-`open_checkpoint` picks the reader from the strategy the checkpoint records (STRATEGIES).
+Each strategy's `read_lazy` returns its reader; inspect.open_checkpoint picks the strategy.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from sd35dist.checkpoint.layout import CheckpointUnreadable, read_info
+from sd35dist.checkpoint.layout import CheckpointUnreadable
 from sd35dist.models.state_keys import plain_name
 
 
@@ -155,27 +155,27 @@ class DcpTensors:
 class ZeroTensors:
     """The fp32 master weights (or, with `use_ema`, the EMA) of a DeepSpeed ZeRO-2/3 checkpoint."""
 
-    def __init__(self, checkpoint: Path, use_ema: bool) -> None:
-        from sd35dist.parallel.zero import DS_TAG, EMA_FILES, EMA_LAYOUT_KEY
-
-        if not (checkpoint / DS_TAG).is_dir():
-            raise CheckpointUnreadable(f"{checkpoint}: no DeepSpeed checkpoint ({DS_TAG}/) in it")
+    def __init__(self, checkpoint: Path, use_ema: bool, *, tag: str, ema_files: str, ema_layout_key: str) -> None:
+        """`tag`: DeepSpeed's folder in the checkpoint; `ema_files`: the glob of the per-rank EMA
+        files, whose metadata under `ema_layout_key` says which slice of each tensor they hold."""
+        if not (checkpoint / tag).is_dir():
+            raise CheckpointUnreadable(f"{checkpoint}: no DeepSpeed checkpoint ({tag}/) in it")
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        self._lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG, lazy_mode=True)
+        self._lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag, lazy_mode=True)
         self._ema: dict[str, list[tuple[Path, int, int]]] = {}
         self._ema_shapes: dict[str, tuple[int, ...]] = {}
         if use_ema:
             from safetensors import safe_open
 
-            files = sorted(checkpoint.glob(EMA_FILES))
+            files = sorted(checkpoint.glob(ema_files))
             if not files:
                 raise CheckpointUnreadable(f"{checkpoint}: no EMA in this checkpoint (train.ema.enabled was false)")
             for path in files:
                 with safe_open(str(path), framework="pt", device="cpu") as handle:
-                    for name, (start, numel, shape) in json.loads(handle.metadata()[EMA_LAYOUT_KEY]).items():
+                    for name, (start, numel, shape) in json.loads(handle.metadata()[ema_layout_key]).items():
                         self._ema.setdefault(name, []).append((path, start, numel))
                         self._ema_shapes[name] = tuple(shape)
 
@@ -237,20 +237,6 @@ class OriginalLayoutView:
             first, second = tensor.chunk(2, dim=0)
             return torch.cat([second, first], dim=0)
         return tensor
-
-
-def open_checkpoint(checkpoint: Path, use_ema: bool) -> TensorSource:
-    """The lazy reader of a complete checkpoint, chosen by the strategy it records."""
-    from sd35dist.parallel.fsdp2 import DCP_DIR
-    from sd35dist.parallel.strategy import STRATEGIES
-
-    strategy = read_info(checkpoint).get("strategy", "fsdp2")
-    if strategy not in STRATEGIES:
-        raise CheckpointUnreadable(f"{checkpoint}: written by strategy {strategy}, which this sd35dist does not know "
-                                   f"({', '.join(STRATEGIES)})")
-    if strategy == "fsdp2":
-        return DcpTensors(checkpoint / DCP_DIR, use_ema)
-    return ZeroTensors(checkpoint, use_ema)
 
 
 def iter_tensors(source: TensorSource) -> Iterator[tuple[str, torch.Tensor]]:
