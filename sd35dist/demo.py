@@ -10,6 +10,7 @@ cluster user types (profile `local`: submitit's local executor, torchrun, 2 CPU 
 6. one sample image from StableDiffusion3Pipeline with the exported transformer
 7. the run report over both submissions, and the loss's moving average: it must fall
 8. a LoRA of the same model: train, export, load_lora_weights, sample (sd35dist/demo_lora.py)
+9. the same weights as one SD3.5-layout file, and `sd35dist inspect --diff` against the base
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def sample_image(model_dir: Path, transformer_dir: Path, out: Path) -> Path:
 def main() -> int:
     from sd35dist.data.demo_dataset import write_demo_dataset
     from sd35dist.demo_lora import lora_leg
+    from sd35dist.demo_model_files import share_and_inspect
     from sd35dist.models.tiny_sd3 import build_tiny_sd3
     from sd35dist.validation.demo_leg import show_training
 
@@ -72,6 +74,7 @@ def main() -> int:
     image = sample_image(model_dir, DEMO / "export" / "transformer", DEMO / "sample.png")
     show_training(runs, DEMO / "report")
     lora = lora_leg(DEMO, model_dir, sd35dist)  # sd35dist/demo_lora.py: train, export, load and sample a LoRA
+    single_file, diff_png = share_and_inspect(DEMO / "output", model_dir, DEMO / "export")
     print(f"""
 demo finished in {time.perf_counter() - started:.0f} s
   model         {model_dir}
@@ -80,6 +83,8 @@ demo finished in {time.perf_counter() - started:.0f} s
   runs          {runs}/tiny-*  (frozen recipe, logs, preflight.json, metrics-rank*.jsonl)
   checkpoints   {DEMO / 'output' / 'checkpoints'}
   export        {DEMO / 'export' / 'transformer'} (EMA weights, diffusers layout)
+  single file   {single_file} (SD3.5 layout + VAE, bf16)
+  change plot   {diff_png}
   sample image  {image}
 {lora}""")
     return 0

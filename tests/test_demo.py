@@ -41,3 +41,5 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (demo / "report" / "report.html").stat().st_size > 10_000
     assert (demo / "report" / "plots" / "loss.png").is_file()
     assert "at the start ->" in out and "submitit INFO" not in out
+    assert (demo / "export" / "tiny-sd3-ft.safetensors").is_file() and "‖Δ‖/‖W_base‖" in out
+    assert (demo / "export" / "change-by-block.png").read_bytes()[:4] == b"\x89PNG"

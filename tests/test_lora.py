@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from sd35dist.checkpoint.layout import CheckpointDir
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, venv_env
 from tests.test_cache_build import tiny_model  # noqa: F401
 from tests.test_train import cache, losses, train, train_recipe  # noqa: F401
 
@@ -172,6 +172,17 @@ def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(
     assert merged.keys() == fused.keys()
     assert all(torch.allclose(merged[k], fused[k], rtol=0, atol=1e-6) for k in fused), "--merge equals fuse_lora"
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+
+    # A merged LoRA also ships as one SD3.5-layout file; unmerged it has no place there.
+    export(root / "straight", tmp_path / "merged.safetensors", "--ema", "--merge", "--format", "single-file",
+           "--dtype", "fp32")
+    single = SD3Transformer2DModel.from_single_file(str(tmp_path / "merged.safetensors"), local_files_only=True,
+                                                    config=str(model_dir / "transformer"), torch_dtype=torch.float32)
+    assert all(torch.equal(single.state_dict()[k], merged[k]) for k in merged), "single file = merged folder"
+    refused = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(root / "straight"), "--format",
+                              "single-file", "--out", str(tmp_path / "x.safetensors")],
+                             capture_output=True, text=True, cwd=PROJECT, env=venv_env())
+    assert refused.returncode == 2 and "add --merge" in refused.stderr and not (tmp_path / "x.safetensors").exists()
 
 
 def test_fsdp2_lora_checkpoint_reloads_exactly_on_another_world_size(runs, tmp_path):

@@ -53,7 +53,8 @@ def _counted_by_torch(config: dict, height: int, width: int, text_tokens: int, b
     return forward_only.get_total_flops() / batch, both.get_total_flops() / batch
 
 
-@pytest.mark.parametrize("extra", [{}, {"dual_attention_layers": (0, 2)}], ids=["sd35-large-like", "dual-attention"])
+@pytest.mark.parametrize("extra", [{"dual_attention_layers": ()}, {"dual_attention_layers": (0, 2)}],
+                         ids=["sd35-large-like", "dual-attention"])
 def test_formula_equals_torch_flop_counter_on_a_real_model(extra):
     config = dict(TRANSFORMER_SIZES, **extra)
     height, width, tokens = 64, 96, 13  # non-square, so height and width cannot be swapped unnoticed

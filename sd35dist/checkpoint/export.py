@@ -3,12 +3,15 @@ directory (sharded safetensors + config.json) that `SD3Transformer2DModel.from_p
 loads — from an FSDP2 (torch.distributed.checkpoint) or ZeRO (DeepSpeed) checkpoint, in one
 process, without GPUs or a process group. The strategy the checkpoint records reads its weights
 (`read_full`); this module checks them against the model and writes the directory.
+
+`--format single-file` writes one safetensors in Stability's SD3.5 layout instead (single_file.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import sys
 from pathlib import Path
 
@@ -88,13 +91,24 @@ def find_checkpoint(path: Path) -> Path:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sd35dist export", description=__doc__.splitlines()[0].strip("`"))
     parser.add_argument("checkpoint", type=Path, help="a checkpoint directory (…/checkpoints/step-N) or an output dir")
-    parser.add_argument("--out", type=Path, required=True, help="the transformer directory to write")
+    parser.add_argument("--out", type=Path, required=True, help="the transformer directory (or single file) to write")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=[*sorted(DTYPES), "fp8_e4m3fn"], default="bf16",
+                        help="fp8_e4m3fn (single-file only): linear weights in fp8 for inference, the rest bf16")
+    parser.add_argument("--format", choices=("diffusers", "single-file"), default="diffusers",
+                        help="single-file: one safetensors in Stability's SD3.5 layout (ComfyUI, Forge, model hubs)")
+    parser.add_argument("--with-vae", action="store_true", help="single-file: add the base model's VAE")
+    parser.add_argument("--vae", type=Path, help="single-file: the diffusers VAE folder to add (default: the base model's vae/)")
+    parser.add_argument("--title", help="single-file: modelspec.title (default: the file's name)")
     parser.add_argument("--merge", action="store_true",
                         help="LoRA checkpoints: write the transformer with the LoRA fused in instead of the LoRA file")
     args = parser.parse_args(argv)
+    if args.format == "diffusers" and (args.dtype == "fp8_e4m3fn" or args.with_vae or args.vae or args.title):
+        print("error: --dtype fp8_e4m3fn, --with-vae, --vae and --title need --format single-file", file=sys.stderr)
+        return 2
     try:
+        if args.format == "single-file":
+            return _export_single_file(args)
         checkpoint = find_checkpoint(args.checkpoint)
         if checkpoint_lora(checkpoint) is not None:  # a LoRA checkpoint: sd35dist/checkpoint/lora_export.py
             out = export_lora_checkpoint(checkpoint, args.out, use_ema=args.ema, dtype=args.dtype, merge=args.merge)
@@ -106,4 +120,25 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"exported {'EMA of ' if args.ema else ''}{checkpoint} → {out} ({args.dtype})")
+    return 0
+
+
+def _export_single_file(args: argparse.Namespace) -> int:
+    from sd35dist.checkpoint.single_file import export_single_file
+
+    # A diffusers transformer folder (a merged LoRA's, say) is exported as it is.
+    source = args.checkpoint if (args.checkpoint / "config.json").is_file() else find_checkpoint(args.checkpoint)
+    if source is not args.checkpoint and checkpoint_lora(source) is not None:
+        if not args.merge:
+            raise ExportError(f"{source}: a LoRA checkpoint is one file only when merged: add --merge")
+        with tempfile.TemporaryDirectory(prefix="sd35dist-merge-", dir=args.out.parent) as merged:
+            export_lora_checkpoint(source, Path(merged) / "transformer", use_ema=args.ema, dtype="fp32", merge=True)
+            size = export_single_file(Path(merged) / "transformer", args.out, use_ema=False, dtype=args.dtype,
+                                      with_vae=args.with_vae or args.vae is not None, vae_dir=args.vae,
+                                      title=args.title)
+    else:
+        size = export_single_file(source, args.out, use_ema=args.ema, dtype=args.dtype,
+                                  with_vae=args.with_vae or args.vae is not None, vae_dir=args.vae, title=args.title)
+    print(f"exported {'EMA of ' if args.ema else ''}{source} → {args.out} "
+          f"(single file, SD3.5 layout, {args.dtype}, {size / 2**20:.1f} MiB)")
     return 0

@@ -22,7 +22,7 @@ from sd35dist.models.sd3_components import ModelDirectoryIncomplete, check_model
 
 # The transformer is split into several files so tests walk the same index-json path as the
 # 8B checkpoint; the T5 encoder is sharded too, like SD3.5 Large's text_encoder_3.
-TRANSFORMER_SHARD_SIZE = "200KB"
+TRANSFORMER_SHARD_SIZE = "250KB"
 T5_SHARD_SIZE = "100KB"
 
 CLIP_MAX_LENGTH = 77
@@ -43,6 +43,9 @@ TRANSFORMER_SIZES = dict(
     pooled_projection_dim=64,
     pos_embed_max_size=32,
     qk_norm="rms_norm",
+    # SD3.5 Medium's MMDiT-X second attention in the first block: every key family of the
+    # original single-file layout appears (attn2, ln_q/ln_k, the context_pre_only last block).
+    dual_attention_layers=(0,),
 )
 CLIP_L_SIZES = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, projection_dim=24, hidden_act="quick_gelu")
 CLIP_G_SIZES = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, projection_dim=40, hidden_act="gelu")

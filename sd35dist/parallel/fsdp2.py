@@ -313,6 +313,13 @@ class FSDP2Strategy:
         return state
 
     @staticmethod
+    def read_lazy(checkpoint: Path, use_ema: bool = False):
+        """The same tensors read one at a time (single-file export, inspect): a TensorSource."""
+        from sd35dist.checkpoint.tensor_sources import DcpTensors
+
+        return DcpTensors(checkpoint / DCP_DIR, use_ema)
+
+    @staticmethod
     def read_full(checkpoint: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
         """Full tensors of a checkpoint's weights (or EMA), in one process, without a process group."""
         state = _read_dcp_tensors(checkpoint / DCP_DIR, "model")

@@ -259,6 +259,13 @@ class ZeroStrategy:
         return state
 
     @staticmethod
+    def read_lazy(checkpoint: Path, use_ema: bool = False):
+        """The same tensors read one at a time (single-file export, inspect): a TensorSource."""
+        from sd35dist.checkpoint.tensor_sources import ZeroTensors
+
+        return ZeroTensors(checkpoint, use_ema, tag=DS_TAG, ema_files=EMA_FILES, ema_layout_key=EMA_LAYOUT_KEY)
+
+    @staticmethod
     def read_full(checkpoint: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
         """Full tensors of a ZeRO checkpoint (master weights, or the EMA), in one process, no process group."""
         if not (checkpoint / DS_TAG).is_dir():

@@ -1,0 +1,1 @@
+"""Configs from other trainers, turned into sd35dist recipes."""
