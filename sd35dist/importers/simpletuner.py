@@ -197,6 +197,9 @@ def convert(options: dict[str, Any], datasets: list[dict[str, Any]] | None, sour
     _training(values, out)
     _schedule(values, out)
     _logging(values, out)
+    _validation(values, out, source)
+    for key in [k for k in values if k.startswith("lora_")]:  # a full fine-tune has no adapters
+        out.skip(key, values.pop(key), "model_type is full: LoRA options have no effect")
     resolution_type = str(values.pop("resolution_type", "pixel_area"))
     side = bucket_side(float(values.pop("resolution", REFERENCE_SIDE)), resolution_type)
     if round(side) != REFERENCE_SIDE:
@@ -224,7 +227,7 @@ def _model_and_output(values: dict[str, Any], out: Conversion, source: str) -> N
         raise ConfigError(source, "--model_family", f"{family}: sd35dist trains SD3/SD3.5 only (model_family sd3)")
     model_type = values.pop("model_type", "full")
     if model_type == "lora":
-        out.skip("model_type", model_type, "LoRA training is not in this version: the recipe is a FULL fine-tune")
+        _lora(values, out)
     elif model_type != "full":
         raise ConfigError(source, "--model_type", f"{model_type}: expected full or lora")
     out.mapped += 2
@@ -329,6 +332,55 @@ def _schedule(values: dict[str, Any], out: Conversion) -> None:
         out.skip("lr_scheduler", scheduler, "no such schedule here (constant, linear, cosine, polynomial); "
                                             "the recipe keeps constant")
         out.skip("lr_warmup_steps", warmup, f"belongs to the {scheduler} schedule")
+
+
+def _lora(values: dict[str, Any], out: Conversion) -> None:
+    given = sum(key in values for key in ("lora_type", "lora_rank", "lora_alpha"))
+    lora_type = values.pop("lora_type", "standard")
+    if lora_type != "standard":
+        out.skip("lora_type", lora_type, "only standard (peft) LoRA here: the recipe trains one")
+        given -= 1
+    rank = int(values.pop("lora_rank", 16))
+    out.put(("train", "lora", "rank"), rank)
+    had_alpha = "lora_alpha" in values
+    alpha = float(values.pop("lora_alpha", rank))
+    out.put(("train", "lora", "alpha"), alpha, None if had_alpha else
+            "SimpleTuner's lora_alpha defaults to lora_rank (a scale of 1); here the default would be 16")
+    out.put(("train", "lora", "targets"), "attention",
+            "SimpleTuner's SD3 default adapts the attention projections; here `attention` covers both streams'")
+    _take(values, out, "lora_dropout", ("train", "lora", "dropout"))
+    init = values.pop("lora_init_type", None)
+    if init in ("default", "gaussian"):
+        out.put(("train", "lora", "init"), init)
+        out.mapped += 1
+    elif init is not None:
+        out.skip("lora_init_type", init, "only peft's default or gaussian init here (train.lora.init)")
+    out.mapped += given
+
+
+def _validation(values: dict[str, Any], out: Conversion, source: str) -> None:
+    keys = [k for k in values if k.startswith("validation_")]
+    if "validation_prompt" not in values:
+        for key in keys:
+            out.skip(key, values.pop(key), "no validation_prompt: nothing to render")
+        return
+    out.put(("validation", "prompts"), [values.pop("validation_prompt")],
+            "encoded by `sd35dist cache` with the dataset: run it (or cache --validation-only) after editing")
+    for key, name in (("validation_negative_prompt", "negative_prompt"), ("validation_steps", "every_n_steps"),
+                      ("validation_guidance", "guidance_scale"), ("validation_num_inference_steps", "num_inference_steps")):
+        if key in values:
+            out.put(("validation", name), values.pop(key))
+    if "validation_seed" in values:
+        out.put(("validation", "seeds"), [values.pop("validation_seed")])
+    if "validation_resolution" in values:
+        raw = str(values.pop("validation_resolution"))
+        try:
+            sizes = [[int(x) for x in (part.split("x") if "x" in part else (part, part))]
+                     for part in raw.replace(" ", "").split(",") if part]
+        except ValueError:
+            raise ConfigError(source, "--validation_resolution", f"{raw}: expected 1024, 1024x768 or a comma list") from None
+        out.put(("validation", "resolutions"), sizes)
+    out.mapped += len(keys)
 
 
 def _logging(values: dict[str, Any], out: Conversion) -> None:

@@ -26,20 +26,21 @@ MAPPED: dict[str, str] = {
     "resolution": "float", "resolution_type": "str", "minimum_image_size": "float",
     "instance_prompt": "str", "vae_batch_size": "int", "tokenizer_max_length": "int",
     "weighting_scheme": "str", "logit_mean": "float", "logit_std": "float", "mode_scale": "float",
+    "lora_rank": "int", "lora_alpha": "float", "lora_dropout": "float", "lora_init_type": "str", "lora_type": "str",
+    "validation_prompt": "str", "validation_negative_prompt": "str", "validation_seed": "int",
+    "validation_steps": "int", "validation_resolution": "str", "validation_guidance": "float",
+    "validation_num_inference_steps": "int",
 }
 
-NO_LORA = "not mapped (section not in this version): sd35dist trains full fine-tunes only for now"
-NO_VALIDATION = "not mapped (section not in this version): no validation renders during training yet"
+NO_VALIDATION = "not a validation setting here (validation: prompts, seeds, steps, scale, resolutions)"
 UNMAPPED: dict[str, tuple[str, str]] = {
-    # LoRA
-    "lora_rank": ("int", NO_LORA), "lora_alpha": ("float", NO_LORA), "lora_type": ("str", NO_LORA),
-    "lora_dropout": ("float", NO_LORA), "lora_init_type": ("str", NO_LORA), "use_dora": ("bool", NO_LORA),
-    "lycoris_config": ("str", NO_LORA), "init_lora": ("str", NO_LORA),
-    # validation
+    # LoRA (rank, alpha, dropout, init and type are MAPPED)
+    "use_dora": ("bool", "DoRA is not offered: the recipe trains a plain LoRA (train.lora)"),
+    "lycoris_config": ("str", "LyCORIS adapters are not built here: the recipe trains a plain LoRA (train.lora)"),
+    "init_lora": ("str", "starting from an existing LoRA is not offered; train.lora starts from peft's init"),
+    # validation (prompt, negative prompt, seed, steps, resolution, guidance, inference steps are MAPPED)
     **{key: (kind, NO_VALIDATION) for key, kind in (
-        ("validation_prompt", "str"), ("validation_negative_prompt", "str"), ("validation_seed", "int"),
-        ("validation_steps", "int"), ("validation_resolution", "str"), ("validation_guidance", "float"),
-        ("validation_guidance_rescale", "float"), ("validation_num_inference_steps", "int"),
+        ("validation_guidance_rescale", "float"),
         ("validation_torch_compile", "bool"), ("validation_guidance_real", "float"),
         ("validation_no_cfg_until_timestep", "int"), ("num_validation_images", "int"),
         ("validation_prompt_library", "bool"), ("user_prompt_library", "str"), ("disable_benchmark", "bool"),
@@ -55,7 +56,7 @@ UNMAPPED: dict[str, tuple[str, str]] = {
     "delete_unwanted_images": ("bool", "images are never deleted: rejects are listed in the cache's report.json"),
     "delete_problematic_images": ("bool", "images are never deleted: rejects are listed in the cache's report.json"),
     "training_scheduler_timestep_spacing": ("str", "training draws σ by train.weighting_scheme; spacing applies to samplers"),
-    "inference_scheduler_timestep_spacing": ("str", "no sampling during training in this version"),
+    "inference_scheduler_timestep_spacing": ("str", "validation samples with diffusers' FlowMatchEulerDiscreteScheduler as the SD3 pipeline configures it"),
     "snr_gamma": ("float", "min-SNR weighting is for ε/v models; SD3 flow matching weights by train.weighting_scheme"),
     "aspect_bucket_rounding": ("int", "buckets are an explicit list here (data.buckets)"),
     "base_model_precision": ("str", "full fine-tunes keep the base weights unquantised"),
