@@ -22,6 +22,7 @@ from sd35dist.checkpoint.layout import CheckpointDir
 from tests.conftest import PROJECT, venv_env
 from tests.test_cache_build import tiny_model  # noqa: F401
 from tests.test_train import cache, losses, train, train_recipe  # noqa: F401
+from tests.test_train_zero import deepspeed_on_cpu  # noqa: F401  (autouse: DeepSpeed on CPU)
 
 pytestmark = pytest.mark.dist
 
@@ -31,15 +32,6 @@ SETTINGS = {"max_train_steps": 4, "checkpointing_steps": 2, "gradient_accumulati
             "lora": LORA}
 TOLERANCE = 1e-5
 """fp32 outputs of the diffusers-loaded LoRA vs the trained model: the same math in another order."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def deepspeed_on_cpu():
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "sd35dist" / "torch_extensions"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DS_ACCELERATOR", "cpu")
-        patch.setenv("TORCH_EXTENSIONS_DIR", extensions)
-        yield
 
 
 def lora_recipe(path: Path, cache: tuple[Path, Path], output: Path, strategy: str, **train) -> Path:  # noqa: F811

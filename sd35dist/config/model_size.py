@@ -33,6 +33,35 @@ def _get(config: Mapping[str, Any], key: str, default: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
+class TransformerShape:
+    """The widths and depths of an SD3 MMDiT config that its parameters and FLOPs follow from."""
+
+    patch: int
+    layers: int
+    head_dim: int
+    dim: int
+    in_channels: int
+    out_channels: int
+    joint: int
+    caption: int
+    pooled: int
+    dual_layers: frozenset[int]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "TransformerShape":
+        """Missing (or null) keys take diffusers' SD3Transformer2DModel defaults."""
+        head_dim = int(_get(config, "attention_head_dim", 64))
+        in_channels = int(_get(config, "in_channels", 16))
+        return cls(patch=int(_get(config, "patch_size", 2)), layers=int(_get(config, "num_layers", 18)),
+                   head_dim=head_dim, dim=int(_get(config, "num_attention_heads", 18)) * head_dim,
+                   in_channels=in_channels, out_channels=int(_get(config, "out_channels", in_channels)),
+                   joint=int(_get(config, "joint_attention_dim", 4096)),
+                   caption=int(_get(config, "caption_projection_dim", 1152)),
+                   pooled=int(_get(config, "pooled_projection_dim", 2048)),
+                   dual_layers=frozenset(_get(config, "dual_attention_layers", ())))
+
+
+@dataclasses.dataclass(frozen=True)
 class TransformerSize:
     """Parameters of an SD3 MMDiT, grouped the way FSDP2 shards it (one unit per block, then the root)."""
 
@@ -67,16 +96,10 @@ def _feed_forward(dim: int) -> int:
 
 def transformer_size(config: Mapping[str, Any]) -> TransformerSize:
     """Parameter counts of `SD3Transformer2DModel.from_config(config)`; missing keys take diffusers' defaults."""
-    patch = int(_get(config, "patch_size", 2))
-    layers = int(_get(config, "num_layers", 18))
-    head_dim = int(_get(config, "attention_head_dim", 64))
-    dim = int(_get(config, "num_attention_heads", 18)) * head_dim
-    in_channels = int(_get(config, "in_channels", 16))
-    out_channels = int(_get(config, "out_channels", in_channels))
-    joint = int(_get(config, "joint_attention_dim", 4096))
-    caption = int(_get(config, "caption_projection_dim", 1152))
-    pooled = int(_get(config, "pooled_projection_dim", 2048))
-    dual_layers = set(_get(config, "dual_attention_layers", ()))
+    shape = TransformerShape.from_config(config)
+    patch, dim, head_dim, layers, dual_layers = shape.patch, shape.dim, shape.head_dim, shape.layers, shape.dual_layers
+    in_channels, out_channels, joint, caption, pooled = (shape.in_channels, shape.out_channels, shape.joint,
+                                                         shape.caption, shape.pooled)
     qk_norm = _get(config, "qk_norm", None) == "rms_norm"
     if _get(config, "qk_norm", None) not in (None, "rms_norm"):
         raise ValueError(f"qk_norm {config['qk_norm']!r}: only None and 'rms_norm' are counted")

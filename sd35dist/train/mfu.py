@@ -32,10 +32,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sd35dist.config.model_size import TIMESTEP_CHANNELS, TransformerShape
+
 LATENT_DOWNSCALE = 8
 """The SD3 VAE maps H×W pixels to H/8 × W/8 latents."""
-TIMESTEP_CHANNELS = 256
-"""Sinusoidal timestep features fed to the time embedder (diffusers' Timesteps(256))."""
 TRAIN_TO_FORWARD = 3
 """Forward + backward (grads of activations and of weights) = 3× forward."""
 
@@ -53,26 +53,16 @@ PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
 )
 
 
-def _get(config: Mapping[str, Any], key: str, default: Any) -> Any:
-    value = config.get(key, default)
-    return default if value is None else value
-
-
 def mmdit_forward_flops_per_sample(config: Mapping[str, Any], height: int, width: int, text_tokens: int) -> float:
     """Matmul FLOPs of one forward pass of one sample (see the module docstring for the terms).
 
     `config` is an SD3Transformer2DModel config (its config.json or `model.config`);
     missing keys take diffusers' defaults. `height`/`width` are in pixels.
     """
-    patch = int(_get(config, "patch_size", 2))
-    layers = int(_get(config, "num_layers", 18))
-    d = int(_get(config, "num_attention_heads", 18)) * int(_get(config, "attention_head_dim", 64))
-    in_channels = int(_get(config, "in_channels", 16))
-    out_channels = int(_get(config, "out_channels", in_channels))
-    joint = int(_get(config, "joint_attention_dim", 4096))
-    caption = int(_get(config, "caption_projection_dim", 1152))
-    pooled = int(_get(config, "pooled_projection_dim", 2048))
-    dual_layers = set(_get(config, "dual_attention_layers", ()))
+    shape = TransformerShape.from_config(config)
+    patch, layers, d, dual_layers = shape.patch, shape.layers, shape.dim, shape.dual_layers
+    in_channels, out_channels, joint, caption, pooled = (shape.in_channels, shape.out_channels, shape.joint,
+                                                         shape.caption, shape.pooled)
     if height <= 0 or width <= 0 or text_tokens < 0:
         raise ValueError(f"height and width must be positive and text_tokens ≥ 0, got {height}, {width}, {text_tokens}")
     n = (height // LATENT_DOWNSCALE // patch) * (width // LATENT_DOWNSCALE // patch)
