@@ -16,7 +16,7 @@ from launcher.profile import Profile, load_profile, profile_path
 from launcher.render import render_script
 from launcher.submission import prepare_run_dir, submit
 from sd35dist.config import ConfigError, Recipe, load_recipe, recipe_yaml, resolve_paths
-from sd35dist.config.commands import COMMANDS, RANK_JOBS, SUBMIT
+from sd35dist.config.commands import COMMANDS, SUBMITTABLE_JOBS, SUBMIT
 from sd35dist.config.loading import dump_yaml
 from sd35dist.config.model_layout import check_pretrained
 from sd35dist.config.save_budget import grace_warnings, read_save_estimate
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help=summaries["submit"])
     p.add_argument("--profile", required=True, help="a name in cluster_configs/ or a YAML path")
     p.add_argument("--recipe", help=f"recipe YAML (default: the profile's default_recipe, else ./{DEFAULT_RECIPE})")
-    p.add_argument("--job", default="train", choices=RANK_JOBS, help="what every rank runs (default: train)")
+    p.add_argument("--job", default="train", choices=SUBMITTABLE_JOBS, help="what every rank runs (default: train)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile or recipe key, e.g. slurm.nodes=2 or train.learning_rate=1e-5")
     p.add_argument("--run-dir", help="run directory (default: <run_root>/<recipe>-<job>-<time>)")

@@ -11,7 +11,7 @@ from typing import Any
 
 from launcher.profile import PROFILE_KEYS, Profile
 from sd35dist.config import ConfigError, Recipe, parse_override
-from sd35dist.config.commands import RANK_JOBS
+from sd35dist.config.commands import SUBMITTABLE_JOBS
 from sd35dist.config.mesh_layout import MeshLayout, refuse_zero3_across_gpu_nodes, resolve_mesh
 from sd35dist.config.recipe import RECIPE_KEYS
 
@@ -176,8 +176,8 @@ def build_plan(
     recipe_file: str = "recipe",
 ) -> JobPlan:
     """The pure core of `sd35dist submit`: validated inputs in, a JobPlan out."""
-    if job not in RANK_JOBS:
-        raise ConfigError("--job", job, f"unknown job (available: {', '.join(RANK_JOBS)})")
+    if job not in SUBMITTABLE_JOBS:
+        raise ConfigError("--job", job, f"unknown job (available: {', '.join(SUBMITTABLE_JOBS)})")
     check_fit(profile, recipe, profile_file, recipe_file)
     job_name = f"{recipe.name}-{job}"
     log_dir = f"{run_dir}/logs"

@@ -5,7 +5,8 @@ cluster user types (profile `local`: submitit's local executor, torchrun, 2 CPU 
 2. `sd35dist submit --profile local --job preflight`
 3. `sd35dist submit --profile local --job cache`          latent + text-embedding cache
 4. `sd35dist submit --profile local` to step 16, then again: it resumes from `latest` to step 32,
-   rendering validation images on both ranks at steps 0, 16 and 32
+   rendering validation images on both ranks at steps 0, 16 and 32; then `--job sweep`: the kept
+   checkpoints side by side in one grid (runs/demo/output/sweep/grid.png)
 5. `sd35dist export` the final checkpoint (EMA weights) to a diffusers transformer/
 6. one sample image from StableDiffusion3Pipeline with the exported transformer
 7. the run report over both submissions, and the loss's moving average: it must fall
@@ -70,6 +71,7 @@ def main() -> int:
     sd35dist("submit", *common, "--set", "train.max_train_steps=16")
     print("\n(stopped at step 16 — the next submission resumes from the latest checkpoint)")
     sd35dist("submit", *common)
+    sd35dist("submit", *common, "--job", "sweep")  # both ranks render every kept checkpoint into one grid
     sd35dist("export", str(DEMO / "output"), "--out", str(DEMO / "export" / "transformer"), "--ema", "--dtype", "fp32")
     image = sample_image(model_dir, DEMO / "export" / "transformer", DEMO / "sample.png")
     show_training(runs, DEMO / "report")
@@ -82,6 +84,7 @@ demo finished in {time.perf_counter() - started:.0f} s
   cache         {DEMO / 'cache'} (manifest.json, report.json)
   runs          {runs}/tiny-*  (frozen recipe, logs, preflight.json, metrics-rank*.jsonl)
   checkpoints   {DEMO / 'output' / 'checkpoints'}
+  sweep grid    {DEMO / 'output' / 'sweep' / 'grid.png'} (rows prompts, columns checkpoints x seeds)
   export        {DEMO / 'export' / 'transformer'} (EMA weights, diffusers layout)
   single file   {single_file} (SD3.5 layout + VAE, bf16)
   change plot   {diff_png}

@@ -27,6 +27,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs CUDA"))
 
 
+class OnlyGpuSkips:
+    """Only a missing GPU may skip a test: any other skip fails the run (a Slurm or S3 server that
+    cannot start, a fixture that gives up) instead of passing it quietly."""
+
+    def __init__(self) -> None:
+        self.others: list[str] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.skipped and not hasattr(report, "wasxfail") and "needs CUDA" not in str(report.longrepr):
+            self.others.append(f"{report.nodeid}: {report.longrepr}")
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self.others and exitstatus == 0:
+            print("\nskipped for a reason other than a missing GPU (a failure here):\n  " + "\n  ".join(self.others))
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(OnlyGpuSkips(), "sd35dist-only-gpu-skips")
+
+
 def _cuda_available() -> bool:
     try:
         import torch

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sd35dist.config.commands import COMMANDS, RANK_JOB, RANK_JOBS, SUBMIT, TOOL, find_command
+from sd35dist.config.commands import COMMANDS, RANK_JOB, RANK_JOBS, SUBMIT, SUBMITTABLE_JOBS, TOOL, find_command
 from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.unit
@@ -37,17 +37,18 @@ def test_every_summary_is_one_line():
         assert command.summary and "\n" not in command.summary, command.name
 
 
-def test_launcher_submits_exactly_the_rank_jobs():
+def test_launcher_submits_exactly_the_rank_jobs_and_the_sweep():
     assert RANK_JOBS == tuple(c.name for c in COMMANDS if c.kind is RANK_JOB) == ("train", "preflight", "cache")
+    assert SUBMITTABLE_JOBS == (*RANK_JOBS, "sweep")
     proc = _sd35dist("submit", "--help")
     assert proc.returncode == 0, proc.stderr
     choices = re.search(r"--job \{([^}]*)\}", proc.stdout)
     assert choices is not None, proc.stdout
-    assert tuple(choices.group(1).split(",")) == RANK_JOBS
+    assert tuple(choices.group(1).split(",")) == SUBMITTABLE_JOBS
 
 
-def test_every_rank_job_takes_a_recipe_and_a_run_dir():
-    for job in RANK_JOBS:
+def test_every_submittable_job_takes_a_recipe_and_a_run_dir():
+    for job in SUBMITTABLE_JOBS:
         proc = _sd35dist(job, "--help")
         assert proc.returncode == 0, proc.stderr
         assert f"usage: sd35dist {job}" in proc.stdout and "--recipe" in proc.stdout and "--run-dir" in proc.stdout

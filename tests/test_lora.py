@@ -177,12 +177,11 @@ def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(
     assert refused.returncode == 2 and "add --merge" in refused.stderr and not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.parametrize("runs", ["fsdp2"], indirect=True)  # ZeRO resumes on its own world size only
 def test_fsdp2_lora_checkpoint_reloads_exactly_on_another_world_size(runs, tmp_path):
     from sd35dist.parallel.fsdp2 import DCP_DIR, _read_dcp_tensors
 
     strategy, root = runs
-    if strategy != "fsdp2":
-        pytest.skip("ZeRO resumes on its own world size only (a one-line error otherwise)")
     checkpoint = CheckpointDir(root / "straight").latest()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
                            "-m", "tests.lora_reshard_check", str(root / "straight.yaml"), str(checkpoint),

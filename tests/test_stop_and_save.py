@@ -98,3 +98,19 @@ def test_a_save_longer_than_the_grace_is_warned_and_measured(cache, tmp_path):  
     assert estimate is not None and estimate.save_s > 0 and estimate.step_s > 0
     assert estimate.source.startswith("measured at step")
     assert json.loads((out / SAVE_ESTIMATE_FILE).read_text())["save_s"] == estimate.save_s
+
+
+def test_a_stop_requested_while_validation_renders_is_honoured_at_the_next_step_boundary(cache, tmp_path):  # noqa: F811
+    """The time-limit request is there while the at-start round renders (3 pairs on 2 ranks, so one
+    rank runs a placeholder): the round finishes on both ranks, one step runs, the ranks save it and stop."""
+    from tests.validation_check import cache_validation_prompts
+
+    out, run = tmp_path / "out", tmp_path / "run"
+    recipe = train_recipe(tmp_path / "r.yaml", cache, out, **settings())
+    cache_validation_prompts(recipe)  # the recipe gains a validation section with at_start: true
+    run.mkdir()
+    (run / "PREEMPT").write_text("")
+    output = train(recipe, run).stdout
+    assert "stopped (PREEMPT file): saved step 1;" in output, output[-3000:]
+    assert (run / "validation" / "step-000000" / "grid.png").is_file(), "the round was not cut short"
+    assert max(losses(run)) == 1 and CheckpointDir(out).latest() == CheckpointDir(out).path(1)

@@ -223,7 +223,7 @@ def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight,
 
 def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path):  # noqa: F811
     """`sd35dist sweep --compare-guidance` over the straight run's checkpoints; `sd35dist sample` of a
-    checkpoint equals the sample of its export, pixel for pixel."""
+    checkpoint on 2 ranks equals the sample of its export in one process, pixel for pixel."""
     import numpy as np
     from PIL import Image
 
@@ -262,9 +262,16 @@ def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path)
     common = ["--prompt", "a red fox", "--seed", "1", "--seed", "2", "--steps", "3", "--width", "32", "--height", "32",
               "--max-sequence-length", "32"]
     samples = {}
-    for name, source in (("ckpt", [str(checkpoint)]), ("export", [str(tmp_path / "export"), "--model", str(cache[0])]),
+    # The checkpoint on 2 ranks (one image each), the rest in this process.
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "sd35dist", "sample", str(checkpoint), *common, "--out", str(tmp_path / "ckpt")],
+                          capture_output=True, text=True, cwd=PROJECT, env={**venv_env(), "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, source in (("ckpt", None), ("export", [str(tmp_path / "export"), "--model", str(cache[0])]),
                          ("ema", [str(checkpoint), "--ema"]), ("base", [str(cache[0])])):
-        assert sd35dist_main(["sample", *source, *common, "--out", str(tmp_path / name)]) == 0
+        if source is not None:
+            assert sd35dist_main(["sample", *source, *common, "--out", str(tmp_path / name)]) == 0
         samples[name] = np.asarray(Image.open(tmp_path / name / "sample-p00-seed1-32x32.png"))
         assert (tmp_path / name / "sample-p00-seed2-32x32.png").is_file() and (tmp_path / name / "grid.png").is_file()
     assert np.array_equal(samples["ckpt"], samples["export"])

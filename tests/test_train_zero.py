@@ -169,14 +169,13 @@ def test_deepspeed_config_follows_the_recipe():
                                "parallel": {"strategy": "zero2", "offload_params": True}, "output": {"dir": "o"}})
 
 
+@pytest.mark.parametrize("straight", ["zero3-bf16"], indirect=True)  # once on ZeRO-3, in bf16 (FSDP2: fp32)
 def test_zero3_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, cache, tmp_path):  # noqa: F811
     """ZeRO-3 gathers each block's weights in forward: every rank renders, placeholder round included (bf16)."""
     from sd35dist.parallel.zero import ZeroStrategy
     from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
 
     case, root, straight_losses = straight
-    if case != "zero3-bf16":
-        pytest.skip("validation is checked once on ZeRO-3, in bf16 (FSDP2 checks it in fp32)")
     recipe = zero_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", checkpointing_steps=2, **CASES[case])
     cache_validation_prompts(recipe)
     train(with_validation(recipe), tmp_path / "run")

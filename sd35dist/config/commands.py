@@ -30,6 +30,9 @@ class Command:
     entry: str = "main"
     run_dir_required: bool = False
     """Rank jobs only: whether `--run-dir` must be given (where the job writes its report)."""
+    submittable: bool = False
+    """Tools only: `sd35dist submit --job` may also run it on every rank; it then takes `--recipe R --run-dir D`
+    (the frozen recipe and the run directory) in place of its own positional arguments."""
 
     @property
     def name(self) -> str:
@@ -60,7 +63,7 @@ COMMANDS: tuple[Command, ...] = (
             summary="write a checkpoint's transformer as a diffusers directory (or one SD3.5 single file)"),
     Command(words=("sample",), kind=TOOL, module="sd35dist.validation.sample_command",
             summary="images from a checkpoint, an export or the base model (CFG or APG)"),
-    Command(words=("sweep",), kind=TOOL, module="sd35dist.validation.sweep_command",
+    Command(words=("sweep",), kind=TOOL, module="sd35dist.validation.sweep_command", submittable=True,
             summary="the validation prompts x seeds for every kept checkpoint as one grid (--compare-guidance: CFG vs APG)"),
     Command(words=("report",), kind=TOOL, module="sd35dist.validation.report",
             summary="a run's loss/lr/throughput plots and validation grids as one self-contained report.html"),
@@ -73,6 +76,8 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 RANK_JOBS: tuple[str, ...] = tuple(c.name for c in COMMANDS if c.kind is RANK_JOB)
+SUBMITTABLE_JOBS: tuple[str, ...] = RANK_JOBS + tuple(c.name for c in COMMANDS if c.submittable)
+"""What `sd35dist submit --job` may run on every rank."""
 """Rank-side commands `python -m sd35dist <job>` that a submission may run."""
 
 

@@ -9,8 +9,11 @@ Each rank decodes its own latents with the VAE; rank 0 receives the images.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -87,3 +90,24 @@ class Renderer:
         gathered: list[Any] = [None] * self.world_size if self.rank == 0 else None  # type: ignore[assignment]
         dist.gather_object(mine, gathered, dst=0)
         return {index: image for part in (gathered or []) for index, image in part}
+
+
+RENDER_COLLECTIVE_TIMEOUT_S = 3600
+"""A rank waits this long for the others' images: a round at SD3.5 Large size takes minutes."""
+
+
+@contextlib.contextmanager
+def launched_ranks() -> Iterator[Any]:
+    """The process group when torchrun started this command on several ranks (None in one process);
+    every rank renders its share, and all leave together (gloo can abort a rank whose peer has gone)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield None
+        return
+    from sd35dist.parallel.process_group import destroy, init_process_group_from_env
+
+    world = init_process_group_from_env(RENDER_COLLECTIVE_TIMEOUT_S)
+    try:
+        yield world
+        dist.barrier()
+    finally:
+        destroy()

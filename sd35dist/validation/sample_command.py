@@ -1,5 +1,6 @@
 """`sd35dist sample SOURCE --prompt P [--seed N …] --out DIR`: images from a checkpoint, an export or the
-base model, in one process, with the sampler validation uses (CFG or APG).
+base model, with the sampler validation uses (CFG or APG): in one process, or under torchrun, where
+every rank loads the transformer, renders its share of the images and rank 0 writes them.
 
 Ad-hoc prompts need the text encoders: they are loaded from the base model directory (the
 checkpoint's recipe names it, or --model does). Without --prompt/--prompts-file the recipe's
@@ -9,6 +10,7 @@ validation prompts are taken from the cache, as training renders them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 from sd35dist.data.validation_prompts import PromptEmbeddings, encode_validation_prompts
 from sd35dist.validation.during_training import save_round
 from sd35dist.validation.guidance import GuidanceSettings
-from sd35dist.validation.render import Renderer, validation_pairs
+from sd35dist.validation.render import Renderer, launched_ranks, validation_pairs
 from sd35dist.validation.sampler import SampleSettings, latent_shape_of
 from sd35dist.validation.sources import SourceError, load_transformer
 
@@ -84,7 +86,15 @@ def main(argv: list[str]) -> int:
     if args.width % 16 or args.height % 16:
         print(f"error: --width/--height {args.width}x{args.height}: multiples of 16 needed", file=sys.stderr)
         return 2
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    with launched_ranks() as world:
+        return _sample(args, prompts, world)
+
+
+def _sample(args: argparse.Namespace, prompts: list[str], world) -> int:
+    if torch.cuda.is_available():
+        device = torch.device(world.device) if world is not None else torch.device("cuda")
+    else:
+        device = torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         loaded = load_transformer(args.source, use_ema=args.ema, dtype=dtype)
@@ -98,8 +108,12 @@ def main(argv: list[str]) -> int:
     length = args.max_sequence_length or (loaded.recipe.data.max_sequence_length if loaded.recipe else 256)
     embeddings = _encode(base, prompts, args.negative_prompt, length, device)
     renderer = renderer_for(loaded.model, base, device)
+    if world is not None:
+        renderer = dataclasses.replace(renderer, rank=world.rank, world_size=world.world_size)
     pairs = validation_pairs(len(prompts), args.seed or [0], [(args.width, args.height)])
     images = renderer.render(pairs, embeddings, SampleSettings(steps=args.steps, guidance=guidance_of(args)))
+    if world is not None and world.rank != 0:
+        return 0
     title = f"{loaded.label} · {args.guidance} {args.scale:g} · {args.steps} steps"
     grid = save_round(args.out, images, pairs, embeddings.prompts, ["sample"], title)
     print(f"{len(images)} images from {loaded.label} in {args.out} (grid {grid})")

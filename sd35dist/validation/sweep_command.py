@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 
 from sd35dist.checkpoint.layout import CheckpointDir
@@ -27,7 +25,7 @@ from sd35dist.data.storage import Store
 from sd35dist.data.validation_prompts import read_validation_prompts
 from sd35dist.validation.grid import labelled_grid
 from sd35dist.validation.guidance import GuidanceSettings
-from sd35dist.validation.render import validation_pairs
+from sd35dist.validation.render import launched_ranks, validation_pairs
 from sd35dist.validation.sample_command import renderer_for
 from sd35dist.validation.sampler import SampleSettings
 from sd35dist.validation.sources import checkpoint_recipe, load_transformer
@@ -37,17 +35,28 @@ SWEEP_DIR = "sweep"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd35dist sweep", description=__doc__.splitlines()[0].strip("`"))
-    parser.add_argument("output_dir", type=Path, help="a training output directory (holds checkpoints/)")
+    parser.add_argument("output_dir", type=Path, nargs="?",
+                        help="a training output directory (holds checkpoints/); default: the --recipe's output.dir")
     parser.add_argument("--steps", help="comma-separated checkpoint steps (default: every kept checkpoint)")
     parser.add_argument("--compare-guidance", action="store_true", help="CFG and APG columns at the same seeds")
     parser.add_argument("--recipe", type=Path, help="recipe whose validation section to render (default: the checkpoint's)")
     parser.add_argument("--ema", action="store_true", help="the checkpoints' EMA weights")
     parser.add_argument("--out", type=Path, help="where grid.png goes (default: OUTPUT_DIR/sweep)")
+    parser.add_argument("--run-dir", type=Path, help="`submit --job sweep` passes its run directory (logs live there)")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    if args.output_dir is None:  # `submit --job sweep`: the frozen recipe says where its checkpoints are
+        if args.recipe is None:
+            print("error: sd35dist sweep: give OUTPUT_DIR or --recipe", file=sys.stderr)
+            return 2
+        try:
+            args.output_dir = Path(resolve_paths(load_model(Recipe, args.recipe), args.recipe.resolve().parent).output.dir)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     checkpoints = CheckpointDir(args.output_dir)
     steps = checkpoints.complete_steps() if not args.steps else [int(s) for s in args.steps.split(",") if s.strip()]
     missing = [s for s in steps if s not in checkpoints.complete_steps()]
@@ -70,22 +79,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    world = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank renders its share
-        from sd35dist.parallel.process_group import destroy, init_process_group_from_env
-
-        world = init_process_group_from_env(SWEEP_COLLECTIVE_TIMEOUT_S)
-    try:
-        code = _sweep(args, steps, recipe, embeddings, checkpoints, world)
-        if world is not None:
-            dist.barrier()  # leave together: gloo can abort a rank whose peer has already gone
-        return code
-    finally:
-        if world is not None:
-            destroy()
-
-
-SWEEP_COLLECTIVE_TIMEOUT_S = 3600
+    with launched_ranks() as world:  # under torchrun: every rank renders its share
+        return _sweep(args, steps, recipe, embeddings, checkpoints, world)
 
 
 def _sweep(args: argparse.Namespace, steps: list[int], recipe: Recipe, embeddings, checkpoints: CheckpointDir,
