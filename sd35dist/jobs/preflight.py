@@ -29,6 +29,7 @@ import torch.distributed as dist
 from sd35dist.config.atomic_files import write_text_atomically
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import is_url, load_recipe, looks_secret, recipe_hash, resolve_paths
+from sd35dist.jobs.rank_failure import write_line
 from sd35dist.jobs.save_probe import estimate_save
 from sd35dist.parallel.process_group import World, destroy, init_process_group_from_env, node_name
 
@@ -404,14 +405,14 @@ def _verdict(world: World, recipe_path: Path, run_dir: Path, started: float) -> 
             write_text_atomically(report_path, json.dumps(report, indent=2) + "\n")
         except OSError as exc:
             write_error = [f"cannot write {report_path}: {one_line(exc)}"]
-        print("\n".join(summary_lines(report, report_path)), flush=True)
+        write_line("\n".join(summary_lines(report, report_path)), sys.stdout)
     dist.broadcast_object_list(write_error, src=0)
     if write_error[0] is not None:
         failures.append(Failure(0, checks[0].node, write_error[0]))
 
     status = exit_status(checks, failures)
     if failures:
-        print(failure_line(failures, world.rank, report_path), file=sys.stderr, flush=True)
+        write_line(failure_line(failures, world.rank, report_path))
     # torchrun kills the remaining ranks as soon as one exits non-zero: hold everyone until all have printed.
     dist.barrier()
     return status

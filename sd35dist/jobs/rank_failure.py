@@ -100,13 +100,21 @@ def claim_report() -> bool:
         return True
 
 
+def write_line(text: str, out: TextIO | None = None) -> None:
+    """One write for the text and its newline: ranks share one stderr pipe, and print()'s separate
+    write of the newline lets two ranks' lines run together into one."""
+    stream = out or sys.stderr
+    stream.write(text + "\n")
+    stream.flush()
+
+
 def report_before_group(error: BaseException, rank: int, out: TextIO | None = None,
                         wait_for_rank0_s: float = RANK0_SPEAKS_WITHIN_S) -> int:
     """A mistake every rank meets alike before the process group: rank 0 prints it; the
     others give rank 0 `wait_for_rank0_s` to print and end the group, then print it themselves."""
     if rank != 0:
         time.sleep(wait_for_rank0_s)
-    print(failure_line(error), file=out or sys.stderr, flush=True)
+    write_line(failure_line(error), out)
     return MISTAKE_EXIT
 
 
@@ -122,5 +130,5 @@ def report_failure(error: BaseException, rank: int, run_dir: Path | None, out: T
         written = write_traceback(error, traceback_path(run_dir, rank))
     if not first:
         return MISTAKE_EXIT if is_mistake(error) else PEER_FAILED_EXIT
-    print(failure_line(error, written), file=out, flush=True)
+    write_line(failure_line(error, written), out)
     return MISTAKE_EXIT
