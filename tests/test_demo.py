@@ -22,10 +22,10 @@ def test_demo_runs_end_to_end(tmp_path):
     for step in ("--job preflight", "--job cache", "train.max_train_steps=16", "export"):
         assert step in out
     assert out.count("ended: COMPLETED") == 6, "preflight, cache, train twice, sweep, and the LoRA leg's train"
-    with Image.open(demo / "output" / "sweep" / "grid.png") as sweep:  # steps 16 and 32 x 2 seeds, 3 prompts
-        assert sweep.width > 4 * 64 and sweep.height > 3 * 64
     assert "resumed from" in out and "step-00000016" in out
     demo = tmp_path / "runs" / "demo"
+    with Image.open(demo / "output" / "sweep" / "grid.png") as sweep:  # steps 16 and 32 x 2 seeds, 3 prompts
+        assert sweep.width > 4 * 64 and sweep.height > 3 * 64
     assert (demo / "cache" / "manifest.json").is_file()
     assert (demo / "output" / "checkpoints" / "step-00000032" / "COMPLETE").is_file()
     assert (demo / "export" / "transformer" / "config.json").is_file()
