@@ -81,7 +81,7 @@ def build_report(profile: Profile, recipe: Recipe, profile_name: str, recipe_fil
     work = workload_from_recipe(recipe, config, on_gpus=profile.gpus_per_node > 0)
     other = dataclasses.replace(work, activation_checkpointing=not work.activation_checkpointing)
     table = tuple(traffic_table(size.total, world_size=mesh.world_size, nodes=mesh.nodes,
-                                compute_bytes=work.compute_bytes))
+                                compute_bytes=work.compute_bytes, trainable=work.trainable))
     width, height, tokens = largest_bucket(recipe, config)
     times: tuple[StepTime, ...] = ()
     if hardware is not None:
@@ -116,7 +116,8 @@ def render_report(report: ResourceReport) -> str:
     ac = "per-block activation checkpointing" if work.activation_checkpointing else "no activation checkpointing"
     lines = [
         f"plan: recipe {report.recipe_name} on profile {report.profile_name} ({gpus}, {mesh.world_size} ranks)",
-        f"model: {report.size.total / 1e9:.3f}e9 parameters ({report.size.total:,}) from {report.model_source}",
+        f"model: {report.size.total / 1e9:.3f}e9 parameters ({report.size.total:,}) from {report.model_source}"
+        + ("" if work.trainable is None else f"; LoRA: {work.trainable:,} adapter parameters train, the base is frozen"),
         f"mesh: {mesh.describe()}",
         f"work: batch {work.batch} per GPU × {work.gradient_accumulation} micro-step(s) at the largest bucket "
         f"{width}x{height} ({tokens} tokens), {ac}, optimizer {work.optimizer_impl} "

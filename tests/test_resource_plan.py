@@ -7,10 +7,12 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from launcher.cli import main
 from sd35dist.config.mesh_layout import resolve_mesh
-from sd35dist.config.model_size import SD35_LARGE_CONFIG, image_tokens, transformer_size
+from sd35dist.config.model_size import SD35_LARGE_CONFIG, image_tokens, lora_parameters, transformer_size
+from sd35dist.config.recipe import LORA_PRESET_MODULES
 from sd35dist.config.resource_plan import (
     GIB,
     GPU_PRESETS,
@@ -139,3 +141,43 @@ def test_the_plan_reads_the_models_own_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"({transformer_size(config).total:,}) from {model / 'config.json'}" in out
     assert transformer_size(config).total * 16 / 8 / GIB < 1
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("targets", ["attention", "attention_ff", "all_linear", ["attn2.to_q", "proj_out"]])
+def test_the_lora_count_equals_peft_on_the_meta_model(targets):
+    """The plan's adapter count (no torch) against peft's adapters injected into the tiny meta model,
+    whose dual-attention block, context_pre_only last block and qk norm cover every Linear family."""
+    from sd35dist.config.recipe import LoraSection
+    from sd35dist.models.lora import inject_lora
+    from sd35dist.models.tiny_sd3 import TRANSFORMER_SIZES
+    from sd35dist.models.transformer_build import build_on_meta
+
+    section = LoraSection(rank=4, alpha=4, targets=targets)
+    model = build_on_meta(dict(TRANSFORMER_SIZES))
+    inject_lora(model, section, dtype=torch.float32, seed=0)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert lora_parameters(dict(TRANSFORMER_SIZES), section.target_modules(), 4) == adapters > 0
+
+
+@pytest.mark.unit
+def test_a_lora_recipe_is_planned_as_a_frozen_base_and_sharded_adapters():
+    # SD3.5 Large's counts as peft gives them on the meta model (benchmarks/lora_params.py, docs/benchmarks.md).
+    assert lora_parameters(SD35_LARGE_CONFIG, LORA_PRESET_MODULES["attention"], 16) == 23_580_672
+    assert lora_parameters(SD35_LARGE_CONFIG, LORA_PRESET_MODULES["attention"], 256) == 377_290_752
+    assert lora_parameters(SD35_LARGE_CONFIG, LORA_PRESET_MODULES["attention_ff"], 256) == 844_234_752
+    assert lora_parameters(SD35_LARGE_CONFIG, None, 256) == 1_181_466_624
+    size, eight = transformer_size(SD35_LARGE_CONFIG), resolve_mesh(strategy="fsdp2", shard_degree=None, nodes=1,
+                                                                     procs_per_node=8)
+    full = dataclasses.replace(PURE_BF16, master_bytes=4, state_bytes=8, optimizer_impl="fused", ema=True)
+    lora = dataclasses.replace(full, trainable=377_290_752)
+    rows = dict(memory_plan(size, lora, eight).rows)
+    assert rows["base weights, frozen (sharded)"] == size.total * 2 / 8
+    assert rows["adapter optimizer state, fp32 (sharded)"] == 377_290_752 * 8 / 8
+    assert rows["EMA, fp32 (sharded like the optimizer)"] == 377_290_752 * 4 / 8
+    assert memory_plan(size, lora, eight).peak_gib < memory_plan(size, full, eight).peak_gib - 10
+    p = size.total
+    assert traffic("zero2", p, world_size=8, nodes=1, trainable=377_290_752).intra_bytes < 0.1 * traffic(
+        "zero2", p, world_size=8, nodes=1).intra_bytes, "zero2 LoRA moves only the adapters"
+    proc = main(["plan", "--profile", "h100x8", "--recipe", str(PROJECT / "recipes" / "sd35l-lora-fsdp2.yaml")])
+    assert proc == 0

@@ -9,7 +9,7 @@ the meta-built model for the tiny and the SD3.5 Large configs, parameter for par
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 SD35_LARGE_CONFIG: dict[str, Any] = {
@@ -122,6 +122,37 @@ def transformer_size(config: Mapping[str, Any]) -> TransformerSize:
     root += _linear(dim, 2 * dim)  # norm_out
     root += _linear(dim, patch * patch * out_channels)  # proj_out
     return TransformerSize(blocks=tuple(blocks), root=root, hidden_size=dim)
+
+
+def linear_layers(config: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+    """(module name, fan_in, fan_out) of every nn.Linear of the transformer, named as diffusers names them."""
+    shape = TransformerShape.from_config(config)
+    d = shape.dim
+    out: list[tuple[str, int, int]] = []
+    for index in range(shape.layers):
+        last, dual = index == shape.layers - 1, index in shape.dual_layers
+        block = f"transformer_blocks.{index}."
+        out.append((block + "norm1.linear", d, (9 if dual else 6) * d))
+        out.append((block + "norm1_context.linear", d, (2 if last else 6) * d))
+        names = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                 "attn.add_v_proj"] + ([] if last else ["attn.to_add_out"])
+        names += ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"] if dual else []
+        out += [(block + name, d, d) for name in names]
+        for stream in ("ff",) if last else ("ff", "ff_context"):
+            out += [(f"{block}{stream}.net.0.proj", d, 4 * d), (f"{block}{stream}.net.2", 4 * d, d)]
+    out += [("time_text_embed.timestep_embedder.linear_1", TIMESTEP_CHANNELS, d),
+            ("time_text_embed.timestep_embedder.linear_2", d, d),
+            ("time_text_embed.text_embedder.linear_1", shape.pooled, d), ("time_text_embed.text_embedder.linear_2", d, d),
+            ("context_embedder", shape.joint, shape.caption), ("norm_out.linear", d, 2 * d),
+            ("proj_out", d, shape.patch * shape.patch * shape.out_channels)]
+    return out
+
+
+def lora_parameters(config: Mapping[str, Any], modules: Sequence[str] | None, rank: int) -> int:
+    """Adapter parameters of a rank-`rank` LoRA on the Linears that `modules` names as peft matches
+    target_modules (the name or a dotted suffix of it); None: every Linear."""
+    return sum(rank * (fan_in + fan_out) for name, fan_in, fan_out in linear_layers(config)
+               if modules is None or any(name == m or name.endswith("." + m) for m in modules))
 
 
 def image_tokens(config: Mapping[str, Any], width: int, height: int) -> int:

@@ -186,6 +186,12 @@ class EmaSection(StrictModel):
 
 
 LORA_TARGET_PRESETS = ("attention", "attention_ff", "all_linear")
+_LORA_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                   "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+_LORA_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+LORA_PRESET_MODULES: dict[str, tuple[str, ...]] = {"attention": _LORA_ATTENTION,
+                                                   "attention_ff": _LORA_ATTENTION + _LORA_FEED_FORWARD}
+"""Module-name suffixes (peft target_modules) of each preset; all_linear is every nn.Linear."""
 
 
 class LoraSection(StrictModel):
@@ -203,6 +209,12 @@ class LoraSection(StrictModel):
     targets: Literal["attention", "attention_ff", "all_linear"] | list[str] = "attention"
     """attention: joint-attention projections of both streams; attention_ff: those and the MLPs;
     all_linear: every Linear; or a list of module names (peft target_modules: a name or its suffix)."""
+
+    def target_modules(self) -> tuple[str, ...] | None:
+        """The peft target_modules the targets stand for; None: every Linear (all_linear)."""
+        if self.targets == "all_linear":
+            return None
+        return LORA_PRESET_MODULES[self.targets] if isinstance(self.targets, str) else tuple(self.targets)
 
     @pydantic.field_validator("targets")
     @classmethod

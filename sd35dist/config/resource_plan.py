@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sd35dist.config.mesh_layout import MeshLayout
-from sd35dist.config.model_size import TransformerSize, image_tokens
+from sd35dist.config.model_size import TransformerSize, image_tokens, lora_parameters
 from sd35dist.config.recipe import Recipe
 
 GIB = 1024**3
@@ -107,6 +107,9 @@ class Workload:
     ema: bool
     offload_optimizer: bool = False
     offload_params: bool = False
+    trainable: int | None = None
+    """LoRA: the adapter parameters, the only ones with gradients, fp32 masters and optimizer state
+    (the base is frozen in the compute dtype); None: a full fine-tune, every parameter trains."""
 
 
 def largest_bucket(recipe: Recipe, config: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -133,6 +136,7 @@ def workload_from_recipe(recipe: Recipe, config: Mapping[str, Any], *, on_gpus: 
         batch=train.train_batch_size, gradient_accumulation=train.gradient_accumulation_steps,
         tokens=largest_bucket(recipe, config)[2], activation_checkpointing=train.gradient_checkpointing,
         ema=train.ema.enabled, offload_optimizer=parallel.offload_optimizer, offload_params=parallel.offload_params,
+        trainable=None if train.lora is None else lora_parameters(config, train.lora.target_modules(), train.lora.rank),
     )
 
 
@@ -155,8 +159,11 @@ def memory_plan(size: TransformerSize, work: Workload, mesh: MeshLayout) -> Memo
     """Bytes per GPU of `work` on `mesh` (see the module docstring)."""
     p, shards, cb = size.total, mesh.shard_degree, work.compute_bytes
     d, layers = size.hidden_size, len(size.blocks)
+    trained = p if work.trainable is None else work.trainable
     rows: list[tuple[str, float]] = []
-    if work.strategy == "fsdp2":
+    if work.trainable is not None:
+        _lora_state(rows, size, work, shards)
+    elif work.strategy == "fsdp2":
         rows.append(("weights (sharded master)", p * work.master_bytes / shards))
         if shards > 1 or cb != work.master_bytes:
             # The root stays gathered through forward; one block computes while the next is prefetched.
@@ -177,7 +184,7 @@ def memory_plan(size: TransformerSize, work: Workload, mesh: MeshLayout) -> Memo
         rows.append(("gradient reduce buckets", 2 * d * d * cb))
         rows.append(("optimizer state, fp32 (sharded)", on_gpu * p * 8 / shards))
     if work.ema:
-        rows.append(("EMA, fp32 (sharded like the optimizer)", p * 4 / shards))
+        rows.append(("EMA, fp32 (sharded like the optimizer)", trained * 4 / shards))
     state = sum(b for _, b in rows)
 
     per_block_token = d * cb * work.batch * work.tokens
@@ -188,8 +195,8 @@ def memory_plan(size: TransformerSize, work: Workload, mesh: MeshLayout) -> Memo
     gathered = sum(b for name, b in rows if "gathered" in name or "buffer" in name or "buckets" in name)
     temporaries = 0.0
     if work.optimizer_impl == "foreach" and not work.offload_optimizer:
-        master = work.master_bytes if work.strategy == "fsdp2" else 4
-        temporaries = p * master / shards
+        master = work.master_bytes if work.strategy == "fsdp2" and work.trainable is None else 4
+        temporaries = trained * master / shards
     rows += [activations, working, (f"optimizer temporaries ({work.optimizer_impl})", temporaries)]
     backward = state + activations[1] + working[1]
     step = state - gathered + temporaries
@@ -198,6 +205,21 @@ def memory_plan(size: TransformerSize, work: Workload, mesh: MeshLayout) -> Memo
     peak = max(backward, step) * (1 + HEADROOM_FRACTION) + reserve
     rows.append(("allocator and CUDA/NCCL headroom", peak - max(backward, step)))
     return MemoryPlan(tuple(rows), backward, step, peak, phase)
+
+
+def _lora_state(rows: list[tuple[str, float]], size: TransformerSize, work: Workload, shards: int) -> None:
+    """A LoRA's state: the frozen base in the compute dtype (sharded by fsdp2, whole on every GPU under
+    zero2) and the adapters with fp32 masters, gradients and Adam moments, sharded."""
+    p, t, cb = size.total, work.trainable or 0, work.compute_bytes
+    if work.strategy == "fsdp2":
+        rows.append(("base weights, frozen (sharded)", p * cb / shards))
+        if shards > 1:
+            rows.append(("weights gathered for compute", (size.root + 2 * size.largest_block) * cb))
+    else:
+        rows.append(("base weights, frozen (whole)", p * cb))
+    rows.append(("adapter weights, fp32 (sharded)", t * 4 / shards))
+    rows.append(("adapter gradients, fp32 (sharded)", t * 4 / shards))
+    rows.append(("adapter optimizer state, fp32 (sharded)", t * 8 / shards))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,9 +236,10 @@ def _ring(n: int) -> float:
 
 
 def traffic(strategy: str, params: int, *, world_size: int, nodes: int, shard_degree: int | None = None,
-            compute_bytes: int = 2, reduce_bytes: int = 4) -> Traffic:
-    """Per-GPU bytes per micro-step of one strategy (`hsdp` needs shard_degree; see the module docstring)."""
-    gather, reduce = params * compute_bytes, params * reduce_bytes
+            compute_bytes: int = 2, reduce_bytes: int = 4, trainable: int | None = None) -> Traffic:
+    """Per-GPU bytes per micro-step of one strategy (`hsdp` needs shard_degree; see the module docstring).
+    A LoRA (`trainable` adapter parameters) gathers the whole base but reduces only the adapters' gradients."""
+    gather, reduce = params * compute_bytes, (params if trainable is None else trainable) * reduce_bytes
     if strategy == "hsdp":
         shards = shard_degree or world_size // nodes
         replicas = world_size // shards
@@ -226,17 +249,18 @@ def traffic(strategy: str, params: int, *, world_size: int, nodes: int, shard_de
     if strategy in ("fsdp", "zero3"):
         volume = _ring(world_size) * (2 * gather + reduce)
     elif strategy == "zero2":
-        volume = _ring(world_size) * (reduce + gather)
+        volume = _ring(world_size) * (reduce + (gather if trainable is None else reduce / reduce_bytes * compute_bytes))
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     return Traffic(strategy, volume if nodes == 1 else 0.0, volume if nodes > 1 else 0.0)
 
 
-def traffic_table(params: int, *, world_size: int, nodes: int, compute_bytes: int = 2) -> list[Traffic]:
+def traffic_table(params: int, *, world_size: int, nodes: int, compute_bytes: int = 2,
+                  trainable: int | None = None) -> list[Traffic]:
     """FSDP, HSDP (shards = GPUs per node; only with several nodes of several GPUs), ZeRO-2 and ZeRO-3."""
     kinds = ["fsdp"] + (["hsdp"] if nodes > 1 and world_size > nodes else []) + ["zero2", "zero3"]
     return [traffic(k, params, world_size=world_size, nodes=nodes, shard_degree=world_size // nodes,
-                    compute_bytes=compute_bytes) for k in kinds]
+                    compute_bytes=compute_bytes, trainable=trainable) for k in kinds]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +314,7 @@ def fit_advice(size: TransformerSize, work: Workload, mesh: MeshLayout, plan: Me
             return "parallel.strategy", "use fsdp2 or zero3: zero2 keeps whole bf16 weights on every GPU"
         if work.strategy == "zero3":
             return "parallel.offload_optimizer", "set it to true (fp32 master weights and Adam moments to CPU memory)"
-        if work.master_bytes == 4:
+        if work.master_bytes == 4 and work.trainable is None:
             return "train.optimizer", ("use adamw_bf16 (10 B per parameter instead of 16), or shard over more GPUs "
                                        f"(parallel.shard_degree, now {mesh.shard_degree})")
         return "parallel.shard_degree", f"shard over more GPUs (now {mesh.shard_degree})"

@@ -26,16 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from sd35dist.config.recipe import LoraSection
+from sd35dist.config.recipe import LORA_PRESET_MODULES as PRESETS, LoraSection
 from sd35dist.models.state_keys import plain_name
 
 ADAPTER = "default"
 """peft's adapter name; the one adapter sd35dist trains."""
-ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
-FEED_FORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-PRESETS: dict[str, tuple[str, ...]] = {"attention": ATTENTION, "attention_ff": ATTENTION + FEED_FORWARD}
-"""Module-name suffixes (peft target_modules) of each preset; all_linear is every nn.Linear."""
 INITS: dict[str, Any] = {"default": True, "gaussian": "gaussian"}
 """The recipe's `init` → peft's init_lora_weights."""
 DIFFUSERS_PREFIX = "transformer."
