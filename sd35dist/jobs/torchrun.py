@@ -12,7 +12,10 @@ exiting with that rank's status (2 for a user's mistake) rather than torchrun's 
 
 from __future__ import annotations
 
+import os
 import sys
+
+SEPARATE_STORE_PER_ATTEMPT = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def exit_status(exitcode: int) -> int:
@@ -33,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    # A fresh rendezvous store per worker attempt, hosted by that attempt's rank 0: the agents'
+    # shared store keeps a dead attempt's keys, and the per-attempt prefix that would hide them
+    # cannot be agreed on across nodes (sd35dist/parallel/process_group.py attempt_store).
+    os.environ.setdefault(SEPARATE_STORE_PER_ATTEMPT, "1")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run(args)

@@ -121,14 +121,20 @@ def init_process_group_from_env(timeout_s: float, env: Mapping[str, str] | None 
 def attempt_store(env: Mapping[str, str], world: World, timeout: timedelta) -> dist.Store:
     """The rendezvous store as this attempt of the workers sees it.
 
-    torchrun's agent keeps one store for the whole job and restarts crashed workers against it
-    (`--max-restarts`); keys the previous attempt left there (the killed rank's gloo address,
-    barrier counters) would make the restarted ranks connect to a dead peer or hang. A prefix per
-    restart gives every attempt clean keys.
+    Under `sd35dist torchrun` (what job scripts run) each attempt's rank 0 hosts a fresh store on
+    the port the agents' rendezvous round chose (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), so a
+    restarted group (`--max-restarts`) starts from empty keys. Under plain torchrun the agent's
+    store lives through every restart and keeps the previous attempt's keys (the killed rank's gloo
+    address, barrier counters); a prefix per restart count is the best that can be done there,
+    and it is not enough across nodes: an agent whose own workers did not fail restarts without
+    counting it (torch's "membership change"), so the nodes' counts, and their prefixes, differ and
+    the group waits for peers that write under another prefix.
     """
     agent_hosts_it = env.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world.world_size,
                           is_master=not agent_hosts_it and world.rank == 0, timeout=timeout)
+    if not agent_hosts_it:
+        return store
     return dist.PrefixStore(f"sd35dist/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
