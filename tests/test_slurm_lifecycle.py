@@ -9,7 +9,7 @@ of the job is left once Slurm says it ended. Expected end states:
 | scancel / sd35dist cancel     | CANCELLED, no requeue | latest complete (maybe a final one) | cancelled |
 | time-limit warning (USR1)     | REQUEUED by the batch shell; the next run resumes | saved at the warning | time limit |
 | node failure                  | NODE_FAIL, requeued, COMPLETED | resumed from latest  | SLURM_RESTART_COUNT=1 |
-| kill -9 of a rank (max_restarts 3) | COMPLETED (torchrun restarts the workers) | resumed from latest | uninterrupted loss — xfail, see docs/lifecycle.md |
+| kill -9 of a rank (max_restarts 3) | COMPLETED (torchrun restarts the workers) | resumed from latest | uninterrupted loss |
 | two jobs sharing nodes        | both COMPLETED, each on its own rendezvous port | — | — |
 """
 
@@ -195,8 +195,6 @@ def test_node_failure_requeues_and_resumes(slurm_env, cache, tmp_path):  # noqa:
     assert_nothing_left(run_dir)
 
 
-@pytest.mark.xfail(strict=False, reason="known problem (docs/lifecycle.md): the restarted worker group can hang; "
-                   "launch.max_restarts defaults to 0 until it is found")
 def test_a_killed_rank_restarts_inside_the_allocation(slurm_env, cache, tmp_path):  # noqa: F811
     reference = tmp_path / "reference"
     recipe = train_recipe(tmp_path / "reference.yaml", cache, tmp_path / "out-reference", max_train_steps=30,

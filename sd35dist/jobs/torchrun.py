@@ -36,11 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    # A fresh rendezvous store per worker attempt, hosted by that attempt's rank 0: the agents'
-    # shared store keeps a dead attempt's keys, and the per-attempt prefix that would hide them
-    # cannot be agreed on across nodes (sd35dist/parallel/process_group.py attempt_store).
-    os.environ.setdefault(SEPARATE_STORE_PER_ATTEMPT, "1")
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.max_restarts > 0:
+        # A fresh rendezvous store per worker attempt, hosted by that attempt's rank 0: the agents'
+        # shared store keeps a dead attempt's keys, and the per-attempt prefix that would hide them
+        # cannot be agreed on across nodes (sd35dist/parallel/process_group.py attempt_store).
+        # Only with restarts: at the end of a job, rank 0's store can go before its peers have
+        # let go of it, which the agents log as a RendezvousConnectionError.
+        os.environ.setdefault(SEPARATE_STORE_PER_ATTEMPT, "1")
     try:
         run(args)
     except ChildFailedError as failed:
