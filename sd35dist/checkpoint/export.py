@@ -10,6 +10,7 @@ process, without GPUs or a process group. The strategy the checkpoint records re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import sys
@@ -128,16 +129,16 @@ def _export_single_file(args: argparse.Namespace) -> int:
 
     # A diffusers transformer folder (a merged LoRA's, say) is exported as it is.
     source = args.checkpoint if (args.checkpoint / "config.json").is_file() else find_checkpoint(args.checkpoint)
-    if source is not args.checkpoint and checkpoint_lora(source) is not None:
-        if not args.merge:
-            raise ExportError(f"{source}: a LoRA checkpoint is one file only when merged: add --merge")
-        with tempfile.TemporaryDirectory(prefix="sd35dist-merge-", dir=args.out.parent) as merged:
-            export_lora_checkpoint(source, Path(merged) / "transformer", use_ema=args.ema, dtype="fp32", merge=True)
-            size = export_single_file(Path(merged) / "transformer", args.out, use_ema=False, dtype=args.dtype,
-                                      with_vae=args.with_vae or args.vae is not None, vae_dir=args.vae,
-                                      title=args.title)
-    else:
-        size = export_single_file(source, args.out, use_ema=args.ema, dtype=args.dtype,
+    with contextlib.ExitStack() as scratch:
+        use_ema, weights = args.ema, source
+        if source is not args.checkpoint and checkpoint_lora(source) is not None:
+            if not args.merge:
+                raise ExportError(f"{source}: a LoRA checkpoint is one file only when merged: add --merge")
+            merged = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="sd35dist-merge-",
+                                                                             dir=args.out.parent)))
+            weights = export_lora_checkpoint(source, merged / "transformer", use_ema=args.ema, dtype="fp32", merge=True)
+            use_ema = False  # the merged folder already holds the chosen weights
+        size = export_single_file(weights, args.out, use_ema=use_ema, dtype=args.dtype,
                                   with_vae=args.with_vae or args.vae is not None, vae_dir=args.vae, title=args.title)
     print(f"exported {'EMA of ' if args.ema else ''}{source} → {args.out} "
           f"(single file, SD3.5 layout, {args.dtype}, {size / 2**20:.1f} MiB)")

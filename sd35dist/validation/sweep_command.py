@@ -48,27 +48,29 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    if args.output_dir is None:  # `submit --job sweep`: the frozen recipe says where its checkpoints are
-        if args.recipe is None:
-            print("error: sd35dist sweep: give OUTPUT_DIR or --recipe", file=sys.stderr)
-            return 2
+    given = None
+    if args.recipe:
         try:
-            args.output_dir = Path(resolve_paths(load_model(Recipe, args.recipe), args.recipe.resolve().parent).output.dir)
+            given = resolve_paths(load_model(Recipe, args.recipe), args.recipe.resolve().parent)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+    if args.output_dir is None:  # `submit --job sweep`: the frozen recipe says where its checkpoints are
+        if given is None:
+            print("error: sd35dist sweep: give OUTPUT_DIR or --recipe", file=sys.stderr)
+            return 2
+        args.output_dir = Path(given.output.dir)
     checkpoints = CheckpointDir(args.output_dir)
-    steps = checkpoints.complete_steps() if not args.steps else [int(s) for s in args.steps.split(",") if s.strip()]
-    missing = [s for s in steps if s not in checkpoints.complete_steps()]
+    kept = checkpoints.complete_steps()
+    steps = kept if not args.steps else [int(s) for s in args.steps.split(",") if s.strip()]
+    missing = [s for s in steps if s not in kept]
     if not steps or missing:
-        kept = ", ".join(map(str, checkpoints.complete_steps())) or "none"
-        print(f"error: {args.output_dir}: no complete checkpoint for step(s) {missing or 'any'} (kept: {kept})",
-              file=sys.stderr)
+        print(f"error: {args.output_dir}: no complete checkpoint for step(s) {missing or 'any'} "
+              f"(kept: {', '.join(map(str, kept)) or 'none'})", file=sys.stderr)
         return 2
     try:
-        if args.recipe:
-            recipe = resolve_paths(load_model(Recipe, args.recipe), args.recipe.resolve().parent)
-            recipe_name = args.recipe.name
+        if given is not None:
+            recipe, recipe_name = given, args.recipe.name
         else:
             recipe, recipe_name = checkpoint_recipe(checkpoints.path(steps[-1])), "the checkpoint's recipe.yaml"
         if recipe is None or not recipe.validation.enabled:
