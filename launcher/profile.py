@@ -97,9 +97,9 @@ class LaunchSection(StrictModel):
     `rdzv_port + job id % rdzv_port_span`, so jobs sharing a node never share a port."""
     rdzv_port_span: int = Field(1000, ge=1, le=20000)
     """How many ports the rendezvous range holds."""
-    max_restarts: int = Field(0, ge=0, le=100)
-    """torchrun restarts of the workers after a crash, inside the allocation, from the latest checkpoint.
-    Off by default: on the two-node test cluster a restarted worker group can hang (docs/lifecycle.md)."""
+    max_restarts: int = Field(3, ge=0, le=100)
+    """torchrun restarts of the workers after a crash (a killed rank, a lost device), inside the
+    allocation, from the latest checkpoint. A mistake (exit status 2) is never restarted."""
     network_interface: str | None = None
     """Sets NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME (e.g. ib0, eth0)."""
 

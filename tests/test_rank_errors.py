@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.profile import LaunchSection
 from sd35dist.cli import main as cli_main
 from sd35dist.config.loading import ConfigError
 from sd35dist.data.manifest import read_manifest
@@ -26,8 +27,10 @@ from tests.test_train import cache, train_recipe  # noqa: F401
 
 
 def torchrun(job: str, recipe: Path, run_dir: Path | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
-    """The job as a profile's script starts it: sd35dist's torchrun, one agent, `nproc` ranks."""
+    """The job as a profile's script starts it: sd35dist's torchrun, one agent, `nproc` ranks, with
+    the profile's default restarts (a mistake must not be restarted)."""
     cmd = [sys.executable, "-m", "sd35dist", "torchrun", "--standalone", f"--nproc-per-node={nproc}",
+           f"--max-restarts={LaunchSection().max_restarts}",
            "-m", "sd35dist", job, "--recipe", str(recipe)] + (["--run-dir", str(run_dir)] if run_dir else [])
     return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"),
                           timeout=300)
@@ -44,6 +47,7 @@ def assert_one_quiet_line(proc: subprocess.CompletedProcess) -> str:
     lines = error_lines(proc)
     assert len(lines) == 1, everything[-4000:]
     assert "Traceback" not in everything and "[rank" not in everything, everything[-4000:]
+    assert "will restart worker group" not in everything, "a mistake is not restarted"
     return lines[0]
 
 

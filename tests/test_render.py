@@ -65,7 +65,7 @@ def test_slurm_script_has_what_a_cluster_needs():
         "srun --kill-on-bad-exit=1",
         "--rdzv-backend=c10d",
         '--rdzv-endpoint="$SD35DIST_RDZV_HOST:$SD35DIST_RDZV_PORT"',
-        "--max-restarts=0",
+        "--max-restarts=3",
         "-m sd35dist train",
         f"--recipe {RUN_DIR}/recipe.yaml",
         "export NCCL_SOCKET_IFNAME=ib0",

@@ -9,7 +9,9 @@ of the job is left once Slurm says it ended. Expected end states:
 | scancel / sd35dist cancel     | CANCELLED, no requeue | latest complete (maybe a final one) | cancelled |
 | time-limit warning (USR1)     | REQUEUED by the batch shell; the next run resumes | saved at the warning | time limit |
 | node failure                  | NODE_FAIL, requeued, COMPLETED | resumed from latest  | SLURM_RESTART_COUNT=1 |
-| kill -9 of a rank (max_restarts 3) | COMPLETED (torchrun restarts the workers) | resumed from latest | uninterrupted loss |
+| kill -9 of a rank (default max_restarts 3) | COMPLETED (torchrun restarts the workers) | resumed from latest | uninterrupted loss |
+| a rank killed more often than max_restarts | FAILED | latest complete | after 1 of 1 restarts |
+| a mistake (corrupt shard)     | FAILED, exit code 2, no restart | — | one error line, not restarted |
 | two jobs sharing nodes        | both COMPLETED, each on its own rendezvous port | — | — |
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -27,6 +30,8 @@ import pytest
 import yaml
 
 from sd35dist.checkpoint.layout import CheckpointDir
+from sd35dist.data.manifest import read_manifest
+from sd35dist.data.storage import Store
 from tests.conftest import wait_for
 from tests.test_cache_build import tiny_model  # noqa: F401
 from tests.test_local_submit import sd35dist, tiny_recipe
@@ -200,8 +205,7 @@ def test_a_killed_rank_restarts_inside_the_allocation(slurm_env, cache, tmp_path
     recipe = train_recipe(tmp_path / "reference.yaml", cache, tmp_path / "out-reference", max_train_steps=30,
                           checkpointing_steps=4, gradient_checkpointing=False, ema={"enabled": False})
     train(recipe, reference)
-    job_id, run_dir, out = submit_training(tmp_path, cache, slurm_env, "crash", "launch.max_restarts=3",
-                                           max_train_steps=30)
+    job_id, run_dir, out = submit_training(tmp_path, cache, slurm_env, "crash", max_train_steps=30)
     wait_for(lambda: (CheckpointDir(out).latest() is not None and metric_steps(run_dir) >= 10), 180, "step 10")
     victim = rank_pids(run_dir)[-1]
     os.kill(victim, signal.SIGKILL)
@@ -214,6 +218,55 @@ def test_a_killed_rank_restarts_inside_the_allocation(slurm_env, cache, tmp_path
     got = losses(run_dir)
     assert got[30] == losses(reference)[30], "the restarted workers end with the uninterrupted run's loss"
     assert "restart" in logs(run_dir, job_id).lower()
+    assert_nothing_left(run_dir)
+
+
+def parent_pid(pid: int) -> int:
+    """The process's parent, or -1 once it has gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+def test_a_rank_that_keeps_crashing_fails_the_job_once_the_restarts_are_used_up(slurm_env, cache, tmp_path):  # noqa: F811
+    job_id, run_dir, out = submit_training(tmp_path, cache, slurm_env, "crashes", "launch.max_restarts=1")
+    wait_for(lambda: metric_steps(run_dir) >= 2, 180, "step 2")
+    victim = rank_pids(run_dir)[-1]
+    agent = parent_pid(victim)  # restarts are counted per node: kill this agent's rank each time
+    os.kill(victim, signal.SIGKILL)
+    again = wait_for(lambda: [p for p in rank_pids(run_dir) if p != victim and parent_pid(p) == agent], 120,
+                     "the restarted rank")
+    os.kill(again[0], signal.SIGKILL)
+    state = final_state(job_id, slurm_env, timeout_s=180)
+    text = logs(run_dir, job_id)
+    assert state == "FAILED", text[-4000:]
+    assert len(sacct_states(job_id, slurm_env)) == 1, "failed, not requeued"
+    assert re.search(r"sd35dist: stopped: rank \d+ on \S+ was killed by signal 9 after 1 of 1 restarts inside the "
+                     r"allocation", text), text[-4000:]
+    assert (CheckpointDir(out).latest() is None) or (CheckpointDir(out).latest() / "COMPLETE").exists()
+    assert_nothing_left(run_dir)
+
+
+def test_a_mistake_fails_the_job_at_once_without_restarts(slurm_env, cache, tmp_path):  # noqa: F811
+    """A corrupt shard is met again by every attempt: with the default restarts on, the job ends on the
+    first, with one line, exit code 2."""
+    model, cache_dir = cache
+    broken = tmp_path / "cache"
+    shutil.copytree(cache_dir, broken)
+    shard = broken / read_manifest(Store(str(broken))).shards[0].path
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
+    job_id, run_dir, _ = submit_training(tmp_path, (model, broken), slurm_env, "mistake", max_train_steps=8)
+    state = final_state(job_id, slurm_env, timeout_s=180)
+    text = logs(run_dir, job_id)
+    assert state == "FAILED", text[-4000:]
+    exit_code = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "ExitCode"], capture_output=True,
+                               text=True, env=slurm_env).stdout.strip()
+    assert exit_code == "2:0", (exit_code, text[-4000:])
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "corrupt shard" in errors[0] and str(shard) in errors[0], text[-4000:]
+    assert "will restart worker group" not in text and "(a mistake: not restarted)" in text, text[-4000:]
+    assert "Traceback" not in text, text[-4000:]
     assert_nothing_left(run_dir)
 
 

@@ -13,7 +13,8 @@ the ranks that only lost a peer would add tracebacks of their own. Instead:
   writes the rank's traceback to `<run_dir>/logs/rank<N>-traceback.log`; the first rank to
   fail claims the report in the job's rendezvous store and prints
   `error: <reason> (traceback: PATH)`. Whoever fails after it (a peer's collective broke)
-  writes its traceback file and prints nothing.
+  writes its traceback file, prints nothing and exits with the first failure's kind: 2 after
+  a mistake, so that no torchrun agent restarts the workers for it (jobs/torchrun.py).
 - Anything else is a bug: the first rank to fail keeps its traceback on stderr.
 """
 
@@ -32,12 +33,12 @@ from sd35dist.checkpoint.layout import CheckpointNotFound, CheckpointUnreadable
 from sd35dist.config.loading import ConfigError
 from sd35dist.data.manifest import ManifestError
 from sd35dist.data.shard_fetcher import ShardCorrupt, ShardUnavailable
+from sd35dist.jobs.torchrun import MISTAKE_EXIT
 from sd35dist.models.sd3_components import ModelDirectoryIncomplete
 from sd35dist.models.transformer_build import CheckpointMismatch
 
-MISTAKE_EXIT = 2
 PEER_FAILED_EXIT = 1
-FAILURE_KEY = "sd35dist/failure-reported"
+FIRST_FAILURE_KEY = "sd35dist/first-failure"
 RANK0_SPEAKS_WITHIN_S = 30.0
 
 MISTAKES: tuple[type[BaseException], ...] = (
@@ -83,21 +84,24 @@ def rank_from_env(env: Mapping[str, str] = os.environ) -> int:
         return 0
 
 
-def claim_report() -> bool:
-    """True for the first rank of the job to fail: the job's store counts failures.
+def claim_report(rank: int, mistake: bool) -> tuple[bool, bool]:
+    """(whether this rank is the job's first to fail, whether that first failure was a mistake).
 
-    Without a process group (or with a store that is gone) every rank claims it: a line
-    printed twice beats a failure printed by nobody.
+    The job's store keeps the first failure, set once for all ranks (compare_set). Without a
+    process group (or with a store that is gone) every rank is first: a line printed twice beats
+    a failure printed by nobody.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return True
+        return True, mistake
+    mine = f"{'mistake' if mistake else 'bug'} rank {rank}"
     try:
         store = dist.distributed_c10d._get_default_store()
-        return int(store.add(FAILURE_KEY, 1)) == 1
+        first = store.compare_set(FIRST_FAILURE_KEY, "", mine).decode()
     except Exception:  # noqa: BLE001 — the store is only a courtesy here
-        return True
+        return True, mistake
+    return first == mine, first.startswith("mistake")
 
 
 def write_line(text: str, out: TextIO | None = None) -> None:
@@ -122,13 +126,13 @@ def report_failure(error: BaseException, rank: int, run_dir: Path | None, out: T
     """End this rank after `error`: print one line at most, write the traceback, return the exit
     status — or re-raise a bug when this rank is the first to fail."""
     out = out or sys.stderr
-    first = claim_report()
+    first, first_was_mistake = claim_report(rank, is_mistake(error))
     if not is_mistake(error) and first:
         raise error
     written = None
     if run_dir is not None and not isinstance(error, ConfigError):
         written = write_traceback(error, traceback_path(run_dir, rank))
     if not first:
-        return MISTAKE_EXIT if is_mistake(error) else PEER_FAILED_EXIT
+        return MISTAKE_EXIT if first_was_mistake or is_mistake(error) else PEER_FAILED_EXIT
     write_line(failure_line(error, written), out)
     return MISTAKE_EXIT

@@ -121,8 +121,9 @@ def init_process_group_from_env(timeout_s: float, env: Mapping[str, str] | None 
 def attempt_store(env: Mapping[str, str], world: World, timeout: timedelta) -> dist.Store:
     """The rendezvous store as this attempt of the workers sees it.
 
-    Under `sd35dist torchrun` (what job scripts run) each attempt's rank 0 hosts a fresh store on
-    the port the agents' rendezvous round chose (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), so a
+    Under `sd35dist torchrun` (what job scripts run) with restarts on (`launch.max_restarts`,
+    default 3) each attempt's rank 0 hosts a fresh store on the port the agents' rendezvous
+    round chose (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), so a
     restarted group (`--max-restarts`) starts from empty keys. Under plain torchrun the agent's
     store lives through every restart and keeps the previous attempt's keys (the killed rank's gloo
     address, barrier counters); a prefix per restart count is the best that can be done there,

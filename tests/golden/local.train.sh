@@ -15,7 +15,7 @@ exec sd35dist torchrun \
     --standalone \
     --nnodes=1 \
     --nproc-per-node=2 \
-    --max-restarts=0 \
+    --max-restarts=3 \
     -m sd35dist train \
     --recipe /shared/runs/golden-run/recipe.yaml \
     --run-dir /shared/runs/golden-run
