@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 
 from launcher.plan import RDZV_HOST_VAR, RDZV_PORT_VAR, JobPlan
-from sd35dist.config.run_files import PREEMPT_FILE
+from sd35dist.config.run_files import MISTAKE_FILE, PREEMPT_FILE
 
 
 def shell_word(text: str) -> str:
@@ -111,7 +111,7 @@ def lifecycle_traps(plan: JobPlan) -> list[str]:
     flag = f'"$SD35DIST_RUN_DIR/{PREEMPT_FILE}"'
     return [
         "# lifecycle: docs/lifecycle.md",
-        f"rm -f {flag}  # a requeued job starts without the previous run's request",
+        f'rm -f {flag} "$SD35DIST_RUN_DIR/{MISTAKE_FILE}"  # a requeued job starts without the previous run\'s files',
         "TIME_LIMIT_WARNED=0",
         f"trap 'TIME_LIMIT_WARNED=1; echo \"sd35dist: time-limit warning: asking the ranks to save\" >&2; touch {flag}' USR1",
         "trap 'echo \"sd35dist: SIGTERM from Slurm: the ranks save if it fits, then stop\" >&2' TERM",
@@ -119,7 +119,8 @@ def lifecycle_traps(plan: JobPlan) -> list[str]:
 
 
 def wait_and_requeue() -> list[str]:
-    """Wait for the step through trapped signals, then requeue after a time-limit save."""
+    """Wait for the step through trapped signals, then requeue after a time-limit save; a rank's
+    mistake ends the job with status 2 whichever node met it first."""
     return [
         "STEP_PID=$!",
         "# a trapped signal ends `wait` early while the step still runs: wait until it has exited",
@@ -129,6 +130,7 @@ def wait_and_requeue() -> list[str]:
         '    echo "sd35dist: the ranks saved before the time limit; requeueing job $SLURM_JOB_ID" >&2',
         '    scontrol requeue "$SLURM_JOB_ID"',
         "fi",
+        f'if [ -e "$SD35DIST_RUN_DIR/{MISTAKE_FILE}" ]; then STEP_STATUS=2; fi  # not srun\'s signal for the other nodes',
         'exit "$STEP_STATUS"',
     ]
 

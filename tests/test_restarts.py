@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from sd35dist.config.run_files import MISTAKE_FILE
 from sd35dist.jobs.torchrun import (
     Rendezvous,
     failure_summary,
@@ -47,7 +48,8 @@ def run_workers(tmp_path: Path, plan: str, max_restarts: int) -> tuple[subproces
     proc = subprocess.run(
         [sys.executable, "-m", "sd35dist", "torchrun", "--standalone", "--nproc-per-node=2",
          f"--max-restarts={max_restarts}", "--monitor-interval=0.2", str(script), str(counts), plan],
-        capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), timeout=180)
+        capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1", SD35DIST_RUN_DIR=str(tmp_path)),
+        timeout=180)
     started = [len((counts / f"rank{rank}").read_text().splitlines()) if (counts / f"rank{rank}").exists() else 0
                for rank in (0, 1)]
     return proc, started
@@ -58,6 +60,7 @@ def test_a_killed_rank_restarts_the_workers_and_the_job_succeeds(tmp_path):
     proc, started = run_workers(tmp_path, "kill,ok", max_restarts=3)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert started == [2, 2], "both ranks were started again after rank 1 was killed"
+    assert not (tmp_path / MISTAKE_FILE).exists()
 
 
 @pytest.mark.dist
@@ -66,6 +69,7 @@ def test_a_mistake_is_not_restarted(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert started[1] == 1, "a mistake meets every attempt again: no restart"
     assert proc.stderr.splitlines()[-1].endswith("exited with status 2 (a mistake: not restarted)"), proc.stderr
+    assert (tmp_path / MISTAKE_FILE).exists(), "the batch script ends the job with status 2 on this mark"
 
 
 @pytest.mark.dist

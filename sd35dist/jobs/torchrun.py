@@ -30,6 +30,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
+
+from sd35dist.config.run_files import MISTAKE_FILE
 
 SEPARATE_STORE_PER_ATTEMPT = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 MISTAKE_EXIT = 2
@@ -163,6 +166,16 @@ def rendezvous_outlives_its_agents(rendezvous: Rendezvous | None, wait_s: float 
         pass  # the host has gone already: nothing left to keep
 
 
+def leave_mistake_mark(env: dict[str, str] | os._Environ = os.environ) -> None:
+    """Tell the batch script that this job ended on a mistake (run_files.MISTAKE_FILE)."""
+    run_dir = env.get("SD35DIST_RUN_DIR")
+    if run_dir:
+        try:
+            (Path(run_dir) / MISTAKE_FILE).touch()
+        except OSError:
+            pass  # the status is a courtesy; the one-line error is already in the log
+
+
 def main(argv: list[str] | None = None) -> int:
     import socket
 
@@ -182,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             run(args)
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
+        if failure.exitcode == MISTAKE_EXIT:
+            leave_mistake_mark()
         print(failure_summary(rank, socket.gethostname(), failure.exitcode, restarts.used, args.max_restarts),
               file=sys.stderr, flush=True)
         return exit_status(failure.exitcode)

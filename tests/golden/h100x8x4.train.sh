@@ -46,7 +46,7 @@ export SD35DIST_RDZV_PORT=$((29500 + SLURM_JOB_ID % 1000))
 echo "sd35dist: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} nodes $SLURM_JOB_NODELIST rendezvous $SD35DIST_RDZV_HOST:$SD35DIST_RDZV_PORT"
 
 # lifecycle: docs/lifecycle.md
-rm -f "$SD35DIST_RUN_DIR/PREEMPT"  # a requeued job starts without the previous run's request
+rm -f "$SD35DIST_RUN_DIR/PREEMPT" "$SD35DIST_RUN_DIR/MISTAKE"  # a requeued job starts without the previous run's files
 TIME_LIMIT_WARNED=0
 trap 'TIME_LIMIT_WARNED=1; echo "sd35dist: time-limit warning: asking the ranks to save" >&2; touch "$SD35DIST_RUN_DIR/PREEMPT"' USR1
 trap 'echo "sd35dist: SIGTERM from Slurm: the ranks save if it fits, then stop" >&2' TERM
@@ -72,4 +72,5 @@ if ((TIME_LIMIT_WARNED)) && ((STEP_STATUS == 0)); then
     echo "sd35dist: the ranks saved before the time limit; requeueing job $SLURM_JOB_ID" >&2
     scontrol requeue "$SLURM_JOB_ID"
 fi
+if [ -e "$SD35DIST_RUN_DIR/MISTAKE" ]; then STEP_STATUS=2; fi  # not srun's signal for the other nodes
 exit "$STEP_STATUS"
