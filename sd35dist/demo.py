@@ -36,7 +36,7 @@ def sample_image(model_dir: Path, transformer_dir: Path, out: Path) -> Path:
     import torch
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    transformer = SD3Transformer2DModel.from_pretrained(transformer_dir, torch_dtype=torch.float32)
+    transformer = SD3Transformer2DModel.from_pretrained(transformer_dir, dtype=torch.float32)
     pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, transformer=transformer, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("k4s4, a red fox in watercolor style", height=64, width=64, num_inference_steps=8,

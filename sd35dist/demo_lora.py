@@ -19,7 +19,7 @@ def sample_with_lora(model_dir: Path, lora_dir: Path, out: Path) -> Path:
     import torch
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, torch_dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     pipe.load_lora_weights(lora_dir)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("k4s4, a red fox in watercolor style", height=64, width=64, num_inference_steps=8,

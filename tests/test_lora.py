@@ -113,7 +113,7 @@ def trained_model_output(model_dir: Path, adapters: dict[str, torch.Tensor], inp
 
     from sd35dist.models.lora import PRESETS
 
-    model = SD3Transformer2DModel.from_pretrained(model_dir / "transformer", torch_dtype=torch.float32)
+    model = SD3Transformer2DModel.from_pretrained(model_dir / "transformer", dtype=torch.float32)
     inject_adapter_in_model(LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"],
                                        target_modules=list(PRESETS[LORA["targets"]])), model)
     assert not model.load_state_dict(adapters, strict=False).unexpected_keys
@@ -146,7 +146,7 @@ def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(
     key_map = mmdit_lora_key_map({"depth": layers, "num_blocks": layers})
     assert unloaded_keys(lora, key_map) == [], "ComfyUI's SD3 key map reaches every tensor"
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, torch_dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     inputs = probe_inputs(pipe.transformer.config)
     with torch.no_grad():
         base = pipe.transformer(**inputs, return_dict=False)[0]
@@ -160,7 +160,7 @@ def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     fused = pipe.transformer.state_dict()
-    merged = SD3Transformer2DModel.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).state_dict()
+    merged = SD3Transformer2DModel.from_pretrained(tmp_path / "merged", dtype=torch.float32).state_dict()
     assert merged.keys() == fused.keys()
     assert all(torch.allclose(merged[k], fused[k], rtol=0, atol=1e-6) for k in fused), "--merge equals fuse_lora"
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
@@ -169,7 +169,7 @@ def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(
     export(root / "straight", tmp_path / "merged.safetensors", "--ema", "--merge", "--format", "single-file",
            "--dtype", "fp32")
     single = SD3Transformer2DModel.from_single_file(str(tmp_path / "merged.safetensors"), local_files_only=True,
-                                                    config=str(model_dir / "transformer"), torch_dtype=torch.float32)
+                                                    config=str(model_dir / "transformer"), dtype=torch.float32)
     assert all(torch.equal(single.state_dict()[k], merged[k]) for k in merged), "single file = merged folder"
     refused = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(root / "straight"), "--format",
                               "single-file", "--out", str(tmp_path / "x.safetensors")],

@@ -32,9 +32,9 @@ def load_single_file(path: Path, model_dir: Path, dtype: torch.dtype = torch.flo
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
     transformer = SD3Transformer2DModel.from_single_file(str(path), config=str(model_dir / "transformer"),
-                                                         local_files_only=True, torch_dtype=dtype)
+                                                         local_files_only=True, dtype=dtype)
     vae = AutoencoderKL.from_single_file(str(path), config=str(model_dir), subfolder="vae", local_files_only=True,
-                                         torch_dtype=dtype)
+                                         dtype=dtype)
     return transformer.state_dict(), vae.state_dict()
 
 

@@ -91,7 +91,7 @@ def merged_transformer(checkpoint: Path, section: LoraSection, adapters: dict[st
 
     model_section = saved_recipe(checkpoint).get("model") or {}
     base = Path(model_section["pretrained"]) / model_section.get("transformer_subfolder", "transformer")
-    model = SD3Transformer2DModel.from_pretrained(base, torch_dtype=torch.float32)
+    model = SD3Transformer2DModel.from_pretrained(base, dtype=torch.float32)
     inject_adapter_in_model(lora_config(section, target_modules(model, section.targets)), model, adapter_name=ADAPTER)
     result = model.load_state_dict(adapters, strict=False)
     missing = [key for key in result.missing_keys if ".lora_" in key]

@@ -52,10 +52,10 @@ def load_transformer(source: Path, *, use_ema: bool = False, dtype: torch.dtype 
     if use_ema:
         raise SourceError(f"{source}: --ema needs a checkpoint (an export or base model holds one set of weights)")
     if (source / "model_index.json").is_file():
-        model = SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype)
+        model = SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", dtype=dtype)
         return LoadedTransformer(model.eval(), "base model", source, None)
     if (source / "config.json").is_file():
-        model = SD3Transformer2DModel.from_pretrained(source, torch_dtype=dtype)
+        model = SD3Transformer2DModel.from_pretrained(source, dtype=dtype)
         return LoadedTransformer(model.eval(), source.name, None, None)
     raise SourceError(f"{source}: not a checkpoint, an output directory with {CHECKPOINTS}/, a diffusers "
                       "transformer directory (config.json) or a base model (model_index.json)")
