@@ -221,6 +221,22 @@ def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight,
     check_validation_run(tmp_path / "run", straight_losses, cache, states)
 
 
+def test_validation_in_bf16_renders_on_all_ranks_and_leaves_training_unchanged(cache, tmp_path):  # noqa: F811
+    """The default SD3.5 Large path: FSDP2 with bf16 compute. The rounds change no loss of a bf16 run,
+    and the images match a 1-process bf16 render of the last checkpoint."""
+    from sd35dist.parallel.fsdp2 import FSDP2Strategy
+    from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
+
+    bf16 = {"mixed_precision": "bf16", "checkpointing_steps": 2, "ema": {"enabled": False}}
+    train(train_recipe(tmp_path / "straight.yaml", cache, tmp_path / "straight", **bf16), tmp_path / "run0")
+    recipe = train_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", **bf16)
+    cache_validation_prompts(recipe)
+    train(with_validation(recipe), tmp_path / "run")
+    checkpoint = CheckpointDir(tmp_path / "out").latest()
+    check_validation_run(tmp_path / "run", losses(tmp_path / "run0"), cache,
+                         {"model": FSDP2Strategy.read_full(checkpoint)}, dtype=torch.bfloat16)
+
+
 def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path):  # noqa: F811
     """`sd35dist sweep --compare-guidance` over the straight run's checkpoints; `sd35dist sample` of a
     checkpoint on 2 ranks equals the sample of its export in one process, pixel for pixel."""
