@@ -21,6 +21,7 @@ SD35_LARGE_CONFIG: dict[str, Any] = {
 """SD3.5 Large's transformer/config.json without diffusers' bookkeeping keys (8.06e9 parameters)."""
 TIMESTEP_CHANNELS = 256
 """Sinusoidal timestep features fed to the time embedder (diffusers' Timesteps(256))."""
+BLOCK_PREFIX = "transformer_blocks."
 
 
 def _linear(fan_in: int, fan_out: int) -> int:
@@ -80,48 +81,28 @@ class TransformerSize:
         return max(self.blocks, default=0)
 
 
-def _attention(dim: int, head_dim: int, *, added_kv: bool, context_pre_only: bool, qk_norm: bool) -> int:
-    count = 3 * _linear(dim, dim) + _linear(dim, dim)  # to_q, to_k, to_v, to_out
-    count += 2 * head_dim if qk_norm else 0  # norm_q, norm_k (RMSNorm over one head)
-    if added_kv:
-        count += 3 * _linear(dim, dim)  # add_q_proj, add_k_proj, add_v_proj
-        count += 2 * head_dim if qk_norm else 0  # norm_added_q, norm_added_k
-        count += 0 if context_pre_only else _linear(dim, dim)  # to_add_out
-    return count
-
-
-def _feed_forward(dim: int) -> int:
-    return _linear(dim, 4 * dim) + _linear(4 * dim, dim)
-
-
 def transformer_size(config: Mapping[str, Any]) -> TransformerSize:
-    """Parameter counts of `SD3Transformer2DModel.from_config(config)`; missing keys take diffusers' defaults."""
-    shape = TransformerShape.from_config(config)
-    patch, dim, head_dim, layers, dual_layers = shape.patch, shape.dim, shape.head_dim, shape.layers, shape.dual_layers
-    in_channels, out_channels, joint, caption, pooled = (shape.in_channels, shape.out_channels, shape.joint,
-                                                         shape.caption, shape.pooled)
-    qk_norm = _get(config, "qk_norm", None) == "rms_norm"
-    if _get(config, "qk_norm", None) not in (None, "rms_norm"):
-        raise ValueError(f"qk_norm {config['qk_norm']!r}: only None and 'rms_norm' are counted")
+    """Parameter counts of `SD3Transformer2DModel.from_config(config)`; missing keys take diffusers' defaults.
 
-    blocks = []
-    for index in range(layers):
-        last = index == layers - 1
-        dual = index in dual_layers
-        count = _linear(dim, (9 if dual else 6) * dim)  # norm1: AdaLayerNormZero(X)
-        count += _linear(dim, (2 if last else 6) * dim)  # norm1_context: continuous in the last block
-        count += _attention(dim, head_dim, added_kv=True, context_pre_only=last, qk_norm=qk_norm)
-        if dual:
-            count += _attention(dim, head_dim, added_kv=False, context_pre_only=False, qk_norm=qk_norm)
-        count += _feed_forward(dim) * (1 if last else 2)  # ff, and ff_context except in the last block
-        blocks.append(count)
-    root = in_channels * patch * patch * dim + dim  # pos_embed.proj (a patch×patch conv)
-    root += _linear(TIMESTEP_CHANNELS, dim) + _linear(dim, dim)  # timestep embedder
-    root += _linear(pooled, dim) + _linear(dim, dim)  # pooled text embedder
-    root += _linear(joint, caption)  # context_embedder
-    root += _linear(dim, 2 * dim)  # norm_out
-    root += _linear(dim, patch * patch * out_channels)  # proj_out
-    return TransformerSize(blocks=tuple(blocks), root=root, hidden_size=dim)
+    Every Linear as `linear_layers` lists it, plus what is not a Linear: the RMSNorms over one
+    head that qk_norm adds to each attention stream, and the patch embedding's convolution."""
+    shape = TransformerShape.from_config(config)
+    qk_norm = _get(config, "qk_norm", None)
+    if qk_norm not in (None, "rms_norm"):
+        raise ValueError(f"qk_norm {qk_norm!r}: only None and 'rms_norm' are counted")
+    blocks = [0] * shape.layers
+    root = shape.in_channels * shape.patch * shape.patch * shape.dim + shape.dim  # pos_embed.proj (a patch×patch conv)
+    for name, fan_in, fan_out in linear_layers(config):
+        if name.startswith(BLOCK_PREFIX):
+            blocks[int(name[len(BLOCK_PREFIX):].split(".", 1)[0])] += _linear(fan_in, fan_out)
+        else:
+            root += _linear(fan_in, fan_out)
+    if qk_norm == "rms_norm":
+        for index in range(shape.layers):
+            # norm_q/norm_k of the image stream and of the text stream, and attn2's pair in a dual block.
+            streams = 3 if index in shape.dual_layers else 2
+            blocks[index] += streams * 2 * shape.head_dim
+    return TransformerSize(blocks=tuple(blocks), root=root, hidden_size=shape.dim)
 
 
 def linear_layers(config: Mapping[str, Any]) -> list[tuple[str, int, int]]:
@@ -131,7 +112,7 @@ def linear_layers(config: Mapping[str, Any]) -> list[tuple[str, int, int]]:
     out: list[tuple[str, int, int]] = []
     for index in range(shape.layers):
         last, dual = index == shape.layers - 1, index in shape.dual_layers
-        block = f"transformer_blocks.{index}."
+        block = f"{BLOCK_PREFIX}{index}."
         out.append((block + "norm1.linear", d, (9 if dual else 6) * d))
         out.append((block + "norm1_context.linear", d, (2 if last else 6) * d))
         names = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -148,11 +129,16 @@ def linear_layers(config: Mapping[str, Any]) -> list[tuple[str, int, int]]:
     return out
 
 
+def names_module(name: str, target: str) -> bool:
+    """peft's target_modules rule: `target` is the module's name or a dotted suffix of it."""
+    return name == target or name.endswith("." + target)
+
+
 def lora_parameters(config: Mapping[str, Any], modules: Sequence[str] | None, rank: int) -> int:
-    """Adapter parameters of a rank-`rank` LoRA on the Linears that `modules` names as peft matches
-    target_modules (the name or a dotted suffix of it); None: every Linear."""
+    """Adapter parameters of a rank-`rank` LoRA on the Linears that `modules` names (peft's rule,
+    `names_module`); None: every Linear."""
     return sum(rank * (fan_in + fan_out) for name, fan_in, fan_out in linear_layers(config)
-               if modules is None or any(name == m or name.endswith("." + m) for m in modules))
+               if modules is None or any(names_module(name, m) for m in modules))
 
 
 def image_tokens(config: Mapping[str, Any], width: int, height: int) -> int:
