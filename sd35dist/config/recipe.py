@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import pydantic
 from pydantic import Field
@@ -185,13 +185,21 @@ class EmaSection(StrictModel):
     start_step: int = Field(0, ge=0)
 
 
-LORA_TARGET_PRESETS = ("attention", "attention_ff", "all_linear")
+LoraPreset = Literal["attention", "attention_ff", "all_linear"]
+LORA_TARGET_PRESETS: tuple[str, ...] = get_args(LoraPreset)
 _LORA_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 _LORA_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 LORA_PRESET_MODULES: dict[str, tuple[str, ...]] = {"attention": _LORA_ATTENTION,
                                                    "attention_ff": _LORA_ATTENTION + _LORA_FEED_FORWARD}
 """Module-name suffixes (peft target_modules) of each preset; all_linear is every nn.Linear."""
+
+
+def lora_target_modules(targets: str | list[str]) -> tuple[str, ...] | None:
+    """The peft target_modules a recipe's `train.lora.targets` stands for; None: every Linear (all_linear)."""
+    if targets == "all_linear":
+        return None
+    return LORA_PRESET_MODULES[targets] if isinstance(targets, str) else tuple(targets)
 
 
 class LoraSection(StrictModel):
@@ -206,15 +214,13 @@ class LoraSection(StrictModel):
     init: Literal["default", "gaussian"] = "default"
     """peft's init_lora_weights: default (A Kaiming-uniform, B zero) or gaussian (A normal, std 1/rank).
     Inits that rewrite the base weights or need data (pissa, olora, loftq, eva, corda) are not offered."""
-    targets: Literal["attention", "attention_ff", "all_linear"] | list[str] = "attention"
+    targets: LoraPreset | list[str] = "attention"
     """attention: joint-attention projections of both streams; attention_ff: those and the MLPs;
     all_linear: every Linear; or a list of module names (peft target_modules: a name or its suffix)."""
 
     def target_modules(self) -> tuple[str, ...] | None:
         """The peft target_modules the targets stand for; None: every Linear (all_linear)."""
-        if self.targets == "all_linear":
-            return None
-        return LORA_PRESET_MODULES[self.targets] if isinstance(self.targets, str) else tuple(self.targets)
+        return lora_target_modules(self.targets)
 
     @pydantic.field_validator("targets")
     @classmethod

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sd35dist.config.recipe import LORA_PRESET_MODULES as PRESETS, LoraSection
+from sd35dist.config.model_size import names_module
+from sd35dist.config.recipe import LORA_TARGET_PRESETS, LoraSection, lora_target_modules
 from sd35dist.models.state_keys import plain_name
 
 ADAPTER = "default"
@@ -43,14 +44,14 @@ class LoraTargetError(ValueError):
 def target_modules(model: nn.Module, targets: str | list[str]) -> list[str]:
     """peft target_modules for the recipe's `targets`; every explicit name must match a Linear."""
     linear = [plain_name(name) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if targets == "all_linear":
+    wanted = lora_target_modules(targets)
+    if wanted is None:
         return linear
-    wanted = list(PRESETS[targets]) if isinstance(targets, str) else list(targets)
     for target in wanted:
-        if not any(name == target or name.endswith("." + target) for name in linear):
+        if not any(names_module(name, target) for name in linear):
             raise LoraTargetError(f"{target!r} names no Linear module of the transformer "
-                                  f"(e.g. attn.to_q, ff.net.2, or a preset: attention, attention_ff, all_linear)")
-    return wanted
+                                  f"(e.g. attn.to_q, ff.net.2, or a preset: {', '.join(LORA_TARGET_PRESETS)})")
+    return list(wanted)
 
 
 def lora_config(section: LoraSection, modules: list[str]):
