@@ -279,7 +279,12 @@ def diff_table(changes: list[BlockChange]) -> list[str]:
 
 def diff(path: Path, base_path: Path, use_ema: bool = False) -> tuple[list[BlockChange], list[str]]:
     """The per-block change of `path` against `base_path` (any two formats `open_path` reads)."""
-    opened, base = open_path(path, use_ema), open_path(base_path)
+    return diff_opened(open_path(path, use_ema), base_path)
+
+
+def diff_opened(opened: Opened, base_path: Path) -> tuple[list[BlockChange], list[str]]:
+    """`diff` of a file or checkpoint already opened (inspect prints it first)."""
+    base = open_path(base_path)
     if base.kind == "LoRA file":
         raise CheckpointUnreadable(f"{base_path}: a LoRA cannot be the base; diff the LoRA against its base model")
     if opened.kind == "LoRA file":
@@ -306,7 +311,7 @@ def main(argv: list[str]) -> int:
         if args.diff is not None:
             from sd35dist.checkpoint.diff_plot import plot_changes
 
-            changes, notes = diff(args.path, args.diff, args.ema)
+            changes, notes = diff_opened(opened, args.diff)
             print(f"\nchange against {args.diff}:")
             print("\n".join(diff_table(changes)))
             for note in notes:

@@ -131,3 +131,13 @@ class CheckpointDir:
 
 def read_info(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / COMPLETE).read_text())
+
+
+def saved_recipe(checkpoint: Path) -> dict[str, Any]:
+    """The recipe the checkpoint was trained with, as plain data ({} when it holds none)."""
+    import yaml
+
+    from sd35dist.checkpoint.recipe_match import RECIPE_FILE
+
+    path = checkpoint / RECIPE_FILE
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}

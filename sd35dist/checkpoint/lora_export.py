@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 
-from sd35dist.checkpoint.layout import read_info
-from sd35dist.checkpoint.recipe_match import RECIPE_FILE
+from sd35dist.checkpoint.layout import read_info, saved_recipe
 from sd35dist.config.atomic_files import staged_directory
 from sd35dist.config.recipe import LoraSection
 
@@ -29,11 +26,6 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 """diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY: the LoraConfig diffusers builds the adapter from,
 its fields prefixed by the component (`transformer.r`), as save_lora_weights writes it."""
 METADATA_PREFIX = "sd35dist."
-
-
-def saved_recipe(checkpoint: Path) -> dict[str, Any]:
-    path = checkpoint / RECIPE_FILE
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def checkpoint_lora(checkpoint: Path) -> LoraSection | None:

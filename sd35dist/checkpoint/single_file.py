@@ -156,11 +156,8 @@ def export_single_file(source_path: Path, out: Path, *, use_ema: bool = False, d
     The VAE comes from `vae_dir`, else the base model's `vae/` (the checkpoint's recipe names
     the base model; a transformer folder's sibling `vae/`). Returns the file's size.
     """
-    import yaml
-
-    from sd35dist.checkpoint.layout import COMPLETE, CheckpointUnreadable, read_info
+    from sd35dist.checkpoint.layout import COMPLETE, CheckpointUnreadable, read_info, saved_recipe
     from sd35dist.checkpoint.manager import TRANSFORMER_CONFIG
-    from sd35dist.checkpoint.recipe_match import RECIPE_FILE
     from sd35dist.checkpoint.inspect import open_checkpoint
     from sd35dist.checkpoint.tensor_sources import SafetensorsFiles
 
@@ -175,8 +172,7 @@ def export_single_file(source_path: Path, out: Path, *, use_ema: bool = False, d
             raise CheckpointUnreadable(f"{source_path}: no {TRANSFORMER_CONFIG}")
         info = read_info(source_path)
         step, recipe_sha256 = info.get("step"), info.get("recipe_sha256")
-        recipe_file = source_path / RECIPE_FILE
-        base = (yaml.safe_load(recipe_file.read_text()) or {}).get("model", {}) if recipe_file.is_file() else {}
+        base = saved_recipe(source_path).get("model") or {}
         base_model = str(base.get("pretrained", "unknown"))
         default_vae = Path(base_model) / "vae"
         source: TensorSource = open_checkpoint(source_path, use_ema)

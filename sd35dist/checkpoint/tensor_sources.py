@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 
 from sd35dist.checkpoint.layout import CheckpointUnreadable
+from sd35dist.checkpoint.safetensors_stream import DTYPE_NAMES
 from sd35dist.models.state_keys import plain_name
 
 
@@ -79,11 +80,7 @@ class SafetensorsFiles:
             return handle.get_tensor(name)
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
+_SAFETENSORS_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 def block_group(name: str) -> str:
