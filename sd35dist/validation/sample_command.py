@@ -10,7 +10,6 @@ validation prompts are taken from the cache, as training renders them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -39,7 +38,15 @@ def guidance_of(args: argparse.Namespace, kind: str | None = None) -> GuidanceSe
                             momentum=args.apg_momentum, norm_threshold=args.apg_norm_threshold)
 
 
-def renderer_for(model: torch.nn.Module, base_model: Path, device: torch.device) -> Renderer:
+def inference_device(world) -> torch.device:  # noqa: ANN001 — a World, or None in one process
+    """This rank's GPU under torchrun, the GPU in one process, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(world.device) if world is not None else torch.device("cuda")
+
+
+def renderer_for(model: torch.nn.Module, base_model: Path, device: torch.device, world=None) -> Renderer:  # noqa: ANN001
+    """A renderer of `model` with the base model's VAE and scheduler; under torchrun (`world`) this rank's share."""
     from sd35dist.models.sd3_components import load_vae
 
     vae = load_vae(base_model, device, torch.float32)
@@ -52,8 +59,9 @@ def renderer_for(model: torch.nn.Module, base_model: Path, device: torch.device)
         cast = {k: v.to(dtype) if k != "timestep" and v.is_floating_point() else v for k, v in inputs.items()}
         return model(**cast, return_dict=False)[0]
 
+    rank, world_size = (world.rank, world.world_size) if world is not None else (0, 1)
     return Renderer(forward=forward, vae=vae, scheduler_config=config, latent_shape=latent_shape_of(model.config, vae),
-                    device=device)
+                    device=device, rank=rank, world_size=world_size)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,10 +99,7 @@ def main(argv: list[str]) -> int:
 
 
 def _sample(args: argparse.Namespace, prompts: list[str], world) -> int:
-    if torch.cuda.is_available():
-        device = torch.device(world.device) if world is not None else torch.device("cuda")
-    else:
-        device = torch.device("cpu")
+    device = inference_device(world)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         loaded = load_transformer(args.source, use_ema=args.ema, dtype=dtype)
@@ -107,9 +112,7 @@ def _sample(args: argparse.Namespace, prompts: list[str], world) -> int:
         return 2
     length = args.max_sequence_length or (loaded.recipe.data.max_sequence_length if loaded.recipe else 256)
     embeddings = _encode(base, prompts, args.negative_prompt, length, device)
-    renderer = renderer_for(loaded.model, base, device)
-    if world is not None:
-        renderer = dataclasses.replace(renderer, rank=world.rank, world_size=world.world_size)
+    renderer = renderer_for(loaded.model, base, device, world)
     pairs = validation_pairs(len(prompts), args.seed or [0], [(args.width, args.height)])
     images = renderer.render(pairs, embeddings, SampleSettings(steps=args.steps, guidance=guidance_of(args)))
     if world is not None and world.rank != 0:

@@ -9,7 +9,6 @@ state) and renders its share of the images; rank 0 writes the grid.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from sd35dist.data.validation_prompts import read_validation_prompts
 from sd35dist.validation.grid import labelled_grid
 from sd35dist.validation.guidance import GuidanceSettings
 from sd35dist.validation.render import launched_ranks, validation_pairs
-from sd35dist.validation.sample_command import renderer_for
+from sd35dist.validation.sample_command import inference_device, renderer_for
 from sd35dist.validation.sampler import SampleSettings
 from sd35dist.validation.sources import checkpoint_recipe, load_transformer
 
@@ -92,11 +91,8 @@ def _sweep(args: argparse.Namespace, steps: list[int], recipe: Recipe, embedding
     kinds = ["cfg", "apg"] if args.compare_guidance else [section.guidance]
     width, height = section.resolutions[0]
     pairs = validation_pairs(len(embeddings.prompts), section.seeds, [(width, height)])
-    if torch.cuda.is_available():
-        device = torch.device(world.device) if world is not None else torch.device("cuda")
-    else:
-        device = torch.device("cpu")
-    rank, world_size = (world.rank, world.world_size) if world is not None else (0, 1)
+    device = inference_device(world)
+    rank = world.rank if world is not None else 0
     out = args.out or args.output_dir / SWEEP_DIR
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -105,8 +101,7 @@ def _sweep(args: argparse.Namespace, steps: list[int], recipe: Recipe, embedding
     for step in steps:
         loaded = load_transformer(checkpoints.path(step), use_ema=args.ema,
                                   dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        renderer = dataclasses.replace(renderer_for(loaded.model, Path(recipe.model.pretrained), device),
-                                       rank=rank, world_size=world_size)
+        renderer = renderer_for(loaded.model, Path(recipe.model.pretrained), device, world)
         for kind in kinds:
             guidance = GuidanceSettings(kind=kind, scale=section.guidance_scale, eta=apg.eta, momentum=apg.momentum,
                                         norm_threshold=apg.norm_threshold)
