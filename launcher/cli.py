@@ -83,12 +83,18 @@ def _run_dir(arg: str | None, profile: Profile, recipe: Recipe, job: str) -> Pat
     return candidate
 
 
-def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe]:
+def inputs_from_args(args: argparse.Namespace) -> tuple[Profile, Path, Recipe, Path]:
+    """The profile and the recipe (with `--set` applied) and the files they came from."""
     profile_overrides, recipe_overrides = split_overrides(args.overrides)
     profile_file = profile_path(args.profile)
     profile = load_profile(profile_file, profile_overrides)
     recipe_file = _recipe_path(args.recipe, profile, profile_file)
     recipe = resolve_paths(load_recipe(recipe_file, recipe_overrides), Path.cwd())
+    return profile, profile_file, recipe, recipe_file
+
+
+def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, Path]:
+    profile, profile_file, recipe, recipe_file = inputs_from_args(args)
     run_dir = _run_dir(args.run_dir, profile, recipe, args.job)
     plan = build_plan(
         profile=profile,
@@ -105,7 +111,7 @@ def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe]:
     if args.job == "train":
         for line in save_budget_warnings(profile, recipe):
             print(f"warning: {line}", file=sys.stderr)
-    return plan, profile, recipe
+    return plan, profile, recipe, recipe_file
 
 
 def save_budget_warnings(profile: Profile, recipe: Recipe) -> list[str]:
@@ -151,11 +157,7 @@ def _follow(record: dict[str, str], out=sys.stdout, poll_s: float = 1.0) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """`sd35dist plan`: memory, communication and step time per GPU; exit 2 when it cannot fit."""
-    profile_overrides, recipe_overrides = split_overrides(args.overrides)
-    profile_file = profile_path(args.profile)
-    profile = load_profile(profile_file, profile_overrides)
-    recipe_file = _recipe_path(args.recipe, profile, profile_file)
-    recipe = resolve_paths(load_recipe(recipe_file, recipe_overrides), Path.cwd())
+    profile, profile_file, recipe, recipe_file = inputs_from_args(args)
     report = resource_report.build_report(profile, recipe, profile_file.stem, recipe_file.name)
     sys.stdout.write(resource_report.render_report(report))
     check_fit(profile, recipe, profile_file.name, recipe_file.name)
@@ -164,12 +166,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    plan, profile, recipe = plan_from_args(args)
+    plan, profile, recipe, recipe_file = plan_from_args(args)
     # Only a profile that declares its GPU (hardware:) gets the fit check and the dry-run's plan line.
     report = None
     if profile.hardware.resolved() is not None:
-        recipe_name = _recipe_path(args.recipe, profile, profile_path(args.profile)).name
-        report = resource_report.build_report(profile, recipe, plan.profile_name, recipe_name)
+        report = resource_report.build_report(profile, recipe, plan.profile_name, recipe_file.name)
         if args.job == "train":
             resource_report.refuse_if_too_big(report)
     script = render_script(plan)

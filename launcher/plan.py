@@ -14,6 +14,7 @@ from sd35dist.config import ConfigError, Recipe, parse_override
 from sd35dist.config.commands import SUBMITTABLE_JOBS
 from sd35dist.config.mesh_layout import MeshLayout, refuse_zero3_across_gpu_nodes, resolve_mesh
 from sd35dist.config.recipe import RECIPE_KEYS
+from sd35dist.config.run_files import RUN_DIR_VAR
 
 RDZV_HOST_VAR = "SD35DIST_RDZV_HOST"
 RDZV_PORT_VAR = "SD35DIST_RDZV_PORT"
@@ -142,7 +143,7 @@ def _env(profile: Profile, run_dir: str) -> tuple[tuple[str, str], ...]:
     if cpus:
         values["OMP_NUM_THREADS"] = str(max(1, cpus // profile.procs_per_node))
     values.update(profile.env.values)
-    values["SD35DIST_RUN_DIR"] = run_dir
+    values[RUN_DIR_VAR] = run_dir
     if profile.slurm:
         values[SIGNAL_GRACE_VAR] = str(profile.slurm.signal_grace_s)
     return tuple(values.items())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 
 from launcher.plan import RDZV_HOST_VAR, RDZV_PORT_VAR, JobPlan
-from sd35dist.config.run_files import MISTAKE_FILE, PREEMPT_FILE
+from sd35dist.config.run_files import MISTAKE_FILE, PREEMPT_FILE, RUN_DIR_VAR
 
 
 def shell_word(text: str) -> str:
@@ -108,10 +108,10 @@ def lifecycle_traps(plan: JobPlan) -> list[str]:
     shell alone) becomes the PREEMPT file the ranks agree on at a step boundary. SIGTERM
     (scancel, requeue, preemption) reaches every process of the step from Slurm itself;
     this shell only keeps waiting so that the ranks can finish their save."""
-    flag = f'"$SD35DIST_RUN_DIR/{PREEMPT_FILE}"'
+    flag = f'"${RUN_DIR_VAR}/{PREEMPT_FILE}"'
     return [
         "# lifecycle: docs/lifecycle.md",
-        f'rm -f {flag} "$SD35DIST_RUN_DIR/{MISTAKE_FILE}"  # a requeued job starts without the previous run\'s files',
+        f'rm -f {flag} "${RUN_DIR_VAR}/{MISTAKE_FILE}"  # a requeued job starts without the previous run\'s files',
         "TIME_LIMIT_WARNED=0",
         f"trap 'TIME_LIMIT_WARNED=1; echo \"sd35dist: time-limit warning: asking the ranks to save\" >&2; touch {flag}' USR1",
         "trap 'echo \"sd35dist: SIGTERM from Slurm: the ranks save if it fits, then stop\" >&2' TERM",
@@ -130,7 +130,7 @@ def wait_and_requeue() -> list[str]:
         '    echo "sd35dist: the ranks saved before the time limit; requeueing job $SLURM_JOB_ID" >&2',
         '    scontrol requeue "$SLURM_JOB_ID"',
         "fi",
-        f'if [ -e "$SD35DIST_RUN_DIR/{MISTAKE_FILE}" ]; then STEP_STATUS=2; fi  # not srun\'s signal for the other nodes',
+        f'if [ -e "${RUN_DIR_VAR}/{MISTAKE_FILE}" ]; then STEP_STATUS=2; fi  # not srun\'s signal for the other nodes',
         'exit "$STEP_STATUS"',
     ]
 

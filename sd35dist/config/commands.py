@@ -76,9 +76,9 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 RANK_JOBS: tuple[str, ...] = tuple(c.name for c in COMMANDS if c.kind is RANK_JOB)
+"""Rank-side commands `python -m sd35dist <job>` that a submission may run."""
 SUBMITTABLE_JOBS: tuple[str, ...] = RANK_JOBS + tuple(c.name for c in COMMANDS if c.submittable)
 """What `sd35dist submit --job` may run on every rank."""
-"""Rank-side commands `python -m sd35dist <job>` that a submission may run."""
 
 
 def find_command(argv: list[str]) -> Command | None:

@@ -5,6 +5,9 @@ The batch script (launcher/render.py) writes the PREEMPT file; the ranks
 writes the MISTAKE file; the batch script reads it.
 """
 
+RUN_DIR_VAR = "SD35DIST_RUN_DIR"
+"""The job script exports the run directory under this name to every node (agents and ranks)."""
+
 PREEMPT_FILE = "PREEMPT"
 """Present while the ranks are asked to save and stop (Slurm's time-limit warning, or a user)."""
 

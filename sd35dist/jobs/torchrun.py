@@ -26,13 +26,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from sd35dist.config.run_files import MISTAKE_FILE
+from sd35dist.config.run_files import MISTAKE_FILE, RUN_DIR_VAR
 
 SEPARATE_STORE_PER_ATTEMPT = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 MISTAKE_EXIT = 2
@@ -166,9 +166,9 @@ def rendezvous_outlives_its_agents(rendezvous: Rendezvous | None, wait_s: float 
         pass  # the host has gone already: nothing left to keep
 
 
-def leave_mistake_mark(env: dict[str, str] | os._Environ = os.environ) -> None:
+def leave_mistake_mark(env: Mapping[str, str] = os.environ) -> None:
     """Tell the batch script that this job ended on a mistake (run_files.MISTAKE_FILE)."""
-    run_dir = env.get("SD35DIST_RUN_DIR")
+    run_dir = env.get(RUN_DIR_VAR)
     if run_dir:
         try:
             (Path(run_dir) / MISTAKE_FILE).touch()

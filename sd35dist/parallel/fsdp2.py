@@ -167,7 +167,8 @@ def load_transformer(
     `parallelize_fsdp2`. With `lora` the base is frozen in `param_dtype` and only the
     adapters keep `dtype` masters. Needs the process group that `world` describes.
     """
-    model = build_on_meta(transformer_config(model_dir, subfolder), dtype=dtype if lora is None else param_dtype)
+    base_dtype = dtype if lora is None else param_dtype  # a LoRA's frozen base needs no masters
+    model = build_on_meta(transformer_config(model_dir, subfolder), dtype=base_dtype)
     initial = inject_lora(model, lora, dtype=dtype, seed=seed)
     mesh = fsdp_mesh(world.world_size, replicas, world.device.type)
     parallelize_fsdp2(
@@ -179,8 +180,7 @@ def load_transformer(
         compile_blocks=compile_blocks,
         reshard_after_forward=reshard_after_forward,
     )
-    return materialize_and_load(model, model_dir, subfolder, device=world.device,
-                                dtype=dtype if lora is None else param_dtype, initial=initial)
+    return materialize_and_load(model, model_dir, subfolder, device=world.device, dtype=base_dtype, initial=initial)
 
 
 def _device_type() -> str:

@@ -147,13 +147,14 @@ class ZeroStrategy:
         self.ema = ShardedEMA(self._named_master_fragments()) if recipe.train.ema.enabled else None
 
     def _optimizer(self, deepspeed: Any, model: nn.Module) -> torch.optim.Optimizer:
+        params = [p for _, p in trainable_parameters(model)]
         if not self.recipe.parallel.offload_optimizer:
-            return make_optimizer([p for _, p in trainable_parameters(model)], self.recipe, self.world.device)
+            return make_optimizer(params, self.recipe, self.world.device)
         # Offloaded state is updated on the CPU: DeepSpeed's vectorised Adam, not torch's.
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         train = self.recipe.train
-        return DeepSpeedCPUAdam([p for _, p in trainable_parameters(model)], lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+        return DeepSpeedCPUAdam(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                                 eps=train.adam_epsilon, weight_decay=train.adam_weight_decay, adamw_mode=True)
 
     # ---- model build ------------------------------------------------------------------------
