@@ -7,7 +7,7 @@
 Both loops train the same model (SD3Transformer2DModel at random init, built directly on the device
 in bf16: throughput depends on shapes, not weights) on the same synthetic batches (latents
 16×H/8×W/8, prompt embeddings (77 + T5 length)×4096, pooled 2048; per step fresh noise and
-logit-normal timesteps) with the same SD3 flow-matching loss (sd35dist.train.flow_matching):
+logit-normal timesteps) with the same SD3 flow-matching loss (sd35dist.trainer.flow_matching):
   plain  the diffusers SD3 example's loop: eager, model.enable_gradient_checkpointing(), bf16 inputs,
          loss.backward(), clip_grad_norm_, torch.optim.AdamW with torch's default implementation (not
          fused), pure bf16 weights and states (fp32 master weights + AdamW for 8B parameters do not fit 80 GB);
@@ -15,7 +15,7 @@ logit-normal timesteps) with the same SD3 flow-matching loss (sd35dist.train.flo
          bf16 parameters ("adamw_bf16"), per-block activation checkpointing, per-block torch.compile with
          --compile, fused AdamW on CUDA; fp32 inputs cast by FSDP's mixed-precision policy, as in training.
 Per loop: warm-up steps, then timed steps, each ended by a device synchronize. img/s = batch / median
-step time; MFU from sd35dist.train.mfu (3× forward FLOPs, recomputation not counted) over the GPU's
+step time; MFU from sd35dist.config.model_flops (3× forward FLOPs, recomputation not counted) over the GPU's
 dense bf16 peak; peak GiB = torch.cuda.max_memory_allocated over build and steps. Prints markdown rows
 for docs/benchmarks.md.
 """
@@ -46,14 +46,14 @@ from sd35dist.models import tiny_sd3  # noqa: E402
 from sd35dist.models.lora import inject_lora  # noqa: E402
 from sd35dist.parallel.fsdp2 import FSDP2Strategy  # noqa: E402
 from sd35dist.parallel.process_group import World  # noqa: E402
-from sd35dist.train.flow_matching import (  # noqa: E402
+from sd35dist.trainer.flow_matching import (  # noqa: E402
     FlowMatchSchedule,
     flow_matching_loss_sum_and_count,
     loss_weighting,
     noisy_input_and_target,
     sample_timestep_indices,
 )
-from sd35dist.train.mfu import mfu, mmdit_train_flops_per_sample, peak_bf16_flops  # noqa: E402
+from sd35dist.config.model_flops import mfu, mmdit_train_flops_per_sample, peak_bf16_flops  # noqa: E402
 
 CLIP_TOKENS = 77
 # stabilityai/stable-diffusion-3.5-large transformer/config.json (about 8.06e9 parameters).

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher import jobs, resource_report
+from launcher import job_control, resource_report
 from launcher.plan import JobPlan, build_plan, check_fit, split_overrides
 from launcher.profile import Profile, load_profile, profile_path
 from launcher.render import render_script
@@ -19,8 +19,8 @@ from sd35dist.config import ConfigError, Recipe, load_recipe, recipe_yaml, resol
 from sd35dist.config.commands import COMMANDS, SUBMITTABLE_JOBS, SUBMIT
 from sd35dist.config.loading import dump_yaml
 from sd35dist.config.model_layout import check_pretrained
-from sd35dist.config.save_budget import grace_warnings, read_save_estimate
-from sd35dist.config.slurm_query import kill_wait_s
+from sd35dist.runtime.save_budget import grace_warnings, read_save_estimate
+from sd35dist.runtime.slurm_query import kill_wait_s
 
 DEFAULT_RECIPE = "sd35dist.yaml"
 
@@ -134,8 +134,8 @@ def _follow(record: dict[str, str], out=sys.stdout, poll_s: float = 1.0) -> str:
     offsets: dict[Path, int] = {}
     restarts = 0
     while True:
-        ended = jobs.ended_state(record)
-        for path in jobs.log_files(record):
+        ended = job_control.ended_state(record)
+        for path in job_control.log_files(record):
             start = offsets.get(path, 0)
             with path.open("rb") as handle:
                 handle.seek(start)
@@ -145,7 +145,7 @@ def _follow(record: dict[str, str], out=sys.stdout, poll_s: float = 1.0) -> str:
                 out.flush()
                 offsets[path] = start + len(chunk)
         if record["scheduler"] == "slurm" and ended is None:
-            now = jobs.slurm_restarts(record["job_id"])
+            now = job_control.slurm_restarts(record["job_id"])
             if now > restarts:
                 restarts = now
                 out.write(f"sd35dist: job {record['job_id']} requeued (restart {restarts}); still following it\n")
@@ -199,17 +199,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    record = jobs.find_record(args.job)
-    print(f"{record['job_id']} {jobs.job_state(record)} {record.get('run_dir', '')}".rstrip())
+    record = job_control.find_record(args.job)
+    print(f"{record['job_id']} {job_control.job_state(record)} {record.get('run_dir', '')}".rstrip())
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    record = jobs.find_record(args.job)
+    record = job_control.find_record(args.job)
     if args.follow:
         _follow(record)
         return 0
-    files = jobs.log_files(record)
+    files = job_control.log_files(record)
     if not files:
         print(f"job {record['job_id']}: no logs yet", file=sys.stderr)
         return 1
@@ -220,8 +220,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    record = jobs.find_record(args.job)
-    jobs.cancel(record)
+    record = job_control.find_record(args.job)
+    job_control.cancel(record)
     print(f"cancelled job {record['job_id']}")
     return 0
 

@@ -14,7 +14,7 @@ from sd35dist.config import ConfigError, Recipe, parse_override
 from sd35dist.config.commands import SUBMITTABLE_JOBS
 from sd35dist.config.mesh_layout import MeshLayout, refuse_zero3_across_gpu_nodes, resolve_mesh
 from sd35dist.config.recipe import RECIPE_KEYS
-from sd35dist.config.run_files import RUN_DIR_VAR
+from sd35dist.runtime.run_files import RUN_DIR_VAR
 
 RDZV_HOST_VAR = "SD35DIST_RDZV_HOST"
 RDZV_PORT_VAR = "SD35DIST_RDZV_PORT"

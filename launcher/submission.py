@@ -19,7 +19,7 @@ from pathlib import Path
 
 from launcher.plan import JobPlan
 from launcher.render import render_script
-from sd35dist.config.atomic_files import staged_directory, write_text_atomically
+from sd35dist.runtime.atomic_files import staged_directory, write_text_atomically
 
 JOB_RECORD = "job.json"
 

@@ -42,7 +42,7 @@ def recipe_for(model_dir: Path, out_dir: Path, strategy: str, optimizer: str):
 
 def sampled_timesteps(model_dir: Path, generator: torch.Generator) -> torch.Tensor:
     """fp32 timesteps drawn as the trainer draws them (logit-normal over the shifted schedule)."""
-    from sd35dist.train.flow_matching import FlowMatchSchedule, sample_timestep_indices
+    from sd35dist.trainer.flow_matching import FlowMatchSchedule, sample_timestep_indices
 
     config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
     schedule = FlowMatchSchedule.from_scheduler_config(config)

@@ -119,7 +119,7 @@ def _running(pid: int) -> bool:
 
 
 def _processes_under(root: int, cmdline: str) -> list[int]:
-    from launcher.jobs import _descendants
+    from launcher.job_control import _descendants
 
     found = []
     for pid in _descendants(root):

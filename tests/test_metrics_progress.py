@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sd35dist.parallel.process_group import World
-from sd35dist.train.metrics import MetricsLog, progress_line
+from sd35dist.trainer.metrics import MetricsLog, progress_line
 
 pytestmark = pytest.mark.unit
 

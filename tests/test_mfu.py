@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from sd35dist.models.tiny_sd3 import TRANSFORMER_SIZES
-from sd35dist.train.mfu import (
+from sd35dist.config.model_flops import (
     mfu,
     mmdit_forward_flops_per_sample,
     mmdit_train_flops_per_sample,

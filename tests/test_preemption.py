@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from sd35dist.train.preemption import (
+from sd35dist.trainer.preemption import (
     PREEMPT_FILE,
     PreemptionWatch,
     SlurmJobView,

@@ -148,7 +148,7 @@ def test_export_refuses_a_crafted_metadata_without_running_it(capsys, tmp_path):
 
 @pytest.mark.unit
 def test_a_job_result_file_is_read_as_plain_data_only(tmp_path):
-    from launcher.jobs import local_state
+    from launcher.job_control import local_state
 
     record = {"job_id": "4194000", "scheduler": "local", "submitit_folder": str(tmp_path)}
     result = tmp_path / "4194000_0_result.pkl"

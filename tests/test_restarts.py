@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sd35dist.config.run_files import MISTAKE_FILE
+from sd35dist.runtime.run_files import MISTAKE_FILE
 from sd35dist.jobs.torchrun import (
     Rendezvous,
     failure_summary,

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from sd35dist.config.save_budget import (
+from sd35dist.runtime.save_budget import (
     SAVE_ESTIMATE_FILE,
     SaveBudget,
     SaveEstimate,

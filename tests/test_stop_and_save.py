@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sd35dist.checkpoint.layout import CheckpointDir
-from sd35dist.config.save_budget import SAVE_ESTIMATE_FILE, read_save_estimate
+from sd35dist.runtime.save_budget import SAVE_ESTIMATE_FILE, read_save_estimate
 from tests.conftest import PROJECT, venv_env
 from tests.test_cache_build import tiny_model  # noqa: F401
 from tests.test_train import cache, losses, train, train_recipe  # noqa: F401

@@ -127,7 +127,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank_and_back(cache, tmp_path):
 
 
 def _children(pid: int) -> list[int]:
-    from launcher.jobs import _descendants
+    from launcher.job_control import _descendants
 
     return _descendants(pid)
 

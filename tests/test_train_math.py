@@ -15,7 +15,7 @@ from diffusers.training_utils import (
 from torch.utils.data import DataLoader, DistributedSampler
 
 from sd35dist.data.stream_order import bucket_layouts, optimizer_steps_per_epoch
-from sd35dist.train.flow_matching import (
+from sd35dist.trainer.flow_matching import (
     FlowMatchSchedule,
     flow_matching_loss_sum_and_count,
     loss_weighting,
@@ -23,7 +23,7 @@ from sd35dist.train.flow_matching import (
     sample_timestep_density,
     sample_timestep_indices,
 )
-from sd35dist.train.lr_schedule import learning_rate_at, learning_rate_factor_at
+from sd35dist.trainer.lr_schedule import learning_rate_at, learning_rate_factor_at
 
 pytestmark = pytest.mark.unit
 
@@ -59,7 +59,7 @@ def example_training_step(scheme, x0, noise, pred, generator, scheduler):
 
 
 def trainer_loss(pred, target, weighting, *, world_size=1, global_count=None, accumulation=1):
-    """One rank's loss as Trainer.train_step computes it before backward (sd35dist/train/loop.py)."""
+    """One rank's loss as Trainer.train_step computes it before backward (sd35dist/trainer/loop.py)."""
     part_sum, count = flow_matching_loss_sum_and_count(pred.float(), target, weighting)
     global_count = torch.tensor(float(count if global_count is None else global_count))
     return part_sum * world_size / (global_count * accumulation)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from sd35dist.config.atomic_files import temporary_name
+from sd35dist.runtime.atomic_files import temporary_name
 
 
 class Change(Protocol):

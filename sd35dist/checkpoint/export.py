@@ -21,7 +21,7 @@ import torch
 from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE, CheckpointDir, CheckpointUnreadable, read_info
 from sd35dist.checkpoint.lora_export import checkpoint_lora, export_lora
 from sd35dist.checkpoint.manager import TRANSFORMER_CONFIG
-from sd35dist.config.atomic_files import staged_directory
+from sd35dist.runtime.atomic_files import staged_directory
 from sd35dist.models.state_keys import key_mismatch
 from sd35dist.parallel.strategy import STRATEGIES
 

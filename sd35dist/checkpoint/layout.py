@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sd35dist.config.atomic_files import write_text_atomically
+from sd35dist.runtime.atomic_files import write_text_atomically
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sd35dist.checkpoint.layout import read_info, saved_recipe
-from sd35dist.config.atomic_files import staged_directory
+from sd35dist.runtime.atomic_files import staged_directory
 from sd35dist.config.recipe import LoraSection
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from sd35dist.config.atomic_files import temporary_name
+from sd35dist.runtime.atomic_files import temporary_name
 
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

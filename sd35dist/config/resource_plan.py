@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sd35dist.config.mesh_layout import MeshLayout
+from sd35dist.config.model_flops import mmdit_train_flops_per_sample
 from sd35dist.config.model_size import TransformerSize, image_tokens, lora_parameters
 from sd35dist.config.recipe import Recipe
 
@@ -325,7 +326,6 @@ def fit_advice(size: TransformerSize, work: Workload, mesh: MeshLayout, plan: Me
 
 
 def train_flops_per_sample(config: Mapping[str, Any], width: int, height: int, text_tokens: int) -> float:
-    """Model FLOPs of training on one sample (sd35dist/train/mfu.py's count; torch-free)."""
-    from sd35dist.train.mfu import mmdit_train_flops_per_sample
+    """Model FLOPs of training on one sample (sd35dist/config/model_flops.py's count; torch-free)."""
 
     return mmdit_train_flops_per_sample(config, height, width, text_tokens)

@@ -16,7 +16,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from sd35dist.config.atomic_files import write_bytes_atomically
+from sd35dist.runtime.atomic_files import write_bytes_atomically
 
 
 class UnsafePath(ValueError):

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from sd35dist.config.atomic_files import write_text_atomically
+from sd35dist.runtime.atomic_files import write_text_atomically
 from sd35dist.config.loading import ConfigError, validate_mapping
 from sd35dist.config.recipe import DEFAULT_BUCKETS, Recipe
 from sd35dist.importers.simpletuner_options import (BACKEND_MAPPED, BACKEND_UNMAPPED, ENV_ARGUMENT_LISTS, ENV_IGNORED,

@@ -26,7 +26,7 @@ import fsspec
 import torch
 import torch.distributed as dist
 
-from sd35dist.config.atomic_files import write_text_atomically
+from sd35dist.runtime.atomic_files import write_text_atomically
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import is_url, load_recipe, looks_secret, recipe_hash, resolve_paths
 from sd35dist.jobs.rank_failure import write_line

@@ -3,7 +3,7 @@
 The bytes come from the model's config on the meta device (no weights are read) and what a
 checkpoint holds per parameter; the speed is measured by every rank writing (and fsyncing)
 a probe file into `output.dir` at once, as they do when they save. The slowest rank sets
-the pace. The result goes to `<output.dir>/save_estimate.json` (sd35dist/config/save_budget.py),
+the pace. The result goes to `<output.dir>/save_estimate.json` (sd35dist/runtime/save_budget.py),
 where `submit` and the trainer compare it with the time Slurm gives a save.
 """
 
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from sd35dist.config.recipe import Recipe
-from sd35dist.config.save_budget import SaveEstimate, write_save_estimate
+from sd35dist.runtime.save_budget import SaveEstimate, write_save_estimate
 from sd35dist.parallel.process_group import World
 
 PROBE_BYTES = 32 * 2**20

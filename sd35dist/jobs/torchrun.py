@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from sd35dist.config.run_files import MISTAKE_FILE, RUN_DIR_VAR
+from sd35dist.runtime.run_files import MISTAKE_FILE, RUN_DIR_VAR
 
 SEPARATE_STORE_PER_ATTEMPT = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 MISTAKE_EXIT = 2

@@ -15,7 +15,7 @@ from sd35dist.config.loading import ConfigError
 from sd35dist.jobs.rank_failure import rank_from_env, report_before_group, report_failure
 from sd35dist.jobs.rank_inputs import check_pretrained, load_rank_recipe, train_model_parts
 from sd35dist.parallel.process_group import destroy, init_process_group_from_env
-from sd35dist.train.loop import run
+from sd35dist.trainer.loop import run
 
 COLLECTIVE_TIMEOUT_S = 1800
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sd35dist.config.atomic_files import staged_directory
+from sd35dist.runtime.atomic_files import staged_directory
 from sd35dist.models.sd3_components import ModelDirectoryIncomplete, check_model_dir
 
 # The transformer is split into several files so tests walk the same index-json path as the

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sd35dist.config.atomic_files import write_text_atomically
+from sd35dist.runtime.atomic_files import write_text_atomically
 
 REPORT_NAME = "report.html"
 PLOTS_DIR = "plots"

@@ -19,8 +19,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sd35dist.config.atomic_files import write_text_atomically
-from sd35dist.config.slurm_query import kill_wait_s
+from sd35dist.runtime.atomic_files import write_text_atomically
+from sd35dist.runtime.slurm_query import kill_wait_s
 
 SAVE_ESTIMATE_FILE = "save_estimate.json"
 

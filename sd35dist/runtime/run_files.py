@@ -1,7 +1,7 @@
 """Names of files in a run directory that both sides read or write (no torch here).
 
 The batch script (launcher/render.py) writes the PREEMPT file; the ranks
-(sd35dist/train/preemption.py) watch for it. A node's torchrun agent (sd35dist/jobs/torchrun.py)
+(sd35dist/trainer/preemption.py) watch for it. A node's torchrun agent (sd35dist/jobs/torchrun.py)
 writes the MISTAKE file; the batch script reads it.
 """
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from launcher.submission import JOB_RECORD, state_dir
 from sd35dist.config import ConfigError
-from sd35dist.config.slurm_query import accounting_states, controller_restarts, slurm_output
+from sd35dist.runtime.slurm_query import accounting_states, controller_restarts, slurm_output
 
 
 def find_record(ref: str) -> dict[str, str]:
