@@ -9,8 +9,8 @@ import pytest
 
 from sd35dist.data.manifest import read_manifest
 from sd35dist.data.storage import Store
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import cache_files, run_cache, tiny_model, write_inputs, write_recipe  # noqa: F401
+from tests.cache_runs import cache_files, run_cache, write_inputs, write_recipe
+from tests.cli_runs import PROJECT, venv_env
 
 pytestmark = pytest.mark.s3
 

@@ -17,11 +17,10 @@ import sys
 import pytest
 
 from sd35dist.config.loading import ConfigError
-from sd35dist.config.recipe import Recipe
 from sd35dist.config.mesh_layout import refuse_zero3_across_gpu_nodes, resolve_mesh
-from tests.conftest import PROJECT, venv_env
+from sd35dist.config.recipe import Recipe
+from tests.cli_runs import PROJECT, venv_env
 from tests.s3_server import free_port
-from tests.test_cache_build import tiny_model  # noqa: F401
 
 # Gradients under HSDP against the 4-rank mean on plain models, relative to the largest
 # gradient of each parameter (fp32; measured 1.9e-7). A mean over one replica group's two

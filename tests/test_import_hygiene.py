@@ -18,9 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT
-
-pytestmark = pytest.mark.unit
+from tests.cli_runs import PROJECT
 
 HEAVY = ("torch", "diffusers", "deepspeed", "transformers", "accelerate", "peft")
 PACKAGES = ("sd35dist", "launcher")
@@ -104,6 +102,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+@pytest.mark.process
 def test_dry_run_imports_no_torch():
     body = (
         "from sd35dist.cli import main\n"
@@ -112,6 +111,7 @@ def test_dry_run_imports_no_torch():
     assert _heavy_modules_after(body) == []
 
 
+@pytest.mark.process
 def test_help_imports_no_torch():
     body = (
         "from sd35dist.cli import main\n"
@@ -120,12 +120,14 @@ def test_help_imports_no_torch():
     assert _heavy_modules_after(body) == []
 
 
+@pytest.mark.process
 def test_every_launcher_module_imports_without_torch():
     modules = sorted(p.stem for p in (PROJECT / "launcher").glob("*.py"))
     body = "\n".join(f"import launcher.{m}" for m in modules)
     assert _heavy_modules_after(body) == []
 
 
+@pytest.mark.unit
 def test_launcher_source_names_no_heavy_import():
     for path in (PROJECT / "launcher").glob("*.py"):
         for name in _imported_names(path, f"launcher.{path.stem}"):
@@ -135,6 +137,7 @@ def test_launcher_source_names_no_heavy_import():
             )
 
 
+@pytest.mark.unit
 def test_rank_side_never_imports_the_launcher():
     for module, path in _module_files().items():
         if module.startswith("sd35dist") and module not in SUBMIT_HOST_MODULES:
@@ -142,6 +145,7 @@ def test_rank_side_never_imports_the_launcher():
             assert not launcher_imports, f"{path.relative_to(PROJECT)} imports {launcher_imports}"
 
 
+@pytest.mark.unit
 def test_parallel_imports_nothing_from_the_trainer():
     for module, path in _module_files().items():
         if module.startswith("sd35dist.parallel"):
@@ -149,11 +153,13 @@ def test_parallel_imports_nothing_from_the_trainer():
             assert not from_train, f"{path.relative_to(PROJECT)} imports {from_train}"
 
 
+@pytest.mark.unit
 def test_project_import_graph_has_no_cycle():
     cycle = find_cycle(_import_graph())
     assert cycle is None, "import cycle: " + " → ".join(cycle or [])
 
 
+@pytest.mark.unit
 def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
@@ -197,6 +203,7 @@ for module in modules:
 """
 
 
+@pytest.mark.process
 def test_every_module_imports_on_its_own():
     files = _module_files()
     modules = [m for m in files if not m.endswith("__main__")]  # __main__ runs the program

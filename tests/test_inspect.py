@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from safetensors.torch import save_file
 
 from sd35dist.checkpoint.inspect import block_of, diff
 from sd35dist.cli import main as cli_main
-from tests.test_cache_build import tiny_model  # noqa: F401
 
 pytestmark = pytest.mark.unit
 

@@ -19,12 +19,10 @@ import torch
 import yaml
 
 from sd35dist.checkpoint.layout import CheckpointDir
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_train import cache, losses, train, train_recipe  # noqa: F401
-from tests.test_train_zero import deepspeed_on_cpu  # noqa: F401  (autouse: DeepSpeed on CPU)
+from tests.cli_runs import PROJECT, venv_env
+from tests.train_runs import losses, train, train_recipe
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("deepspeed_on_cpu")]
 
 LORA = {"rank": 4, "alpha": 8.0, "targets": "attention_ff"}
 # Accumulation and clipping as in full fine-tunes; 4 steps, a checkpoint every 2.

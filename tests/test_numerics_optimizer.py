@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from sd35dist.config.recipe import Recipe
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_numerics_timestep import run_check
+from tests.numerics_check import run_check
 
 STEPS = 20
 WEIGHT_STD = 0.02

@@ -21,9 +21,9 @@ from sd35dist.data.manifest import read_manifest
 from sd35dist.data.storage import Store
 from sd35dist.jobs.rank_failure import report_before_group, report_failure, traceback_path
 from sd35dist.jobs.torchrun import exit_status, failure_summary
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import tiny_model, write_inputs, write_recipe  # noqa: F401
-from tests.test_train import cache, train_recipe  # noqa: F401
+from tests.cache_runs import write_inputs, write_recipe
+from tests.cli_runs import PROJECT, venv_env
+from tests.train_runs import train_recipe
 
 
 def torchrun(job: str, recipe: Path, run_dir: Path | None = None, nproc: int = 2) -> subprocess.CompletedProcess:

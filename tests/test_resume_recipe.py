@@ -21,9 +21,8 @@ from sd35dist.checkpoint.recipe_match import (
     resume_refusal,
 )
 from sd35dist.config.recipe import Recipe, recipe_hash
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_train import cache, losses, train_recipe  # noqa: F401
+from tests.cli_runs import PROJECT, venv_env
+from tests.train_runs import losses, train_recipe
 
 BASE = {
     "name": "r", "seed": 0, "model": {"pretrained": "/m", "transformer_subfolder": "transformer"},

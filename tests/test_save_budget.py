@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+from sd35dist.jobs.save_probe import checkpoint_bytes_per_parameter
 from sd35dist.runtime.save_budget import (
     SAVE_ESTIMATE_FILE,
     SaveBudget,
@@ -17,10 +18,8 @@ from sd35dist.runtime.save_budget import (
     read_save_estimate,
     write_save_estimate,
 )
-from sd35dist.jobs.save_probe import checkpoint_bytes_per_parameter
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_preflight import run_preflight, write_recipe
+from tests.cli_runs import PROJECT, venv_env
+from tests.preflight_runs import run_preflight, write_recipe
 
 
 @pytest.mark.unit
@@ -57,7 +56,7 @@ def test_a_checkpoint_holds_what_the_optimizer_keeps():
     assert checkpoint_bytes_per_parameter("adamw_bf16", ema=False) == 8
 
 
-@pytest.mark.unit
+@pytest.mark.process
 def test_submit_warns_when_the_last_measured_save_exceeds_the_grace(tmp_path):
     recipe = {"name": "tiny", "model": {"pretrained": str(tmp_path / "model")},
               "data": {"cache_url": str(tmp_path / "cache")}, "output": {"dir": str(tmp_path / "out")}}

@@ -17,7 +17,6 @@ from sd35dist.checkpoint.safetensors_stream import TensorSpec, write_streaming
 from sd35dist.checkpoint.single_file import Part, peak_bytes
 from sd35dist.checkpoint.tensor_sources import DcpTensors, block_group
 from sd35dist.cli import main as cli_main
-from tests.test_cache_build import tiny_model  # noqa: F401
 
 pytestmark = pytest.mark.unit
 

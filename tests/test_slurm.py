@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import wait_for
-from tests.test_local_submit import SECRET, all_text_under, sd35dist, tiny_recipe
+from tests.cli_runs import SECRET, all_text_under, sd35dist, tiny_recipe, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -97,14 +96,12 @@ def test_status_logs_cancel_on_a_running_job(slurm_env, tmp_path):
     assert squeue.strip() == ""
 
 
-def test_cache_job_builds_across_both_nodes(slurm_env, tmp_path):
+def test_cache_job_builds_across_both_nodes(slurm_env, tiny_model, tmp_path):
     from sd35dist.data.manifest import read_manifest
     from sd35dist.data.storage import Store
-    from sd35dist.models.tiny_sd3 import build_tiny_sd3
-    from tests.test_cache_build import write_inputs, write_recipe
-
-    model = build_tiny_sd3(tmp_path / "model")
-    recipe = write_recipe(tmp_path / "recipe.yaml", model, write_inputs(tmp_path / "images"), str(tmp_path / "cache"))
+    from tests.cache_runs import write_inputs, write_recipe
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model, write_inputs(tmp_path / "images"),
+                          str(tmp_path / "cache"))
     proc = sd35dist("submit", "--profile", "slurm-dev", "--job", "cache", "--recipe", str(recipe),
                     "--run-dir", str(tmp_path / "run"), "--wait", env=slurm_env)
     assert "ended: COMPLETED" in proc.stdout, proc.stdout + proc.stderr
@@ -114,25 +111,21 @@ def test_cache_job_builds_across_both_nodes(slurm_env, tmp_path):
     assert journals == ["w0002-r00000.json", "w0002-r00001.json"], "each node's rank built its share"
 
 
-def test_requeued_training_job_resumes_and_ends_with_the_uninterrupted_loss(slurm_env, s3_server, tmp_path):
+@pytest.mark.s3
+def test_requeued_training_job_resumes_and_ends_with_the_uninterrupted_loss(slurm_env, s3_server, cache, tmp_path):
     """Train the tiny recipe on n1+n2 streaming from the S3-protocol server; `scontrol requeue`
     mid-run (SIGTERM to the job, as a preemption): ranks save, the job comes back with
     SLURM_RESTART_COUNT=1, resumes from latest and ends with the uninterrupted run's loss."""
-    from sd35dist.models.tiny_sd3 import build_tiny_sd3
-    from tests.test_cache_build import run_cache, write_inputs, write_recipe
-    from tests.test_train import losses, train, train_recipe
-
-    model = build_tiny_sd3(tmp_path / "model")
-    run_cache(write_recipe(tmp_path / "cache.yaml", model, write_inputs(tmp_path / "images"), str(tmp_path / "cache")))
+    from tests.train_runs import losses, train, train_recipe
+    _, cache_dir = cache
     client = s3_server.client()
     client.create_bucket(Bucket="slurm-train")
-    for path in sorted((tmp_path / "cache").rglob("*")):
+    for path in sorted(cache_dir.rglob("*")):
         if path.is_file():
-            client.put_object(Bucket="slurm-train", Key=f"cache/{path.relative_to(tmp_path / 'cache')}",
-                              Body=path.read_bytes())
+            client.put_object(Bucket="slurm-train", Key=f"cache/{path.relative_to(cache_dir)}", Body=path.read_bytes())
 
     def recipe(name: str) -> Path:
-        path = train_recipe(tmp_path / f"{name}.yaml", (model, tmp_path / "cache"), tmp_path / f"out-{name}",
+        path = train_recipe(tmp_path / f"{name}.yaml", cache, tmp_path / f"out-{name}",
                             max_train_steps=60, checkpointing_steps=20)
         data = yaml.safe_load(path.read_text())
         data["data"] = {"cache_url": "s3://slurm-train/cache", "storage_options": s3_server.storage_options}

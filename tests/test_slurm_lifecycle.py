@@ -27,15 +27,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from sd35dist.checkpoint.layout import CheckpointDir
 from sd35dist.data.manifest import read_manifest
 from sd35dist.data.storage import Store
-from tests.conftest import wait_for
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_local_submit import sd35dist, tiny_recipe
-from tests.test_train import cache, losses, train, train_recipe  # noqa: F401
+from tests.cli_runs import sd35dist, tiny_recipe, wait_for
+from tests.train_runs import losses, train, train_recipe
 
 pytestmark = pytest.mark.slurm
 

@@ -15,9 +15,8 @@ import pytest
 
 from sd35dist.checkpoint.layout import CheckpointDir
 from sd35dist.runtime.save_budget import SAVE_ESTIMATE_FILE, read_save_estimate
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_train import cache, losses, train, train_recipe  # noqa: F401
+from tests.cli_runs import PROJECT, venv_env
+from tests.train_runs import losses, train, train_recipe
 
 pytestmark = pytest.mark.dist
 

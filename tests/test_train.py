@@ -9,49 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from sd35dist.checkpoint.layout import CheckpointDir, read_info
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import run_cache, tiny_model, write_inputs, write_recipe  # noqa: F401
+from tests.cli_runs import PROJECT, venv_env
+from tests.train_runs import export, losses, train, train_recipe
 
 pytestmark = pytest.mark.dist
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory, tiny_model) -> tuple[Path, Path]:  # noqa: F811
-    root = tmp_path_factory.mktemp("train-cache")
-    recipe = write_recipe(root / "cache.yaml", tiny_model, write_inputs(root / "images"), str(root / "cache"),
-                          cache_dtype="bf16")
-    run_cache(recipe)
-    return tiny_model, root / "cache"
-
-
-def train_recipe(path: Path, cache: tuple[Path, Path], output: Path, **train) -> Path:
-    model, cache_dir = cache
-    settings = {"train_batch_size": 2, "max_train_steps": 6, "learning_rate": 1e-3, "mixed_precision": "fp32",
-                "gradient_checkpointing": True, "checkpointing_steps": 3, "checkpoints_total_limit": 2,
-                "caption_dropout_probability": 0.2, "ema": {"enabled": True, "decay": 0.9}, **train}
-    recipe = {"name": "t", "seed": 3, "model": {"pretrained": str(model)}, "data": {"cache_url": str(cache_dir)},
-              "parallel": {"strategy": "fsdp2"}, "train": settings, "logging": {"report_to": "none"},
-              "output": {"dir": str(output)}}
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-def train(recipe: Path, run_dir: Path, nproc: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-         "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
-        capture_output=True, text=True, cwd=PROJECT, env={**(env or venv_env()), "OMP_NUM_THREADS": "1"}, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics-rank00000.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +49,6 @@ def test_stop_and_resume_gives_the_same_losses(straight, cache, tmp_path):
         uninterrupted = export(root / "out", tmp_path / f"straight{flag}", *flag)
         assert resumed.keys() == uninterrupted.keys()
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"
-
-
-def export(checkpoint: Path, out: Path, *flags: str) -> dict[str, torch.Tensor]:
-    proc = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(checkpoint), "--out", str(out),
-                           "--dtype", "fp32", *flags], capture_output=True, text=True, cwd=PROJECT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel.from_pretrained(out).state_dict()
 
 
 def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight, cache, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -19,11 +18,10 @@ from sd35dist.checkpoint.export import checkpoint_state
 from sd35dist.checkpoint.layout import CheckpointDir
 from sd35dist.config.recipe import Recipe
 from sd35dist.parallel.zero import deepspeed_config
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_train import cache, export, losses, train, train_recipe  # noqa: F401
+from tests.cli_runs import PROJECT, venv_env
+from tests.train_runs import export, losses, train, train_recipe
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("deepspeed_on_cpu")]
 
 # Named override sets. The fp32 ones accumulate and clip (grad norms here are 0.5–0.9), and
 # are compared with an FSDP2 run of the same recipe; the bf16 ones are what SD3.5 runs use.
@@ -37,16 +35,6 @@ CASES = {
     "zero3-offload": {"strategy": "zero3", "offload_optimizer": True, "offload_params": True},
 }
 PARALLEL_KEYS = ("offload_optimizer", "offload_params")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def deepspeed_on_cpu():
-    """DeepSpeed's CPU accelerator, and its C++ op builds cached where the Makefile keeps them."""
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "sd35dist" / "torch_extensions"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DS_ACCELERATOR", "cpu")
-        patch.setenv("TORCH_EXTENSIONS_DIR", extensions)
-        yield
 
 
 def zero_recipe(path: Path, cache: tuple[Path, Path], output: Path, strategy: str, **train) -> Path:  # noqa: F811

@@ -24,7 +24,6 @@ from sd35dist.validation.during_training import save_round
 from sd35dist.validation.guidance import GuidanceSettings
 from sd35dist.validation.render import Renderer, rank_rounds, validation_pairs
 from sd35dist.validation.sampler import SampleSettings, latent_shape_of
-from tests.test_cache_build import tiny_model  # noqa: F401
 
 pytestmark = pytest.mark.unit
 
