@@ -4,6 +4,7 @@ activated venv, the CLI as a child process, a poll with a deadline, and what a s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -22,6 +23,12 @@ def venv_env(**extra: str) -> dict[str, str]:
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.update(extra)
     return env
+
+
+def torch_extensions_dir() -> str:
+    """Where DeepSpeed's C++ op builds go: $TORCH_EXTENSIONS_DIR, else the Makefile's folder for this venv."""
+    venv = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "sd35dist" / "torch_extensions" / venv))
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):

@@ -9,7 +9,6 @@ preflight_runs): no test module imports another.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_runs import PROJECT, venv_env
+from tests.cli_runs import PROJECT, torch_extensions_dir, venv_env
 from tests.tiers import TierRules
 
 
@@ -56,10 +55,9 @@ def cache(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
 def deepspeed_on_cpu():
     """DeepSpeed's CPU accelerator, and its C++ op builds cached where the Makefile keeps them
     (`pytestmark = pytest.mark.usefixtures("deepspeed_on_cpu")` in a module that runs ZeRO)."""
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "sd35dist" / "torch_extensions"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DS_ACCELERATOR", "cpu")
-        patch.setenv("TORCH_EXTENSIONS_DIR", extensions)
+        patch.setenv("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
         yield
 
 

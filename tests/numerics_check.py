@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +32,9 @@ TEXT_TOKENS = 7
 
 def run_check(mode: str, model_dir: Path, out: Path, *args: str) -> dict:
     """This driver in MODE on 2 gloo ranks (DeepSpeed on its CPU accelerator); rank 0's result.json."""
-    from tests.cli_runs import PROJECT, venv_env
+    from tests.cli_runs import PROJECT, torch_extensions_dir, venv_env
 
-    env = venv_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "sd35dist" / "torch_extensions")))
+    env = venv_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=torch_extensions_dir())
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
          "-m", "tests.numerics_check", mode, str(model_dir), str(out), *args],
