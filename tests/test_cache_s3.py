@@ -15,7 +15,7 @@ from tests.cli_runs import PROJECT, venv_env
 pytestmark = pytest.mark.s3
 
 
-def test_s3_build_equals_local_build_byte_for_byte(s3_server, tiny_model, tmp_path, monkeypatch):  # noqa: F811
+def test_s3_build_equals_local_build_byte_for_byte(s3_server, tiny_model, tmp_path, monkeypatch):
     inputs = write_inputs(tmp_path / "images")
     local = write_recipe(tmp_path / "local.yaml", tiny_model, inputs, str(tmp_path / "cache"))
     run_cache(local)

@@ -28,7 +28,7 @@ SHAPED_BYTES_PER_S = 80e6
 
 
 @pytest.fixture(scope="module")
-def local_cache(tmp_path_factory, tiny_model) -> Path:  # noqa: F811
+def local_cache(tmp_path_factory, tiny_model) -> Path:
     root = tmp_path_factory.mktemp("stream-cache")
     write_demo_dataset(root / "images" / "demo", count=24, seed=11)
     (root / "images" / "exact").mkdir()

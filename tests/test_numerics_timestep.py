@@ -27,7 +27,7 @@ WEIGHT_DEVIATION = 0.02
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero2"])
-def test_time_projection_receives_the_fp32_sampled_timesteps(strategy, tiny_model, tmp_path):  # noqa: F811
+def test_time_projection_receives_the_fp32_sampled_timesteps(strategy, tiny_model, tmp_path):
     result = run_check("timestep", tiny_model, tmp_path, "--strategy", strategy)
     for rank in result["ranks"]:
         assert rank["received_dtype"] == "torch.float32"
@@ -65,7 +65,7 @@ def reference_training(model_dir: Path, steps: int) -> tuple[list[float], dict[s
     return losses, master.state_dict()
 
 
-def test_twenty_bf16_steps_follow_the_fp32_timestep_reference(tiny_model, tmp_path):  # noqa: F811
+def test_twenty_bf16_steps_follow_the_fp32_timestep_reference(tiny_model, tmp_path):
     from diffusers import SD3Transformer2DModel
     from safetensors.torch import load_file
 

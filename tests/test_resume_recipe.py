@@ -124,7 +124,7 @@ def _with(base: dict, path: Path, **sections) -> Path:
 
 
 @pytest.mark.dist
-def test_resume_refuses_a_changed_model_and_optimizer_accepts_an_override_and_step_counts(cache, tmp_path):  # noqa: F811
+def test_resume_refuses_a_changed_model_and_optimizer_accepts_an_override_and_step_counts(cache, tmp_path):
     model, _ = cache
     out = tmp_path / "out"
     first = train_recipe(tmp_path / "recipe.yaml", cache, out, max_train_steps=2, checkpointing_steps=2,

@@ -77,7 +77,7 @@ def test_submit_warns_when_the_last_measured_save_exceeds_the_grace(tmp_path):
 
 
 @pytest.mark.dist
-def test_preflight_measures_the_output_dir_and_records_a_save_estimate(tmp_path, tiny_model):  # noqa: F811
+def test_preflight_measures_the_output_dir_and_records_a_save_estimate(tmp_path, tiny_model):
     shutil.copytree(tiny_model, tmp_path / "tiny-sd3")
     (tmp_path / "cache").mkdir()
     run = run_preflight(write_recipe(tmp_path, str(tmp_path / "cache"), tmp_path / "out"), tmp_path / "run")

@@ -111,7 +111,7 @@ def metric_steps(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def submit_training(tmp_path: Path, cache, env, name: str, *sets: str, **train_settings) -> tuple[str, Path, Path]:  # noqa: F811
+def submit_training(tmp_path: Path, cache, env, name: str, *sets: str, **train_settings) -> tuple[str, Path, Path]:
     settings = {"max_train_steps": 400, "checkpointing_steps": 4, "checkpoints_total_limit": 2,
                 "gradient_checkpointing": False, "ema": {"enabled": False}, **train_settings}
     recipe = train_recipe(tmp_path / f"{name}.yaml", cache, tmp_path / f"out-{name}", **settings)
@@ -138,7 +138,7 @@ def test_the_cluster_tracks_processes_by_cgroup(slurm_env):
 
 
 @pytest.mark.parametrize("how", ["scancel", "sd35dist cancel"])
-def test_cancel_ends_a_training_job_for_good(slurm_env, cache, tmp_path, how):  # noqa: F811
+def test_cancel_ends_a_training_job_for_good(slurm_env, cache, tmp_path, how):
     job_id, run_dir, out = submit_training(tmp_path, cache, slurm_env, "cancel")
     wait_for(lambda: metric_steps(run_dir) >= 6, 180, "training to pass step 6")
     if how == "scancel":
@@ -157,7 +157,7 @@ def test_cancel_ends_a_training_job_for_good(slurm_env, cache, tmp_path, how):  
     assert_nothing_left(run_dir)
 
 
-def test_time_limit_warning_saves_requeues_and_the_job_finishes(slurm_env, cache, tmp_path):  # noqa: F811
+def test_time_limit_warning_saves_requeues_and_the_job_finishes(slurm_env, cache, tmp_path):
     """`--time=1` with a 30 s warning: USR1 reaches the batch shell alone, the ranks save at a step
     boundary and exit 0, the shell requeues; the second run resumes and (given more time) completes."""
     job_id, run_dir, out = submit_training(tmp_path, cache, slurm_env, "timelimit", "slurm.time=00:01:00",
@@ -178,7 +178,7 @@ def test_time_limit_warning_saves_requeues_and_the_job_finishes(slurm_env, cache
     assert_nothing_left(run_dir)
 
 
-def test_node_failure_requeues_and_resumes(slurm_env, cache, tmp_path):  # noqa: F811
+def test_node_failure_requeues_and_resumes(slurm_env, cache, tmp_path):
     job_id, run_dir, out = submit_training(tmp_path, cache, slurm_env, "nodefail", max_train_steps=40)
     wait_for(lambda: CheckpointDir(out).latest() is not None and metric_steps(run_dir) >= 6, 180, "a checkpoint")
     subprocess.run(["scontrol", "update", "nodename=n2", "state=down", "reason=sd35dist-test"], check=True,
@@ -197,7 +197,7 @@ def test_node_failure_requeues_and_resumes(slurm_env, cache, tmp_path):  # noqa:
     assert_nothing_left(run_dir)
 
 
-def test_a_killed_rank_restarts_inside_the_allocation(slurm_env, cache, tmp_path):  # noqa: F811
+def test_a_killed_rank_restarts_inside_the_allocation(slurm_env, cache, tmp_path):
     reference = tmp_path / "reference"
     recipe = train_recipe(tmp_path / "reference.yaml", cache, tmp_path / "out-reference", max_train_steps=30,
                           checkpointing_steps=4, gradient_checkpointing=False, ema={"enabled": False})
@@ -226,7 +226,7 @@ def parent_pid(pid: int) -> int:
         return -1
 
 
-def test_a_rank_that_keeps_crashing_fails_the_job_once_the_restarts_are_used_up(slurm_env, cache, tmp_path):  # noqa: F811
+def test_a_rank_that_keeps_crashing_fails_the_job_once_the_restarts_are_used_up(slurm_env, cache, tmp_path):
     job_id, run_dir, out = submit_training(tmp_path, cache, slurm_env, "crashes", "launch.max_restarts=1")
     wait_for(lambda: metric_steps(run_dir) >= 2, 180, "step 2")
     victim = rank_pids(run_dir)[-1]
@@ -245,7 +245,7 @@ def test_a_rank_that_keeps_crashing_fails_the_job_once_the_restarts_are_used_up(
     assert_nothing_left(run_dir)
 
 
-def test_a_mistake_fails_the_job_at_once_without_restarts(slurm_env, cache, tmp_path):  # noqa: F811
+def test_a_mistake_fails_the_job_at_once_without_restarts(slurm_env, cache, tmp_path):
     """A corrupt shard is met again by every attempt: with the default restarts on, the job ends on the
     first, with one line, exit code 2."""
     model, cache_dir = cache
@@ -267,7 +267,7 @@ def test_a_mistake_fails_the_job_at_once_without_restarts(slurm_env, cache, tmp_
     assert_nothing_left(run_dir)
 
 
-def test_two_jobs_sharing_nodes_use_their_own_rendezvous_ports(slurm_env, cache, tmp_path):  # noqa: F811
+def test_two_jobs_sharing_nodes_use_their_own_rendezvous_ports(slurm_env, cache, tmp_path):
     short_id, short_dir, _ = submit_training(tmp_path, cache, slurm_env, "short", max_train_steps=6)
     long_id, long_dir, _ = submit_training(tmp_path, cache, slurm_env, "long", max_train_steps=30)
     assert final_state(short_id, slurm_env, timeout_s=300) == "COMPLETED"
@@ -312,7 +312,7 @@ def test_the_script_slurm_runs_is_the_one_in_the_run_directory(slurm_env, tmp_pa
     assert not list((submitted / "submitit").glob("*_log.out")), "no second set of logs from submitit's runner"
 
 
-def test_wait_follows_a_requeued_job_until_it_really_ends(slurm_env, cache, tmp_path):  # noqa: F811
+def test_wait_follows_a_requeued_job_until_it_really_ends(slurm_env, cache, tmp_path):
     recipe = train_recipe(tmp_path / "wait.yaml", cache, tmp_path / "out-wait", max_train_steps=30,
                           checkpointing_steps=4, gradient_checkpointing=False, ema={"enabled": False})
     run_dir = tmp_path / "run-wait"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,11 +36,20 @@ def test_straight_run_trains_and_rotates_checkpoints(straight):
     assert {"step_seconds", "data_wait_fraction", "images_per_second"} <= set(metrics[0])
 
 
-def test_stop_and_resume_gives_the_same_losses(straight, cache, tmp_path):
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, cache) -> Path:
+    """A 2-rank run of the straight recipe stopped by max_train_steps 3: root/out (copy it to continue)
+    and root/run1. Both resume tests start from it."""
+    root = tmp_path_factory.mktemp("stopped")
+    train(train_recipe(root / "first.yaml", cache, root / "out", max_train_steps=3), root / "run1")
+    return root
+
+
+def test_stop_and_resume_gives_the_same_losses(straight, stopped, cache, tmp_path):
     _, expected = straight
     out = tmp_path / "out"
-    train(train_recipe(tmp_path / "first.yaml", cache, out, max_train_steps=3), tmp_path / "run1")
-    assert losses(tmp_path / "run1") == {s: expected[s] for s in (1, 2, 3)}
+    shutil.copytree(stopped / "out", out)
+    assert losses(stopped / "run1") == {s: expected[s] for s in (1, 2, 3)}
     proc = train(train_recipe(tmp_path / "second.yaml", cache, out), tmp_path / "run2")
     assert "resumed from" in proc.stdout + proc.stderr
     assert losses(tmp_path / "run2") == {s: expected[s] for s in (4, 5, 6)}, "CPU/gloo resume is exact"
@@ -68,9 +78,9 @@ def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight,
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank_and_back(cache, tmp_path):
+def test_two_rank_checkpoint_resumes_on_one_rank_and_back(stopped, cache, tmp_path):
     out = tmp_path / "out"
-    train(train_recipe(tmp_path / "first.yaml", cache, out, max_train_steps=3), tmp_path / "run1")
+    shutil.copytree(stopped / "out", out)
     train(train_recipe(tmp_path / "second.yaml", cache, out), tmp_path / "run2", nproc=1)
     got = losses(tmp_path / "run2")
     assert sorted(got) == [4, 5, 6] and all(v == v for v in got.values())
@@ -160,7 +170,7 @@ def test_adamw_bf16_stop_and_resume_gives_the_same_losses_and_weights(cache, tmp
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"
 
 
-def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, cache, tmp_path):  # noqa: F811
+def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, cache, tmp_path):
     """3 (prompt, seed) pairs on 2 ranks, model and EMA weights side by side, next to the straight run."""
     from sd35dist.parallel.fsdp2 import FSDP2Strategy
     from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
@@ -175,7 +185,7 @@ def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight,
     check_validation_run(tmp_path / "run", straight_losses, cache, states)
 
 
-def test_validation_in_bf16_renders_on_all_ranks_and_leaves_training_unchanged(cache, tmp_path):  # noqa: F811
+def test_validation_in_bf16_renders_on_all_ranks_and_leaves_training_unchanged(cache, tmp_path):
     """The default SD3.5 Large path: FSDP2 with bf16 compute. The rounds change no loss of a bf16 run,
     and the images match a 1-process bf16 render of the last checkpoint."""
     from sd35dist.parallel.fsdp2 import FSDP2Strategy
@@ -191,7 +201,7 @@ def test_validation_in_bf16_renders_on_all_ranks_and_leaves_training_unchanged(c
                          {"model": FSDP2Strategy.read_full(checkpoint)}, dtype=torch.bfloat16)
 
 
-def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path):  # noqa: F811
+def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path):
     """`sd35dist sweep --compare-guidance` over the straight run's checkpoints; `sd35dist sample` of a
     checkpoint on 2 ranks equals the sample of its export in one process, pixel for pixel."""
     import numpy as np

@@ -38,7 +38,7 @@ def test_pairs_split_over_ranks_with_placeholders_where_they_run_out():
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_model):  # noqa: F811
+def parts(tiny_model):
     from diffusers import SD3Transformer2DModel
 
     from sd35dist.models.prompt_encoding import encode_prompts

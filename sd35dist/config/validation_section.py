@@ -61,7 +61,7 @@ class ValidationSection(StrictModel):
         return value
 
     @pydantic.model_validator(mode="after")
-    def _one_source(self) -> "ValidationSection":
+    def _one_source(self) -> ValidationSection:
         if self.prompts and self.prompts_file:
             raise ValueError("give prompts or prompts_file, not both")
         if not self.seeds:

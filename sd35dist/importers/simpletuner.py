@@ -23,11 +23,20 @@ from typing import Any
 
 import yaml
 
-from sd35dist.runtime.atomic_files import write_text_atomically
 from sd35dist.config.loading import ConfigError, validate_mapping
 from sd35dist.config.recipe import DEFAULT_BUCKETS, Recipe
-from sd35dist.importers.simpletuner_options import (BACKEND_MAPPED, BACKEND_UNMAPPED, ENV_ARGUMENT_LISTS, ENV_IGNORED,
-                                                    ENV_NAMES, UNMAPPED, OptionError, option_kind, parse_value)
+from sd35dist.importers.simpletuner_options import (
+    BACKEND_MAPPED,
+    BACKEND_UNMAPPED,
+    ENV_ARGUMENT_LISTS,
+    ENV_IGNORED,
+    ENV_NAMES,
+    UNMAPPED,
+    OptionError,
+    option_kind,
+    parse_value,
+)
+from sd35dist.runtime.atomic_files import write_text_atomically
 
 NAME_PATTERN = re.compile(r"[^A-Za-z0-9._-]+")
 REFERENCE_SIDE = 1024  # SimpleTuner's area 1.0 and our default buckets are about 1024² pixels

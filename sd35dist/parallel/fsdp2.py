@@ -39,7 +39,6 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, UnsafeMetadata
 from sd35dist.checkpoint.layout import CheckpointUnreadable
-from sd35dist.config.loading import ConfigError
 from sd35dist.config.mesh_layout import MeshLayout, resolve_mesh
 from sd35dist.config.recipe import LoraSection, Recipe
 from sd35dist.models.lora import inject_lora, trainable_parameters

@@ -98,7 +98,7 @@ class SaveBudget:
 
     @classmethod
     def for_this_job(cls, output_dir: str, last_save_s: float | None,
-                     env: dict[str, str] | os._Environ = os.environ) -> "SaveBudget":
+                     env: dict[str, str] | os._Environ = os.environ) -> SaveBudget:
         grace = env.get("SD35DIST_SIGNAL_GRACE_S")
         estimate = read_save_estimate(output_dir)
         if last_save_s is not None:
