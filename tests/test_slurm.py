@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.cli_runs import SECRET, all_text_under, sd35dist, tiny_recipe, wait_for
+from tests.cli_runs import PROJECT, SECRET, all_text_under, sd35dist, tiny_recipe, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -113,9 +114,10 @@ def test_cache_job_builds_across_both_nodes(slurm_env, tiny_model, tmp_path):
 
 @pytest.mark.s3
 def test_requeued_training_job_resumes_and_ends_with_the_uninterrupted_loss(slurm_env, s3_server, cache, tmp_path):
-    """Train the tiny recipe on n1+n2 streaming from the S3-protocol server; `scontrol requeue`
-    mid-run (SIGTERM to the job, as a preemption): ranks save, the job comes back with
-    SLURM_RESTART_COUNT=1, resumes from latest and ends with the uninterrupted run's loss."""
+    """Train the tiny recipe on n1+n2 streaming from the S3-protocol server, submitted with `--wait`;
+    `scontrol requeue` mid-run (SIGTERM to the job, as a preemption): ranks save, the job comes back
+    with SLURM_RESTART_COUNT=1, resumes from latest and ends with the uninterrupted run's loss, and
+    `--wait` follows it through the requeue until it really ends (exit 0)."""
     from tests.train_runs import losses, train, train_recipe
     _, cache_dir = cache
     client = s3_server.client()
@@ -138,15 +140,25 @@ def test_requeued_training_job_resumes_and_ends_with_the_uninterrupted_loss(slur
     expected = losses(reference)
 
     run_dir = tmp_path / "run"
-    sd35dist("submit", "--profile", "slurm-dev", "--recipe", str(recipe("slurm")), "--run-dir", str(run_dir), env=env)
-    job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
-    metrics = run_dir / "metrics-rank00000.jsonl"
-    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 5, 120, "training to start")
-    subprocess.run(["scontrol", "requeue", job_id], check=True, env=env)
-    wait_for(lambda: "COMPLETED" in sd35dist("status", job_id, env=env).stdout, 240, "the requeued job to finish")
+    waiting = subprocess.Popen([sys.executable, "-m", "sd35dist", "submit", "--profile", "slurm-dev", "--recipe",
+                                str(recipe("slurm")), "--run-dir", str(run_dir), "--wait"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=PROJECT)
+    try:
+        wait_for(lambda: (run_dir / "job.json").exists(), 60, "the submission")
+        job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
+        metrics = run_dir / "metrics-rank00000.jsonl"
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 5, 120, "training to start")
+        subprocess.run(["scontrol", "requeue", job_id], check=True, env=env)
+        output, _ = waiting.communicate(timeout=300)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 0, output[-4000:]
+    assert f"job {job_id} requeued" in output and f"job {job_id} ended: COMPLETED" in output, output[-4000:]
+    assert "COMPLETED" in sd35dist("status", job_id, env=env).stdout
     logs = sd35dist("logs", job_id, env=env).stdout
     assert "requeued by Slurm (SIGTERM)" in logs, logs[-3000:]
     assert "SLURM_RESTART_COUNT=1" in logs
     got = losses(run_dir)
     assert got[60] == expected[60], "the requeued run ends with the uninterrupted run's loss"
-    assert len({s for s in got}) == 60
+    assert sorted(got) == list(range(1, 61))

@@ -13,6 +13,8 @@ of the job is left once Slurm says it ended. Expected end states:
 | a rank killed more often than max_restarts | FAILED | latest complete | after 1 of 1 restarts |
 | a mistake (corrupt shard)     | FAILED, exit code 2, no restart | — | one error line, not restarted |
 | two jobs sharing nodes        | both COMPLETED, each on its own rendezvous port | — | — |
+
+`scontrol requeue` of a running job (and `submit --wait` following it): test_slurm.py.
 """
 
 from __future__ import annotations
@@ -310,28 +312,3 @@ def test_the_script_slurm_runs_is_the_one_in_the_run_directory(slurm_env, tmp_pa
     # plain sbatch and submitit write their logs to the same place
     assert (submitted / "logs" / f"{job_a}.out").exists() and (plain / "logs" / f"{job_b}.out").exists()
     assert not list((submitted / "submitit").glob("*_log.out")), "no second set of logs from submitit's runner"
-
-
-def test_wait_follows_a_requeued_job_until_it_really_ends(slurm_env, cache, tmp_path):
-    recipe = train_recipe(tmp_path / "wait.yaml", cache, tmp_path / "out-wait", max_train_steps=30,
-                          checkpointing_steps=4, gradient_checkpointing=False, ema={"enabled": False})
-    run_dir = tmp_path / "run-wait"
-    waiting = subprocess.Popen(
-        ["python", "-m", "sd35dist", "submit", "--profile", "slurm-dev", "--recipe", str(recipe),
-         "--run-dir", str(run_dir), "--wait"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=slurm_env,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    try:
-        wait_for(lambda: (run_dir / "job.json").exists(), 60, "the submission")
-        job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
-        wait_for(lambda: metric_steps(run_dir) >= 6, 180, "training to pass step 6")
-        subprocess.run(["scontrol", "requeue", job_id], check=True, env=slurm_env)
-        output, _ = waiting.communicate(timeout=300)
-    finally:
-        if waiting.poll() is None:
-            waiting.kill()
-    assert waiting.returncode == 0, output[-4000:]
-    assert f"job {job_id} requeued" in output, output[-4000:]
-    assert f"job {job_id} ended: COMPLETED" in output
-    assert sorted(losses(run_dir)) == list(range(1, 31))

@@ -4,6 +4,7 @@ GPU may skip. Each rule is run on a small generated test module by pytest itself
 
 from __future__ import annotations
 
+import importlib
 import tomllib
 
 import pytest
@@ -12,6 +13,11 @@ from tests.cli_runs import PROJECT
 from tests.tiers import TIERS
 
 pytest_plugins = ["pytester"]
+
+# An in-process pytester run drops the modules first imported during it, and torch must not be imported
+# twice in one process: what the generated tests import is imported here, before any run.
+for _module in ("torch.distributed", "torch.testing._internal.distributed.fake_pg", "multiprocessing"):
+    importlib.import_module(_module)
 
 CONFTEST = """
 from tests.tiers import TierRules
@@ -64,6 +70,18 @@ def test_starts_a_process_group():
 
 
 @pytest.mark.unit
+def test_may_use_the_fake_process_group():
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=8)
+    try:
+        assert dist.get_world_size() == 8
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.unit
 def test_uses_a_fixture_built_by_a_process(built_by_a_child_process):
     pass
 
@@ -94,14 +112,13 @@ def test_pyproject_describes_exactly_the_tiers():
 
 @pytest.mark.process  # the inner process-tier test runs `true`
 def test_a_unit_test_that_starts_a_process_or_opens_a_socket_fails(pytester):
-    import torch.distributed  # noqa: F401  (the guard patches its entry points once it is imported)
-
     result = run_inner(pytester, VIOLATIONS)
     outcomes = {report.nodeid.split("::")[1]: report.outcome for report in _reports(result)}
     assert outcomes == {
         "test_runs_a_program": "failed", "test_connects_to_loopback": "failed", "test_listens": "failed",
         "test_forks_a_worker": "failed", "test_starts_a_process_group": "failed",
         "test_uses_a_fixture_built_by_a_process": "failed", "test_pure": "passed",
+        "test_may_use_the_fake_process_group": "passed",
         "test_a_process_test_may_run_a_program": "passed",
     }
     text = result.stdout.str()

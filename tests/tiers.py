@@ -39,7 +39,8 @@ def _refuse(nodeid: str, what: str):
 def no_processes_or_sockets(nodeid: str) -> Iterator[None]:
     """While inside: starting a process (subprocess, os.fork and the spawn/exec family, os.system,
     multiprocessing — it forks or spawns through these), opening a socket (connect, bind, sendto), or
-    starting a torch process group or TCPStore raises UnitTierViolation. A socketpair still works."""
+    starting a torch process group (but torch's in-memory "fake" one) or TCPStore raises
+    UnitTierViolation. A socketpair still works."""
     patches = [(subprocess.Popen, "_execute_child", "starts a process"),
                (socket.socket, "connect", "opens a socket"),
                (socket.socket, "connect_ex", "opens a socket"),
@@ -50,12 +51,25 @@ def no_processes_or_sockets(nodeid: str) -> Iterator[None]:
                 if hasattr(os, name)]
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None:  # their transports open sockets in C++, out of the patches above
-        patches += [(distributed, "init_process_group", "starts a process group (its transport opens sockets)"),
-                    (distributed, "TCPStore", "opens a TCPStore (a socket)")]
+        patches.append((distributed, "TCPStore", "opens a TCPStore (a socket)"))
     with pytest.MonkeyPatch.context() as patch:
         for owner, name, what in patches:
             patch.setattr(owner, name, _refuse(nodeid, what))
+        if distributed is not None:
+            patch.setattr(distributed, "init_process_group",
+                          _only_fake_process_groups(nodeid, distributed.init_process_group))
         yield
+
+
+def _only_fake_process_groups(nodeid: str, init_process_group):
+    """torch's "fake" backend (an in-memory store, no transport) is allowed; gloo and NCCL open sockets."""
+    refused = _refuse(nodeid, "starts a process group (its transport opens sockets)")
+
+    def guarded(backend=None, *args, **kwargs):
+        if (backend or kwargs.get("backend")) == "fake":
+            return init_process_group(backend, *args, **kwargs)
+        return refused()
+    return guarded
 
 
 class TierRules:
