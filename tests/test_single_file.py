@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from sd35dist.checkpoint.fsdp2_files import DcpTensors
 from sd35dist.checkpoint.original_layout import LayoutMismatch, transformer_plan
 from sd35dist.checkpoint.safetensors_stream import TensorSpec, write_streaming
 from sd35dist.checkpoint.single_file import Part, peak_bytes
-from sd35dist.checkpoint.tensor_sources import DcpTensors, block_group
+from sd35dist.checkpoint.tensor_sources import block_group
 from sd35dist.cli import main as cli_main
 
 pytestmark = pytest.mark.unit
