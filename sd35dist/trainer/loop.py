@@ -74,7 +74,8 @@ class Trainer:
                                    options=stream_options(recipe), storage_options=recipe.data.storage_options)
         self.vae = self.stream.manifest.vae
         scheduler_config = Path(recipe.model.pretrained) / "scheduler" / "scheduler_config.json"
-        self.schedule = FlowMatchSchedule.from_scheduler_config(json.loads(scheduler_config.read_text()))
+        self.schedule = FlowMatchSchedule.from_scheduler_config(json.loads(scheduler_config.read_text()),
+                                                                shift=recipe.train.flow_shift)
         self.strategy: TrainingStrategy = make_strategy(recipe, world, recipe_source)
         self.checkpoints = CheckpointManager(recipe, world, self.strategy, {"stream": self.stream}, resume_from)
         self.step = 0
@@ -143,7 +144,8 @@ class Trainer:
             rank_flops += batch.size * mmdit_train_flops_per_sample(
                 self.strategy.model.config, height, width, inputs["encoder_hidden_states"].shape[1])
         lr = learning_rate_at(self.step, base_lr=train.learning_rate, scheduler=train.lr_scheduler,
-                              warmup_steps=train.lr_warmup_steps, total_steps=self.total_steps)
+                              warmup_steps=train.lr_warmup_steps, total_steps=self.total_steps,
+                              power=train.lr_power, lr_end=train.lr_end)
         grad_norm = self.strategy.step(lr, train.max_grad_norm)
         self.step += 1
         decay = ema_decay_at(self.step, decay=train.ema.decay, start_step=train.ema.start_step,
