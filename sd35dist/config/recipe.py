@@ -18,13 +18,16 @@ import pydantic
 from pydantic import Field
 
 from sd35dist.config.credentials import first_credential, looks_secret  # noqa: F401 (preflight redacts with it)
+from sd35dist.config.hub_ids import hub_id_of
 from sd35dist.config.loading import StrictModel, YamlTuple, dump_yaml, load_model
 from sd35dist.config.validation_section import ValidationSection
 
 
 class ModelSection(StrictModel):
     pretrained: str
-    """Local diffusers directory of the base model (SD3.5 Large's layout: transformer/, vae/, text_encoder*/ …)."""
+    """The base model: a local diffusers directory (SD3.5 Large's layout: transformer/, vae/, text_encoder*/ …)
+    or a Hugging Face id `org/name[@revision]`, which `sd35dist submit` downloads once into the profile's
+    hf_home (only what the job opens) and hands to the ranks as that local snapshot."""
     transformer_subfolder: str = "transformer"
     """Subfolder of `pretrained` holding the MMDiT (config.json + sharded safetensors)."""
 
@@ -362,7 +365,9 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     """Relative local paths → absolute against `base`, so a frozen recipe means the same anywhere."""
     return recipe.model_copy(
         update={
-            "model": recipe.model.model_copy(update={"pretrained": _absolute(recipe.model.pretrained, base)}),
+            "model": recipe.model.model_copy(update={"pretrained": (
+                recipe.model.pretrained if hub_id_of(recipe.model.pretrained, base) else
+                _absolute(recipe.model.pretrained, base))}),
             "data": recipe.data.model_copy(
                 update={
                     "cache_url": _absolute(recipe.data.cache_url, base),
