@@ -109,7 +109,9 @@ def _download(hub_id: HubId, cache: Path, patterns: list[str], recipe_file: str)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         print(f"sd35dist: downloading {', '.join(patterns)} of {hub_id} into {cache}", flush=True)
-        return Path(snapshot_download(hub_id.repo, revision=hub_id.revision, cache_dir=cache, allow_patterns=patterns))
+        # HF_ENDPOINT (a mirror) is read now, not when huggingface_hub was first imported.
+        return Path(snapshot_download(hub_id.repo, revision=hub_id.revision, cache_dir=cache, allow_patterns=patterns,
+                                      endpoint=os.environ.get("HF_ENDPOINT") or None))
     except GatedRepoError:
         message = f"{hub_id.repo} is gated: accept its terms on its Hugging Face page, then {token_hint}"
     except RevisionNotFoundError:

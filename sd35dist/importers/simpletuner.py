@@ -33,6 +33,7 @@ from sd35dist.importers.simpletuner_datasets import (
     buckets_for,
     checked_side,
     convert_datasets,
+    holds_credential,
 )
 from sd35dist.importers.simpletuner_options import (
     DROPPED_BY_SIMPLETUNER,
@@ -87,7 +88,7 @@ def classify(options: dict[str, Any], source: str, allow_unknown: bool, out: Con
         key = RENAMED.get(raw_key, raw_key)
         if raw_key in NEGATED_RENAMES:
             raw = not parse_value("bool", raw)
-        secret = first_credential({key: raw}) is not None
+        secret = holds_credential(key, raw)
         if raw_key in DROPPED_BY_SIMPLETUNER:
             out.skip(raw_key, raw, DROPPED_BY_SIMPLETUNER[raw_key])
         elif key in MAPPED:
@@ -117,7 +118,7 @@ def classify(options: dict[str, Any], source: str, allow_unknown: bool, out: Con
                           f"not {'options' if len(unknown) > 1 else 'an option'} of SimpleTuner's parser "
                           f"(at {SIMPLETUNER_COMMIT[:12]}): a typo? (--allow-unknown imports anyway, listing them)")
     for key in unknown:
-        out.skip(key, HIDDEN if first_credential({key: options[key]}) else options[key],
+        out.skip(key, HIDDEN if holds_credential(key, options[key]) else options[key],
                  f"unknown to SimpleTuner's parser at {SIMPLETUNER_COMMIT[:12]}: ignored (--allow-unknown)")
     return values
 

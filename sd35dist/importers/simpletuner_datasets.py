@@ -38,6 +38,20 @@ CROP_STYLES = {"center": "center", "centre": "center", "random": "random", "corn
 READABLE_TYPES = ("local", "aws")
 
 
+# A password in a URL even where the secret holds "/" (unencoded, as AWS secrets often are), and AWS key ids.
+_URL_PASSWORD = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s@]*:[^\s@]*@")
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
+
+
+def holds_credential(key: str, value: Any) -> bool:
+    """The project's credential rule (config/credentials.py), plus what SimpleTuner files hold in the wild:
+    an unencoded secret in a URL's user-info and bare AWS access key ids."""
+    if first_credential({key: value}) is not None:
+        return True
+    texts = [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return any(_URL_PASSWORD.search(t) or _AWS_KEY_ID.search(t) for t in texts)
+
+
 def bucket_side(resolution: float, resolution_type: str) -> float:
     """The side of the square with SimpleTuner's training area, in pixels."""
     if resolution_type == "area":
@@ -61,7 +75,8 @@ def checked_side(side: float, source: str, key: str, resolution: Any, resolution
     widest = max(w for w, _ in DEFAULT_BUCKETS) * side / REFERENCE_SIDE
     if not math.isfinite(side) or side < MIN_SIDE or widest > MAX_SIDE:
         hint = " (resolution_type area takes megapixels: 1.0 ≈ 1024²)" if resolution_type == "area" else ""
-        raise ConfigError(source, key, f"{resolution} as {resolution_type} gives {round(widest)}-pixel-wide buckets: "
+        shown = f"{resolution:g}" if isinstance(resolution, (int, float)) else resolution
+        raise ConfigError(source, key, f"{shown} as {resolution_type} gives {round(widest)}-pixel-wide buckets: "
                                        f"SD3.5 trains {MIN_SIDE}–{MAX_SIDE} pixels a side{hint}")
     return side
 
@@ -112,7 +127,7 @@ def convert_datasets(entries: list[dict[str, Any]], defaults: DatasetDefaults, s
                 continue
             if unreadable and DATASET_NOT_APPLIED[key] == DATASET_SOURCE_REASON:
                 continue
-            hidden = looks_secret(key) or first_credential({key: value}) is not None
+            hidden = looks_secret(key) or holds_credential(key, value)
             out.skipped.append((f"{label}.{key}", "(a credential: not shown, not written)" if hidden else value,
                                 DATASET_NOT_APPLIED[key] + ("; export AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and list "
                                                             "them in the profile's env.passthrough" if hidden else "")))
@@ -171,7 +186,7 @@ def _dataset(entry: dict[str, Any], out: DatasetOutcome, label: str, index: int,
             out.storage_options["endpoint_url"] = entry["aws_endpoint_url"]
         if entry.get("aws_region_name"):
             out.storage_options["client_kwargs"] = {"region_name": entry["aws_region_name"]}
-    if first_credential({"source": source}) is not None:
+    if holds_credential("source", source):
         raise ConfigError(where, "instance_data_dir" if backend_type == "local" else "aws_bucket_name",
                           "holds a credential (user:password@ in a URL): credentials come from the environment here")
     dataset_id = NAME_PATTERN.sub("-", str(entry.get("id", f"dataset-{index}"))).strip("-._") or f"dataset-{index}"

@@ -15,6 +15,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from sd35dist.config.credentials import looks_secret
 from sd35dist.config.loading import ConfigError
 from sd35dist.importers.simpletuner_options import (
     ENV_ARGUMENT_LISTS,
@@ -98,6 +99,9 @@ def read_env_config(path: Path) -> EnvConfig:
             result.legacy.append(name)
         elif name in ENV_NOT_OPTIONS:
             result.unread[name] = ENV_NOT_OPTIONS[name]
+        elif looks_secret(name):
+            result.unread[name] = ("a credential: not copied; export it in your shell and list it in the profile's "
+                                   "env.passthrough")
         elif name not in used and (close := difflib.get_close_matches(name, known, n=1, cutoff=ENV_TYPO_CUTOFF)):
             raise ConfigError(path.name, name, f"not a variable SimpleTuner reads: did you mean {close[0]}?")
         else:
