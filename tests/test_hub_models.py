@@ -106,3 +106,11 @@ def test_a_dry_run_looks_in_the_cache_only(tmp_path, capsys, monkeypatch):
     assert code == 0 and out.startswith("#!/bin/bash")
     assert f"note: model.pretrained {REPO} is not in the Hugging Face cache {tmp_path / 'hf' / 'hub'}" in err
     assert not (tmp_path / "hf").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_rank_handed_a_hub_id_says_to_start_through_submit(tmp_path):
+    from sd35dist.jobs.rank_inputs import check_pretrained
+
+    with pytest.raises(Exception, match="is a Hugging Face id: ranks run offline on a local snapshot; start the job "
+                                        "with `sd35dist submit`"):
+        check_pretrained(recipe_with(REPO, tmp_path), "recipe.yaml", ("transformer", "scheduler"))
