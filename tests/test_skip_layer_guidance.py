@@ -87,3 +87,19 @@ def test_sample_flags_reach_the_guidance_settings():
     with pytest.raises(SystemExit):
         sample_parser().parse_args(["src", "--out", "o", "--skip-layers", "seven"])
     assert isinstance(args, argparse.Namespace)
+
+
+def test_the_recipe_section_and_the_sweep_flag_reach_the_sampler_settings():
+    from sd35dist.config.recipe import Recipe
+    from sd35dist.validation.during_training import sample_settings
+    from sd35dist.validation.sweep_command import _parser as sweep_parser
+
+    recipe = Recipe.model_validate({
+        "name": "r", "model": {"pretrained": "/m"}, "data": {"cache_url": "/c"}, "output": {"dir": "/o"},
+        "validation": {"prompts": ["x"], "guidance_scale": 4.0,
+                       "skip_layer_guidance": {"layers": [7, 8, 9], "scale": 3.0, "stop": 0.3}}})
+    guidance = sample_settings(recipe).guidance
+    assert (guidance.skip_layers, guidance.skip_scale, guidance.skip_start, guidance.skip_stop) == ((7, 8, 9), 3.0, 0.01, 0.3)
+    assert sample_settings(recipe, "apg").guidance.kind == "apg" and sample_settings(recipe, "apg").guidance.skip_layers
+    assert sweep_parser().parse_args(["out", "--skip-layers", "none"]).skip_layers == ()
+    assert sweep_parser().parse_args(["out"]).skip_layers is None, "default: the recipe's section"
