@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cases", nargs="+", help="STRATEGY:METHOD:LIMIT:PRECISION")
     args = parser.parse_args(argv)
 
-    world = init_process_group_from_env(timeout_s=300)
+    world = init_process_group_from_env(timeout_s=900)  # four strategy builds on a shared 2-core machine
     try:
         for case in args.cases:
             strategy_name, method, limit, precision = case.split(":")

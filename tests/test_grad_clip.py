@@ -71,7 +71,7 @@ def stepped(reference, tiny_model, tmp_path_factory):  # noqa: F811
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
          "-m", "tests.grad_clip_check", str(tiny_model), str(out), *cases],
-        capture_output=True, text=True, cwd=PROJECT, env=env, timeout=900,
+        capture_output=True, text=True, cwd=PROJECT, env=env, timeout=1200,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {case: load_file(out / "-".join(case) / "weights.safetensors") for case in CASES}
