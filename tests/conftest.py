@@ -52,6 +52,24 @@ def cache(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
+def parts(tiny_model):
+    """The tiny model loaded for rendering: (model folder, two prompts' and a negative's embeddings,
+    the transformer, the VAE). Module scope: each module that renders gets its own objects."""
+    from diffusers import SD3Transformer2DModel
+
+    from sd35dist.data.validation_prompts import PromptEmbeddings
+    from sd35dist.models.prompt_encoding import encode_prompts
+    from sd35dist.models.sd3_components import load_text_encoders, load_vae
+
+    text = load_text_encoders(tiny_model)
+    embeds, pooled = encode_prompts(text, ["a red fox", "k4s4, a blue square"], 32)
+    negative, negative_pooled = encode_prompts(text, ["blurry"], 32)
+    embeddings = PromptEmbeddings(("a red fox", "k4s4, a blue square"), embeds, pooled, negative, negative_pooled)
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
+    return tiny_model, embeddings, transformer, load_vae(tiny_model)
+
+
+@pytest.fixture(scope="module")
 def deepspeed_on_cpu():
     """DeepSpeed's CPU accelerator, and its C++ op builds cached where the Makefile keeps them
     (`pytestmark = pytest.mark.usefixtures("deepspeed_on_cpu")` in a module that runs ZeRO)."""
