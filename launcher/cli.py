@@ -18,10 +18,10 @@ from launcher.profile import Profile, load_profile, profile_path
 from launcher.render import render_script
 from launcher.submission import prepare_run_dir, submit
 from sd35dist.config import ConfigError, Recipe, load_recipe, recipe_yaml, resolve_paths
-from sd35dist.config.recipe import is_url
-from sd35dist.config.commands import COMMANDS, SUBMITTABLE_JOBS, SUBMIT
+from sd35dist.config.commands import COMMANDS, SUBMIT, SUBMITTABLE_JOBS
 from sd35dist.config.loading import dump_yaml
 from sd35dist.config.model_layout import check_pretrained
+from sd35dist.config.recipe import is_url
 from sd35dist.runtime.save_budget import grace_warnings, read_save_estimate
 from sd35dist.runtime.slurm_query import kill_wait_s
 

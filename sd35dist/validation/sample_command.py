@@ -67,14 +67,14 @@ def guidance_of(args: argparse.Namespace, kind: str | None = None) -> GuidanceSe
                             momentum=args.apg_momentum, norm_threshold=args.apg_norm_threshold, **skip_layers_of(args))
 
 
-def inference_device(world) -> torch.device:  # noqa: ANN001 — a World, or None in one process
+def inference_device(world) -> torch.device:  # world: a World, or None in one process
     """This rank's GPU under torchrun, the GPU in one process, else the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device(world.device) if world is not None else torch.device("cuda")
 
 
-def renderer_for(model: torch.nn.Module, base_model: Path, device: torch.device, world=None) -> Renderer:  # noqa: ANN001
+def renderer_for(model: torch.nn.Module, base_model: Path, device: torch.device, world=None) -> Renderer:
     """A renderer of `model` with the base model's VAE and scheduler; under torchrun (`world`) this rank's share."""
     from sd35dist.models.sd3_components import load_vae
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE
-from sd35dist.checkpoint.layout import RECIPE_FILE
+from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE, RECIPE_FILE
 from sd35dist.config.recipe import Recipe
 
 

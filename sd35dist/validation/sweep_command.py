@@ -23,8 +23,8 @@ from sd35dist.config.recipe import Recipe, resolve_paths
 from sd35dist.data.manifest import read_manifest
 from sd35dist.data.storage import Store
 from sd35dist.data.validation_prompts import read_validation_prompts
-from sd35dist.validation.grid import labelled_grid
 from sd35dist.validation.during_training import sample_settings
+from sd35dist.validation.grid import labelled_grid
 from sd35dist.validation.render import launched_ranks, validation_pairs
 from sd35dist.validation.sample_command import inference_device, renderer_for, skip_layer_arguments, skip_layers_of
 from sd35dist.validation.sources import checkpoint_recipe, load_transformer
