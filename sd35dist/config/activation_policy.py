@@ -88,7 +88,7 @@ class CheckpointingPolicy:
         if self.kind == "full":
             return f"every block ({layers} of {layers})"
         if self.kind == "every":
-            return f"every {self.every}th block ({len(self.checkpointed_blocks(layers))} of {layers})"
+            return f"one block in {self.every} ({len(self.checkpointed_blocks(layers))} of {layers})"
         return f"{'the joint attention' if self.kind == 'attention' else 'the MLPs'} of every block"
 
 

@@ -80,7 +80,8 @@ def require_fp8_device(device: torch.device, recipe_file: str) -> None:
 
 def convert_to_fp8(model: nn.Module, recipe_name: str, device: torch.device, fsdp_all_gather: bool) -> int:
     """Swap the blocks' token Linears for torchao Float8Linear in place; returns how many were swapped."""
-    from torchao.float8 import Float8Linear, convert_to_float8_training
+    from torchao.float8 import convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
 
     layers = len(model.transformer_blocks)
     convert_to_float8_training(model, config=fp8_config(recipe_name, device, fsdp_all_gather),
