@@ -138,6 +138,15 @@ def saved_recipe(checkpoint: Path) -> dict[str, Any]:
     import yaml
 
     from sd35dist.checkpoint.recipe_match import RECIPE_FILE
+    from sd35dist.config.yaml_reader import load_yaml
 
     path = checkpoint / RECIPE_FILE
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise CheckpointUnreadable(f"{path}: not a recipe sd35dist wrote ({' '.join(str(err).split())})") from None
+    if data is not None and not isinstance(data, dict):
+        raise CheckpointUnreadable(f"{path}: not a recipe sd35dist wrote (a {type(data).__name__}, not a mapping)")
+    return data or {}

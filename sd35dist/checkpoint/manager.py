@@ -28,9 +28,8 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from sd35dist.checkpoint.layout import CheckpointDir, read_info
+from sd35dist.checkpoint.layout import CheckpointDir, read_info, saved_recipe
 from sd35dist.checkpoint.recipe_match import RECIPE_FILE, as_current_schema, refused_changes, resume_refusal
 from sd35dist.config.recipe import Recipe, recipe_hash, recipe_yaml
 from sd35dist.parallel.process_group import World
@@ -65,10 +64,10 @@ def resume_checkpoint(recipe: Recipe, recipe_source: str = RECIPE_FILE) -> Path 
 def check_recipe(checkpoint: Path, recipe: Recipe, recipe_source: str = RECIPE_FILE) -> None:
     """Refuse to resume a checkpoint trained with another model, data, optimizer or LoRA
     (recipe_match.py says which keys count), unless train.resume_allow_changes names them."""
-    saved_file = checkpoint / RECIPE_FILE
-    if not saved_file.is_file():
+    saved_data = saved_recipe(checkpoint)
+    if not saved_data:
         return  # written before checkpoints held their recipe: nothing to compare
-    saved = as_current_schema(yaml.safe_load(saved_file.read_text()) or {}, Recipe)
+    saved = as_current_schema(saved_data, Recipe)
     refused = refused_changes(saved, recipe.model_dump(mode="json"), recipe.train.resume_allow_changes)
     if refused:
         raise resume_refusal(recipe_source, checkpoint.name, refused)
