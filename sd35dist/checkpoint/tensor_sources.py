@@ -161,6 +161,9 @@ class ZeroTensors:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        from sd35dist.checkpoint.trusted_pickle import check_pickles
+
+        check_pickles(checkpoint)  # DeepSpeed's reader unpickles with weights_only=False
         self._lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag, lazy_mode=True)
         self._ema: dict[str, list[tuple[Path, int, int]]] = {}
         self._ema_shapes: dict[str, tuple[int, ...]] = {}

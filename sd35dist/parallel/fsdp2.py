@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, UnsafeMetadata
+from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, TrustedLoadPlanner, UnsafeMetadata
 from sd35dist.checkpoint.layout import CheckpointUnreadable
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.mesh_layout import MeshLayout, resolve_mesh
@@ -296,7 +296,8 @@ class FSDP2Strategy:
 
     def load(self, directory: Path) -> None:
         state = self._state()
-        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+        # A checkpoint's pickles (metadata, optimizer values) are read through allow-lists, never run.
+        dcp.load(state, storage_reader=MetadataCheckedReader(str(directory / DCP_DIR)), planner=TrustedLoadPlanner())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=LOAD_OPTIONS)
         if self.ema is not None and "ema" in state:

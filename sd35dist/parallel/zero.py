@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sd35dist.checkpoint.layout import CheckpointUnreadable, read_info
+from sd35dist.checkpoint.trusted_pickle import TrustedCheckpointReads, check_pickles
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import Recipe
 from sd35dist.models.lora import inject_lora, trainable_parameters
@@ -141,6 +142,8 @@ class ZeroStrategy:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.config, dist_init_required=False
         )
+        # DeepSpeed reads its checkpoints with torch.load(weights_only=False); ours go through an allow-list.
+        self.engine.checkpoint_engine = TrustedCheckpointReads(self.engine.checkpoint_engine)
         self.model: nn.Module = self.engine.module
         self._fragments = self._local_fragments()
         self._frozen = len(trainable_parameters(self.model)) < len(list(self.model.parameters()))
@@ -275,6 +278,7 @@ class ZeroStrategy:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        check_pickles(checkpoint)  # DeepSpeed's reader unpickles with weights_only=False
         # Buffers (pos_embed) are in it too; the EMA covers parameters only.
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG, exclude_frozen_parameters=True)
         if use_ema:
