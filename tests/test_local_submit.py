@@ -119,10 +119,10 @@ def _running(pid: int) -> bool:
 
 
 def _processes_under(root: int, cmdline: str) -> list[int]:
-    from launcher.job_control import _descendants
+    from launcher.local_process import descendants
 
     found = []
-    for pid in _descendants(root):
+    for pid in descendants(root):
         try:
             if Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip().decode() == cmdline:
                 found.append(pid)

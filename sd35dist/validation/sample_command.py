@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the checkpoint's recipe, else 256)")
     parser.add_argument("--ema", action="store_true", help="a checkpoint's EMA weights")
     parser.add_argument("--out", type=Path, required=True, help="directory for the images and grid.png")
+    parser.add_argument("--force", action="store_true", help="let --out replace an earlier sample's images")
     guidance_arguments(parser)
     return parser
 
@@ -90,6 +91,10 @@ def main(argv: list[str]) -> int:
         prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
     if not prompts:
         print("error: give --prompt or --prompts-file", file=sys.stderr)
+        return 2
+    if (args.out / "grid.png").exists() and not args.force:
+        print(f"error: --out {args.out}: holds an earlier grid.png: pass --force to replace it, or choose another "
+              "--out", file=sys.stderr)
         return 2
     if args.width % 16 or args.height % 16:
         print(f"error: --width/--height {args.width}x{args.height}: multiples of 16 needed", file=sys.stderr)

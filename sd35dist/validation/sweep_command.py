@@ -41,12 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", type=Path, help="recipe whose validation section to render (default: the checkpoint's)")
     parser.add_argument("--ema", action="store_true", help="the checkpoints' EMA weights")
     parser.add_argument("--out", type=Path, help="where grid.png goes (default: OUTPUT_DIR/sweep)")
+    parser.add_argument("--force", action="store_true", help="let --out replace an earlier grid.png")
     parser.add_argument("--run-dir", type=Path, help="`submit --job sweep` passes its run directory (logs live there)")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    if args.out and (args.out / "grid.png").exists() and not args.force:  # the default OUTPUT_DIR/sweep is ours
+        print(f"error: --out {args.out}: holds an earlier grid.png: pass --force to replace it, or choose another "
+              "--out", file=sys.stderr)
+        return 2
     given = None
     if args.recipe:
         try:
