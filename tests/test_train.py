@@ -110,6 +110,10 @@ def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight,
     assert not torch.equal(raw[key], pretrained[key]), "training changed the weights"
     assert not torch.equal(ema[key], raw[key]), "the EMA is its own set of weights"
     assert torch.equal(ema["pos_embed.pos_embed"], raw["pos_embed.pos_embed"])
+    from sd35dist.runtime.atomic_files import user_umask
+
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "raw").iterdir()}
+    assert set(modes.values()) == {0o666 & ~user_umask()}, f"others can read the export (not 0600): {modes}"
     again = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(root / "out"), "--out", str(tmp_path / "raw")],
                            capture_output=True, text=True, cwd=PROJECT)
     assert again.returncode == 2 and "already exists" in again.stderr
