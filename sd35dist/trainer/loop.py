@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from sd35dist.checkpoint.manager import CheckpointManager, resume_checkpoint
-from sd35dist.checkpoint.recipe_match import RECIPE_FILE
+from sd35dist.checkpoint.layout import RECIPE_FILE
 from sd35dist.config.recipe import Recipe
 from sd35dist.runtime.save_budget import SaveBudget
 from sd35dist.data.latent_stream import Batch, LatentStream, StreamOptions
@@ -172,14 +171,14 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
                           "name": logging.tracker_run_name or run_dir.name, "resume": "allow"}
     metrics = MetricsLog(run_dir, world, total_steps=trainer.total_steps, start_step=trainer.step,
                          wandb_settings=wandb_settings)
-    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    restart = world.job.slurm_restart_count
     metrics.note(f"train: step {trainer.step}/{trainer.total_steps}, world {world.world_size}, "
                  f"{recipe.parallel.strategy}, resumed from {resumed or 'nothing'}, SLURM_RESTART_COUNT={restart}")
     checkpoints = trainer.checkpoints
-    budget = SaveBudget.for_this_job(recipe.output.dir, checkpoints.last_save_s) if world.is_main else None
+    budget = SaveBudget.for_this_job(recipe.output.dir, checkpoints.last_save_s, world.job) if world.is_main else None
     for line in budget.warnings(step_s=None) if budget else []:
         metrics.note(f"warning: {line}")
-    watch = PreemptionWatch(str(run_dir))
+    watch = PreemptionWatch(str(run_dir), world.job)
     validation = TrainingValidation.for_run(recipe, trainer, run_dir, recipe_source)
     if validation is not None and validation.due_at_start(trainer.step):
         validation.run_round(trainer.step, metrics)
@@ -234,7 +233,7 @@ def stop_and_save(trainer: Trainer, stop: StopKind, watch: PreemptionWatch, budg
         if checkpoints.saved_step != trainer.step:
             checkpoints.save(trainer.step)
             checkpoints.finish_save()
-        if os.environ.get("SLURM_JOB_ID"):
+        if trainer.world.job.slurm is not None:
             return f"time limit: saved step {trainer.step}; the batch script requeues the job once every rank has exited"
         return f"stopped (PREEMPT file): saved step {trainer.step}; `resume: latest` continues"
     what = "requeued by Slurm" if stop is StopKind.REQUEUE else "cancelled"

@@ -36,7 +36,7 @@ def load_transformer(source: Path, *, use_ema: bool = False, dtype: torch.dtype 
     from diffusers import SD3Transformer2DModel
 
     from sd35dist.checkpoint.export import checkpoint_state, find_checkpoint
-    from sd35dist.checkpoint.manager import TRANSFORMER_CONFIG
+    from sd35dist.checkpoint.layout import TRANSFORMER_CONFIG
 
     source = Path(source)
     if (source / COMPLETE).is_file() or (source / CHECKPOINTS).is_dir():
