@@ -59,7 +59,7 @@ def read_record(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(str(path), "", f"not a job record sd35dist can read ({one_line(err)})") from None
+        raise ConfigError(str(path), "", f"not a job record sd35dist can read ({' '.join(str(err).split())})") from None
     problem = _record_problem(record)
     if problem:
         raise ConfigError(str(path), "", f"not a job record sd35dist wrote ({problem})")
@@ -82,10 +82,6 @@ def _record_problem(record: Any) -> str | None:
         except ValueError as err:
             return str(err)
     return None
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _slurm_available() -> bool:

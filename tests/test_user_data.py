@@ -270,6 +270,21 @@ def test_report_out_replaces_nothing_unless_forced(tmp_path, capsys):
     assert "<html" in (out / "report.html").read_text() and (out / "plots" / "loss.png").stat().st_size > 0
 
 
+def test_sample_and_sweep_out_replace_no_earlier_grid_unless_forced(tmp_path, capsys):
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / "grid.png").write_bytes(b"someone's grid")
+    commands = {"sample": ["sample", str(tmp_path), "--prompt", "a fox", "--out", str(out)],
+                "sweep": ["sweep", str(tmp_path), "--out", str(out)]}
+    for argv in commands.values():
+        code, _, err = _cli(capsys, *argv)
+        assert code == 2 and err == f"error: --out {out}: holds an earlier grid.png: pass --force to replace it, " \
+                                    "or choose another --out", err
+        code, _, err = _cli(capsys, *argv, "--force")
+        assert code == 2 and "grid.png" not in err, "--force passes the check (this SOURCE fails the next one)"
+    assert (out / "grid.png").read_bytes() == b"someone's grid"
+
+
 # ---- files others read get the user's umask modes ------------------------------------------------
 
 

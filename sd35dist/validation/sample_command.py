@@ -84,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def earlier_grid(out: Path, force: bool) -> str | None:
+    """Why `--out` may not be written: an earlier sample's or sweep's grid.png that only --force replaces."""
+    if (out / "grid.png").exists() and not force:
+        return f"--out {out}: holds an earlier grid.png: pass --force to replace it, or choose another --out"
+    return None
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     prompts = list(args.prompt)
@@ -92,9 +99,9 @@ def main(argv: list[str]) -> int:
     if not prompts:
         print("error: give --prompt or --prompts-file", file=sys.stderr)
         return 2
-    if (args.out / "grid.png").exists() and not args.force:
-        print(f"error: --out {args.out}: holds an earlier grid.png: pass --force to replace it, or choose another "
-              "--out", file=sys.stderr)
+    problem = earlier_grid(args.out, args.force)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.width % 16 or args.height % 16:
         print(f"error: --width/--height {args.width}x{args.height}: multiples of 16 needed", file=sys.stderr)

@@ -25,7 +25,7 @@ from sd35dist.data.validation_prompts import read_validation_prompts
 from sd35dist.validation.grid import labelled_grid
 from sd35dist.validation.guidance import GuidanceSettings
 from sd35dist.validation.render import launched_ranks, validation_pairs
-from sd35dist.validation.sample_command import inference_device, renderer_for
+from sd35dist.validation.sample_command import earlier_grid, inference_device, renderer_for
 from sd35dist.validation.sampler import SampleSettings
 from sd35dist.validation.sources import checkpoint_recipe, load_transformer
 
@@ -48,9 +48,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    if args.out and (args.out / "grid.png").exists() and not args.force:  # the default OUTPUT_DIR/sweep is ours
-        print(f"error: --out {args.out}: holds an earlier grid.png: pass --force to replace it, or choose another "
-              "--out", file=sys.stderr)
+    problem = earlier_grid(args.out, args.force) if args.out else None  # the default OUTPUT_DIR/sweep is ours
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     given = None
     if args.recipe:
