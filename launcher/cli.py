@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import shutil
@@ -12,15 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from launcher import job_control, resource_report
+from launcher.hub_models import resolve_hub_model
 from launcher.plan import JobPlan, build_plan, check_fit, split_overrides
 from launcher.profile import Profile, load_profile, profile_path
 from launcher.render import render_script
 from launcher.submission import prepare_run_dir, submit
 from sd35dist.checkpoint.layout import COMPLETE, BranchConflict, CheckpointDir, names_checkpoint
 from sd35dist.config import ConfigError, Recipe, load_recipe, recipe_yaml, resolve_paths
-from sd35dist.config.commands import COMMANDS, SUBMITTABLE_JOBS, SUBMIT
+from sd35dist.config.commands import COMMANDS, SUBMIT, SUBMITTABLE_JOBS
 from sd35dist.config.loading import dump_yaml
 from sd35dist.config.model_layout import check_pretrained
+from sd35dist.config.recipe import is_url
 from sd35dist.runtime.atomic_files import write_text_atomically
 from sd35dist.runtime.save_budget import grace_warnings, read_save_estimate
 from sd35dist.runtime.slurm_query import kill_wait_s
@@ -97,9 +100,17 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[Profile, Path, Recipe, P
     return profile, profile_file, recipe, recipe_file
 
 
-def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, Path, Path]:
-    """The plan, the profile and recipe it came from, and their files (recipe, then profile)."""
+def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, Path]:
     profile, profile_file, recipe, recipe_file = inputs_from_args(args)
+    check_has_datasets(recipe, args.job, recipe_file.name)
+    # Refusals first: nothing (not even a model download) happens for a submission that would be refused.
+    if args.job == "train":
+        refuse_resume_branch(recipe, recipe_file.name)
+    if args.output:
+        refuse_output_file(Path(args.output), args.force, (recipe_file, profile_file))
+    hub = resolve_hub_model(recipe, args.job, profile.hf_home, recipe_file.name,
+                            download=not (args.dry_run and not args.output))
+    recipe = hub.recipe
     run_dir = _run_dir(args.run_dir, profile, recipe, args.job)
     plan = build_plan(
         profile=profile,
@@ -110,15 +121,16 @@ def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, 
         profile_file=profile_file.name,
         recipe_file=recipe_file.name,
     )
-    if args.job == "train":
-        refuse_resume_branch(recipe, recipe_file.name)
-    note = check_pretrained(recipe, args.job, visible_everywhere=profile.scheduler == "local", recipe_file=recipe_file.name)
+    if hub.env:
+        plan = dataclasses.replace(plan, env=(*plan.env, *hub.env.items()))
+    note = hub.note or check_pretrained(recipe, args.job, visible_everywhere=profile.scheduler == "local",
+                                        recipe_file=recipe_file.name)
     if note:
         print(note, file=sys.stderr)
     if args.job == "train":
         for line in save_budget_warnings(profile, recipe):
             print(f"warning: {line}", file=sys.stderr)
-    return plan, profile, recipe, recipe_file, profile_file
+    return plan, profile, recipe, recipe_file
 
 
 def refuse_output_file(output: Path, force: bool, inputs: tuple[Path, ...]) -> None:
@@ -147,6 +159,23 @@ def refuse_resume_branch(recipe: Recipe, recipe_file: str) -> None:
         CheckpointDir(recipe.output.dir).branch_start(named, run_dir=None)  # a new run continues no branch
     except BranchConflict as err:
         raise ConfigError(recipe_file, "train.resume", str(err)) from None
+
+
+MANIFEST_NAME = "manifest.json"  # sd35dist/data/manifest.py's (the launcher does not import the data package)
+
+
+def check_has_datasets(recipe: Recipe, job: str, recipe_file: str) -> None:
+    """`cache` builds from data.datasets, and `train` reads what they cached: without datasets, `cache` is
+    refused, and so is `train` unless its cache exists (a local cache_url is checked here; a remote one
+    by the ranks, which stop with one line when its manifest is missing)."""
+    if recipe.data.datasets or job not in ("cache", "train"):
+        return
+    local = not is_url(recipe.data.cache_url) or recipe.data.cache_url.startswith("file://")
+    cache = Path(recipe.data.cache_url.removeprefix("file://"))
+    if job == "cache" or (local and not (cache / MANIFEST_NAME).is_file()):
+        raise ConfigError(recipe_file, "data.datasets", f"empty{'' if job == 'cache' else f' and no cache at {cache}'}: "
+                                                        "add the datasets (id, source, caption_strategy) to cache and "
+                                                        "train from")
 
 
 def save_budget_warnings(profile: Profile, recipe: Recipe) -> list[str]:
@@ -201,9 +230,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    plan, profile, recipe, recipe_file, profile_file = plan_from_args(args)
-    if args.output:  # before anything is written: a refusal leaves no run directory behind
-        refuse_output_file(Path(args.output), args.force, (recipe_file, profile_file))
+    plan, profile, recipe, recipe_file = plan_from_args(args)
     # Only a profile that declares its GPU (hardware:) gets the fit check and the dry-run's plan line.
     report = None
     if profile.hardware.resolved() is not None:

@@ -29,7 +29,7 @@ class ProcessIdentity:
         return {"pid": self.pid, "start_ticks": self.start_ticks, "pgid": self.pgid, "cmdline": list(self.cmdline)}
 
     @classmethod
-    def from_record(cls, raw: Any) -> "ProcessIdentity":
+    def from_record(cls, raw: Any) -> ProcessIdentity:
         """The identity `to_record` wrote; ValueError for anything else."""
         if not isinstance(raw, dict):
             raise ValueError("process: expected an object")

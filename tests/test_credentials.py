@@ -15,10 +15,7 @@ import yaml
 from launcher.profile import PROFILE_DIR
 from sd35dist.cli import main
 from sd35dist.config.credentials import REDACTED, find_credentials, first_credential, looks_secret, redact
-from tests.conftest import PROJECT
-from tests.test_local_submit import all_text_under
-
-pytestmark = pytest.mark.unit
+from tests.cli_runs import PROJECT, all_text_under
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYzEXAMPLEKEY"
 
@@ -120,6 +117,7 @@ def _expected_path(path: str, value: Any) -> str:
     return path
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("how", ["--dry-run", "--output"])
 @pytest.mark.parametrize(("which", "path", "value"), CASES, ids=[f"{w}:{p}" for w, p, _ in CASES])
 def test_credential_in_any_field_is_refused_and_written_nowhere(tmp_path, capsys, which, path, value, how):
@@ -149,6 +147,7 @@ def test_credential_in_any_field_is_refused_and_written_nowhere(tmp_path, capsys
         (f"data.cache_url=s3://key:{SECRET}@bucket/cache", "data.cache_url"),
     ],
 )
+@pytest.mark.unit
 def test_credential_in_an_override_is_refused(tmp_path, capsys, override, path):
     code, out, err = _submit(tmp_path, capsys, _profile(tmp_path), _recipe(tmp_path), "--set", override,
                              "--output", str(tmp_path / "job.sbatch"))
@@ -178,6 +177,7 @@ def _full_tree(which: str) -> dict:
     return data
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("which", ["profile", "recipe"])
 def test_every_field_of_both_schemas_is_covered(tmp_path, capsys, which):
     """Not a list of fields kept by hand: each leaf of the whole tree, set to a URL with
@@ -195,6 +195,7 @@ def test_every_field_of_both_schemas_is_covered(tmp_path, capsys, which):
         assert SECRET not in err + out
 
 
+@pytest.mark.unit
 def test_values_that_only_look_close_are_accepted(tmp_path, capsys):
     """Booleans, empty values, names (not values) of secrets, `$VAR` references and ordinary
     keys that merely contain 'key' or 'token' pass."""
@@ -234,15 +235,18 @@ def test_values_that_only_look_close_are_accepted(tmp_path, capsys):
         ("password_stdin", False), ("auth_type", False), ("public_key", False),
     ],
 )
+@pytest.mark.unit
 def test_which_names_look_secret(key, secret):
     assert looks_secret(key) is secret
 
 
+@pytest.mark.unit
 def test_the_walk_reports_every_credential_in_document_order():
     tree = {"a": {"b": [{"password": "x"}, "http://u:p@h"]}, "token": True, "c": "export API_KEY=$K"}
     assert [c.path for c in find_credentials(tree)] == ["a.b.0.password", "a.b.1"]
 
 
+@pytest.mark.unit
 def test_frozen_run_directory_holds_no_credential_from_a_valid_submission(tmp_path, capsys, monkeypatch):
     """The positive path: the secret is in the submitting environment, its name passes through,
     and the run directory holds no value."""
@@ -253,6 +257,7 @@ def test_frozen_run_directory_holds_no_credential_from_a_valid_submission(tmp_pa
     assert "AWS_SECRET_ACCESS_KEY" in written and SECRET not in written
 
 
+@pytest.mark.process
 def test_console_script_refuses_env_value_secret(tmp_path):
     """The real process: exit status 2, one line on stderr, nothing on stdout."""
     profile_file = tmp_path / "mycluster.yaml"
@@ -269,6 +274,7 @@ def test_console_script_refuses_env_value_secret(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and SECRET not in proc.stderr
 
 
+@pytest.mark.unit
 def test_redact_takes_every_credential_out_and_leaves_the_rest():
     """What the SimpleTuner importer (and anything else showing a config it did not write) calls."""
     tree = {

@@ -15,9 +15,7 @@ import yaml
 from sd35dist.checkpoint.layout import CheckpointUnreadable, saved_recipe
 from sd35dist.cli import main
 from sd35dist.config.loading import ConfigError, load_mapping
-from tests.conftest import PROJECT
-
-pytestmark = pytest.mark.unit
+from tests.cli_runs import PROJECT
 
 LAUGHS = 'lol0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + "".join(
     f"lol{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 10)
@@ -58,6 +56,7 @@ CASES = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", list(CASES))
 def test_hostile_yaml_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     which, extra, expected = CASES[case]
@@ -75,6 +74,7 @@ def test_hostile_yaml_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "job.sbatch").exists()
 
 
+@pytest.mark.unit
 def test_billion_laughs_fails_well_under_a_second_alone(tmp_path):
     path = tmp_path / "laughs.yaml"
     path.write_text(LAUGHS)
@@ -84,6 +84,7 @@ def test_billion_laughs_fails_well_under_a_second_alone(tmp_path):
     assert time.perf_counter() - started < 0.2
 
 
+@pytest.mark.unit
 def test_yaml_that_only_looks_close_is_accepted(tmp_path):
     """Anchors used a few times, merge keys overriding a merged value, moderate nesting."""
     path = tmp_path / "ok.yaml"
@@ -100,6 +101,7 @@ def test_yaml_that_only_looks_close_is_accepted(tmp_path):
     ("train.lora={rank: 4, rank: 8}", "error: --set: train.lora.rank: duplicate key"),
     ("data.storage_options=" + "[" * 100 + "]" * 100, "error: --set: data.storage_options: brackets nested"),
 ])
+@pytest.mark.unit
 def test_hostile_override_is_one_line(tmp_path, capsys, override, expected):
     recipe, profile = tmp_path / "myrecipe.yaml", tmp_path / "mycluster.yaml"
     recipe.write_text(_recipe_text(tmp_path))
@@ -110,6 +112,7 @@ def test_hostile_override_is_one_line(tmp_path, capsys, override, expected):
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith(expected), err
 
 
+@pytest.mark.unit
 def test_checkpoint_recipe_is_read_with_the_same_limits(tmp_path):
     checkpoint = tmp_path / "step-00000002"
     checkpoint.mkdir()
@@ -121,6 +124,7 @@ def test_checkpoint_recipe_is_read_with_the_same_limits(tmp_path):
         saved_recipe(checkpoint)
 
 
+@pytest.mark.process
 def test_console_script_refuses_recursive_yaml_without_a_traceback(tmp_path):
     recipe, profile = tmp_path / "myrecipe.yaml", tmp_path / "mycluster.yaml"
     recipe.write_text(_recipe_text(tmp_path) + "x: &x [*x]\n")

@@ -3,52 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import PROJECT, venv_env
+from tests.cli_runs import SECRET, all_text_under, sd35dist, tiny_recipe, venv_env
 
 pytestmark = pytest.mark.dist
-
-SECRET = "s3cr3t-value-that-must-never-be-written-7f3a"
-
-
-def tiny_recipe(tmp_path: Path) -> Path:
-    (tmp_path / "cache").mkdir(exist_ok=True)
-    recipe = {
-        "name": "tiny",
-        "model": {"pretrained": str(tmp_path / "model")},
-        "data": {"cache_url": str(tmp_path / "cache")},
-        "output": {"dir": str(tmp_path / "out")},
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def sd35dist(*args: str, env: dict[str, str], check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "sd35dist", *args],
-        capture_output=True, text=True, cwd=PROJECT, env=env, timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"sd35dist {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def all_text_under(*roots: Path) -> str:
-    chunks = []
-    for root in roots:
-        for path in root.rglob("*"):
-            if path.is_file():
-                chunks.append(path.read_bytes().decode(errors="replace"))
-    return "\n".join(chunks)
-
 
 @pytest.fixture(scope="module")
 def finished_local_job(tmp_path_factory):

@@ -26,9 +26,6 @@ from sd35dist.data.manifest import MANIFEST_FORMAT
 from sd35dist.data.storage import Store
 from sd35dist.runtime.atomic_files import staged_directory
 
-pytestmark = pytest.mark.unit
-
-
 # ---- local job ids are bound to their process -------------------------------------------------
 
 
@@ -60,6 +57,7 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out.strip(), captured.err.strip()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", ["pid-reused", "recorded-before-identities"])
 def test_a_pid_that_now_names_another_process_is_never_signalled(tmp_path, capsys, bystander, case):
     real = read_identity(bystander.pid)
@@ -77,6 +75,7 @@ def test_a_pid_that_now_names_another_process_is_never_signalled(tmp_path, capsy
     assert read_identity(bystander.pid) == real, "and not even stopped"
 
 
+@pytest.mark.process
 def test_the_recorded_process_itself_is_running_and_cancelled(tmp_path, capsys, bystander):
     """The same check passes for the process the record names: status says RUNNING, cancel stops it."""
     run_dir = _local_record(tmp_path, bystander.pid, read_identity(bystander.pid).to_record())
@@ -99,6 +98,7 @@ CORRUPT_RECORDS = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", list(CORRUPT_RECORDS))
 @pytest.mark.parametrize("command", ["status", "cancel", "logs"])
 def test_a_corrupt_job_record_is_one_line(tmp_path, capsys, monkeypatch, case, command):
@@ -125,6 +125,7 @@ def _data(tmp_path: Path, **changes) -> DataSection:
     return DataSection.model_validate({"cache_url": str(tmp_path / "cache"), "datasets": datasets, **changes})
 
 
+@pytest.mark.unit
 def test_the_identity_names_what_differs(tmp_path):
     base = dataset_identity(_data(tmp_path))
     assert differences(base, dataset_identity(_data(tmp_path))) == []
@@ -149,6 +150,7 @@ def _manifest(identity: dict | None) -> bytes:
     return json.dumps(data).encode()
 
 
+@pytest.mark.unit
 def test_a_built_or_half_built_cache_of_another_list_is_foreign(tmp_path):
     mine, theirs = dataset_identity(_data(tmp_path)), dataset_identity(_data(tmp_path, shuffle_seed=3))
     store = Store(str(tmp_path / "cache"))
@@ -171,6 +173,7 @@ def _checkpoint(ckpts: CheckpointDir, step: int, **info) -> Path:
     return ckpts.commit(step, {"world_size": 2, **info})
 
 
+@pytest.mark.unit
 def test_resuming_an_older_checkpoint_in_place_is_refused(tmp_path):
     ckpts = CheckpointDir(tmp_path / "out")
     two, four = _checkpoint(ckpts, 2), _checkpoint(ckpts, 4)
@@ -186,6 +189,7 @@ def test_resuming_an_older_checkpoint_in_place_is_refused(tmp_path):
         elsewhere.branch_start(four, run_dir=None)
 
 
+@pytest.mark.unit
 def test_a_restart_of_the_branching_run_continues_its_branch(tmp_path):
     origin = _checkpoint(CheckpointDir(tmp_path / "out"), 2)
     run_dir = str(tmp_path / "run")
@@ -196,6 +200,7 @@ def test_a_restart_of_the_branching_run_continues_its_branch(tmp_path):
         branch.branch_start(origin, run_dir=str(tmp_path / "another-run"))  # a new submission: refused
 
 
+@pytest.mark.unit
 def test_submit_refuses_a_resume_that_would_overwrite_newer_checkpoints(tmp_path, capsys):
     ckpts = CheckpointDir(tmp_path / "out")
     two = _checkpoint(ckpts, 2)
@@ -220,12 +225,13 @@ def _submit_inputs(tmp_path: Path, resume: str = "latest", output: Path | None =
                                        "slurm": {"partition": "dev", "nodes": 1, "time": "00:10:00"}}))
     recipe = tmp_path / "myrecipe.yaml"
     recipe.write_text(yaml.safe_dump({"name": "t", "model": {"pretrained": str(tmp_path / "model")},
-                                      "data": {"cache_url": str(tmp_path / "cache")},
+                                      "data": {"cache_url": "s3://bucket/cache"},  # not checked from here
                                       "train": {"resume": resume},
                                       "output": {"dir": str(output or tmp_path / "out")}}))
     return profile, recipe
 
 
+@pytest.mark.unit
 def test_submit_output_replaces_nothing_unless_forced(tmp_path, capsys):
     profile, recipe = _submit_inputs(tmp_path)
     mine = tmp_path / "notes.txt"
@@ -251,6 +257,7 @@ def test_submit_output_replaces_nothing_unless_forced(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".notes.txt")], "no temporary left"
 
 
+@pytest.mark.unit
 def test_report_out_replaces_nothing_unless_forced(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -270,6 +277,7 @@ def test_report_out_replaces_nothing_unless_forced(tmp_path, capsys):
     assert "<html" in (out / "report.html").read_text() and (out / "plots" / "loss.png").stat().st_size > 0
 
 
+@pytest.mark.unit
 def test_sample_and_sweep_out_replace_no_earlier_grid_unless_forced(tmp_path, capsys):
     out = tmp_path / "shared"
     out.mkdir()
@@ -297,6 +305,7 @@ def _umask(mask: int):
         os.umask(before)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
 def test_published_files_get_the_umask_modes_not_0600(tmp_path, mask, file_mode, dir_mode):
     """Libraries that write through a private temporary (safetensors: 0600) do not decide who reads

@@ -136,4 +136,4 @@ ConfigYamlLoader.add_implicit_resolver(
 
 def load_yaml(text: str) -> Any:
     """YAML text → Python values, the way every config file and `--set` value is read."""
-    return yaml.load(text, Loader=ConfigYamlLoader)  # noqa: S506 — a SafeLoader subclass
+    return yaml.load(text, Loader=ConfigYamlLoader)
