@@ -213,7 +213,7 @@ def test_values_that_only_look_close_are_accepted(tmp_path, capsys):
     recipe["data"]["cache_url"] = "s3://bucket/cache@v2"
     recipe["data"]["storage_options"].update({"anon": False, "token": None, "key_prefix": "k/", "use_ssl": True})
     recipe["data"]["datasets"][0].update({"keep_tokens": 3, "caption_strategy": "instance_prompt",
-                                          "instance_prompt": "a photo of sks, key light"})
+                                          "instance_prompt": "a photo of sks, key light, a set secret garden"})
     code, out, err = _submit(tmp_path, capsys, profile, recipe, "--dry-run")
     assert code == 0, err
     assert 'export HF_TOKEN="$(cat ~/.hf_token)"' in out  # read on the node at run time: no value written

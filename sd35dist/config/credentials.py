@@ -53,8 +53,10 @@ _URL_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s@]*@)")
 _ASSIGNMENT = re.compile(r"(?:^|[\s;&|(?])(?:export\s+)?-{0,2}([A-Za-z_][A-Za-z0-9_-]*)=(['\"]?)([^\s&;|'\"]*)")
 # --name value, -u value: a flag and the word after it.
 _FLAG = re.compile(r"(?:^|\s)(--?[A-Za-z][A-Za-z0-9_-]*)\s+(['\"]?)([^\s'\"]+)")
-# `aws configure set NAME VALUE`, `git config [--global] NAME VALUE`.
-_SETTING = re.compile(r"\b(?:set|config(?:\s+--(?:global|system|local))?)\s+([A-Za-z_][\w.-]*)\s+(['\"]?)([^\s'\"]+)")
+# `aws configure set NAME VALUE`, `git config [--global] NAME VALUE`, `npm config set NAME VALUE`
+# (tool words, not a bare "set": "a set secret garden" is a prompt, not a setting).
+_SETTING = re.compile(r"\b(?:configure\s+set|config(?:\s+--[\w-]+)*(?:\s+set)?)\s+([A-Za-z_][\w.-]*)\s+(['\"]?)"
+                      r"([^\s'\"]+)")
 # An HTTP header: Authorization, Proxy-Authorization or a hyphenated name (X-Api-Key, Private-Token).
 _HEADER = re.compile(r"\b((?:Proxy-)?Authorization|[A-Za-z0-9]+(?:-[A-Za-z0-9]+)+)\s*:\s*"
                      r"(?:(?:Bearer|Basic|Token|token|Digest)\s+)?([^\s'\"]+)", re.IGNORECASE)
