@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,31 @@ def test_rebuild_is_byte_identical(built, tmp_path, tiny_model):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model, inputs, str(tmp_path / "cache"))
     run_cache(recipe)
     assert cache_files(tmp_path / "cache") == cache_files(root / "cache")
+
+
+def test_a_cache_of_another_dataset_list_is_never_overwritten(built, tmp_path, tiny_model):
+    """`sd35dist cache` into a cache_url that holds another dataset list's cache is refused in one line
+    naming what differs, before anything is written; the same list builds (resumes) into it as before."""
+    root, inputs, _, _ = built
+    cache = tmp_path / "cache"
+    shutil.copytree(root / "cache", cache)
+    before = {p: p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+    others = {
+        "shuffle_seed": write_recipe(tmp_path / "seed.yaml", tiny_model, inputs, str(cache), shuffle_seed=9),
+        "datasets (2 entries, now 1)": write_recipe(tmp_path / "fewer.yaml", tiny_model, inputs, str(cache), datasets=[
+            {"id": "exact", "source": str(inputs["exact"]), "caption_strategy": "instance_prompt",
+             "instance_prompt": "k4s4", "crop": False}]),
+    }
+    for differs, recipe in others.items():
+        proc = subprocess.run([sys.executable, "-m", "sd35dist", "cache", "--recipe", str(recipe)],
+                              capture_output=True, text=True, cwd=PROJECT, env=venv_env(), timeout=300)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines() == [
+            f"error: {recipe.name}: data.cache_url: {cache}: it was built from another dataset list (differs in "
+            f"{differs}); nothing was written: choose another data.cache_url, or delete that cache to rebuild it there"]
+    assert {p: p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()} == before
+    run_cache(write_recipe(tmp_path / "same.yaml", tiny_model, inputs, str(cache)))
+    assert cache_files(cache) == cache_files(root / "cache")
 
 
 def test_two_ranks_build_the_same_content_as_one(built, tmp_path, tiny_model):

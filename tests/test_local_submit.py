@@ -58,7 +58,9 @@ def test_cancel_stops_the_whole_process_tree(tmp_path):
         "submit", "--profile", "local", "--job", "preflight", "--recipe", str(tiny_recipe(tmp_path)),
         "--run-dir", str(run_dir), "--set", 'setup.lines=["sleep 300"]', env=env,
     )
-    job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
+    record = json.loads((run_dir / "job.json").read_text())
+    job_id = record["job_id"]
+    assert record["process"]["pid"] == int(job_id) and record["process"]["cmdline"], "the id is bound to its process"
     try:
         assert "RUNNING" in sd35dist("status", job_id, env=env).stdout
         deadline = time.monotonic() + 60
@@ -68,6 +70,8 @@ def test_cancel_stops_the_whole_process_tree(tmp_path):
     finally:
         assert "cancelled" in sd35dist("cancel", job_id, env=env).stdout
     assert "RUNNING" not in sd35dist("status", job_id, env=env).stdout
+    again = sd35dist("cancel", job_id, env=env, check=False)
+    assert again.returncode == 2 and "nothing was signalled" in again.stderr, "an ended job is not signalled again"
     for pid in sleepers:
         assert not _running(pid), f"process {pid} of the cancelled job is still running"
 
@@ -81,10 +85,10 @@ def _running(pid: int) -> bool:
 
 
 def _processes_under(root: int, cmdline: str) -> list[int]:
-    from launcher.job_control import _descendants
+    from launcher.local_process import descendants
 
     found = []
-    for pid in _descendants(root):
+    for pid in descendants(root):
         try:
             if Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip().decode() == cmdline:
                 found.append(pid)

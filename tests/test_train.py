@@ -14,7 +14,7 @@ import torch
 from sd35dist.checkpoint.layout import CheckpointDir, read_info
 from sd35dist.checkpoint.weights import read_weights
 from tests.cli_runs import PROJECT, venv_env
-from tests.train_runs import export, losses, train, train_recipe
+from tests.train_runs import RunsCode, export, losses, train, train_recipe, train_refused
 
 pytestmark = pytest.mark.dist
 
@@ -74,6 +74,10 @@ def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight,
     assert not torch.equal(raw[key], pretrained[key]), "training changed the weights"
     assert not torch.equal(ema[key], raw[key]), "the EMA is its own set of weights"
     assert torch.equal(ema["pos_embed.pos_embed"], raw["pos_embed.pos_embed"])
+    from sd35dist.runtime.atomic_files import user_umask
+
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "raw").iterdir()}
+    assert set(modes.values()) == {0o666 & ~user_umask()}, f"others can read the export (not 0600): {modes}"
     again = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(root / "out"), "--out", str(tmp_path / "raw")],
                            capture_output=True, text=True, cwd=PROJECT)
     assert again.returncode == 2 and "already exists" in again.stderr
@@ -92,9 +96,9 @@ def test_two_rank_checkpoint_resumes_on_one_rank_and_back(stopped, cache, tmp_pa
 
 
 def _children(pid: int) -> list[int]:
-    from launcher.job_control import _descendants
+    from launcher.local_process import descendants
 
-    return _descendants(pid)
+    return descendants(pid)
 
 
 def test_kill_during_checkpoint_write_keeps_latest_on_a_complete_checkpoint(cache, tmp_path):
@@ -256,3 +260,49 @@ def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path)
     assert np.array_equal(samples["ckpt"], samples["export"])
     assert not np.array_equal(samples["ckpt"], samples["ema"]) and not np.array_equal(samples["ckpt"], samples["base"])
     assert sd35dist_main(["sample", str(tmp_path / "export"), *common, "--out", str(tmp_path / "x")]) == 2  # needs --model
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resuming_an_older_checkpoint_branches_only_into_a_new_directory(straight, cache, tmp_path):
+    """train.resume naming step 4 of an output dir whose newest is step 6: refused there (nothing
+    overwritten or rotated away), trained into a new output.dir exactly as the straight run did,
+    and a restart of that same run continues its branch instead of starting over from step 4."""
+    root, expected = straight
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    before = _tree(out)
+    four = CheckpointDir(out).path(4)
+    line = train_refused(train_recipe(tmp_path / "same.yaml", cache, out, resume=str(four)), tmp_path / "run0")
+    assert "train.resume" in line and "would overwrite step-00000006" in line and "new directory" in line, line
+    assert _tree(out) == before, "the newer branch and the named checkpoint are untouched"
+
+    branch = tmp_path / "branch"
+    recipe = train_recipe(tmp_path / "branch.yaml", cache, branch, resume=str(four), checkpointing_steps=2)
+    train(recipe, tmp_path / "run1")
+    assert losses(tmp_path / "run1") == {5: expected[5], 6: expected[6]}, "the branch trains on exactly"
+    assert CheckpointDir(branch).complete_steps() == [6] and _tree(out) == before
+    again = train(recipe, tmp_path / "run1")  # the same run restarted (torchrun restart, Slurm requeue)
+    assert f"resumed from {CheckpointDir(branch).path(6)}" in again.stdout + again.stderr
+    assert _tree(out) == before
+
+
+def test_a_crafted_dcp_metadata_given_as_resume_is_refused_without_running(straight, cache, tmp_path):
+    """DCP's .metadata is a pickle; one that names a callable is refused once, at start (exit 2: no
+    restart), and its code never runs — the same allow-list export uses."""
+    import pickle
+
+    root, _ = straight
+    crafted = tmp_path / "crafted"
+    shutil.copytree(CheckpointDir(root / "out").path(6), crafted)
+    sentinel = tmp_path / "code-ran"
+    (crafted / "dcp" / ".metadata").write_bytes(pickle.dumps(RunsCode(str(sentinel))))
+    line = train_refused(train_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", resume=str(crafted)),
+                         tmp_path / "run")
+    assert ".metadata: refused" in line and "io.open" in line, line
+    proc = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(crafted), "--out", str(tmp_path / "e")],
+                          capture_output=True, text=True, cwd=PROJECT, env=venv_env())
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and ".metadata" in proc.stderr
+    assert not sentinel.exists(), "the pickle's code ran"

@@ -20,7 +20,7 @@ from sd35dist.checkpoint.weights import read_weights
 from sd35dist.config.recipe import Recipe
 from sd35dist.parallel.zero import deepspeed_config
 from tests.cli_runs import PROJECT, venv_env
-from tests.train_runs import export, losses, train, train_recipe
+from tests.train_runs import RunsCode, export, losses, train, train_recipe, train_refused
 
 pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("deepspeed_on_cpu")]
 
@@ -205,3 +205,51 @@ def test_single_file_export_of_every_strategy_loads_in_diffusers_equal_to_the_ch
         # `inspect --diff` reads the 2-rank sharded checkpoint in this one process: every block moved.
         changes = diff(output, model_dir)[0]
         assert all(c.relative > 0 for c in changes if c.group.startswith("joint block")), strategy
+
+
+# Ride on the runs above: ZeRO-2 in bf16 and ZeRO-3 in fp32.
+@pytest.mark.parametrize("straight", ["zero2-bf16", "zero3"], indirect=True)
+def test_zero_checkpoints_load_through_the_allow_list_and_get_umask_modes(straight):
+    """Every pickle DeepSpeed wrote loads with torch.load(weights_only=True) and the three allow-listed
+    classes (the resume above went through the same loader), and every file of the checkpoint,
+    the EMA's safetensors (0600 from safetensors' writer) included, has the user's umask modes."""
+    from sd35dist.checkpoint.trusted_pickle import check_pickles, load_trusted
+    from sd35dist.runtime.atomic_files import user_umask
+
+    case, root, _ = straight
+    checkpoint = CheckpointDir(root / "out").latest()
+    files = sorted((checkpoint / "ds").glob("*.pt"))
+    assert len(files) >= 3
+    for path in files:
+        state = load_trusted(path, map_location="cpu")
+        assert isinstance(state, dict) and state.get("ds_version"), path
+    check_pickles(checkpoint)
+    wanted = 0o666 & ~user_umask()
+    for path in checkpoint.rglob("*"):
+        if path.is_file() and path.suffix != ".py":
+            assert path.stat().st_mode & 0o777 == wanted, f"{path.name}: {oct(path.stat().st_mode & 0o777)}"
+
+
+@pytest.mark.parametrize("straight", ["zero2-bf16"], indirect=True)
+def test_a_crafted_zero_checkpoint_runs_no_code(straight, cache, tmp_path):
+    """An optimizer-states file that names a callable: resume (train.resume), export, inspect and
+    sample each refuse it in one line naming the file, exit 2, and the code never runs."""
+    case, root, _ = straight
+    crafted = tmp_path / "crafted"
+    shutil.copytree(CheckpointDir(root / "out").latest(), crafted)
+    target = sorted((crafted / "ds").glob("*optim_states.pt"))[0]
+    sentinel = tmp_path / "code-ran"
+    torch.save({"optimizer_state_dict": RunsCode(str(sentinel))}, target)
+    recipe = zero_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", resume=str(crafted), **CASES[case])
+    line = train_refused(recipe, tmp_path / "run")
+    assert f"{target}: refused: it names io.open" in line, line
+    for command in (["export", str(crafted), "--out", str(tmp_path / "export")],
+                    ["inspect", str(crafted)],
+                    ["sample", str(crafted), "--prompt", "a fox", "--steps", "1", "--out", str(tmp_path / "sample")]):
+        proc = subprocess.run([sys.executable, "-m", "sd35dist", *command], capture_output=True, text=True,
+                              cwd=PROJECT, env=venv_env(), timeout=300)
+        assert proc.returncode == 2, (command, proc.stderr[-2000:])
+        assert proc.stderr.strip().splitlines() == [f"error: {target}: refused: it names io.open, which no DeepSpeed "
+                                                    "checkpoint holds (a crafted or foreign file; loading it could "
+                                                    "run code)"], (command, proc.stderr[-2000:])
+    assert not sentinel.exists(), "the pickle's code ran"

@@ -48,3 +48,27 @@ def export(checkpoint: Path, out: Path, *flags: str) -> dict[str, torch.Tensor]:
     from diffusers import SD3Transformer2DModel
 
     return SD3Transformer2DModel.from_pretrained(out).state_dict()
+
+
+def train_refused(recipe: Path, run_dir: Path) -> str:
+    """A run the ranks must refuse before training, started as a profile's script starts it (sd35dist
+    torchrun with restarts on): exit status 2, one `error:` line (returned), no restart."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sd35dist", "torchrun", "--standalone", "--nproc-per-node=2", "--max-restarts=3",
+         "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
+        capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), timeout=600)
+    everything = proc.stdout + proc.stderr
+    errors = [line for line in everything.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, everything[-4000:]
+    assert "Traceback" not in everything and "will restart worker group" not in everything, everything[-4000:]
+    return errors[0]
+
+
+class RunsCode:
+    """Unpickling this creates a file: the side effect a crafted checkpoint would have."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

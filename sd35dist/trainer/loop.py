@@ -82,14 +82,15 @@ class Trainer:
     def __init__(self, recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE_FILE) -> None:
         self.recipe, self.world, self.run_dir = recipe, world, run_dir
         # Before the stream and the model are built: a refused resume says so at once.
-        resume_from = resume_checkpoint(recipe, recipe_source)
+        resume_from = resume_checkpoint(recipe, recipe_source, run_dir)
         self.device = world.device
         self.stream = LatentStream(recipe.data.cache_url, rank=world.rank, world_size=world.world_size,
                                    options=stream_options(recipe), storage_options=recipe.data.storage_options)
         self.vae = self.stream.manifest.vae
         self.schedule = training_schedule(recipe)
         self.strategy: TrainingStrategy = make_strategy(recipe, world, recipe_source)
-        self.checkpoints = CheckpointManager(recipe, world, self.strategy, {"stream": self.stream}, resume_from)
+        self.checkpoints = CheckpointManager(recipe, world, self.strategy, {"stream": self.stream}, resume_from,
+                                             run_dir)
         self.step = 0
         self.total_steps = self._total_steps()
 

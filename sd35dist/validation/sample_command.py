@@ -109,9 +109,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the checkpoint's recipe, else 256)")
     parser.add_argument("--ema", action="store_true", help="a checkpoint's EMA weights")
     parser.add_argument("--out", type=Path, required=True, help="directory for the images and grid.png")
+    parser.add_argument("--force", action="store_true", help="let --out replace an earlier sample's images")
     guidance_arguments(parser)
     skip_layer_arguments(parser, "default: none")
     return parser
+
+
+def earlier_grid(out: Path, force: bool) -> str | None:
+    """Why `--out` may not be written: an earlier sample's or sweep's grid.png that only --force replaces."""
+    if (out / "grid.png").exists() and not force:
+        return f"--out {out}: holds an earlier grid.png: pass --force to replace it, or choose another --out"
+    return None
 
 
 def main(argv: list[str]) -> int:
@@ -121,6 +129,10 @@ def main(argv: list[str]) -> int:
         prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
     if not prompts:
         print("error: give --prompt or --prompts-file", file=sys.stderr)
+        return 2
+    problem = earlier_grid(args.out, args.force)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.skip_layers and args.scale == 1.0:
         print("error: --skip-layers needs --scale above 1: skip-layer guidance acts only with classifier-free "
