@@ -125,6 +125,7 @@ def test_the_collective_timeout_reaches_the_process_group():
     (["train.fp8=rowwise", "parallel.strategy=zero2"], "train.fp8"),
     (["train.gradient_checkpointing=every_1"], "train.gradient_checkpointing"),
     (["train.compile_blocks=sometimes"], "train.compile_blocks"),
+    (["train.compile_backend=tvm"], "train.compile_backend"),
 ])
 def test_fast_path_mistakes_are_one_line(capsys, overrides, key):
     args = ["submit", "--profile", "h100x8", "--dry-run"]
@@ -209,3 +210,22 @@ def test_fp8_swaps_the_inner_blocks_token_linears_only_and_keeps_the_keys():
     assert {k: v.dtype for k, v in model.state_dict().items()} == keys, "same keys, master dtype"
     out = model(**_inputs(), return_dict=False)[0]
     assert torch.isfinite(out).all()
+
+
+def test_compile_settings_resolve_per_device_and_name_the_backend_in_the_log_line():
+    from sd35dist.config.recipe import Recipe
+    from sd35dist.parallel.compute_path import compile_on, compute_settings
+
+    assert compile_on("auto", torch.device("cuda")) and not compile_on("auto", torch.device("cpu"))
+    assert not compile_on(False, torch.device("cuda")) and compile_on(True, torch.device("cpu"))
+
+    recipe = Recipe(name="c", model={"pretrained": "unused"}, data={"cache_url": "unused"}, output={"dir": "unused"},
+                    train={"gradient_checkpointing": "every_2", "compile_backend": "aot_eager"})
+    assert recipe.train.compile_blocks == "auto"  # the default: on where it pays
+    settings = compute_settings(recipe, SD35_LARGE_CONFIG, EIGHT, torch.device("cpu"))
+    assert not settings.compile_blocks, "auto stays eager on CPU"
+    forced = recipe.model_copy(update={"train": recipe.train.model_copy(update={"compile_blocks": True})})
+    settings = compute_settings(forced, SD35_LARGE_CONFIG, EIGHT, torch.device("cpu"))
+    assert settings.compile_blocks and settings.compile_backend == "aot_eager"
+    assert settings.describe(38) == ("activation checkpointing: one block in 2 (19 of 38); "
+                                     "compile: per block, dynamic shapes, aot_eager; fp8: none")

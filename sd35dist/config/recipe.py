@@ -275,6 +275,11 @@ class TrainSection(StrictModel):
     compile_blocks: bool | Literal["auto"] = "auto"
     """torch.compile each transformer block (the sequence length dynamic: no recompile per aspect bucket);
     auto: on with CUDA, off on CPU."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """torch.compile's backend for compile_blocks. inductor generates fused kernels (the speed); aot_eager
+    traces forward and backward as inductor does but runs torch's own kernels, eager only captures graphs:
+    the ways to tell a numerical difference that compile makes from one inductor's kernels make (and the
+    CPU tests' quick compile)."""
     fp8: Literal["none", "tensorwise", "rowwise"] = "none"
     """FP8 matmuls in the transformer blocks' Linears (torchao float8 training; fsdp2 only): tensorwise (one
     scale per tensor; FSDP2 all-gathers the weights in fp8) or rowwise (one scale per row: more accurate,

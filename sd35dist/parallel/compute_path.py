@@ -121,14 +121,14 @@ def apply_checkpointing(blocks: nn.ModuleList, policy: CheckpointingPolicy) -> i
     return len(modules)
 
 
-def compile_each_block(blocks: nn.ModuleList) -> None:
+def compile_each_block(blocks: nn.ModuleList, backend: str = "inductor") -> None:
     """torch.compile every block in place (keys and module paths unchanged, unlike torch.compile(module)).
 
     dynamic=True: the token and batch dimensions are symbolic from the first call, so the eight aspect
     buckets of a recipe (and a remainder batch) share one graph per block; parameter shapes stay static.
     """
     for block in blocks:
-        block.compile(dynamic=True)
+        block.compile(dynamic=True, backend=backend)
 
 
 def device_memory_gib(device: torch.device) -> float | None:
@@ -139,7 +139,7 @@ def device_memory_gib(device: torch.device) -> float | None:
 
 
 def prepare_blocks(model: nn.Module, *, policy: CheckpointingPolicy, compile_blocks: bool, fp8: str,
-                   device: torch.device, fsdp_all_gather: bool) -> dict[str, int]:
+                   device: torch.device, fsdp_all_gather: bool, compile_backend: str = "inductor") -> dict[str, int]:
     """FP8 → activation checkpointing → compile, in place, in that order (torchtitan's): compile sees the
     fp8 casts and the recomputation and fuses them with their neighbours. Returns what was done, for the log."""
     done = {"fp8_linears": 0, "checkpointed": 0, "compiled_blocks": 0}
@@ -148,7 +148,7 @@ def prepare_blocks(model: nn.Module, *, policy: CheckpointingPolicy, compile_blo
     blocks = model.transformer_blocks
     done["checkpointed"] = apply_checkpointing(blocks, policy)
     if compile_blocks:
-        compile_each_block(blocks)
+        compile_each_block(blocks, compile_backend)
         done["compiled_blocks"] = len(blocks)
     return done
 
@@ -160,10 +160,11 @@ class ComputeSettings:
     policy: CheckpointingPolicy
     compile_blocks: bool
     fp8: str
+    compile_backend: str = "inductor"
 
     def describe(self, layers: int) -> str:
-        return (f"activation checkpointing: {self.policy.describe(layers)}; "
-                f"compile: {'per block, dynamic shapes' if self.compile_blocks else 'off'}; fp8: {self.fp8}")
+        compiled = f"per block, dynamic shapes, {self.compile_backend}" if self.compile_blocks else "off"
+        return f"activation checkpointing: {self.policy.describe(layers)}; compile: {compiled}; fp8: {self.fp8}"
 
 
 def compute_settings(recipe: Recipe, config: Mapping[str, Any], mesh: MeshLayout, device: torch.device,
@@ -173,7 +174,8 @@ def compute_settings(recipe: Recipe, config: Mapping[str, Any], mesh: MeshLayout
     if recipe.train.fp8 != "none":
         require_fp8_device(device, recipe_file)
     policy = resolve_checkpointing(recipe, config, mesh, device_memory_gib(device))
-    return ComputeSettings(policy, compile_on(recipe.train.compile_blocks, device), recipe.train.fp8)
+    return ComputeSettings(policy, compile_on(recipe.train.compile_blocks, device), recipe.train.fp8,
+                           recipe.train.compile_backend)
 
 
 def refresh_fp8_scales(model: nn.Module, settings: ComputeSettings) -> None:

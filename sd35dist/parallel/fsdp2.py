@@ -62,6 +62,7 @@ class FSDP2Strategy:
             reduce_dtype=torch.float32,
             activation_checkpointing=self.compute.policy,
             compile_blocks=self.compute.compile_blocks,
+            compile_backend=self.compute.compile_backend,
             fp8=self.compute.fp8,
             lora=recipe.train.lora,
             seed=recipe.seed,
@@ -85,6 +86,7 @@ class FSDP2Strategy:
             activation_checkpointing=settings.policy,
             compile_blocks=settings.compile_blocks,
             fp8=settings.fp8,
+            compile_backend=settings.compile_backend,
         )
         strategy = cls.__new__(cls)
         strategy.compute = settings

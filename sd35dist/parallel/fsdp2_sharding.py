@@ -61,6 +61,7 @@ def parallelize_fsdp2(
     compile_blocks: bool = False,
     fp8: str = "none",
     reshard_after_forward: bool = True,
+    compile_backend: str = "inductor",
 ) -> nn.Module:
     """Prepare `model.transformer_blocks` in place (compute_path.prepare_blocks) and shard the model;
     returns the same model.
@@ -77,7 +78,7 @@ def parallelize_fsdp2(
     policy = (activation_checkpointing if isinstance(activation_checkpointing, CheckpointingPolicy)
               else CheckpointingPolicy("full" if activation_checkpointing else "none"))
     prepare_blocks(model, policy=policy, compile_blocks=compile_blocks, fp8=fp8,
-                   device=torch.device(mesh.device_type), fsdp_all_gather=True)
+                   device=torch.device(mesh.device_type), fsdp_all_gather=True, compile_backend=compile_backend)
 
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     last = len(blocks) - 1
@@ -116,6 +117,7 @@ def load_transformer(
     reduce_dtype: torch.dtype = torch.float32,
     activation_checkpointing: bool | CheckpointingPolicy = False,
     compile_blocks: bool = False,
+    compile_backend: str = "inductor",
     fp8: str = "none",
     reshard_after_forward: bool = True,
     lora: LoraSection | None = None,
@@ -138,6 +140,7 @@ def load_transformer(
         reduce_dtype=reduce_dtype,
         activation_checkpointing=activation_checkpointing,
         compile_blocks=compile_blocks,
+        compile_backend=compile_backend,
         fp8=fp8,
         reshard_after_forward=reshard_after_forward,
     )

@@ -160,7 +160,7 @@ class ZeroStrategy:
         self.compute = compute_settings(recipe, config, layout, world.device, recipe_file)
         # Checkpointing and compile as under FSDP2 (module names unchanged, so DeepSpeed's checkpoints keep them).
         prepare_blocks(model, policy=self.compute.policy, compile_blocks=self.compute.compile_blocks, fp8="none",
-                       device=world.device, fsdp_all_gather=False)
+                       device=world.device, fsdp_all_gather=False, compile_backend=self.compute.compile_backend)
         if world.is_main:
             print(f"{recipe.parallel.strategy}: {self.compute.describe(len(model.transformer_blocks))}", flush=True)
         model.train()
