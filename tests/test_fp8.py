@@ -11,9 +11,10 @@ from tests.train_runs import export, losses, train, train_recipe
 
 pytestmark = pytest.mark.dist
 
-FP8_LOSS_RTOL = 0.02
-"""fp8 (e4m3, dynamic scales) against bf16 over 4 steps of the tiny model: within 2% per step (measured:
-under 0.5%). The first and last blocks, the embedders and the head stay bf16."""
+FP8_LOSS_RTOL = 0.005
+"""fp8 (e4m3, dynamic scales) against bf16 over 4 steps of the tiny model: within 0.5% per step (measured
+2026-12-06: at most 0.013% tensorwise, 0.010% rowwise). The first and last blocks, the embedders and the
+head stay bf16."""
 BF16 = {"mixed_precision": "bf16", "max_train_steps": 4, "checkpointing_steps": 2, "gradient_checkpointing": "every_2"}
 
 

@@ -17,7 +17,7 @@ def test_gpu_check_smoke_runs_every_loop_and_prints_the_table():
                           env=venv_env(OMP_NUM_THREADS="2"), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| loop")]
-    names = ["diffusers example loop", "ours eager", "ours compiled", "ours compiled + fp8"]
+    names = ["diffusers example loop", "ours eager", "ours compiled", "ours compiled + fp8 tensorwise"]
     assert [row.split(" | ")[0][2:].split(" (")[0] for row in rows] == names, rows
     for row in rows:
         cells = row.strip("| ").split(" | ")
