@@ -55,7 +55,7 @@ from sd35dist.parallel.process_group import World
 LOOPS = ("diffusers", "eager", "compiled", "fp8")
 CLIP_TOKENS = 77
 FULL = dict(depth=16, resolution=1024, max_sequence_length=256, batch=4, warmup=3, steps=8)
-SMOKE = dict(depth=3, resolution=64, max_sequence_length=16, batch=2, warmup=1, steps=2)
+SMOKE = dict(depth=3, resolution=64, max_sequence_length=16, batch=2, warmup=1, steps=1)
 DESCRIPTIONS = {
     "diffusers": "diffusers example loop (eager, its GC, foreach AdamW, pure bf16)",
     "eager": "ours eager (FSDP2, per-block AC, Kahan bf16 AdamW)",
@@ -94,7 +94,10 @@ def planned_peak_gib(config: dict, loop: str, batch: int, tokens: int, on_gpu: b
 
 def run_loop(loop: str, args: argparse.Namespace, world: World, config: dict) -> dict:
     """Build, warm up, time, free: img/s and peak GiB of one loop."""
+    from torch._dynamo.utils import counters
+
     device = args.device
+    counters.clear()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(config, device)
@@ -123,7 +126,8 @@ def run_loop(loop: str, args: argparse.Namespace, world: World, config: dict) ->
         gc.collect()
         torch._dynamo.reset()
     result = {"img_s": args.batch / statistics.median(seconds), "losses": losses,
-              "wall_s": time.perf_counter() - started}
+              "wall_s": time.perf_counter() - started, "graphs": int(counters["stats"]["unique_graphs"]),
+              "aot_graphs": int(counters["aot_autograd"]["total"])}
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
         torch.cuda.empty_cache()
@@ -211,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {DESCRIPTIONS[loop]} | {' | '.join(cells)} |", flush=True)
     finally:
         dist.destroy_process_group()
+    compiled = [loop for loop in ("compiled", "fp8") if loop in results]
+    if compiled:
+        print("# graphs per loop (dynamo/AOT autograd): " + ", ".join(
+            f"{loop} {results[loop]['graphs']}/{results[loop]['aot_graphs']}" for loop in compiled))
     if "eager" in results:
         for loop in ("compiled", "fp8"):
             if loop in results:

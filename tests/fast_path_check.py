@@ -1,31 +1,33 @@
-"""Driver for tests/test_compile_strategies.py; every rank runs it under torchrun (gloo on CPU).
+"""Driver for tests/test_fast_path_dist.py; every rank runs it under torchrun (gloo on CPU).
 
     python -m torch.distributed.run --standalone --nproc-per-node=2 \\
-        -m tests.compile_check MODEL_DIR OUT_DIR STRATEGY [STRATEGY …]
+        -m tests.fast_path_check MODEL_DIR OUT_DIR STRATEGY:PRECISION:FP8:COMPILE …
 
-For each strategy, twice through the real `make_strategy` path — blocks eager, then compiled per block
-(dynamic shapes, `train.compile_backend: aot_eager`: dynamo and AOT autograd trace forward and backward
-as for inductor, without inductor's minutes of C++ compile per rank on CPU) — with `every_2` activation
-checkpointing and EMA: three optimizer steps on two bucket shapes (rank r on its own batches), then a
-no-grad forward as a validation round makes it. Rank 0 writes OUT_DIR/result.json: per strategy and mode
-the losses, the no-grad output, the EMA weights' sum of squares, how many graphs dynamo made and how
-many AOT autograd and inductor compiled.
+Each case builds its strategy through the real `make_strategy` path — `train.mixed_precision` PRECISION,
+`train.fp8` FP8 (none | tensorwise | rowwise), `train.compile_blocks` on with `train.compile_backend`
+COMPILE, or off — with `every_2` activation checkpointing and EMA, then trains two optimizer steps on two
+bucket shapes (different token counts; rank r on its own batches) and runs a no-grad forward as a
+validation round does. One process group serves every case (one start-up, one DeepSpeed import). Rank 0
+writes OUT_DIR/result.json: per case the losses, the no-grad output, the EMA weights' sum of squares,
+how many graphs dynamo had made after each step and in all, how many AOT autograd and inductor compiled, and the case's seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-SHAPES = [(8, 8), (6, 10), (8, 8)]
-"""Latent (height, width) per step: two buckets, the first again."""
+SHAPES = [(8, 8), (6, 10)]
+"""Latent (height, width) per step: two buckets with different token counts (16 and 15)."""
 
 
-def run_check(model_dir: Path, out: Path, *strategies: str) -> dict:
+def run_check(model_dir: Path, out: Path, *cases: str) -> dict:
+    """This driver on 2 gloo ranks (DeepSpeed on its CPU accelerator); rank 0's result.json."""
     import subprocess
     import sys
 
@@ -34,22 +36,23 @@ def run_check(model_dir: Path, out: Path, *strategies: str) -> dict:
     env = venv_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=torch_extensions_dir())
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "tests.compile_check", str(model_dir), str(out), *strategies],
-        capture_output=True, text=True, cwd=PROJECT, env=env, timeout=1500,
+         "-m", "tests.fast_path_check", str(model_dir), str(out), *cases],
+        capture_output=True, text=True, cwd=PROJECT, env=env, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads((out / "result.json").read_text())
 
 
-def recipe_for(model_dir: Path, out_dir: Path, strategy: str, compiled: bool):
+def recipe_for(model_dir: Path, out_dir: Path, strategy: str, precision: str, fp8: str, compile_backend: str):
     from sd35dist.config.recipe import Recipe
 
+    compiled = compile_backend != "off"
     return Recipe.model_validate({
-        "name": "compile", "seed": 0, "model": {"pretrained": str(model_dir)}, "data": {"cache_url": str(out_dir)},
+        "name": "fast-path", "seed": 0, "model": {"pretrained": str(model_dir)}, "data": {"cache_url": str(out_dir)},
         "parallel": {"strategy": strategy},
-        "train": {"optimizer": "adamw", "mixed_precision": "fp32", "learning_rate": 1e-3, "max_grad_norm": 1.0,
+        "train": {"optimizer": "adamw", "mixed_precision": precision, "learning_rate": 1e-3, "max_grad_norm": 1.0,
                   "gradient_checkpointing": "every_2", "compile_blocks": compiled,
-                  "compile_backend": "aot_eager",
+                  "compile_backend": compile_backend if compiled else "inductor", "fp8": fp8,
                   "ema": {"enabled": True, "decay": 0.5}},
         "logging": {"report_to": "none"}, "output": {"dir": str(out_dir / f"output-{strategy}")},
     })
@@ -68,7 +71,7 @@ def batch(config, rank: int, step: int) -> tuple[dict[str, torch.Tensor], torch.
 def one_run(strategy, world) -> dict:
     from torch._dynamo.utils import counters
 
-    losses = []
+    losses, graphs_per_step = [], []
     for step in range(len(SHAPES)):
         inputs, target = batch(strategy.model.config, world.rank, step)
         loss = F.mse_loss(strategy.forward(**inputs).float(), target)
@@ -78,13 +81,14 @@ def one_run(strategy, world) -> dict:
         total = loss.detach().clone()
         torch.distributed.all_reduce(total)
         losses.append(total.item() / world.world_size)
+        graphs_per_step.append(int(counters["stats"]["unique_graphs"]))
     with torch.no_grad():
         inputs, _ = batch(strategy.model.config, world.rank, 99)
         rendered = strategy.forward(**inputs).float()
     ema = strategy.full_state_dict(use_ema=True)
     return {"losses": losses, "rendered": rendered.flatten()[:64].tolist(),
             "ema_sq": float(sum((t.float() ** 2).sum() for t in ema.values())) if world.is_main else None,
-            "graphs": int(counters["stats"]["unique_graphs"]),
+            "graphs_per_step": graphs_per_step, "graphs": int(counters["stats"]["unique_graphs"]),
             "aot_graphs": int(counters["aot_autograd"]["total"]), "inductor": int(sum(counters["inductor"].values()))}
 
 
@@ -95,19 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("strategies", nargs="+")
+    parser.add_argument("cases", nargs="+", help="STRATEGY:PRECISION:FP8:COMPILE (COMPILE: off or a backend)")
     args = parser.parse_args(argv)
-    world = init_process_group_from_env(timeout_s=1200)
+    world = init_process_group_from_env(timeout_s=900)
     results: dict[str, dict] = {}
     try:
-        for name in args.strategies:
-            for compiled in (False, True):
-                torch._dynamo.reset()
-                torch._dynamo.utils.counters.clear()
-                torch.manual_seed(0)
-                strategy = make_strategy(recipe_for(args.model_dir, args.out_dir, name, compiled), world)
-                results[f"{name}-{'compiled' if compiled else 'eager'}"] = one_run(strategy, world)
-                del strategy
+        for case in args.cases:
+            started = time.perf_counter()
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            torch.manual_seed(0)
+            strategy = make_strategy(recipe_for(args.model_dir, args.out_dir, *case.split(":")), world)
+            results[case] = {**one_run(strategy, world), "seconds": time.perf_counter() - started}
+            del strategy
+            torch.distributed.barrier()  # gloo aborts a rank whose peer tore the group down first
         if world.is_main:
             args.out_dir.mkdir(parents=True, exist_ok=True)
             (args.out_dir / "result.json").write_text(json.dumps(results))
