@@ -15,7 +15,7 @@ from sd35dist.data.latent_stream import LatentStream, StreamOptions, dropped_cap
 from sd35dist.data.manifest import read_manifest
 from sd35dist.data.shard_fetcher import RetryPolicy, ShardCorrupt
 from sd35dist.data.storage import Store
-from sd35dist.data.demo_dataset import write_demo_dataset
+from sd35dist.demo.dataset import write_demo_dataset
 from tests.s3_server import S3Server
 from tests.shaping_proxy import ShapingProxy
 from tests.test_cache_build import run_cache, samples_by_key, tiny_model, write_recipe  # noqa: F401

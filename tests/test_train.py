@@ -54,6 +54,11 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
+def learning_rates(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics-rank00000.jsonl").read_text().splitlines()
+    return {r["step"]: r["lr"] for r in map(json.loads, lines)}
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, cache) -> tuple[Path, dict[int, float]]:
     root = tmp_path_factory.mktemp("straight")
@@ -75,8 +80,12 @@ def test_straight_run_trains_and_rotates_checkpoints(straight):
 def test_stop_and_resume_gives_the_same_losses(straight, cache, tmp_path):
     _, expected = straight
     out = tmp_path / "out"
-    train(train_recipe(tmp_path / "first.yaml", cache, out, max_train_steps=3), tmp_path / "run1")
+    # train.stop_at_step ends the first submission at step 3, off the checkpoint interval: it saves there.
+    first = train(train_recipe(tmp_path / "first.yaml", cache, out, stop_at_step=3, checkpointing_steps=4),
+                  tmp_path / "run1")
+    assert "stopped at step 3 (train.stop_at_step), saved; the schedule runs to step 6" in first.stdout + first.stderr
     assert losses(tmp_path / "run1") == {s: expected[s] for s in (1, 2, 3)}
+    assert CheckpointDir(out).complete_steps() == [3]
     proc = train(train_recipe(tmp_path / "second.yaml", cache, out), tmp_path / "run2")
     assert "resumed from" in proc.stdout + proc.stderr
     assert losses(tmp_path / "run2") == {s: expected[s] for s in (4, 5, 6)}, "CPU/gloo resume is exact"
@@ -192,11 +201,13 @@ def test_adamw_bf16_stop_and_resume_gives_the_same_losses_and_weights(cache, tmp
     buffers and step counter go through the checkpoint, so resume is exact too."""
     from sd35dist.checkpoint.export import checkpoint_state
 
-    bf16 = {"optimizer": "adamw_bf16", "mixed_precision": "bf16", "max_train_steps": 4, "checkpointing_steps": 2}
+    bf16 = {"optimizer": "adamw_bf16", "mixed_precision": "bf16", "max_train_steps": 4, "checkpointing_steps": 2,
+            "lr_scheduler": "cosine", "lr_warmup_steps": 1}
     train(train_recipe(tmp_path / "straight.yaml", cache, tmp_path / "straight", **bf16), tmp_path / "run0")
-    expected = losses(tmp_path / "run0")
+    expected, expected_lr = losses(tmp_path / "run0"), learning_rates(tmp_path / "run0")
     out = tmp_path / "out"
-    train(train_recipe(tmp_path / "first.yaml", cache, out, **{**bf16, "max_train_steps": 2}), tmp_path / "run1")
+    train(train_recipe(tmp_path / "first.yaml", cache, out, **bf16, stop_at_step=2), tmp_path / "run1")
+    assert learning_rates(tmp_path / "run1") == {s: expected_lr[s] for s in (1, 2)}, "stop_at_step keeps the schedule"
     train(train_recipe(tmp_path / "second.yaml", cache, out, **bf16), tmp_path / "run2")
     assert losses(tmp_path / "run2") == {s: expected[s] for s in (3, 4)}
     for use_ema in (False, True):
