@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -61,6 +62,28 @@ def test_readme_gives_the_demo_s_numbers():
     assert line_pattern("sd35dist: step 16/16, loss 3.6652, lr 1.73e-03, img/s 6.4, eta 0h00m").fullmatch(
         "sd35dist: step 16/16, loss 3.1, lr 1.73e-03, img/s 9.0, eta 0h01m")
     assert not line_pattern("sd35dist: step 16/16, lr 1.73e-03").fullmatch("sd35dist: step 16/16, lr 3.28e-05")
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names |= {node.module or ""} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+@pytest.mark.unit
+def test_the_demo_is_one_package_that_runs_the_cli_one_way():
+    demo = PROJECT / "sd35dist" / "demo"
+    for path in demo.glob("*.py"):
+        reached = {name for name in imported_modules(path) if name.startswith(("sd35dist.cli", "sd35dist.jobs"))}
+        assert not reached, f"{path.name} calls the CLI in-process ({reached}): the demo runs it as a user does"
+    for path in [*(PROJECT / "sd35dist").rglob("*.py"), *(PROJECT / "launcher").rglob("*.py")]:
+        if demo not in path.parents:
+            assert not any(name.startswith("sd35dist.demo") for name in imported_modules(path)), path
+    assert not [p.name for p in (PROJECT / "sd35dist").rglob("*demo*.py") if demo not in p.parents]
 
 
 @pytest.mark.dist
