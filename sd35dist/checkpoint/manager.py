@@ -24,24 +24,44 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.distributed as dist
 import yaml
 
-from sd35dist.checkpoint.layout import CheckpointDir, read_info
-from sd35dist.checkpoint.recipe_match import RECIPE_FILE, as_current_schema, refused_changes, resume_refusal
+from sd35dist.checkpoint.layout import (
+    RECIPE_FILE,
+    TRAINER_STATE,
+    TRANSFORMER_CONFIG,
+    CheckpointDir,
+    read_info,
+    rng_file,
+)
+from sd35dist.checkpoint.recipe_match import as_current_schema, refused_changes, resume_refusal
 from sd35dist.config.recipe import Recipe, recipe_hash, recipe_yaml
-from sd35dist.parallel.process_group import World
-from sd35dist.parallel.strategy import TrainingStrategy
-
-TRAINER_STATE = "trainer_state.json"
-TRANSFORMER_CONFIG = "transformer_config.json"
 
 
-def rng_file(rank: int) -> str:
-    return f"rng-rank{rank:05d}.bin"
+class RankPlace(Protocol):
+    """Where this rank sits (parallel.process_group.World is one)."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool: ...
+
+
+class CheckpointedStrategy(Protocol):
+    """What the manager needs of a training strategy (parallel.strategy.TrainingStrategy is one):
+    its part of a checkpoint, written by every rank through checkpoint/'s format modules."""
+
+    model: Any
+    supports_async: ClassVar[bool]
+
+    def save(self, directory: Path) -> None: ...
+    def save_async(self, directory: Path) -> Future: ...
+    def load(self, directory: Path) -> None: ...
 
 
 class Stateful(Protocol):
@@ -85,7 +105,7 @@ class _PendingSave:
 
 
 class CheckpointManager:
-    def __init__(self, recipe: Recipe, world: World, strategy: TrainingStrategy, parts: Mapping[str, Stateful],
+    def __init__(self, recipe: Recipe, world: RankPlace, strategy: CheckpointedStrategy, parts: Mapping[str, Stateful],
                  resume_from: Path | None) -> None:
         """`parts` are saved under their names in trainer_state.json; `resume_from` comes from `resume_checkpoint`."""
         self.recipe, self.world, self.strategy, self.parts = recipe, world, strategy, dict(parts)

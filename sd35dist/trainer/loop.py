@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from sd35dist.checkpoint.manager import CheckpointManager, resume_checkpoint
-from sd35dist.checkpoint.recipe_match import RECIPE_FILE
+from sd35dist.checkpoint.layout import RECIPE_FILE
 from sd35dist.config.recipe import Recipe
 from sd35dist.runtime.save_budget import SaveBudget
 from sd35dist.data.latent_stream import Batch, LatentStream, StreamOptions
@@ -64,6 +63,21 @@ def stream_options(recipe: Recipe) -> StreamOptions:
     )
 
 
+def training_schedule(recipe: Recipe) -> FlowMatchSchedule:
+    """The σ/timestep table training draws from: the model's scheduler config, its shift replaced
+    by train.flow_shift when the recipe sets one."""
+    scheduler_config = Path(recipe.model.pretrained) / "scheduler" / "scheduler_config.json"
+    return FlowMatchSchedule.from_scheduler_config(json.loads(scheduler_config.read_text()),
+                                                   shift=recipe.train.flow_shift)
+
+
+def recipe_learning_rate(train: Any, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` under the recipe's train section."""
+    return learning_rate_at(step, base_lr=train.learning_rate, scheduler=train.lr_scheduler,
+                            warmup_steps=train.lr_warmup_steps, total_steps=total_steps,
+                            power=train.lr_power, lr_end=train.lr_end)
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE_FILE) -> None:
         self.recipe, self.world, self.run_dir = recipe, world, run_dir
@@ -73,8 +87,7 @@ class Trainer:
         self.stream = LatentStream(recipe.data.cache_url, rank=world.rank, world_size=world.world_size,
                                    options=stream_options(recipe), storage_options=recipe.data.storage_options)
         self.vae = self.stream.manifest.vae
-        scheduler_config = Path(recipe.model.pretrained) / "scheduler" / "scheduler_config.json"
-        self.schedule = FlowMatchSchedule.from_scheduler_config(json.loads(scheduler_config.read_text()))
+        self.schedule = training_schedule(recipe)
         self.strategy: TrainingStrategy = make_strategy(recipe, world, recipe_source)
         self.checkpoints = CheckpointManager(recipe, world, self.strategy, {"stream": self.stream}, resume_from)
         self.step = 0
@@ -145,8 +158,7 @@ class Trainer:
             width, height = (int(v) for v in batch.bucket.split("x"))
             rank_flops += batch.size * mmdit_train_flops_per_sample(
                 self.strategy.model.config, height, width, inputs["encoder_hidden_states"].shape[1])
-        lr = learning_rate_at(self.step, base_lr=train.learning_rate, scheduler=train.lr_scheduler,
-                              warmup_steps=train.lr_warmup_steps, total_steps=self.total_steps)
+        lr = recipe_learning_rate(train, self.step, self.total_steps)
         grad_norm = self.strategy.step(lr, train.max_grad_norm)
         self.step += 1
         decay = ema_decay_at(self.step, decay=train.ema.decay, start_step=train.ema.start_step,
@@ -174,17 +186,17 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
                           "name": logging.tracker_run_name or run_dir.name, "resume": "allow"}
     metrics = MetricsLog(run_dir, world, total_steps=trainer.last_step, start_step=trainer.step,
                          wandb_settings=wandb_settings)
-    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    restart = world.job.slurm_restart_count
     stops_early = ""
     if trainer.last_step < trainer.total_steps:
         stops_early = f" (stop_at_step: this submission ends at {trainer.last_step})"
     metrics.note(f"train: step {trainer.step}/{trainer.total_steps}{stops_early}, world {world.world_size}, "
                  f"{recipe.parallel.strategy}, resumed from {resumed or 'nothing'}, SLURM_RESTART_COUNT={restart}")
     checkpoints = trainer.checkpoints
-    budget = SaveBudget.for_this_job(recipe.output.dir, checkpoints.last_save_s) if world.is_main else None
+    budget = SaveBudget.for_this_job(recipe.output.dir, checkpoints.last_save_s, world.job) if world.is_main else None
     for line in budget.warnings(step_s=None) if budget else []:
         metrics.note(f"warning: {line}")
-    watch = PreemptionWatch(str(run_dir))
+    watch = PreemptionWatch(str(run_dir), world.job)
     validation = TrainingValidation.for_run(recipe, trainer, run_dir, recipe_source)
     if validation is not None and validation.due_at_start(trainer.step):
         validation.run_round(trainer.step, metrics)
@@ -243,7 +255,7 @@ def stop_and_save(trainer: Trainer, stop: StopKind, watch: PreemptionWatch, budg
         if checkpoints.saved_step != trainer.step:
             checkpoints.save(trainer.step)
             checkpoints.finish_save()
-        if os.environ.get("SLURM_JOB_ID"):
+        if trainer.world.job.slurm is not None:
             return f"time limit: saved step {trainer.step}; the batch script requeues the job once every rank has exited"
         return f"stopped (PREEMPT file): saved step {trainer.step}; `resume: latest` continues"
     what = "requeued by Slurm" if stop is StopKind.REQUEUE else "cancelled"

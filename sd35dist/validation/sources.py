@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE
-from sd35dist.checkpoint.recipe_match import RECIPE_FILE
+from sd35dist.checkpoint.layout import RECIPE_FILE
 from sd35dist.config.recipe import Recipe
 
 
@@ -38,7 +38,7 @@ def load_transformer(source: Path, *, use_ema: bool = False, dtype: torch.dtype 
     from diffusers import SD3Transformer2DModel
 
     from sd35dist.checkpoint.export import checkpoint_state, find_checkpoint
-    from sd35dist.checkpoint.manager import TRANSFORMER_CONFIG
+    from sd35dist.checkpoint.layout import TRANSFORMER_CONFIG
 
     source = Path(source)
     if (source / COMPLETE).is_file() or (source / CHECKPOINTS).is_dir():
