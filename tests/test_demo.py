@@ -15,7 +15,7 @@ from PIL import Image
 
 from sd35dist.demo.program import IMAGES, LORA_RECIPE, RECIPE, STOP_AT_STEP
 from sd35dist.trainer.lr_schedule import learning_rate_at
-from tests.conftest import PROJECT, venv_env
+from tests.cli_runs import PROJECT, venv_env
 
 README_HEADING = "### What `make demo` does"
 
