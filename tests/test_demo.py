@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ast
-import json
+import html
 import re
 import subprocess
 import sys
@@ -13,8 +13,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from sd35dist.demo.program import IMAGES, LORA_RECIPE, RECIPE, STOP_AT_STEP
+from sd35dist.demo.program import IMAGES, LORA_RECIPE, RECIPE, STOP_AT_STEP, training_run_dirs
 from sd35dist.trainer.lr_schedule import learning_rate_at
+from sd35dist.validation.report import read_runs
 from tests.cli_runs import PROJECT, venv_env
 
 README_HEADING = "### What `make demo` does"
@@ -108,12 +109,15 @@ def test_demo_runs_end_to_end_as_the_readme_says(tmp_path):
     with Image.open(demo / "output" / "sweep" / "grid.png") as sweep:  # steps 16 and 32 x 2 seeds, 3 prompts
         assert sweep.width > 4 * 64 and sweep.height > 3 * 64
 
-    # One learning-rate schedule over both submissions: warmup, then one cosine to step 32, no jump.
+    # The report's learning-rate plot is one schedule over both submissions: warmup, then one cosine
+    # to step 32, no jump. `records` is what write_report plots (read_runs over the demo's run chain).
     runs = sorted((tmp_path / "runs").glob("tiny-train-*"))
-    assert len(runs) == 2
-    records = [json.loads(line) for run in runs for line in (run / "metrics-rank00000.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 33))
-    lrs = [r["lr"] for r in records]
+    assert len(runs) == 2 and training_run_dirs(tmp_path / "runs") == runs
+    report_html = (demo / "report" / "report.html").read_text()
+    assert all(html.escape(str(run)) in report_html for run in runs), "one report over both submissions"
+    records = read_runs(runs)
+    assert list(records) == list(range(1, 33))
+    lrs = [records[step]["lr"] for step in records]
     peak = lrs.index(max(lrs))
     assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1])), "warmup rises"
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:])), f"then falls without a jump: {lrs}"
