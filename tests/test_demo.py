@@ -48,8 +48,13 @@ def line_pattern(readme_line: str) -> re.Pattern[str]:
 
 
 @pytest.mark.unit
-def test_readme_gives_the_demo_s_numbers():
+def test_readme_gives_the_demo_s_numbers(tiny_model):
+    from diffusers import SD3Transformer2DModel
+
     prose, block = readme_demo_section()
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_model / "transformer")
+    thousands = round(sum(p.numel() for p in transformer.parameters()) / 1000)
+    assert f"a transformer of {thousands}k parameters" in prose
     tiny = yaml.safe_load(RECIPE.read_text())["train"]
     lora_steps = yaml.safe_load(LORA_RECIPE.read_text())["train"]["max_train_steps"]
     total, every = tiny["max_train_steps"], tiny["checkpointing_steps"]
