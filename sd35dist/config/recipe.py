@@ -247,6 +247,9 @@ class TrainSection(StrictModel):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_train_steps: int | None = Field(None, ge=1)
     """Optimizer steps; when None, num_train_epochs decides."""
+    stop_at_step: int | None = Field(None, ge=1)
+    """This submission ends after this step as at the end of a run (checkpoint, validation round, report)
+    while the learning-rate schedule keeps max_train_steps as its horizon; `resume: latest` continues."""
     num_train_epochs: int | None = Field(None, ge=1)
     learning_rate: float = Field(5e-5, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine", "polynomial"] = "constant"

@@ -93,6 +93,9 @@ class Trainer:
                                              run_dir)
         self.step = 0
         self.total_steps = self._total_steps()
+        """The schedule's horizon: the learning rate reaches its end here."""
+        self.last_step = min(self.total_steps, recipe.train.stop_at_step or self.total_steps)
+        """Where this submission ends: total_steps, or train.stop_at_step when it comes first."""
 
     def _total_steps(self) -> int:
         train = self.recipe.train
@@ -182,10 +185,13 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
     if logging.report_to == "wandb":
         wandb_settings = {"mode": logging.wandb_mode, "project": logging.tracker_project_name,
                           "name": logging.tracker_run_name or run_dir.name, "resume": "allow"}
-    metrics = MetricsLog(run_dir, world, total_steps=trainer.total_steps, start_step=trainer.step,
+    metrics = MetricsLog(run_dir, world, total_steps=trainer.last_step, start_step=trainer.step,
                          wandb_settings=wandb_settings)
     restart = world.job.slurm_restart_count
-    metrics.note(f"train: step {trainer.step}/{trainer.total_steps}, world {world.world_size}, "
+    stops_early = ""
+    if trainer.last_step < trainer.total_steps:
+        stops_early = f" (stop_at_step: this submission ends at {trainer.last_step})"
+    metrics.note(f"train: step {trainer.step}/{trainer.total_steps}{stops_early}, world {world.world_size}, "
                  f"{recipe.parallel.strategy}, resumed from {resumed or 'nothing'}, SLURM_RESTART_COUNT={restart}")
     checkpoints = trainer.checkpoints
     budget = SaveBudget.for_this_job(recipe.output.dir, checkpoints.last_save_s, world.job) if world.is_main else None
@@ -200,7 +206,7 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
     stop = StopKind.NONE
     saved = False
     try:
-        while trainer.step < trainer.total_steps:
+        while trainer.step < trainer.last_step:
             started = time.perf_counter()
             wait_before = trainer.stream.stats().get("wait_seconds", 0.0)
             values = trainer.train_step(batches)
@@ -215,21 +221,25 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
             if stop is not StopKind.NONE:
                 metrics.note(stop_and_save(trainer, stop, watch, budget))
                 return 0
-            saved = checkpoints.due(trainer.step, trainer.total_steps)
+            saved = checkpoints.due(trainer.step, trainer.last_step)
             if saved:
                 path = checkpoints.save(trainer.step)
                 metrics.note(f"checkpoint {path}")
                 if budget is not None and budget.measured(checkpoints.last_save_s, seconds, trainer.step):
                     for line in budget.warnings(step_s=seconds):
                         metrics.note(f"warning: {line}")
-            if validation is not None and validation.due(trainer.step, trainer.total_steps):
+            if validation is not None and validation.due(trainer.step, trainer.last_step):
                 validation.run_round(trainer.step, metrics)
             if saved and world.is_main:  # after the round, so the report shows its grid
                 write_run_report(run_dir, metrics)
         checkpoints.finish_save()
         if world.is_main and not saved:  # a final checkpoint has just written it
             write_run_report(run_dir, metrics)
-        metrics.note(f"done: {trainer.step} steps")
+        if trainer.step < trainer.total_steps:
+            metrics.note(f"stopped at step {trainer.step} (train.stop_at_step), saved; the schedule runs to step "
+                         f"{trainer.total_steps}: submit again and `resume: latest` continues")
+        else:
+            metrics.note(f"done: {trainer.step} steps")
         return 0
     finally:
         if stop in (StopKind.NONE, StopKind.TIME_LIMIT):
