@@ -14,6 +14,7 @@ import torch.distributed as dist
 from sd35dist.config.loading import ConfigError, parse_override
 from sd35dist.config.recipe import Recipe
 from sd35dist.data.cache_builder import Encoders, RankResult, SampleShape, build_rank, finish_cache, write_empty_prompt
+from sd35dist.data.input_shards import DatasetInputError
 from sd35dist.data.manifest import ManifestError, read_manifest
 from sd35dist.data.shard_format import shard_metadata
 from sd35dist.data.storage import Store, sha256_hex
@@ -67,7 +68,7 @@ def build(recipe: Recipe, world: World) -> int:
     store = Store(recipe.data.cache_url, recipe.data.storage_options)
     bar = tqdm(desc="caching", unit="img", disable=not world.is_main, dynamic_ncols=True)
     result = build_rank(recipe, store, encoders, _sample_shape(encoders), world.rank, world.world_size,
-                        on_images=lambda n: bar.update(n * world.world_size))
+                        gather=_all_gather(world), on_images=lambda n: bar.update(n * world.world_size))
     bar.close()
     results: list[Any] = [None] * world.world_size
     dist.all_gather_object(results, (result.shards, result.rejected))
@@ -82,6 +83,21 @@ def build(recipe: Recipe, world: World) -> int:
             cache_validation_prompts(recipe, store, encoders.text)
     dist.barrier()
     return 0
+
+
+def _all_gather(world: World):
+    def gather(value: Any) -> list[Any]:
+        values: list[Any] = [None] * world.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    return gather
+
+
+def dataset_mistake(err: DatasetInputError, recipe: Recipe, recipe_name: str) -> ConfigError:
+    """A dataset's bad input as the one line naming the recipe, the dataset's key and the dataset."""
+    index = next(i for i, d in enumerate(recipe.data.datasets) if d.id == err.dataset)
+    return ConfigError(recipe_name, f"data.datasets[{index}].{err.key}", f"dataset {err.dataset}: {err.message}")
 
 
 def cache_validation_prompts(recipe: Recipe, store: Store, text_encoders) -> None:
@@ -124,6 +140,9 @@ def inspect(url: str, storage_options: dict[str, Any], verify: bool, out=sys.std
     print(f"  {manifest.total_samples} samples, {len(manifest.shards)} shards, {manifest.total_bytes / 2**20:.1f} MiB", file=out)
     for bucket, count in manifest.samples_per_bucket().items():
         print(f"  bucket {bucket}: {count} samples", file=out)
+    for dataset, per_bucket in manifest.samples_per_dataset().items():
+        buckets = ", ".join(f"{bucket} {count}" for bucket, count in per_bucket.items())
+        print(f"  dataset {dataset or '(not recorded)'}: {sum(per_bucket.values())} samples ({buckets})", file=out)
     for part, identity in sorted(manifest.encoders.items()):
         print(f"  encoder {part}: {identity.get('class', '?')} config {str(identity.get('config_sha256', ''))[:12]}", file=out)
     print(f"  rejected images: {manifest.rejected} (report.json)", file=out)
@@ -166,7 +185,10 @@ def main(args: argparse.Namespace) -> int:
         return report_before_group(err, rank_from_env())
     world = init_process_group_from_env(CACHE_COLLECTIVE_TIMEOUT_S)
     try:
-        return build(recipe, world)
+        try:
+            return build(recipe, world)
+        except DatasetInputError as err:
+            raise dataset_mistake(err, recipe, Path(args.recipe).name) from None
     except Exception as err:  # noqa: BLE001 — one line once for a mistake; a bug is re-raised
         return report_failure(err, world.rank, Path(args.run_dir) if args.run_dir else None)
     finally:

@@ -60,6 +60,8 @@ def stream_options(recipe: Recipe) -> StreamOptions:
         on_corrupt=stream.on_corrupt,
         caption_dropout=recipe.train.caption_dropout_probability,
         retry=RetryPolicy(budget_s=stream.retry_budget_s),
+        dataset_probability={d.id: d.probability for d in recipe.data.datasets},
+        dataset_sampling=recipe.data.dataset_sampling,
     )
 
 
@@ -185,6 +187,7 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
     peak = peak_bf16_flops(torch.cuda.get_device_name(trainer.device)) if trainer.device.type == "cuda" else None
     stop = StopKind.NONE
     saved = False
+    reported_epochs = 0
     try:
         while trainer.step < trainer.total_steps:
             started = time.perf_counter()
@@ -197,6 +200,9 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
                 # This rank's model FLOPs of the step at one step per `seconds`, over one GPU's peak.
                 values["mfu"] = mfu(rank_flops, 1.0 / seconds, peak)
             metrics.step(trainer.step, values, seconds)
+            while reported_epochs < len(trainer.stream.finished_epochs):
+                metrics.epoch_mix(trainer.step, trainer.stream.finished_epochs[reported_epochs])
+                reported_epochs += 1
             stop = watch.agreed(trainer.device)
             if stop is not StopKind.NONE:
                 metrics.note(stop_and_save(trainer, stop, watch, budget))

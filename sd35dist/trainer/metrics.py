@@ -7,6 +7,7 @@ written: wandb reads WANDB_API_KEY from the environment when online.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -75,6 +76,15 @@ class MetricsLog:
                 print(progress_line(step, self.total_steps, values, record["images_per_second"], eta), flush=True)
         if self._wandb is not None:
             self._wandb.log(record, step=step)
+
+    def epoch_mix(self, step: int, mix: Any) -> None:
+        """The realised mix of an epoch (data/latent_stream.EpochMix): a line, a JSONL record, wandb shares."""
+        self.note(mix.describe())
+        total = sum(mix.samples.values()) or 1
+        record = {"step": step, "time": time.time(), "rank": self.world.rank, "epoch_mix": dataclasses.asdict(mix)}
+        self._file.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({f"mix/{name or 'all'}": n / total for name, n in mix.samples.items()}, step=step)
 
     def note(self, message: str) -> None:
         if self._bar is not None:
