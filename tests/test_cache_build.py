@@ -72,12 +72,15 @@ def write_recipe(path: Path, model: Path, inputs: dict[str, Path], cache_url: st
 
 
 def run_cache(recipe: Path, nproc: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`sd35dist cache` on `nproc` ranks, one CPU thread each, as torchrun gives several ranks: a CPU
+    convolution's last bits depend on the thread count, and the cache's bytes are equal for equal threads."""
+    env = {**(env or venv_env()), "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "sd35dist", "cache", "--recipe", str(recipe)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "sd35dist", "cache", "--recipe", str(recipe)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=env or venv_env(), timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -192,20 +195,11 @@ def test_rebuild_is_byte_identical(built, tmp_path, tiny_model):
     assert cache_files(tmp_path / "cache") == cache_files(root / "cache")
 
 
-def test_two_ranks_build_the_same_content_as_one(built, tmp_path, tiny_model):
+def test_two_ranks_build_the_same_bytes_as_one(built, tmp_path, tiny_model):
     root, inputs, _, _ = built
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model, inputs, str(tmp_path / "cache"))
     run_cache(recipe, nproc=2)
-    one, two = samples_by_key(root / "cache"), samples_by_key(tmp_path / "cache")
-    assert sorted(one) == sorted(two)
-    for key in one:
-        assert one[key]["record"] == two[key]["record"]
-        for name in ("prompt_embeds", "pooled_prompt_embeds", "original_size", "crop_top_left"):
-            assert torch.equal(one[key][name], two[key][name]), (key, name)
-        for name in ("latent_mean", "latent_std"):  # different VAE batch composition per rank
-            torch.testing.assert_close(one[key][name], two[key][name], rtol=1e-5, atol=1e-6)
-    report_one = json.loads((root / "cache" / "report.json").read_text())
-    assert json.loads((tmp_path / "cache" / "report.json").read_text()) == report_one
+    assert cache_files(tmp_path / "cache") == cache_files(root / "cache"), "shards depend on their input shard only"
 
 
 def test_resume_after_kill_gives_identical_shards(tmp_path, tiny_model):
@@ -221,7 +215,7 @@ def test_resume_after_kill_gives_identical_shards(tmp_path, tiny_model):
     proc = subprocess.Popen([sys.executable, "-m", "sd35dist", "cache", "--recipe", str(resumed)],
                             cwd=PROJECT, env=venv_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    journal = tmp_path / "resumed" / "progress" / "w0001-r00000.json"
+    journal = tmp_path / "resumed" / "progress" / "demo-000000.json"  # the folder's first (only) chunk
     deadline = time.monotonic() + 120
     while proc.poll() is None:
         if journal.exists() and len(json.loads(journal.read_text() or "{}").get("shards", {})) >= 3:

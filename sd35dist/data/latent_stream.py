@@ -74,12 +74,17 @@ class EpochMix:
     steps: int
     samples: dict[str, int]
     used_up_at: dict[str, int]
-    """The epoch step of each dataset's last full step: after it, the other datasets share the steps."""
+    """The epoch step (from 0) of each dataset's last full step: after it, the others share the full steps."""
 
     def describe(self) -> str:
         total = sum(self.samples.values()) or 1
-        parts = [f"{name or '(one dataset)'} {n} ({n / total:.1%}, drawn until step {self.used_up_at.get(name, 0) + 1})"
-                 for name, n in sorted(self.samples.items())]
+
+        def when(name: str) -> str:
+            if name in self.used_up_at:
+                return f"used up at step {self.used_up_at[name] + 1}"
+            return "remainder steps only"  # too few samples for a full step on every rank
+
+        parts = [f"{name or '(one dataset)'} {n} ({n / total:.1%}, {when(name)})" for name, n in sorted(self.samples.items())]
         return f"epoch {self.epoch} mix over {self.steps} steps: " + ", ".join(parts)
 
 

@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from sd35dist.runtime.atomic_files import write_text_atomically
+from sd35dist.importers import simpletuner_formats as formats
+from sd35dist.runtime.atomic_files import write_bytes_atomically, write_text_atomically
 from sd35dist.config.loading import ConfigError, validate_mapping
 from sd35dist.config.recipe import DEFAULT_BUCKETS, Recipe
 from sd35dist.importers.simpletuner_options import (BACKEND_MAPPED, BACKEND_UNMAPPED, ENV_ARGUMENT_LISTS, ENV_IGNORED,
@@ -42,6 +43,8 @@ class Conversion:
     comments: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
     unmapped: list[tuple[str, Any, str]] = field(default_factory=list)
     mapped: int = 0
+    csv_lists: dict[int, tuple[str, str, str, str]] = field(default_factory=dict)
+    """Dataset index → (csv_file, url column, caption column, where): CSV lists main() writes as parquet."""
 
     def put(self, path: tuple[str, ...], value: Any, comment: str | None = None) -> None:
         node = self.recipe
@@ -207,6 +210,12 @@ def convert(options: dict[str, Any], datasets: list[dict[str, Any]] | None, sour
     out.mapped += 2
     minimum = min_side(float(values.pop("minimum_image_size", 0)), resolution_type)
     instance_prompt = values.pop("instance_prompt", None)
+    if "data_backend_sampling" in values:
+        sampling = values.pop("data_backend_sampling")
+        if sampling not in ("auto-weighting", "uniform"):
+            raise ConfigError(source, "--data_backend_sampling", f"{sampling!r}: SimpleTuner knows uniform and auto-weighting")
+        out.put(("data", "dataset_sampling"), sampling)
+        out.mapped += 1
     if datasets is not None:
         _datasets(datasets, out, backend_source, minimum, instance_prompt)
     elif instance_prompt is not None:
@@ -433,22 +442,49 @@ def _dataset(entry: dict[str, Any], out: Conversion, label: str, index: int, min
     except OptionError as err:
         raise ConfigError(label.split(" (")[0], "repeats/crop/resolution", str(err)) from None
     strategy = "instance_prompt" if entry.get("only_instance_prompt") in (True, "true") else entry.get("caption_strategy", "filename")
-    if strategy not in ("textfile", "filename", "instance_prompt"):
-        out.skip(label, strategy, f"caption_strategy {strategy} is not read here (textfile, filename, instance_prompt)")
+    table = strategy in ("parquet", "csv") or entry.get("metadata_backend") == "parquet"
+    if strategy not in ("textfile", "filename", "instance_prompt", "parquet", "csv"):
+        out.skip(label, strategy, f"caption_strategy {strategy} is not read here (textfile, filename, instance_prompt, "
+                                  "parquet, csv)")
         return None
+    weight = formats.probability(entry, label.split(" (")[0])
+    if weight is None:
+        out.skip(label, "probability 0", "SimpleTuner never draws a dataset of probability 0: it is left out")
+        return None
+    bucket_root = ""
     if entry.get("type", "local") == "local":
         source = str(entry.get("instance_data_dir", ""))
     elif entry.get("type") == "aws":
-        source = f"s3://{entry.get('aws_bucket_name', '')}/{str(entry.get('aws_data_prefix', '')).lstrip('/')}"
+        bucket_root = f"s3://{entry.get('aws_bucket_name', '')}"
+        source = f"{bucket_root}/{str(entry.get('aws_data_prefix', '')).lstrip('/')}"
         if entry.get("aws_endpoint_url"):
             out.put(("data", "storage_options", "endpoint_url"), entry["aws_endpoint_url"])
         if entry.get("aws_region_name"):
             out.put(("data", "storage_options", "client_kwargs"), {"region_name": entry["aws_region_name"]})
-    else:
-        out.skip(label, entry.get("type"), f"backend type {entry.get('type')} is not read here (local or aws)")
+    elif entry.get("type") != "csv":
+        out.skip(label, entry.get("type"), f"backend type {entry.get('type')} is not read here (local, aws or csv)")
         return None
     dataset_id = NAME_PATTERN.sub("-", str(entry.get("id", f"dataset-{index}"))).strip("-._") or f"dataset-{index}"
-    dataset: dict[str, Any] = {"id": dataset_id, "source": source, "caption_strategy": strategy}
+    format_keys: dict[str, Any] = {}
+    try:
+        if entry.get("type") == "csv":
+            format_keys, notes = formats.csv_keys(entry, f"{dataset_id}.parquet")  # main() names the file
+            out.csv_lists[index] = (str(entry["csv_file"]), format_keys["image_column"], format_keys["caption_column"],
+                                    label.split(" (")[0])
+        elif table:
+            format_keys, notes = formats.parquet_keys(entry, source, bucket_root)
+    except formats.NotExpressible as err:
+        out.skip(label, entry.get("type") if entry.get("type") == "csv" else "parquet captions", str(err))
+        return None
+    if format_keys:
+        source, strategy = format_keys.pop("source"), "textfile"
+        for note in notes:
+            out.note(path + ("format",), note)
+    dataset: dict[str, Any] = {"id": dataset_id, "source": source, **format_keys, "caption_strategy": strategy}
+    if weight != 1.0:
+        dataset["probability"] = weight
+        out.note(path + ("probability",), "SimpleTuner's probability: how often a step draws from this dataset while "
+                                          "it has samples left in the epoch (data.dataset_sampling)")
     prompt = entry.get("instance_prompt", instance_prompt)
     if strategy == "instance_prompt":
         dataset["instance_prompt"] = prompt
@@ -534,9 +570,18 @@ def main(argv: list[str]) -> int:
         backend = args.backend or _backend_from(options, args.config)
         datasets = read_backend(backend) if backend is not None else None
         conversion = convert(options, datasets, args.config.name, backend.name if backend else "")
+        tables = {}
+        for index, (csv_file, url_column, caption_column, where) in conversion.csv_lists.items():
+            dataset = conversion.recipe["data"]["datasets"][index]
+            target = args.out.parent.resolve() / f"{args.out.stem}.{dataset['id']}.parquet"
+            dataset["source"] = str(target)
+            tables[target] = formats.csv_parquet(csv_file, url_column, caption_column, where)
         validate_mapping(Recipe, conversion.recipe, args.out.name)
-        if args.out.exists():
-            raise ConfigError(str(args.out), "", "exists already: choose another -o or remove it")
+        for target in [args.out, *tables]:
+            if target.exists():
+                raise ConfigError(str(target), "", "exists already: choose another -o or remove it")
+        for target, blob in tables.items():
+            write_bytes_atomically(target, blob)
         sources = args.config.name + (f" and {backend.name}" if backend else "")
         header = (f"Imported from SimpleTuner's {sources} by `sd35dist import simpletuner`.\n"
                   "Comments mark values converted because they mean something else here.")

@@ -29,7 +29,7 @@ MAPPED: dict[str, str] = {
     "lora_rank": "int", "lora_alpha": "float", "lora_dropout": "float", "lora_init_type": "str", "lora_type": "str",
     "validation_prompt": "str", "validation_negative_prompt": "str", "validation_seed": "int",
     "validation_steps": "int", "validation_resolution": "str", "validation_guidance": "float",
-    "validation_num_inference_steps": "int",
+    "validation_num_inference_steps": "int", "data_backend_sampling": "str",
 }
 
 NO_VALIDATION = "not a validation setting here (validation: prompts, seeds, steps, scale, resolutions)"
@@ -125,7 +125,8 @@ ENV_IGNORED: dict[str, str] = {
 BACKEND_MAPPED = frozenset({"id", "type", "instance_data_dir", "caption_strategy", "instance_prompt", "repeats", "crop",
                             "crop_style", "minimum_image_size", "resolution", "resolution_type", "dataset_type",
                             "only_instance_prompt", "disabled", "aws_bucket_name", "aws_data_prefix", "aws_endpoint_url",
-                            "aws_region_name"})
+                            "aws_region_name", "probability", "parquet", "csv_file", "csv_caption_column",
+                            "csv_url_column"})
 BACKEND_UNMAPPED: dict[str, str] = {
     "cache_dir_vae": "the VAE latents go into the one cache at data.cache_url (`sd35dist cache`); SimpleTuner's are not reused",
     "cache_dir": "text embeddings go into the one cache at data.cache_url; SimpleTuner's are not reused",
@@ -134,12 +135,12 @@ BACKEND_UNMAPPED: dict[str, str] = {
     "maximum_image_size": "images are resized straight to their bucket (data.datasets[].max_upscale limits enlarging)",
     "target_downsample_size": "images are resized straight to their bucket",
     "skip_file_discovery": "the cache builder always lists the dataset once",
-    "metadata_backend": "the cache's manifest.json holds the metadata",
+    "metadata_backend": "the cache's manifest.json holds the metadata (parquet: the table becomes a parquet dataset)",
     "write_batch_size": "cache shards are sized by data.shard_target_mb",
     "default": "one cache holds the text embeddings of every dataset",
     "prepend_instance_prompt": "captions are used as written (put the trigger word in them)",
     "vae_cache_clear_each_epoch": "the latent cache is built once",
-    "probability": "every dataset is in every epoch (weight one with repeats)",
+    "csv_cache_dir": "a CSV list's images are read from their URLs by `sd35dist cache`; only the latent cache is kept",
     "ignore_epochs": "every dataset is in every epoch",
     "aws_access_key_id": "credentials come from the environment here, never from files",
     "aws_secret_access_key": "credentials come from the environment here, never from files",

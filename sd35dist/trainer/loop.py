@@ -199,10 +199,9 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
             if peak is not None:
                 # This rank's model FLOPs of the step at one step per `seconds`, over one GPU's peak.
                 values["mfu"] = mfu(rank_flops, 1.0 / seconds, peak)
-            metrics.step(trainer.step, values, seconds)
-            while reported_epochs < len(trainer.stream.finished_epochs):
-                metrics.epoch_mix(trainer.step, trainer.stream.finished_epochs[reported_epochs])
-                reported_epochs += 1
+            finished = trainer.stream.finished_epochs[reported_epochs:]
+            reported_epochs += len(finished)
+            metrics.step(trainer.step, values, seconds, epoch_mixes=finished)
             stop = watch.agreed(trainer.device)
             if stop is not StopKind.NONE:
                 metrics.note(stop_and_save(trainer, stop, watch, budget))
