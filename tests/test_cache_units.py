@@ -429,7 +429,7 @@ def test_filename_caption_that_comes_out_empty_is_missing():
 
 def test_report_lists_each_image_once_with_its_fit(tmp_path):
     from sd35dist.config.recipe import Recipe
-    from sd35dist.data.cache_builder import RankResult, finish_cache, fit_record
+    from sd35dist.data.cache_builder import finish_cache, fit_record
     from sd35dist.data.manifest import ShardEntry
     from sd35dist.data.storage import Store
 
@@ -437,20 +437,28 @@ def test_report_lists_each_image_once_with_its_fit(tmp_path):
     accepted = fit_record(SourceImage("d", "wide.png", "/x/wide.png", None), fit)
     assert accepted == {"dataset": "d", "image": "wide.png", "size": [128, 77], "bucket": "80x48",
                         "upscale": 0.625, "cropped_fraction": 0.0204}
+    other = {**accepted, "image": "a.png", "upscale": 1.5}
 
-    def shard(path: str) -> dict:
+    def shard(path: str, fitted: list, rejected: list) -> dict:
         return {"path": path, "bucket": "80x48", "samples": 1, "bytes": 8, "sha256": "0" * 64, "dtype": "fp32",
-                "dataset": "d", "fitted": [accepted]}
+                "dataset": "d", "fitted": fitted, "rejected": rejected}
 
-    # Repeats of one image can straddle two shards; both shards prepared (or refused) it.
+    # Repeats of one image can straddle two output shards; both shards prepared (or refused) it.
     refused = {"dataset": "d", "image": "bad.png", "reason": "unreadable"}
-    results = [RankResult({"a": shard("shards/a"), "b": shard("shards/b")}, [refused, refused])]
+    journals = [{"planning_rejected": [], "shards": {"shards/b": shard("shards/b", [accepted], [refused]),
+                                                     "shards/a": shard("shards/a", [accepted], [refused])}},
+                {"planning_rejected": [{"dataset": "d", "image": "tiny.png", "reason": "too small"}],
+                 "shards": {"shards/c": shard("shards/c", [other], [])}}]
     recipe = Recipe.model_validate({"name": "r", "model": {"pretrained": "m"}, "data": {"cache_url": str(tmp_path)},
                                     "output": {"dir": "o"}})
     empty = ShardEntry("empty_prompt.safetensors", "", 1, 8, "0" * 64, "fp32")
-    manifest = finish_cache(Store(str(tmp_path)), results, empty, {}, {}, recipe)
+    manifest = finish_cache(Store(str(tmp_path)), iter(journals), empty, {}, {}, recipe)
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["rejected"] == [refused] and report["rejected_count"] == manifest.rejected == 1
-    assert report["accepted"] == [accepted] and report["accepted_count"] == 1
-    assert report["max_upscale"] == 0.625 and report["upscaled_count"] == 0
-    assert [s.path for s in manifest.shards] == ["shards/a", "shards/b"]
+    assert [r["image"] for r in report["rejected"]] == ["bad.png", "tiny.png"]
+    assert report["rejected_count"] == manifest.rejected == 2
+    assert report["accepted"] == [accepted, other], "input-shard order, each image once"
+    assert report["accepted_count"] == 2 and report["upscaled_count"] == 1
+    assert report["max_upscale"] == 1.5 and report["max_cropped_fraction"] == 0.0204
+    assert [s.path for s in manifest.shards] == ["shards/a", "shards/b", "shards/c"]
+    finish_cache(Store(str(tmp_path)), iter([]), empty, {}, {}, recipe)
+    assert json.loads((tmp_path / "report.json").read_text())["accepted"] == []

@@ -20,11 +20,11 @@ from sd35dist.data.input_shards import (
     DatasetInputError,
     expand_source,
     folder_shards,
-    list_input_shards,
     relative_names,
     row_group_shards,
 )
-from sd35dist.data.image_source import SourceImage, list_images
+from sd35dist.data.dataset_formats import list_input_shards
+from sd35dist.data.image_source import SourceImage
 from sd35dist.data.parquet_source import read_row_group, row_group_sizes
 from sd35dist.data.webdataset_source import read_tar_shard
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import fsspec
 
-from sd35dist.config.recipe import DataSection, DatasetSection
+from sd35dist.config.recipe import DatasetSection
 from sd35dist.data.image_source import SourceImage
 
 FOLDER_CHUNK = 256
@@ -136,25 +136,3 @@ def row_group_shards(dataset: DatasetSection, files: Sequence[tuple[str, Sequenc
 def assign(shards: Sequence[InputShard], rank: int, world_size: int) -> list[InputShard]:
     """This rank's input shards: every world_size-th, starting at its rank."""
     return list(shards[rank::world_size])
-
-
-def list_input_shards(data: DataSection, rank: int, world_size: int, gather: Gather,
-                      list_folder: Callable[[DatasetSection], list[SourceImage]]) -> list[InputShard]:
-    """Every dataset's input shards, the same list on every rank."""
-    from sd35dist.data.parquet_source import row_group_sizes
-
-    expanded = {d.id: expand_source(d, data.storage_options) for d in data.datasets if d.format != "folder"}
-    parquet_files = [(d, url) for d in data.datasets if d.format == "parquet" for url in expanded[d.id]]
-    mine = {url: row_group_sizes(d, url, data.storage_options) for d, url in parquet_files[rank::world_size]}
-    sizes: dict[str, list[int]] = {}
-    for part in gather(mine):
-        sizes.update(part)
-    shards: list[InputShard] = []
-    for dataset in data.datasets:
-        if dataset.format == "folder":
-            shards += folder_shards(dataset, list_folder(dataset))
-        elif dataset.format == "webdataset":
-            shards += tar_shards(dataset, expanded[dataset.id])
-        else:
-            shards += row_group_shards(dataset, [(url, sizes[url]) for url in expanded[dataset.id]])
-    return shards

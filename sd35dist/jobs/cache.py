@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from sd35dist.config.loading import ConfigError, parse_override
 from sd35dist.config.recipe import Recipe
-from sd35dist.data.cache_builder import Encoders, RankResult, SampleShape, build_rank, finish_cache, write_empty_prompt
+from sd35dist.data.cache_builder import (Encoders, SampleShape, build_rank, finish_cache, read_journals,
+                                         write_empty_prompt)
 from sd35dist.data.input_shards import DatasetInputError
 from sd35dist.data.manifest import ManifestError, read_manifest
 from sd35dist.data.shard_format import shard_metadata
@@ -66,17 +67,16 @@ def build(recipe: Recipe, world: World) -> int:
         max_sequence_length=recipe.data.max_sequence_length,
     )
     store = Store(recipe.data.cache_url, recipe.data.storage_options)
-    bar = tqdm(desc="caching", unit="img", disable=not world.is_main, dynamic_ncols=True)
-    result = build_rank(recipe, store, encoders, _sample_shape(encoders), world.rank, world.world_size,
-                        gather=_all_gather(world), on_images=lambda n: bar.update(n * world.world_size))
-    bar.close()
-    results: list[Any] = [None] * world.world_size
-    dist.all_gather_object(results, (result.shards, result.rejected))
+    # Closed on the way out of a failure too: an error line must not continue the bar's line.
+    with tqdm(desc="caching", unit="img", disable=not world.is_main, dynamic_ncols=True) as bar:
+        shards = build_rank(recipe, store, encoders, _sample_shape(encoders), world.rank, world.world_size,
+                            gather=_all_gather(world), on_images=lambda n: bar.update(n * world.world_size))
+    dist.barrier()  # every input shard's journal is complete and stored
     if world.is_main:
         empty = write_empty_prompt(store, encoders, recipe.data.cache_dtype)
         vae_config = {k: float(encoders.vae.config[k]) for k in ("scaling_factor", "shift_factor")}
-        manifest = finish_cache(store, [RankResult(s, r) for s, r in results], empty,
-                                encoder_identity(model_dir), vae_config, recipe)
+        manifest = finish_cache(store, read_journals(store, shards), empty, encoder_identity(model_dir), vae_config,
+                                recipe)
         print(f"cache {store.url}: {manifest.total_samples} samples in {len(manifest.shards)} shards, "
               f"{manifest.total_bytes / 2**20:.1f} MiB, {manifest.rejected} images rejected (see report.json)")
         if recipe.validation.enabled:
