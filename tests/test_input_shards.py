@@ -15,7 +15,7 @@ from PIL import Image
 
 from sd35dist.config.loading import ConfigError, validate_mapping
 from sd35dist.config.recipe import DataSection, DatasetSection, Recipe
-from sd35dist.data.demo_formats import demo_samples, write_parquet, write_webdataset
+from sd35dist.data.demo_formats import demo_samples, write_parquet
 from sd35dist.data.input_shards import (
     DatasetInputError,
     expand_source,
