@@ -62,7 +62,8 @@ def test_a_checkpoint_holds_what_the_optimizer_keeps():
 @pytest.mark.unit
 def test_submit_warns_when_the_last_measured_save_exceeds_the_grace(tmp_path):
     recipe = {"name": "tiny", "model": {"pretrained": str(tmp_path / "model")},
-              "data": {"cache_url": str(tmp_path / "cache")}, "output": {"dir": str(tmp_path / "out")}}
+              "data": {"cache_url": str(tmp_path / "cache"), "datasets": [{"id": "images", "source": str(tmp_path)}]},
+              "output": {"dir": str(tmp_path / "out")}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
 

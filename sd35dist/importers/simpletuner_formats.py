@@ -105,6 +105,11 @@ def csv_parquet(csv_file: str, url_column: str, caption_column: str, where: str)
     for key, column in (("csv_url_column", url_column), ("csv_caption_column", caption_column)):
         if column not in table.column_names:
             raise ConfigError(where, key, f"{csv_file} has no column {column!r} (its columns: {', '.join(table.column_names)})")
+    import pyarrow.compute as pc
+
+    if pc.any(pc.match_substring_regex(table.column(url_column), r"://[^/\s@]*:[^/\s@]*@")).as_py():
+        raise ConfigError(where, "csv_url_column", f"{csv_file}: a URL holds a credential (user:password@): "
+                                                   "credentials come from the environment here, never from files")
     buffer = io.BytesIO()
     pq.write_table(table.select([url_column, caption_column]), buffer, row_group_size=CSV_ROWS_PER_GROUP)
     return buffer.getvalue()

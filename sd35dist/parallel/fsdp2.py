@@ -101,8 +101,16 @@ class FSDP2Strategy:
     def step(self, learning_rate: float, max_grad_norm: float) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
-        norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable], max_grad_norm if max_grad_norm > 0 else float("inf"))
+        params = [p for _, p in self.trainable]
+        by_norm = self.recipe.train.grad_clip_method == "norm" and max_grad_norm > 0
+        # The norm is reported either way (the metric); clip_grad_norm_ with an infinite limit only measures.
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if by_norm else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if self.recipe.train.grad_clip_method == "value" and max_grad_norm > 0:
+            # Elementwise on each rank's shard of the reduced gradient: the same as on the whole gradient.
+            for param in params:
+                if param.grad is not None:
+                    param.grad.clamp_(-max_grad_norm, max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)

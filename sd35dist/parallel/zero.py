@@ -85,7 +85,8 @@ def deepspeed_config(recipe: Recipe, world_size: int, hidden_size: int | None = 
         # The loop calls backward once per micro-step and step once per optimizer step, and
         # already divides the loss by the accumulation steps: step() is the boundary.
         "managed_gradient_accumulation": False,
-        "gradient_clipping": train.max_grad_norm,
+        # DeepSpeed clips by norm only; value clipping is applied to the reduced fp32 partitions (clamp_partitions).
+        "gradient_clipping": train.max_grad_norm if train.grad_clip_method == "norm" else 0.0,
         "bf16": precision,
         "zero_optimization": zero,
         "steps_per_print": None,
@@ -94,6 +95,31 @@ def deepspeed_config(recipe: Recipe, world_size: int, hidden_size: int | None = 
     if bf16:
         config["communication_data_type"] = "fp32"  # reduce gradients in fp32, as FSDP2's reduce_dtype does
     return config
+
+
+def clamp_partitions(optimizer: Any, limit: float, stage: int) -> None:
+    """Value clipping for a DeepSpeed ZeRO optimizer: clamp every element of the reduced fp32
+    gradient partitions to ±limit just before the optimizer step.
+
+    DeepSpeed passes each partition through `unscale_and_clip_grads` (its norm clipping, here
+    off) right before stepping it, after the gradients are averaged over ranks: the one place
+    where a clamp means what `clip_grad_value_` after an all-reduce means. Elementwise, so each
+    rank clamping its own partition equals clamping the whole gradient.
+    """
+    unscale = optimizer.unscale_and_clip_grads
+
+    if stage == 3:
+        def unscale_and_clamp(sub_group_id: int, total_norm: Any) -> None:
+            unscale(sub_group_id, total_norm)
+            optimizer.fp32_partitioned_groups_flat[sub_group_id].grad.clamp_(-limit, limit)
+    else:
+        def unscale_and_clamp(grad_groups_flat: list, total_norm: Any) -> None:  # type: ignore[misc]
+            unscale(grad_groups_flat, total_norm)
+            for grad in grad_groups_flat:
+                for part in grad if isinstance(grad, list) else [grad]:
+                    part.data.clamp_(-limit, limit)
+
+    optimizer.unscale_and_clip_grads = unscale_and_clamp
 
 
 @dataclass(frozen=True)
@@ -137,6 +163,8 @@ class ZeroStrategy:
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=self.config, dist_init_required=False
             )
+        if recipe.train.grad_clip_method == "value" and recipe.train.max_grad_norm > 0:
+            clamp_partitions(self.optimizer, recipe.train.max_grad_norm, self.stage)
         self.model: nn.Module = self.engine.module
         self._fragments = self._local_fragments()
         self._frozen = len(trainable_parameters(self.model)) < len(list(self.model.parameters()))
@@ -179,8 +207,8 @@ class ZeroStrategy:
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         if self.bf16:  # DeepSpeed casts the weights, not the inputs
-            inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() and k not in FP32_INPUTS else v
-                      for k, v in inputs.items()}
+            inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() and k not in FP32_INPUTS
+                      else v for k, v in inputs.items()}
         return self.engine(**inputs, return_dict=False)[0]
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -188,8 +216,8 @@ class ZeroStrategy:
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self, learning_rate: float, max_grad_norm: float) -> float:
-        if max_grad_norm != self.config["gradient_clipping"]:
-            raise ValueError(f"ZeRO clips at its config's gradient_clipping {self.config['gradient_clipping']}, "
+        if max_grad_norm != self.recipe.train.max_grad_norm:
+            raise ValueError(f"ZeRO clips at the recipe's max_grad_norm {self.recipe.train.max_grad_norm}, "
                              f"not {max_grad_norm}")
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate

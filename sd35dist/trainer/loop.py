@@ -65,6 +65,21 @@ def stream_options(recipe: Recipe) -> StreamOptions:
     )
 
 
+def training_schedule(recipe: Recipe) -> FlowMatchSchedule:
+    """The σ/timestep table training draws from: the model's scheduler config, its shift replaced
+    by train.flow_shift when the recipe sets one."""
+    scheduler_config = Path(recipe.model.pretrained) / "scheduler" / "scheduler_config.json"
+    return FlowMatchSchedule.from_scheduler_config(json.loads(scheduler_config.read_text()),
+                                                   shift=recipe.train.flow_shift)
+
+
+def recipe_learning_rate(train: Any, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` under the recipe's train section."""
+    return learning_rate_at(step, base_lr=train.learning_rate, scheduler=train.lr_scheduler,
+                            warmup_steps=train.lr_warmup_steps, total_steps=total_steps,
+                            power=train.lr_power, lr_end=train.lr_end)
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE_FILE) -> None:
         self.recipe, self.world, self.run_dir = recipe, world, run_dir
@@ -74,8 +89,7 @@ class Trainer:
         self.stream = LatentStream(recipe.data.cache_url, rank=world.rank, world_size=world.world_size,
                                    options=stream_options(recipe), storage_options=recipe.data.storage_options)
         self.vae = self.stream.manifest.vae
-        scheduler_config = Path(recipe.model.pretrained) / "scheduler" / "scheduler_config.json"
-        self.schedule = FlowMatchSchedule.from_scheduler_config(json.loads(scheduler_config.read_text()))
+        self.schedule = training_schedule(recipe)
         self.strategy: TrainingStrategy = make_strategy(recipe, world, recipe_source)
         self.checkpoints = CheckpointManager(recipe, world, self.strategy, {"stream": self.stream}, resume_from)
         self.step = 0
@@ -143,8 +157,7 @@ class Trainer:
             width, height = (int(v) for v in batch.bucket.split("x"))
             rank_flops += batch.size * mmdit_train_flops_per_sample(
                 self.strategy.model.config, height, width, inputs["encoder_hidden_states"].shape[1])
-        lr = learning_rate_at(self.step, base_lr=train.learning_rate, scheduler=train.lr_scheduler,
-                              warmup_steps=train.lr_warmup_steps, total_steps=self.total_steps)
+        lr = recipe_learning_rate(train, self.step, self.total_steps)
         grad_norm = self.strategy.step(lr, train.max_grad_norm)
         self.step += 1
         decay = ema_decay_at(self.step, decay=train.ema.decay, start_step=train.ema.start_step,

@@ -33,9 +33,38 @@ def guidance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--apg-norm-threshold", type=float, default=15.0)
 
 
+def skip_layer_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
+    parser.add_argument("--skip-layers", type=layer_list, metavar="N,N,…",
+                        help=f"skip-layer guidance: blocks left out of a third forward, e.g. 7,8,9 ({default_help})")
+    parser.add_argument("--skip-scale", type=float, default=2.8, help="skip-layer guidance scale (default 2.8)")
+    parser.add_argument("--skip-start", type=float, default=0.01, help="fraction of the steps it starts after (0.01)")
+    parser.add_argument("--skip-stop", type=float, default=0.2, help="fraction of the steps it stops before (0.2)")
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    """`7,8,9` → (7, 8, 9); `none` → () (no skip-layer guidance)."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected block numbers such as 7,8,9, or none") from None
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected block numbers (0 or more) such as 7,8,9, or none")
+    return layers
+
+
+def skip_layers_of(args: argparse.Namespace) -> dict:
+    """GuidanceSettings' skip-layer fields from the flags ({} when --skip-layers is not given)."""
+    if args.skip_layers is None:
+        return {}
+    return {"skip_layers": args.skip_layers, "skip_scale": args.skip_scale, "skip_start": args.skip_start,
+            "skip_stop": args.skip_stop}
+
+
 def guidance_of(args: argparse.Namespace, kind: str | None = None) -> GuidanceSettings:
     return GuidanceSettings(kind=kind or args.guidance, scale=args.scale, eta=args.apg_eta,
-                            momentum=args.apg_momentum, norm_threshold=args.apg_norm_threshold)
+                            momentum=args.apg_momentum, norm_threshold=args.apg_norm_threshold, **skip_layers_of(args))
 
 
 def inference_device(world) -> torch.device:  # noqa: ANN001 — a World, or None in one process
@@ -56,7 +85,8 @@ def renderer_for(model: torch.nn.Module, base_model: Path, device: torch.device,
 
     def forward(**inputs: torch.Tensor) -> torch.Tensor:
         # As the pipeline: inputs in the transformer's dtype, the timestep as given.
-        cast = {k: v.to(dtype) if k != "timestep" and v.is_floating_point() else v for k, v in inputs.items()}
+        cast = {k: v.to(dtype) if torch.is_tensor(v) and k != "timestep" and v.is_floating_point() else v
+                for k, v in inputs.items()}
         return model(**cast, return_dict=False)[0]
 
     rank, world_size = (world.rank, world.world_size) if world is not None else (0, 1)
@@ -80,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema", action="store_true", help="a checkpoint's EMA weights")
     parser.add_argument("--out", type=Path, required=True, help="directory for the images and grid.png")
     guidance_arguments(parser)
+    skip_layer_arguments(parser, "default: none")
     return parser
 
 
@@ -90,6 +121,10 @@ def main(argv: list[str]) -> int:
         prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
     if not prompts:
         print("error: give --prompt or --prompts-file", file=sys.stderr)
+        return 2
+    if args.skip_layers and args.scale == 1.0:
+        print("error: --skip-layers needs --scale above 1: skip-layer guidance acts only with classifier-free "
+              "guidance", file=sys.stderr)
         return 2
     if args.width % 16 or args.height % 16:
         print(f"error: --width/--height {args.width}x{args.height}: multiples of 16 needed", file=sys.stderr)
@@ -106,6 +141,11 @@ def _sample(args: argparse.Namespace, prompts: list[str], world) -> int:
     except (SourceError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    blocks = int(loaded.model.config.num_layers)
+    if args.skip_layers and max(args.skip_layers) >= blocks:
+        print(f"error: --skip-layers {','.join(map(str, args.skip_layers))}: {loaded.label} has blocks 0–{blocks - 1}",
+              file=sys.stderr)
+        return 2
     base = args.model or loaded.base_model
     if base is None:
         print(f"error: {args.source} does not say which base model it belongs to: add --model DIR", file=sys.stderr)
@@ -117,7 +157,8 @@ def _sample(args: argparse.Namespace, prompts: list[str], world) -> int:
     images = renderer.render(pairs, embeddings, SampleSettings(steps=args.steps, guidance=guidance_of(args)))
     if world is not None and world.rank != 0:
         return 0
-    title = f"{loaded.label} · {args.guidance} {args.scale:g} · {args.steps} steps"
+    slg = f" + SLG {','.join(map(str, args.skip_layers))}" if args.skip_layers else ""
+    title = f"{loaded.label} · {args.guidance} {args.scale:g}{slg} · {args.steps} steps"
     grid = save_round(args.out, images, pairs, embeddings.prompts, ["sample"], title)
     print(f"{len(images)} images from {loaded.label} in {args.out} (grid {grid})")
     return 0

@@ -9,6 +9,7 @@ state) and renders its share of the images; rank 0 writes the grid.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,10 +24,9 @@ from sd35dist.data.manifest import read_manifest
 from sd35dist.data.storage import Store
 from sd35dist.data.validation_prompts import read_validation_prompts
 from sd35dist.validation.grid import labelled_grid
-from sd35dist.validation.guidance import GuidanceSettings
+from sd35dist.validation.during_training import sample_settings
 from sd35dist.validation.render import launched_ranks, validation_pairs
-from sd35dist.validation.sample_command import inference_device, renderer_for
-from sd35dist.validation.sampler import SampleSettings
+from sd35dist.validation.sample_command import inference_device, renderer_for, skip_layer_arguments, skip_layers_of
 from sd35dist.validation.sources import checkpoint_recipe, load_transformer
 
 SWEEP_DIR = "sweep"
@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema", action="store_true", help="the checkpoints' EMA weights")
     parser.add_argument("--out", type=Path, help="where grid.png goes (default: OUTPUT_DIR/sweep)")
     parser.add_argument("--run-dir", type=Path, help="`submit --job sweep` passes its run directory (logs live there)")
+    skip_layer_arguments(parser, "default: the recipe's validation.skip_layer_guidance; none: off")
     return parser
 
 
@@ -87,7 +88,6 @@ def main(argv: list[str]) -> int:
 def _sweep(args: argparse.Namespace, steps: list[int], recipe: Recipe, embeddings, checkpoints: CheckpointDir,
            world) -> int:
     section = recipe.validation
-    apg = section.apg
     kinds = ["cfg", "apg"] if args.compare_guidance else [section.guidance]
     width, height = section.resolutions[0]
     pairs = validation_pairs(len(embeddings.prompts), section.seeds, [(width, height)])
@@ -101,11 +101,17 @@ def _sweep(args: argparse.Namespace, steps: list[int], recipe: Recipe, embedding
     for step in steps:
         loaded = load_transformer(checkpoints.path(step), use_ema=args.ema,
                                   dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        skipped = sample_settings(recipe).guidance.skip_layers if args.skip_layers is None else args.skip_layers
+        if skipped and max(skipped) >= int(loaded.model.config.num_layers):
+            print(f"error: skip-layer guidance layers {list(skipped)}: the transformer has blocks "
+                  f"0–{int(loaded.model.config.num_layers) - 1}", file=sys.stderr)
+            return 2
         renderer = renderer_for(loaded.model, Path(recipe.model.pretrained), device, world)
         for kind in kinds:
-            guidance = GuidanceSettings(kind=kind, scale=section.guidance_scale, eta=apg.eta, momentum=apg.momentum,
-                                        norm_threshold=apg.norm_threshold)
-            settings = SampleSettings(steps=section.num_inference_steps, guidance=guidance)
+            settings = sample_settings(recipe, kind)
+            if args.skip_layers is not None:
+                settings = dataclasses.replace(settings, guidance=dataclasses.replace(
+                    settings.guidance, **skip_layers_of(args)))
             images = renderer.render(pairs, embeddings, settings)  # all of them on rank 0, none elsewhere
             for seed in section.seeds:
                 label = (f"step {step}" + (f" {kind}" if len(kinds) > 1 else "")
