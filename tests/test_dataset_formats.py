@@ -338,3 +338,17 @@ def test_formats_on_the_s3_protocol_server_cache_train_zero2_and_resume(s3_serve
     assert "resumed from" in proc.stdout + proc.stderr
     got = losses(tmp_path / "run2")
     assert sorted(got) == [3, 4] and all(v == v and v > 0 for v in got.values())
+
+
+@pytest.mark.dist
+def test_the_scale_benchmark_runs_at_toy_size_and_deletes_its_data(tmp_path, tiny_model):  # noqa: F811
+    """benchmarks/dataset_formats.py (docs/benchmarks.md runs it at 10k and 100k images) on 16 images."""
+    proc = subprocess.run([sys.executable, "benchmarks/dataset_formats.py", "--images", "16", "--per-shard", "8",
+                           "--formats", "webdataset,parquet", "--model", str(tiny_model), "--root", str(tmp_path)],
+                          capture_output=True, text=True, cwd=PROJECT, env=venv_env(), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    table = proc.stdout.split("| images | format |", 1)[1]
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| 16 |")]
+    assert [r[1].strip() for r in rows] == ["webdataset", "parquet"]
+    assert all(float(r[4]) > 0 and r[5].strip().endswith("MiB") for r in rows), rows
+    assert list(tmp_path.iterdir()) == [], "the generated images and caches are deleted"
