@@ -11,11 +11,15 @@ sd35dist cache` builds a cache from them with the tiny SD3 (its VAE and text enc
   wall          the whole command, start-up (imports, model loading) included;
   first sample  seconds from the start until the first output shard exists (the first cached samples);
   img/s/rank    images / (end − first sample) / ranks: the steady rate once the ranks are working;
+  img/CPU-s     images / CPU seconds (user + system) of the rank processes: what the work costs, which
+                other programs on a shared machine do not change as they change wall time;
   peak RSS      the largest resident set of any one rank process (psutil, sampled every 0.2 s).
 Flat peak memory from 10k to 100k images is what "memory does not grow with the dataset" means.
 With --s3 the sources are uploaded to moto (tests/s3_server.py) and read through
 tests/shaping_proxy.py (30 ms first byte, 80 MB/s per connection); the cache stays on local disk.
-Generated data lives under --root and is deleted afterwards unless --keep. Prints markdown rows.
+Generated data lives under --root and is deleted afterwards unless --keep; --data DIR keeps the generated
+images in DIR and reuses them on the next run. The build's output goes to a log file beside its cache
+(a pipe nobody reads would stall the ranks once it is full). Prints markdown rows.
 """
 
 from __future__ import annotations
@@ -46,12 +50,21 @@ FORMATS = ("folder", "webdataset", "parquet")
 BUCKET = "formats-bench"
 
 
-def write_inputs(root: Path, images: int, per_shard: int) -> dict[str, Path]:
-    """The same images three times: a folder, tars of `per_shard`, parquet row groups of `per_shard`."""
+def write_inputs(root: Path, images: int, per_shard: int, formats: list[str]) -> dict[str, Path]:
+    """The same images in each format: a folder, tars of `per_shard`, parquet row groups of `per_shard`.
+    Formats already written there (a `complete` marker) are kept."""
     paths = {"folder": root / "folder", "webdataset": root / "webdataset", "parquet": root / "parquet"}
-    write_folder(paths["folder"], demo_samples(images, 0, sizes=SIZES))
-    write_webdataset(paths["webdataset"], demo_samples(images, 0, sizes=SIZES), per_shard=per_shard)
-    write_parquet(paths["parquet"], demo_samples(images, 0, sizes=SIZES), rows_per_group=per_shard, groups_per_file=4)
+    writers = {
+        "folder": lambda: write_folder(paths["folder"], demo_samples(images, 0, sizes=SIZES)),
+        "webdataset": lambda: write_webdataset(paths["webdataset"], demo_samples(images, 0, sizes=SIZES), per_shard),
+        "parquet": lambda: write_parquet(paths["parquet"], demo_samples(images, 0, sizes=SIZES), per_shard, 4),
+    }
+    for fmt in formats:
+        marker = paths[fmt] / "complete"
+        if not marker.exists():
+            shutil.rmtree(paths[fmt], ignore_errors=True)
+            writers[fmt]()
+            marker.write_text(f"{images} images, {per_shard} per shard\n")
     return paths
 
 
@@ -66,19 +79,21 @@ def recipe_file(root: Path, model: Path, fmt: str, source: str, cache: Path, sto
     recipe = {"name": f"bench-{fmt}", "model": {"pretrained": str(model)},
               "data": {"cache_url": str(cache), "storage_options": storage_options,
                        "datasets": [dataset_entry(fmt, source)], "buckets": [list(s) for s in SIZES],
-                       "shard_target_mb": 8, "cache_batch_size": 32, "cache_dtype": "bf16", "max_sequence_length": 32},
+                       "shard_target_mb": 8, "cache_batch_size": 32, "cache_dtype": "bf16", "max_sequence_length": 77},
               "output": {"dir": str(root / "out")}}
     path = root / f"{fmt}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 
-class PeakMemory(threading.Thread):
-    """The largest RSS any descendant of `pid` reaches, sampled every 0.2 s."""
+class RankWatch(threading.Thread):
+    """The largest RSS any rank process (a descendant of torchrun's agent) reaches, and the CPU
+    seconds they used, sampled every 0.2 s."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.root, self.peak, self.done = psutil.Process(pid), 0, threading.Event()
+        self.cpu: dict[int, float] = {}
 
     def run(self) -> None:
         while not self.done.wait(0.2):
@@ -86,6 +101,8 @@ class PeakMemory(threading.Thread):
                 for child in self.root.children(recursive=True):
                     try:
                         self.peak = max(self.peak, child.memory_info().rss)
+                        times = child.cpu_times()
+                        self.cpu[child.pid] = times.user + times.system
                     except psutil.NoSuchProcess:
                         pass
             except psutil.NoSuchProcess:
@@ -100,22 +117,24 @@ def first_shard_seen(cache: Path) -> bool:
 def build(recipe: Path, cache: Path, ranks: int, env: dict[str, str]) -> dict[str, float]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                "-m", "sd35dist", "cache", "--recipe", str(recipe)]
+    log = recipe.with_suffix(".log")
     started = time.monotonic()
-    proc = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    memory = PeakMemory(proc.pid)
-    memory.start()
-    first = None
-    while proc.poll() is None:
-        if first is None and first_shard_seen(cache):
-            first = time.monotonic() - started
-        time.sleep(0.05)
+    with open(log, "w") as output:
+        proc = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=output, stderr=subprocess.STDOUT)
+        watch = RankWatch(proc.pid)
+        watch.start()
+        first = None
+        while proc.poll() is None:
+            if first is None and first_shard_seen(cache):
+                first = time.monotonic() - started
+            time.sleep(0.05)
     wall = time.monotonic() - started
-    memory.done.set()
-    memory.join()
-    output = proc.stdout.read() if proc.stdout else ""
+    watch.done.set()
+    watch.join()
     if proc.returncode != 0:
-        raise SystemExit(f"cache build failed ({proc.returncode}):\n{output[-3000:]}")
-    return {"wall": wall, "first": first if first is not None else wall, "peak": memory.peak}
+        raise SystemExit(f"cache build failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    ranks_cpu = sorted(watch.cpu.values())[-ranks:]  # the agent and helpers use little; the ranks most
+    return {"wall": wall, "first": first if first is not None else wall, "peak": watch.peak, "cpu": sum(ranks_cpu)}
 
 
 def serve_s3(inputs: Path):
@@ -141,6 +160,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="a tiny SD3 directory (default: built under --root)")
     parser.add_argument("--s3", action="store_true", help="read the sources from moto through the shaping proxy")
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
+    parser.add_argument("--data", type=Path, help="keep the generated images here and reuse them (default: deleted)")
     args = parser.parse_args()
     formats = [f for f in args.formats.split(",") if f]
     root = Path(tempfile.mkdtemp(prefix="sd35dist-formats-", dir=args.root))
@@ -155,15 +175,16 @@ def main() -> int:
         for images in args.images:
             scale = root / f"n{images}"
             started = time.monotonic()
-            inputs = write_inputs(scale / "inputs", images, args.per_shard)
-            print(f"# {images} images written in {time.monotonic() - started:.0f} s", flush=True)
+            data = (args.data / f"n{images}-per{args.per_shard}") if args.data else scale / "inputs"
+            inputs = write_inputs(data, images, args.per_shard, formats)
+            print(f"# {images} images ready in {time.monotonic() - started:.0f} s", flush=True)
             server = proxy = None
             storage_options: dict = {}
             sources = {fmt: str(path) for fmt, path in inputs.items()}
             sources["webdataset"] = str(inputs["webdataset"] / f"shard-{{00000..{(images - 1) // args.per_shard:05d}}}.tar")
             run_env = dict(env)
             if args.s3:
-                server, proxy, endpoint = serve_s3(scale / "inputs")
+                server, proxy, endpoint = serve_s3(data)
                 storage_options = {"endpoint_url": endpoint}
                 run_env.update(server.env)
                 sources = {fmt: s.replace(str(inputs[fmt]), f"s3://{BUCKET}/inputs/{fmt}") for fmt, s in sources.items()}
@@ -173,9 +194,8 @@ def main() -> int:
                     recipe = recipe_file(scale, model, fmt, sources[fmt], cache, storage_options)
                     got = build(recipe, cache, args.ranks, run_env)
                     rate = images / max(got["wall"] - got["first"], 1e-9) / args.ranks
-                    rows.append((images, fmt, got, rate))
-                    print(f"| {images} | {fmt}{' (S3, shaped)' if args.s3 else ''} | {got['wall']:.0f} s | "
-                          f"{got['first']:.1f} s | {rate:.0f} | {got['peak'] / 2**20:.0f} MiB |", flush=True)
+                    rows.append((images, fmt + (" (S3, shaped)" if args.s3 else ""), got, rate))
+                    print(row(*rows[-1]), flush=True)
                     shutil.rmtree(cache, ignore_errors=True)
             finally:
                 if proxy is not None:
@@ -191,11 +211,16 @@ def main() -> int:
     print(f"\n{datetime.date.today()} · `{typed_command()}` · {args.ranks} ranks · torch "
           f"{__import__('torch').__version__} · {psutil.cpu_count()} CPUs, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print("| images | format | wall | first sample | img/s/rank | peak RSS per rank |")
-    print("|---|---|---|---|---|---|")
-    for images, fmt, got, rate in rows:
-        print(f"| {images} | {fmt} | {got['wall']:.0f} s | {got['first']:.1f} s | {rate:.0f} | {got['peak'] / 2**20:.0f} MiB |")
+    print("| images | format | wall | first sample | img/s/rank | img/CPU-s | peak RSS per rank |")
+    print("|---|---|---|---|---|---|---|")
+    for values in rows:
+        print(row(*values))
     return 0
+
+
+def row(images: int, fmt: str, got: dict[str, float], rate: float) -> str:
+    return (f"| {images} | {fmt} | {got['wall']:.0f} s | {got['first']:.1f} s | {rate:.0f} | "
+            f"{images / max(got['cpu'], 1e-9):.0f} | {got['peak'] / 2**20:.0f} MiB |")
 
 
 if __name__ == "__main__":

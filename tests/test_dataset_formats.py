@@ -350,5 +350,5 @@ def test_the_scale_benchmark_runs_at_toy_size_and_deletes_its_data(tmp_path, tin
     table = proc.stdout.split("| images | format |", 1)[1]
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| 16 |")]
     assert [r[1].strip() for r in rows] == ["webdataset", "parquet"]
-    assert all(float(r[4]) > 0 and r[5].strip().endswith("MiB") for r in rows), rows
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 and r[6].strip().endswith("MiB") for r in rows), rows
     assert list(tmp_path.iterdir()) == [], "the generated images and caches are deleted"
