@@ -174,6 +174,7 @@ def main() -> int:
             model = build_tiny_sd3(root / "tiny-sd3")
         for images in args.images:
             scale = root / f"n{images}"
+            scale.mkdir(parents=True)
             started = time.monotonic()
             data = (args.data / f"n{images}-per{args.per_shard}") if args.data else scale / "inputs"
             inputs = write_inputs(data, images, args.per_shard, formats)
