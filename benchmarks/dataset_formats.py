@@ -41,8 +41,9 @@ import yaml
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))  # run from a checkout without installing
 
-from bench_report import typed_command  # noqa: E402
-from sd35dist.data.demo_formats import demo_samples, write_folder, write_parquet, write_webdataset  # noqa: E402
+from bench_report import typed_command
+
+from sd35dist.data.demo_formats import demo_samples, write_folder, write_parquet, write_webdataset
 
 SIZES = ((64, 64), (80, 48), (48, 80))
 """The tiny model's buckets: images of these shapes are resized, not cropped."""

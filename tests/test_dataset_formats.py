@@ -19,16 +19,16 @@ import pytest
 import yaml
 from PIL import Image
 
+from sd35dist.config.recipe import load_recipe
 from sd35dist.data.demo_dataset import DEMO_BUCKETS, write_demo_dataset
 from sd35dist.data.demo_formats import demo_samples, write_parquet, write_webdataset
 from sd35dist.data.latent_stream import LatentStream
 from sd35dist.data.manifest import read_manifest
 from sd35dist.data.storage import Store
 from sd35dist.trainer.loop import stream_options
-from sd35dist.config.recipe import load_recipe
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import cache_files, run_cache, samples_by_key, tiny_model  # noqa: F401
-from tests.test_train import losses, train
+from tests.cache_runs import cache_files, run_cache, samples_by_key
+from tests.cli_runs import PROJECT, torch_extensions_dir, venv_env
+from tests.train_runs import losses, train
 
 WDS_PATTERN = "shard-{00000..00003}.tar"
 
@@ -41,9 +41,9 @@ def _png(size: tuple[int, int], colour=(30, 120, 200)) -> bytes:
 
 def write_format_inputs(root: Path) -> Path:
     """A folder, 3 tars + one of bad samples, and 2 parquet files + one of bad rows."""
-    from webdataset import TarWriter
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from webdataset import TarWriter
 
     write_demo_dataset(root / "photos", count=6, seed=23)
     write_webdataset(root / "laion", demo_samples(14, 21), per_shard=5)
@@ -88,7 +88,7 @@ def inputs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_model, inputs):  # noqa: F811
+def built(tmp_path_factory, tiny_model, inputs):
     """The mixed cache built by 2 ranks (the one training reads), and by 1 rank to compare."""
     root = tmp_path_factory.mktemp("formats")
     two = format_recipe(root / "two" / "recipe.yaml", tiny_model, inputs, str(root / "two" / "cache"))
@@ -100,7 +100,7 @@ EXPECTED_SAMPLES = {"photos": 6, "laion": 14, "hf": 20}  # hf: repeats 2
 
 
 @pytest.mark.dist
-def test_formats_build_the_same_bytes_on_one_and_two_ranks_and_report_bad_samples(built, tmp_path, tiny_model, inputs):  # noqa: F811
+def test_formats_build_the_same_bytes_on_one_and_two_ranks_and_report_bad_samples(built, tmp_path, tiny_model, inputs):
     two, proc = built
     one = format_recipe(tmp_path / "recipe.yaml", tiny_model, inputs, str(tmp_path / "cache"))
     run_cache(one)
@@ -225,7 +225,7 @@ def test_train_on_the_mixed_cache_two_steps_then_resume_to_the_end_of_the_epoch(
 
 
 @pytest.mark.dist
-def test_a_killed_build_resumes_on_another_rank_count_without_redoing_finished_input_shards(tmp_path, tiny_model):  # noqa: F811
+def test_a_killed_build_resumes_on_another_rank_count_without_redoing_finished_input_shards(tmp_path, tiny_model):
     write_webdataset(tmp_path / "tars", demo_samples(16, 7), per_shard=2)
     data = {"cache_url": "", "buckets": DEMO_BUCKETS, "shard_target_mb": 0.005, "cache_batch_size": 1,
             "cache_dtype": "fp32", "max_sequence_length": 32,
@@ -275,7 +275,7 @@ def test_a_killed_build_resumes_on_another_rank_count_without_redoing_finished_i
 
 
 @pytest.mark.dist
-def test_bad_input_is_one_line_naming_the_dataset_and_key_and_exit_2(tmp_path, tiny_model, inputs):  # noqa: F811
+def test_bad_input_is_one_line_naming_the_dataset_and_key_and_exit_2(tmp_path, tiny_model, inputs):
     def cache(dataset: dict) -> subprocess.CompletedProcess:
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump({"name": "bad", "model": {"pretrained": str(tiny_model)},
@@ -304,7 +304,7 @@ def test_bad_input_is_one_line_naming_the_dataset_and_key_and_exit_2(tmp_path, t
 
 
 @pytest.mark.s3
-def test_formats_on_the_s3_protocol_server_cache_train_zero2_and_resume(s3_server, built, inputs, tiny_model, tmp_path,  # noqa: F811
+def test_formats_on_the_s3_protocol_server_cache_train_zero2_and_resume(s3_server, built, inputs, tiny_model, tmp_path,
                                                                        monkeypatch):
     """Sources and cache on S3: the same shards as the local build; ZeRO-2 in bf16 trains from it and resumes."""
     two, _ = built
@@ -327,8 +327,7 @@ def test_formats_on_the_s3_protocol_server_cache_train_zero2_and_resume(s3_serve
         assert store.read_bytes(name) == local[name], name
     assert read_manifest(store).total_samples == sum(EXPECTED_SAMPLES.values())
 
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "sd35dist" / "torch_extensions"))
-    deepspeed = {**env, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": extensions}
+    deepspeed = {**env, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": torch_extensions_dir()}
     train(recipe, tmp_path / "run1", env=deepspeed)
     assert sorted(losses(tmp_path / "run1")) == [1, 2]
     second = yaml.safe_load(recipe.read_text())
@@ -341,7 +340,7 @@ def test_formats_on_the_s3_protocol_server_cache_train_zero2_and_resume(s3_serve
 
 
 @pytest.mark.dist
-def test_the_scale_benchmark_runs_at_toy_size_and_deletes_its_data(tmp_path, tiny_model):  # noqa: F811
+def test_the_scale_benchmark_runs_at_toy_size_and_deletes_its_data(tmp_path, tiny_model):
     """benchmarks/dataset_formats.py (docs/benchmarks.md runs it at 10k and 100k images) on 16 images."""
     proc = subprocess.run([sys.executable, "benchmarks/dataset_formats.py", "--images", "16", "--per-shard", "8",
                            "--formats", "webdataset,parquet", "--model", str(tiny_model), "--root", str(tmp_path)],

@@ -15,7 +15,9 @@ from PIL import Image
 
 from sd35dist.config.loading import ConfigError, validate_mapping
 from sd35dist.config.recipe import DataSection, DatasetSection, Recipe
+from sd35dist.data.dataset_formats import list_input_shards
 from sd35dist.data.demo_formats import demo_samples, write_parquet
+from sd35dist.data.image_source import SourceImage
 from sd35dist.data.input_shards import (
     DatasetInputError,
     expand_source,
@@ -23,8 +25,6 @@ from sd35dist.data.input_shards import (
     relative_names,
     row_group_shards,
 )
-from sd35dist.data.dataset_formats import list_input_shards
-from sd35dist.data.image_source import SourceImage
 from sd35dist.data.parquet_source import read_row_group, row_group_sizes
 from sd35dist.data.webdataset_source import read_tar_shard
 

@@ -26,6 +26,8 @@ import torch
 
 from sd35dist.config.recipe import DataSection, DatasetSection, Recipe
 from sd35dist.data.buckets import FitPlan, ImageRejected, bucket_name
+from sd35dist.data.cache_identity import IDENTITY_KEY, JOURNAL_DIR, SAMPLING_ONLY_KEYS, dataset_identity
+from sd35dist.data.dataset_formats import list_input_shards, read_input_shard
 from sd35dist.data.image_source import (
     PreparedImage,
     Rejected,
@@ -35,7 +37,6 @@ from sd35dist.data.image_source import (
     prepare_image,
     read_image_size,
 )
-from sd35dist.data.dataset_formats import list_input_shards, read_input_shard
 from sd35dist.data.input_shards import Gather, InputShard, assign
 from sd35dist.data.manifest import ShardEntry, ShardManifest, write_manifest
 from sd35dist.data.shard_format import (
@@ -50,9 +51,6 @@ from sd35dist.data.storage import Store, sha256_hex
 
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 REPORT_NAME = "report.json"
-JOURNAL_DIR = "progress"
-SAMPLING_ONLY_KEYS = ("probability",)
-"""Dataset keys that decide how training draws samples, not what a sample holds: not part of a cache's build."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,12 +188,13 @@ def journal_path(shard: InputShard) -> str:
     return f"{JOURNAL_DIR}/{shard.dataset}-{shard.index:06d}.json"
 
 
-def _load_journal(store: Store, path: str, fingerprint: str) -> dict[str, Any]:
+def _load_journal(store: Store, path: str, fingerprint: str, identity: dict[str, Any]) -> dict[str, Any]:
     if store.exists(path):
         journal = json.loads(store.read_bytes(path))
         if journal.get("input") == fingerprint:
             return journal
-    return {"input": fingerprint, "plan": None, "complete": False, "shards": {}, "planning_rejected": []}
+    return {"input": fingerprint, IDENTITY_KEY: identity, "plan": None, "complete": False, "shards": {},
+            "planning_rejected": []}
 
 
 def bucket_items(
@@ -254,7 +253,8 @@ def build_input_shard(shard: InputShard, recipe: Recipe, store: Store, encoders:
     datasets = {dataset.id: dataset}
     buckets = tuple(tuple(b) for b in data.buckets)
     journal_file = journal_path(shard)
-    journal = _load_journal(store, journal_file, input_fingerprint(shard, build_settings(data, dataset)))
+    journal = _load_journal(store, journal_file, input_fingerprint(shard, build_settings(data, dataset)),
+                            dataset_identity(data))
     if journal["complete"]:
         on_images(journal["images"])
         return journal
@@ -406,6 +406,7 @@ def finish_cache(
         max_sequence_length=recipe.data.max_sequence_length,
         buckets=tuple(bucket_name(tuple(b)) for b in recipe.data.buckets),
         rejected=len(rejected),
+        dataset_identity=dataset_identity(recipe.data),
     )
     write_manifest(store, manifest)
     return manifest

@@ -22,9 +22,9 @@ from sd35dist.importers import simpletuner_formats as formats
 from sd35dist.importers.simpletuner_options import OptionError, parse_value
 from sd35dist.importers.simpletuner_unapplied import (
     DATASET_MAPPED,
-    DATASET_SOURCE_REASON,
     DATASET_NOT_APPLIED,
     DATASET_NOT_APPLIED_DEFAULTS,
+    DATASET_SOURCE_REASON,
 )
 
 NAME_PATTERN = re.compile(r"[^A-Za-z0-9._-]+")

@@ -13,8 +13,15 @@ import torch.distributed as dist
 
 from sd35dist.config.loading import ConfigError, parse_override
 from sd35dist.config.recipe import Recipe
-from sd35dist.data.cache_builder import (Encoders, SampleShape, build_rank, finish_cache, read_journals,
-                                         write_empty_prompt)
+from sd35dist.data.cache_builder import (
+    Encoders,
+    SampleShape,
+    build_rank,
+    finish_cache,
+    read_journals,
+    write_empty_prompt,
+)
+from sd35dist.data.cache_identity import dataset_identity, foreign_cache
 from sd35dist.data.input_shards import DatasetInputError
 from sd35dist.data.manifest import ManifestError, read_manifest
 from sd35dist.data.shard_format import shard_metadata
@@ -49,6 +56,11 @@ def checked_recipe(recipe_file: Path) -> Recipe:
         raise ConfigError(recipe_file.name, "data.datasets", "no datasets to cache")
     check_pretrained(recipe, recipe_file.name, CACHE_INPUT_PARTS)
     check_dataset_sources(recipe.data, recipe_file.name)
+    store = Store(recipe.data.cache_url, recipe.data.storage_options)
+    problem = foreign_cache(store, dataset_identity(recipe.data))
+    if problem:
+        raise ConfigError(recipe_file.name, "data.cache_url", f"{store.url}: {problem}; nothing was written: choose "
+                          "another data.cache_url, or delete that cache to rebuild it there")
     return recipe
 
 
