@@ -199,10 +199,12 @@ def test_the_stream_mixes_datasets_by_probability_and_resumes_exactly(built):
 
 @pytest.mark.dist
 def test_train_on_the_mixed_cache_two_steps_then_resume_to_the_end_of_the_epoch(built, tmp_path):
+    """FSDP2 in fp32 here; the S3 test below trains ZeRO-2 in bf16."""
     two, _ = built
     recipe = yaml.safe_load((two / "recipe.yaml").read_text())
 
     def variant(name: str, out: Path, **train_keys) -> Path:
+        train_keys = {"mixed_precision": "fp32", **train_keys}
         changed = {**recipe, "train": {**recipe["train"], **train_keys}, "output": {"dir": str(out)}}
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(changed, sort_keys=False))
@@ -274,7 +276,7 @@ def test_a_killed_build_resumes_on_another_rank_count_without_redoing_finished_i
     assert cache_files(tmp_path / "resumed") == cache_files(tmp_path / "straight")
 
 
-@pytest.mark.dist
+@pytest.mark.process
 def test_bad_input_is_one_line_naming_the_dataset_and_key_and_exit_2(tmp_path, tiny_model, inputs):
     def cache(dataset: dict) -> subprocess.CompletedProcess:
         path = tmp_path / "recipe.yaml"
@@ -304,6 +306,7 @@ def test_bad_input_is_one_line_naming_the_dataset_and_key_and_exit_2(tmp_path, t
 
 
 @pytest.mark.s3
+@pytest.mark.dist
 def test_formats_on_the_s3_protocol_server_cache_train_zero2_and_resume(s3_server, built, inputs, tiny_model, tmp_path,
                                                                        monkeypatch):
     """Sources and cache on S3: the same shards as the local build; ZeRO-2 in bf16 trains from it and resumes."""
