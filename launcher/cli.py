@@ -16,7 +16,9 @@ from launcher.profile import Profile, load_profile, profile_path
 from launcher.render import render_script
 from launcher.submission import prepare_run_dir, submit
 from sd35dist.config import ConfigError, Recipe, load_recipe, recipe_yaml, resolve_paths
+from sd35dist.config.cli_args import CommandLineParser
 from sd35dist.config.commands import COMMANDS, SUBMITTABLE_JOBS, SUBMIT
+from sd35dist.config.input_checks import check_recipe_inputs
 from sd35dist.config.loading import dump_yaml
 from sd35dist.config.model_layout import check_pretrained
 from sd35dist.runtime.save_budget import grace_warnings, read_save_estimate
@@ -25,8 +27,9 @@ from sd35dist.runtime.slurm_query import kill_wait_s
 DEFAULT_RECIPE = "sd35dist.yaml"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sd35dist", description="SD3.5 fine-tunes on Slurm clusters")
+def argument_parser() -> argparse.ArgumentParser:
+    """The submit side's commands, one subparser each; a usage mistake is one line (cli_args)."""
+    parser = CommandLineParser(prog="sd35dist", description="SD3.5 fine-tunes on Slurm clusters")
     sub = parser.add_subparsers(dest="command", required=True)
     summaries = {c.name: c.summary for c in COMMANDS if c.kind is SUBMIT}
     p = sub.add_parser("submit", help=summaries["submit"])
@@ -89,8 +92,19 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[Profile, Path, Recipe, P
     profile_file = profile_path(args.profile)
     profile = load_profile(profile_file, profile_overrides)
     recipe_file = _recipe_path(args.recipe, profile, profile_file)
-    recipe = resolve_paths(load_recipe(recipe_file, recipe_overrides), Path.cwd())
+    recipe = resolve_paths(load_recipe(recipe_file, recipe_overrides), Path.cwd(), recipe_file.resolve().parent)
     return profile, profile_file, recipe, recipe_file
+
+
+def check_inputs(profile: Profile, recipe: Recipe, recipe_file: Path, job: str) -> None:
+    """Refuse what the job's ranks would fail on (the model directory, the files the recipe names,
+    sizes and LoRA targets against the model's config); print notes on what this host cannot see."""
+    here = profile.scheduler == "local"
+    notes = [check_pretrained(recipe, job, visible_everywhere=here, recipe_file=recipe_file.name)]
+    notes += check_recipe_inputs(recipe, job, recipe_file.name, visible_everywhere=here)
+    for note in notes:
+        if note:
+            print(note, file=sys.stderr)
 
 
 def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, Path]:
@@ -105,9 +119,7 @@ def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, 
         profile_file=profile_file.name,
         recipe_file=recipe_file.name,
     )
-    note = check_pretrained(recipe, args.job, visible_everywhere=profile.scheduler == "local", recipe_file=recipe_file.name)
-    if note:
-        print(note, file=sys.stderr)
+    check_inputs(profile, recipe, recipe_file, args.job)
     if args.job == "train":
         for line in save_budget_warnings(profile, recipe):
             print(f"warning: {line}", file=sys.stderr)
@@ -158,6 +170,7 @@ def _follow(record: dict[str, str], out=sys.stdout, poll_s: float = 1.0) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     """`sd35dist plan`: memory, communication and step time per GPU; exit 2 when it cannot fit."""
     profile, profile_file, recipe, recipe_file = inputs_from_args(args)
+    check_inputs(profile, recipe, recipe_file, "train")
     report = resource_report.build_report(profile, recipe, profile_file.stem, recipe_file.name)
     sys.stdout.write(resource_report.render_report(report))
     check_fit(profile, recipe, profile_file.name, recipe_file.name)
@@ -179,9 +192,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(resource_report.summary_line(report), file=sys.stderr)
         sys.stdout.write(script)
         return 0
+    if args.output:
+        check_script_path(Path(args.output))
     run_dir = prepare_run_dir(plan, recipe_yaml(recipe), dump_yaml(profile))
     if args.output:
-        Path(args.output).write_text(script)
+        try:
+            Path(args.output).write_text(script)
+        except OSError as exc:
+            shutil.rmtree(run_dir, ignore_errors=True)  # no run directory for a script that was not written
+            raise ConfigError("--output", args.output, f"cannot write: {exc.strerror or exc}") from None
         how = "sbatch" if plan.scheduler == "slurm" else "bash"
         print(f"wrote {args.output}; run directory {run_dir}; submit with: {how} {args.output}")
         return 0
@@ -194,8 +213,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"follow with: sd35dist logs {record['job_id']} --follow")
         return 0
     state = _follow(record)
-    print(f"job {record['job_id']} ended: {state}")
-    return 0 if state == "COMPLETED" else 1
+    code = 0 if state == "COMPLETED" else (job_control.exit_code(record) or 1)
+    print(f"job {record['job_id']} ended: {state}" + (f" (exit status {code})" if code else ""))
+    return code
+
+
+def check_script_path(path: Path) -> None:
+    """`--output FILE` can be written: its directory exists and is writable, and it is not a directory."""
+    folder = path.parent
+    if path.is_dir():
+        raise ConfigError("--output", str(path), "is a directory: name the script file to write")
+    if not folder.is_dir():
+        raise ConfigError("--output", str(path), f"directory {folder} does not exist: create it or choose another path")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError("--output", str(path), f"directory {folder} is not writable: choose another path")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -227,7 +258,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = argument_parser().parse_args(argv)
     handlers = {"submit": cmd_submit, "plan": cmd_plan, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}
     handler = handlers[args.command]
     try:

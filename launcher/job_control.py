@@ -13,7 +13,7 @@ from pathlib import Path
 
 from launcher.submission import JOB_RECORD, state_dir
 from sd35dist.config import ConfigError
-from sd35dist.runtime.slurm_query import accounting_states, controller_restarts, slurm_output
+from sd35dist.runtime.slurm_query import accounting_exit_code, accounting_states, controller_restarts, slurm_output
 
 
 def find_record(ref: str) -> dict[str, str]:
@@ -27,7 +27,7 @@ def find_record(ref: str) -> dict[str, str]:
         record_file = path / JOB_RECORD
         if not record_file.is_file():
             raise ConfigError(ref, "", f"no {JOB_RECORD} here: not a submitted run directory")
-        return json.loads(record_file.read_text())
+        return read_record(record_file)
     if not ref.isdigit():
         if os.sep in ref or ref.startswith((".", "~")):
             raise ConfigError(ref, "", "no such run directory")
@@ -38,7 +38,7 @@ def find_record(ref: str) -> dict[str, str]:
         if link.is_file():
             run_dir = Path(link.read_text().strip())
             if (run_dir / JOB_RECORD).is_file():
-                return json.loads((run_dir / JOB_RECORD).read_text())
+                return read_record(run_dir / JOB_RECORD)
     if not _slurm_available():
         raise ConfigError(ref, "", "no such job: not submitted from this account (and no Slurm here to ask)")
     known, trouble = slurm_knows(ref)
@@ -47,6 +47,24 @@ def find_record(ref: str) -> dict[str, str]:
     if trouble:
         raise ConfigError(ref, "", f"no such job: not submitted from this account, and Slurm could not be asked ({trouble})")
     raise ConfigError(ref, "", "no such job: not submitted from this account, and Slurm knows no job with this id")
+
+
+RECORD_KEYS = ("job_id", "scheduler")
+
+
+def read_record(path: Path) -> dict[str, str]:
+    """A job.json that `sd35dist submit` wrote; anything else (cut short, edited, not ours) is one line."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(str(path), "", f"not a job record sd35dist wrote ({type(exc).__name__}): "
+                          "pass the job id instead, or resubmit") from None
+    if not isinstance(record, dict) or not all(isinstance(record.get(key), str) and record[key] for key in RECORD_KEYS):
+        raise ConfigError(str(path), "", f"not a job record sd35dist wrote (needs {' and '.join(RECORD_KEYS)}): "
+                          "pass the job id instead, or resubmit")
+    if record["scheduler"] == "local" and not record["job_id"].isdigit():
+        raise ConfigError(str(path), "job_id", f"{record['job_id']!r} is not a process id: the record is damaged")
+    return record
 
 
 def _slurm_available() -> bool:
@@ -150,7 +168,22 @@ def local_state(record: dict[str, str]) -> str:
             outcome = _PlainDataUnpickler(handle).load()
     except (pickle.UnpicklingError, EOFError):
         return "UNKNOWN"
-    return "COMPLETED" if outcome[0] == "success" else "FAILED"
+    return "COMPLETED" if outcome == ("success", 0) else "FAILED"
+
+
+def exit_code(record: dict[str, str]) -> int | None:
+    """The job's exit status once it has ended (a rank's 2 for a mistake), None when nobody recorded one."""
+    if record["scheduler"] == "slurm":
+        return accounting_exit_code(record["job_id"])
+    result = Path(record["submitit_folder"]) / f"{record['job_id']}_0_result.pkl"
+    try:
+        with result.open("rb") as handle:
+            outcome = _PlainDataUnpickler(handle).load()
+    except (OSError, pickle.UnpicklingError, EOFError):
+        return None
+    if outcome[0] == "success" and isinstance(outcome[1], int):
+        return outcome[1]
+    return 1
 
 
 class _PlainDataUnpickler(pickle.Unpickler):

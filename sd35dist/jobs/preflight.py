@@ -329,7 +329,7 @@ def check_rank(world: World, recipe_path: Path, allreduce_got: int) -> RankCheck
     except ConfigError as exc:
         return RankCheck(**facts, recipe_hash=None, config_error=str(exc), data=None, output=None)
     digest = recipe_hash(recipe)
-    recipe = resolve_paths(recipe, Path.cwd())
+    recipe = resolve_paths(recipe, Path.cwd(), recipe_path.resolve().parent)
     return RankCheck(
         **facts,
         recipe_hash=digest,
@@ -422,7 +422,7 @@ def _checkpoint_save(world: World, recipe_path: Path, checks: list[Any]) -> dict
     """How long a checkpoint of the recipe takes to write (every rank probes output.dir at once)."""
     if not all(c.output is not None and c.output.writable for c in checks):
         return {"estimated": False, "reason": "output dir not writable or recipe not loaded"}
-    return estimate_save(world, resolve_paths(load_recipe(recipe_path), Path.cwd()))
+    return estimate_save(world, resolve_paths(load_recipe(recipe_path), Path.cwd(), recipe_path.resolve().parent))
 
 
 def main(args: Any) -> int:

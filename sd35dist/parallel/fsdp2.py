@@ -46,6 +46,7 @@ from sd35dist.models.lora import inject_lora, trainable_parameters
 from sd35dist.models.state_keys import plain_name
 from sd35dist.models.transformer_build import build_on_meta, materialize_and_load, transformer_config
 from sd35dist.parallel.ema import ShardedEMA
+from sd35dist.parallel.finite import all_finite
 from sd35dist.parallel.optimizer import make_optimizer, master_and_compute_dtypes
 from sd35dist.parallel.process_group import World
 
@@ -269,6 +270,11 @@ class FSDP2Strategy:
     def update_ema(self, decay: float) -> None:
         if self.ema is not None:
             self.ema.update(self.trainable, decay)
+
+    def weights_finite(self) -> bool:
+        """Whether this rank's shards of the trained weights (and of their EMA) are all finite."""
+        shadows = self.ema.shadow.values() if self.ema is not None else ()
+        return all_finite([*(p for _, p in self.trainable), *shadows])
 
     # ---- checkpoints ----------------------------------------------------------------------
 

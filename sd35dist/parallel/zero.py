@@ -40,6 +40,7 @@ from sd35dist.models.transformer_build import (
     transformer_config,
 )
 from sd35dist.parallel.ema import ShardedEMA
+from sd35dist.parallel.finite import all_finite
 from sd35dist.parallel.fsdp2 import FP32_INPUTS
 from sd35dist.parallel.optimizer import make_optimizer, master_and_compute_dtypes
 from sd35dist.parallel.process_group import World
@@ -204,6 +205,11 @@ class ZeroStrategy:
     def update_ema(self, decay: float) -> None:
         if self.ema is not None:
             self.ema.update(self._named_master_fragments(), decay)
+
+    def weights_finite(self) -> bool:
+        """Whether this rank's master-weight fragments (what a checkpoint saves) and their EMA are finite."""
+        shadows = self.ema.shadow.values() if self.ema is not None else ()
+        return all_finite([*(t for _, t in self._named_master_fragments()), *shadows])
 
     def save(self, directory: Path) -> None:
         """Every rank writes its ZeRO partition (DeepSpeed's format) and its EMA fragments."""

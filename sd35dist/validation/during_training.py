@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import Recipe
 from sd35dist.data.validation_prompts import PromptEmbeddings, read_validation_prompts
 from sd35dist.validation.grid import labelled_grid
@@ -95,11 +94,7 @@ class TrainingValidation:
     def __init__(self, recipe: Recipe, trainer: Any, run_dir: Path, recipe_file: str) -> None:
         from sd35dist.models.sd3_components import load_vae
 
-        section = recipe.validation
-        if section.weights != "model" and (not recipe.train.ema.enabled or recipe.parallel.strategy != "fsdp2"):
-            raise ConfigError(recipe_file, "validation.weights",
-                              f"{section.weights} needs train.ema.enabled and strategy fsdp2 (ZeRO's EMA is kept as "
-                              "master-weight fragments); use weights: model")
+        section = recipe.validation  # the schema ties weights: ema|both to an FSDP2 EMA (config/recipe.py)
         self.recipe, self.trainer, self.run_dir = recipe, trainer, run_dir
         self.embeddings: PromptEmbeddings = read_validation_prompts(
             trainer.stream.store, trainer.stream.manifest, section, recipe_file)
