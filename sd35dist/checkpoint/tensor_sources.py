@@ -16,6 +16,7 @@ Each strategy's `read_lazy` returns its reader; inspect.open_checkpoint picks th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -23,7 +24,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -51,7 +52,7 @@ class SafetensorsFiles:
         self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.metadata: dict[str, str] = {}
         for path in files:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
+            with _opened(path) as handle:
                 self.metadata.update(handle.metadata() or {})
                 for key in handle.keys():
                     piece = handle.get_slice(key)
@@ -63,7 +64,10 @@ class SafetensorsFiles:
         """A diffusers model folder: its index's shards, or its one `*.safetensors`."""
         index = sorted(folder.glob("*.safetensors.index.json"))
         if index:
-            names = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+            try:
+                names = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise CheckpointUnreadable(f"{index[0]}: not a readable safetensors index") from None
             return cls([folder / name for name in names])
         files = sorted(folder.glob("*.safetensors"))
         if not files:
@@ -74,13 +78,27 @@ class SafetensorsFiles:
         return dict(self._specs)
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self._where[name]), framework="pt", device="cpu") as handle:
+        with _opened(self._where[name]) as handle:
             return handle.get_tensor(name)
 
 
 _SAFETENSORS_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """safe_open, with a file that is missing, empty, cut short or not safetensors at all as CheckpointUnreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise CheckpointUnreadable(f"{path}: missing (a shard of this model is not there)")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            yield handle
+    except (SafetensorError, OSError) as err:
+        size = path.stat().st_size
+        raise CheckpointUnreadable(f"{path}: not a readable safetensors file ({size} bytes: "
+                                   f"{' '.join(str(err).split())})") from None
 
 
 def block_group(name: str) -> str:
@@ -95,7 +113,7 @@ class DcpTensors:
     def __init__(self, directory: Path, use_ema: bool) -> None:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, UnsafeMetadata
+        from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, UnsafeMetadata, missing_storage
 
         if not (directory / ".metadata").is_file():
             raise CheckpointUnreadable(f"{directory.parent}: no {directory.name}/.metadata: the checkpoint's weights "
@@ -105,6 +123,9 @@ class DcpTensors:
             metadata = MetadataCheckedReader(str(directory)).read_metadata()
         except (UnsafeMetadata, pickle.UnpicklingError, EOFError) as err:
             raise CheckpointUnreadable(f"{directory / '.metadata'}: not readable as DCP metadata ({err})") from None
+        problem = missing_storage(directory, metadata)
+        if problem:
+            raise CheckpointUnreadable(f"{directory.parent}: broken checkpoint: {problem}")
         self._keys: dict[str, str] = {}
         self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for prefix in ("model", "ema") if use_ema else ("model",):
@@ -161,7 +182,8 @@ class ZeroTensors:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        self._lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag, lazy_mode=True)
+        with zero_files_read(checkpoint):
+            self._lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag, lazy_mode=True)
         self._ema: dict[str, list[tuple[Path, int, int]]] = {}
         self._ema_shapes: dict[str, tuple[int, ...]] = {}
         if use_ema:
@@ -192,6 +214,17 @@ class ZeroTensors:
             return full
         tensor = self._lazy[name]
         return tensor if isinstance(tensor, torch.Tensor) else tensor.contiguous()
+
+
+@contextlib.contextmanager
+def zero_files_read(checkpoint: Path) -> Iterator[None]:
+    """DeepSpeed reading a ZeRO checkpoint whose files are missing or cut short fails in many ways
+    (its own ValueError, torch.load's RuntimeError, EOF): each is CheckpointUnreadable naming the checkpoint."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as err:
+        raise CheckpointUnreadable(f"{checkpoint}: broken DeepSpeed checkpoint: {type(err).__name__}: "
+                                   f"{' '.join(str(err).split())[:300]}") from None
 
 
 class OriginalLayoutView:

@@ -45,7 +45,7 @@ def bounded_int(low: int | None = None, high: int | None = None, what: str = "an
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if (low is not None and value < low) or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{what} must be in {_range(low, high)}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {_bounds(low, high)}, got {text}")
         return value
 
     parse.__name__ = what  # argparse names the type in messages it writes itself
@@ -61,17 +61,21 @@ def bounded_float(low: float | None = None, high: float | None = None, what: str
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{what} must be a finite number, got {text}")
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if (low is not None and value < low) or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{what} must be in {_range(low, high)}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {_bounds(low, high)}, got {text}")
         return value
 
     parse.__name__ = what
     return parse
 
 
-def _range(low: float | None, high: float | None) -> str:
-    return f"[{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}]"
+def _bounds(low: float | None, high: float | None) -> str:
+    if high is None:
+        return f"≥ {low:g}" if isinstance(low, float) else f"≥ {low}"
+    if low is None:
+        return f"≤ {high:g}" if isinstance(high, float) else f"≤ {high}"
+    return f"between {low} and {high}"
 
 
 positive_int = bounded_int(1, what="a positive integer")
@@ -84,7 +88,7 @@ def image_side(text: str) -> int:
     """An argparse type: an image side in pixels, a positive multiple of 16 (the model's limit is checked later)."""
     value = bounded_int(1, what="a size in pixels")(text)
     if value % PIXEL_MULTIPLE:
-        raise argparse.ArgumentTypeError(f"a size in pixels must be a multiple of {PIXEL_MULTIPLE}, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a multiple of {PIXEL_MULTIPLE} pixels, got {text}")
     return value
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from sd35dist.runtime.atomic_files import write_text_atomically
+from sd35dist.config.cli_args import CommandLineParser
 from sd35dist.config.loading import ConfigError, validate_mapping
 from sd35dist.config.recipe import DEFAULT_BUCKETS, Recipe
 from sd35dist.importers.simpletuner_options import (BACKEND_MAPPED, BACKEND_UNMAPPED, ENV_ARGUMENT_LISTS, ENV_IGNORED,
@@ -523,12 +524,16 @@ def render_yaml(out: Conversion, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sd35dist import simpletuner", description=__doc__.splitlines()[0].strip("`"))
+def argument_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="sd35dist import simpletuner", description=__doc__.splitlines()[0].strip("`"))
     parser.add_argument("config", type=Path, help="SimpleTuner's config.json or config.env")
     parser.add_argument("--backend", type=Path, help="its multidatabackend.json (default: the config's data_backend_config)")
     parser.add_argument("-o", "--out", type=Path, required=True, help="the recipe YAML to write")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = argument_parser().parse_args(argv)
     try:
         options = read_config(args.config)
         backend = args.backend or _backend_from(options, args.config)

@@ -428,6 +428,15 @@ def _checkpoint_save(world: World, recipe_path: Path, checks: list[Any]) -> dict
 def main(args: Any) -> int:
     started = time.monotonic()
     try:
+        # Mistakes in the command itself, before the process group: the report needs both.
+        if not Path(args.recipe).is_file():
+            raise ConfigError(str(args.recipe), "", "recipe file not found")
+        run_dir = Path(args.run_dir)
+        for candidate in (run_dir, *run_dir.parents):
+            if candidate.exists():
+                if not candidate.is_dir():
+                    raise ConfigError("--run-dir", str(run_dir), f"{candidate} is a file: name a directory")
+                break
         world = init_process_group_from_env(PREFLIGHT_TIMEOUT_S)
     except ConfigError as exc:
         print(f"preflight: {exc}", file=sys.stderr)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from launcher.profile import available_profiles, load_profile, profile_path
 from sd35dist.config import ConfigError, Recipe, load_recipe
+from sd35dist.config.cli_args import CommandLineParser
 from sd35dist.data.manifest import ManifestError, read_manifest
 from sd35dist.data.storage import Store
 from sd35dist.data.stream_order import BucketLayout, bucket_layouts, optimizer_steps_per_epoch
@@ -29,11 +30,15 @@ def profile_row(name: str, world_size: int, recipe: Recipe, layouts: list[Bucket
     return f"{name:<14} {world_size:>5} {batch:>12} {per_epoch:>11} {total:>11} {math.ceil(total / per_epoch):>6}"
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sd35dist steps", description=__doc__.splitlines()[0])
+def argument_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="sd35dist steps", description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--profile", action="append", help="profile name or YAML (default: every profile)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = argument_parser().parse_args(argv)
     try:
         recipe = load_recipe(Path(args.recipe))
         train = recipe.train

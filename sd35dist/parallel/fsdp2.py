@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, UnsafeMetadata
+from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, UnsafeMetadata, missing_storage
 from sd35dist.checkpoint.layout import CheckpointUnreadable
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.mesh_layout import MeshLayout, resolve_mesh
@@ -344,6 +344,9 @@ def _read_dcp_tensors(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
         metadata = reader.read_metadata()
     except (UnsafeMetadata, pickle.UnpicklingError, EOFError) as err:
         raise CheckpointUnreadable(f"{directory / '.metadata'}: not readable as DCP metadata ({err})") from None
+    problem = missing_storage(directory, metadata)
+    if problem:
+        raise CheckpointUnreadable(f"{directory.parent}: broken checkpoint: {problem}")
     targets = {
         key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()

@@ -281,8 +281,12 @@ class ZeroStrategy:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        from sd35dist.checkpoint.tensor_sources import zero_files_read
+
         # Buffers (pos_embed) are in it too; the EMA covers parameters only.
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG, exclude_frozen_parameters=True)
+        with zero_files_read(checkpoint):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG,
+                                                             exclude_frozen_parameters=True)
         if use_ema:
             files = sorted(checkpoint.glob(EMA_FILES))
             if not files:

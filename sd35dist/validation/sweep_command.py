@@ -9,7 +9,6 @@ state) and renders its share of the images; rank 0 writes the grid.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,12 @@ import torch
 from PIL import Image
 
 from sd35dist.checkpoint.layout import CheckpointDir
+from sd35dist.config.cli_args import CommandLineParser, fail, int_list
+from sd35dist.config.input_checks import size_problem
 from sd35dist.config.loading import ConfigError, load_model
 from sd35dist.config.recipe import Recipe, resolve_paths
-from sd35dist.data.manifest import read_manifest
+from sd35dist.config.validation_section import PromptsFileError
+from sd35dist.data.manifest import ManifestError, read_manifest
 from sd35dist.data.storage import Store
 from sd35dist.data.validation_prompts import read_validation_prompts
 from sd35dist.validation.grid import labelled_grid
@@ -32,11 +34,11 @@ from sd35dist.validation.sources import checkpoint_recipe, load_transformer
 SWEEP_DIR = "sweep"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sd35dist sweep", description=__doc__.splitlines()[0].strip("`"))
+def argument_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="sd35dist sweep", description=__doc__.splitlines()[0].strip("`"))
     parser.add_argument("output_dir", type=Path, nargs="?",
                         help="a training output directory (holds checkpoints/); default: the --recipe's output.dir")
-    parser.add_argument("--steps", help="comma-separated checkpoint steps (default: every kept checkpoint)")
+    parser.add_argument("--steps", type=int_list, help="comma-separated checkpoint steps (default: every kept checkpoint)")
     parser.add_argument("--compare-guidance", action="store_true", help="CFG and APG columns at the same seeds")
     parser.add_argument("--recipe", type=Path, help="recipe whose validation section to render (default: the checkpoint's)")
     parser.add_argument("--ema", action="store_true", help="the checkpoints' EMA weights")
@@ -46,27 +48,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = argument_parser().parse_args(argv)
     given = None
     if args.recipe:
         try:
             given = resolve_paths(load_model(Recipe, args.recipe), args.recipe.resolve().parent)
         except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            return fail(str(err))
     if args.output_dir is None:  # `submit --job sweep`: the frozen recipe says where its checkpoints are
         if given is None:
-            print("error: sd35dist sweep: give OUTPUT_DIR or --recipe", file=sys.stderr)
-            return 2
+            return fail("sd35dist sweep: give OUTPUT_DIR or --recipe")
         args.output_dir = Path(given.output.dir)
     checkpoints = CheckpointDir(args.output_dir)
     kept = checkpoints.complete_steps()
-    steps = kept if not args.steps else [int(s) for s in args.steps.split(",") if s.strip()]
+    steps = args.steps or kept
     missing = [s for s in steps if s not in kept]
     if not steps or missing:
-        print(f"error: {args.output_dir}: no complete checkpoint for step(s) {missing or 'any'} "
-              f"(kept: {', '.join(map(str, kept)) or 'none'})", file=sys.stderr)
-        return 2
+        return fail(f"{args.output_dir}: no complete checkpoint for step(s) {missing or 'any'} "
+                    f"(kept: {', '.join(map(str, kept)) or 'none'})")
     try:
         if given is not None:
             recipe, recipe_name = given, args.recipe.name
@@ -75,11 +74,19 @@ def main(argv: list[str]) -> int:
         if recipe is None or not recipe.validation.enabled:
             raise ConfigError(str(args.recipe or "recipe"), "validation.prompts",
                               "no validation prompts to sweep: add them, then `sd35dist cache --validation-only`")
+        # What the renders need, before a weight is read: the base model's VAE and scheduler, a size it takes.
+        base = Path(recipe.model.pretrained)
+        check_base_model(base, f"{recipe_name}: model.pretrained", ("vae", "scheduler"))
+        width, height = recipe.validation.resolutions[0]
+        problem = size_problem(width, height, source_config(checkpoints.path(steps[-1])), vae_scale_of(base))
+        if problem:
+            raise ConfigError(recipe_name, "validation.resolutions", problem)
+        if args.out is not None:
+            check_out_dir(args.out)
         store = Store(recipe.data.cache_url, recipe.data.storage_options)
         embeddings = read_validation_prompts(store, read_manifest(store), recipe.validation, recipe_name)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, ManifestError, SourceError, PromptsFileError) as err:
+        return fail(str(err))
     with launched_ranks() as world:  # under torchrun: every rank renders its share
         return _sweep(args, steps, recipe, embeddings, checkpoints, world)
 
