@@ -26,14 +26,15 @@ from tests.test_cache_build import tiny_model, write_inputs, write_recipe  # noq
 from tests.test_train import cache, train_recipe  # noqa: F401
 
 
-def torchrun(job: str, recipe: Path, run_dir: Path | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(job: str, recipe: Path, run_dir: Path | None = None, nproc: int = 2,
+             timeout: float = 300) -> subprocess.CompletedProcess:
     """The job as a profile's script starts it: sd35dist's torchrun, one agent, `nproc` ranks, with
     the profile's default restarts (a mistake must not be restarted)."""
     cmd = [sys.executable, "-m", "sd35dist", "torchrun", "--standalone", f"--nproc-per-node={nproc}",
            f"--max-restarts={LaunchSection().max_restarts}",
            "-m", "sd35dist", job, "--recipe", str(recipe)] + (["--run-dir", str(run_dir)] if run_dir else [])
     return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"),
-                          timeout=300)
+                          timeout=timeout)
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:

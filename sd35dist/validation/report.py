@@ -51,7 +51,7 @@ def read_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
     steps: dict[int, dict[str, float]] = {}
     waits: dict[int, float] = {}
     for path in sorted(run_dir.glob("metrics-rank*.jsonl")):
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():  # a damaged line is skipped below
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:

@@ -27,9 +27,10 @@ from sd35dist.data.validation_prompts import read_validation_prompts
 from sd35dist.validation.grid import labelled_grid
 from sd35dist.validation.guidance import GuidanceSettings
 from sd35dist.validation.render import launched_ranks, validation_pairs
-from sd35dist.validation.sample_command import inference_device, renderer_for
+from sd35dist.validation.sample_command import check_out_dir, inference_device, renderer_for
 from sd35dist.validation.sampler import SampleSettings
-from sd35dist.validation.sources import checkpoint_recipe, load_transformer
+from sd35dist.validation.sources import (SourceError, check_base_model, checkpoint_recipe, load_transformer,
+                                         source_config, vae_scale_of)
 
 SWEEP_DIR = "sweep"
 
@@ -49,6 +50,8 @@ def argument_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = argument_parser().parse_args(argv)
+    if args.run_dir is not None and not args.run_dir.is_dir():
+        return fail(f"--run-dir {args.run_dir}: not a directory (`submit --job sweep` passes its run directory)")
     given = None
     if args.recipe:
         try:
