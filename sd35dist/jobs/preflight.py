@@ -439,7 +439,7 @@ def main(args: Any) -> int:
                 break
         world = init_process_group_from_env(PREFLIGHT_TIMEOUT_S)
     except ConfigError as exc:
-        print(f"preflight: {exc}", file=sys.stderr)
+        print(f"error: preflight: {exc}", file=sys.stderr)
         return 2
     except (RuntimeError, ValueError, OSError) as exc:
         where = f"rank {os.environ.get('RANK', '?')} ({node_name(os.environ)})"

@@ -25,8 +25,8 @@ from sd35dist.validation.during_training import save_round
 from sd35dist.validation.guidance import GuidanceSettings
 from sd35dist.validation.render import Renderer, launched_ranks, validation_pairs
 from sd35dist.validation.sampler import SampleSettings, latent_shape_of
-from sd35dist.validation.sources import (SourceError, base_model_of, check_base_model, load_transformer, source_config,
-                                         vae_scale_of)
+from sd35dist.validation.sources import (SourceError, base_model_of, check_base_model, check_has_ema, load_transformer,
+                                         source_config, vae_scale_of)
 
 
 def guidance_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +105,8 @@ def main(argv: list[str]) -> int:
         check_out_dir(args.out)
         # Everything the render needs, checked before a weight is read or an image allocated.
         config = source_config(args.source)
+        if args.ema:
+            check_has_ema(args.source)
         base = args.model or base_model_of(args.source)
         if base is None:
             raise SourceError(f"{args.source} does not say which base model it belongs to: add --model DIR")

@@ -94,6 +94,20 @@ def base_model_of(source: Path) -> Path | None:
     return source if (source / "model_index.json").is_file() else None
 
 
+def check_has_ema(source: Path) -> None:
+    """SOURCE is a checkpoint that holds EMA weights (read from its metadata, no weight loaded)."""
+    from sd35dist.checkpoint.inspect import open_checkpoint
+    from sd35dist.checkpoint.layout import CheckpointUnreadable
+
+    checkpoint = _checkpoint_of(Path(source))
+    if checkpoint is None:
+        raise SourceError(f"{source}: --ema needs a checkpoint (an export or base model holds one set of weights)")
+    try:
+        open_checkpoint(checkpoint, use_ema=True)
+    except CheckpointUnreadable as err:
+        raise SourceError(f"--ema: {err}") from None
+
+
 def check_base_model(base: Path, what: str, parts: tuple[str, ...] = BASE_MODEL_PARTS) -> None:
     """The base model holds what sampling loads (`parts`: BASE_MODEL_PARTS; a sweep's prompts come from the cache)."""
     try:

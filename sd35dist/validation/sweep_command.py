@@ -29,8 +29,8 @@ from sd35dist.validation.guidance import GuidanceSettings
 from sd35dist.validation.render import launched_ranks, validation_pairs
 from sd35dist.validation.sample_command import check_out_dir, inference_device, renderer_for
 from sd35dist.validation.sampler import SampleSettings
-from sd35dist.validation.sources import (SourceError, check_base_model, checkpoint_recipe, load_transformer,
-                                         source_config, vae_scale_of)
+from sd35dist.validation.sources import (SourceError, check_base_model, check_has_ema, checkpoint_recipe,
+                                         load_transformer, source_config, vae_scale_of)
 
 SWEEP_DIR = "sweep"
 
@@ -70,6 +70,11 @@ def main(argv: list[str]) -> int:
         return fail(f"{args.output_dir}: no complete checkpoint for step(s) {missing or 'any'} "
                     f"(kept: {', '.join(map(str, kept)) or 'none'})")
     try:
+        if args.out is not None:
+            check_out_dir(args.out)
+        if args.ema:
+            for step in steps:
+                check_has_ema(checkpoints.path(step))
         if given is not None:
             recipe, recipe_name = given, args.recipe.name
         else:
@@ -84,8 +89,6 @@ def main(argv: list[str]) -> int:
         problem = size_problem(width, height, source_config(checkpoints.path(steps[-1])), vae_scale_of(base))
         if problem:
             raise ConfigError(recipe_name, "validation.resolutions", problem)
-        if args.out is not None:
-            check_out_dir(args.out)
         store = Store(recipe.data.cache_url, recipe.data.storage_options)
         embeddings = read_validation_prompts(store, read_manifest(store), recipe.validation, recipe_name)
     except (ConfigError, ManifestError, SourceError, PromptsFileError) as err:
