@@ -96,15 +96,13 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[Profile, Path, Recipe, P
     return profile, profile_file, recipe, recipe_file
 
 
-def check_inputs(profile: Profile, recipe: Recipe, recipe_file: Path, job: str) -> None:
+def check_inputs(profile: Profile, recipe: Recipe, recipe_file: Path, job: str) -> list[str]:
     """Refuse what the job's ranks would fail on (the model directory, the files the recipe names,
-    sizes and LoRA targets against the model's config); print notes on what this host cannot see."""
+    sizes and LoRA targets against the model's config); return notes on what this host cannot see."""
     here = profile.scheduler == "local"
     notes = [check_pretrained(recipe, job, visible_everywhere=here, recipe_file=recipe_file.name)]
     notes += check_recipe_inputs(recipe, job, recipe_file.name, visible_everywhere=here)
-    for note in notes:
-        if note:
-            print(note, file=sys.stderr)
+    return [note for note in notes if note]
 
 
 def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, Path]:
@@ -119,7 +117,8 @@ def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, 
         profile_file=profile_file.name,
         recipe_file=recipe_file.name,
     )
-    check_inputs(profile, recipe, recipe_file, args.job)
+    for note in check_inputs(profile, recipe, recipe_file, args.job):
+        print(note, file=sys.stderr)
     if args.job == "train":
         for line in save_budget_warnings(profile, recipe):
             print(f"warning: {line}", file=sys.stderr)
@@ -170,7 +169,8 @@ def _follow(record: dict[str, str], out=sys.stdout, poll_s: float = 1.0) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     """`sd35dist plan`: memory, communication and step time per GPU; exit 2 when it cannot fit."""
     profile, profile_file, recipe, recipe_file = inputs_from_args(args)
-    check_inputs(profile, recipe, recipe_file, "train")
+    # What the ranks would fail on; the model directory's layout is submit's (a plan may start from a config.json).
+    check_recipe_inputs(recipe, "train", recipe_file.name, visible_everywhere=profile.scheduler == "local")
     report = resource_report.build_report(profile, recipe, profile_file.stem, recipe_file.name)
     sys.stdout.write(resource_report.render_report(report))
     check_fit(profile, recipe, profile_file.name, recipe_file.name)
