@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import shutil
@@ -11,12 +12,14 @@ import time
 from pathlib import Path
 
 from launcher import job_control, resource_report
+from launcher.hub_models import resolve_hub_model
 from launcher.plan import JobPlan, build_plan, check_fit, split_overrides
 from launcher.profile import Profile, load_profile, profile_path
 from launcher.render import render_script
 from launcher.submission import prepare_run_dir, submit
 from sd35dist.config import ConfigError, Recipe, load_recipe, recipe_yaml, resolve_paths
 from sd35dist.config.cli_args import CommandLineParser
+from sd35dist.config.recipe import is_url
 from sd35dist.config.commands import COMMANDS, SUBMITTABLE_JOBS, SUBMIT
 from sd35dist.config.input_checks import check_recipe_inputs
 from sd35dist.config.loading import dump_yaml
@@ -96,17 +99,21 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[Profile, Path, Recipe, P
     return profile, profile_file, recipe, recipe_file
 
 
-def check_inputs(profile: Profile, recipe: Recipe, recipe_file: Path, job: str) -> list[str]:
+def check_inputs(profile: Profile, recipe: Recipe, recipe_file: Path, job: str, *, model_dir: bool = True) -> list[str]:
     """Refuse what the job's ranks would fail on (the model directory, the files the recipe names,
     sizes and LoRA targets against the model's config); return notes on what this host cannot see."""
     here = profile.scheduler == "local"
-    notes = [check_pretrained(recipe, job, visible_everywhere=here, recipe_file=recipe_file.name)]
+    notes = [check_pretrained(recipe, job, visible_everywhere=here, recipe_file=recipe_file.name)] if model_dir else []
     notes += check_recipe_inputs(recipe, job, recipe_file.name, visible_everywhere=here)
     return [note for note in notes if note]
 
 
 def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, Path]:
     profile, profile_file, recipe, recipe_file = inputs_from_args(args)
+    check_has_datasets(recipe, args.job, recipe_file.name)
+    hub = resolve_hub_model(recipe, args.job, profile.hf_home, recipe_file.name,
+                            download=not (args.dry_run and not args.output))
+    recipe = hub.recipe
     run_dir = _run_dir(args.run_dir, profile, recipe, args.job)
     plan = build_plan(
         profile=profile,
@@ -117,12 +124,33 @@ def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, 
         profile_file=profile_file.name,
         recipe_file=recipe_file.name,
     )
-    for note in check_inputs(profile, recipe, recipe_file, args.job):
+    if hub.env:
+        plan = dataclasses.replace(plan, env=(*plan.env, *hub.env.items()))
+    # A Hub id not yet in the cache is downloaded by submit: its directory is checked once it is there.
+    notes = [hub.note] if hub.note else []
+    for note in notes + check_inputs(profile, recipe, recipe_file, args.job, model_dir=hub.note is None):
         print(note, file=sys.stderr)
     if args.job == "train":
         for line in save_budget_warnings(profile, recipe):
             print(f"warning: {line}", file=sys.stderr)
     return plan, profile, recipe, recipe_file
+
+
+MANIFEST_NAME = "manifest.json"  # sd35dist/data/manifest.py's (the launcher does not import the data package)
+
+
+def check_has_datasets(recipe: Recipe, job: str, recipe_file: str) -> None:
+    """`cache` builds from data.datasets, and `train` reads what they cached: without datasets, `cache` is
+    refused, and so is `train` unless its cache exists (a local cache_url is checked here; a remote one
+    by the ranks, which stop with one line when its manifest is missing)."""
+    if recipe.data.datasets or job not in ("cache", "train"):
+        return
+    local = not is_url(recipe.data.cache_url) or recipe.data.cache_url.startswith("file://")
+    cache = Path(recipe.data.cache_url.removeprefix("file://"))
+    if job == "cache" or (local and not (cache / MANIFEST_NAME).is_file()):
+        raise ConfigError(recipe_file, "data.datasets", f"empty{'' if job == 'cache' else f' and no cache at {cache}'}: "
+                                                        "add the datasets (id, source, caption_strategy) to cache and "
+                                                        "train from")
 
 
 def save_budget_warnings(profile: Profile, recipe: Recipe) -> list[str]:

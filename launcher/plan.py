@@ -14,11 +14,8 @@ from sd35dist.config import ConfigError, Recipe, parse_override
 from sd35dist.config.commands import SUBMITTABLE_JOBS
 from sd35dist.config.mesh_layout import MeshLayout, refuse_zero3_across_gpu_nodes, resolve_mesh
 from sd35dist.config.recipe import RECIPE_KEYS
-from sd35dist.runtime.run_files import RUN_DIR_VAR
+from sd35dist.runtime.job_env import RDZV_HOST_VAR, RDZV_PORT_VAR, RUN_DIR_VAR, SIGNAL_GRACE_VAR
 
-RDZV_HOST_VAR = "SD35DIST_RDZV_HOST"
-RDZV_PORT_VAR = "SD35DIST_RDZV_PORT"
-SIGNAL_GRACE_VAR = "SD35DIST_SIGNAL_GRACE_S"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

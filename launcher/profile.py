@@ -178,6 +178,9 @@ class Profile(StrictModel):
     env: EnvSection = Field(default_factory=EnvSection)
     setup: SetupSection = Field(default_factory=SetupSection)
     hardware: HardwareSection = Field(default_factory=HardwareSection)
+    hf_home: str | None = None
+    """Where Hugging Face ids in model.pretrained are downloaded (HF_HOME: its hub/ is the cache), on
+    storage every node sees; default: the submitting shell's HF_HOME, else ~/.cache/huggingface."""
     run_root: str = "./runs"
     """Run directories (frozen recipe, logs, reports) are created under this; on a cluster, shared storage."""
     default_recipe: str | None = None

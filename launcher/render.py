@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import shlex
 
-from launcher.plan import RDZV_HOST_VAR, RDZV_PORT_VAR, JobPlan
-from sd35dist.runtime.run_files import MISTAKE_FILE, PREEMPT_FILE, RUN_DIR_VAR
+from launcher.plan import JobPlan
+from sd35dist.runtime.job_env import RDZV_HOST_VAR, RDZV_PORT_VAR, RUN_DIR_VAR
+from sd35dist.runtime.run_files import MISTAKE_FILE, PREEMPT_FILE
 
 
 def shell_word(text: str) -> str:

@@ -20,16 +20,14 @@ from pathlib import Path
 from launcher.plan import JobPlan
 from launcher.render import render_script
 from sd35dist.runtime.atomic_files import staged_directory, write_text_atomically
+from sd35dist.runtime.job_env import submit_state_dir
 
 JOB_RECORD = "job.json"
 
 
 def state_dir() -> Path:
     """Where job id → run directory links live (SD35DIST_STATE_DIR overrides, for tests)."""
-    base = os.environ.get("SD35DIST_STATE_DIR") or os.path.join(
-        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "sd35dist"
-    )
-    return Path(base)
+    return Path(submit_state_dir())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_file
 
     from sd35dist.models.transformer_build import transformer_config
-    from sd35dist.parallel.fsdp2 import load_transformer
+    from sd35dist.parallel.fsdp2_sharding import load_transformer
     from sd35dist.parallel.process_group import destroy, init_process_group_from_env
 
     parser = argparse.ArgumentParser()

@@ -81,7 +81,7 @@ def _shard_start(param) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sd35dist.parallel.fsdp2 import load_transformer
+    from sd35dist.parallel.fsdp2_sharding import load_transformer
     from sd35dist.parallel.process_group import destroy, init_process_group_from_env
 
     parser = argparse.ArgumentParser()

@@ -34,7 +34,7 @@ def _recipe(tmp_path: Path, **parallel) -> dict:
     return {
         "name": "t",
         "model": {"pretrained": str(tmp_path / "model")},
-        "data": {"cache_url": str(tmp_path / "cache")},
+        "data": {"cache_url": str(tmp_path / "cache"), "datasets": [{"id": "images", "source": str(tmp_path / "images")}]},
         "parallel": {"strategy": "fsdp2", **parallel},
         "output": {"dir": str(tmp_path / "out")},
     }

@@ -160,12 +160,17 @@ def test_shard_degree_needs_fsdp2():
 def test_every_strategy_a_recipe_names_has_one_class_with_the_whole_protocol():
     import typing
 
+    from sd35dist.checkpoint.weights import FORMATS
     from sd35dist.config.recipe import ParallelSection
     from sd35dist.parallel.strategy import STRATEGIES
 
-    assert set(STRATEGIES) == set(typing.get_args(ParallelSection.model_fields["strategy"].annotation))
+    names = set(typing.get_args(ParallelSection.model_fields["strategy"].annotation))
+    assert set(STRATEGIES) == names
+    assert set(FORMATS) == names, "every strategy's checkpoints need a reader in checkpoint/weights.py"
     for cls in STRATEGIES.values():
-        for method in ("forward", "backward", "step", "update_ema", "save", "save_async", "load", "full_state_dict",
-                       "read_full"):
+        for method in ("forward", "backward", "step", "update_ema", "save", "save_async", "load", "full_state_dict"):
             assert callable(getattr(cls, method)), f"{cls.__name__}.{method}"
         assert isinstance(cls.supports_async, bool)
+    for module in FORMATS.values():
+        for function in ("read_lazy", "read_full"):
+            assert callable(getattr(module, function)), f"{module.__name__}.{function}"

@@ -212,3 +212,76 @@ def test_every_module_imports_on_its_own():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", "modules that fail when imported first:\n" + proc.stdout
+
+
+def _folder(module: str) -> str:
+    """The folder a module belongs to: sd35dist.checkpoint.layout → sd35dist.checkpoint; top-level
+    modules of sd35dist (cli, __main__) and launcher's modules are their own package's."""
+    parts = module.split(".")
+    if parts[0] == "sd35dist" and len(parts) > 2:
+        return ".".join(parts[:2])
+    return parts[0] if parts[0] == "launcher" else module
+
+
+def _folder_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for module, targets in _import_graph().items():
+        edges = graph.setdefault(_folder(module), set())
+        edges |= {_folder(t) for t in targets} - {_folder(module)}
+    return graph
+
+
+def test_folders_import_one_way():
+    """Imports inside functions counted: a lazy import is still an arrow between two folders."""
+    cycle = find_cycle(_folder_graph())
+    assert cycle is None, "folder-level import cycle: " + " → ".join(cycle or [])
+
+
+def test_checkpoint_owns_the_format_and_never_asks_parallel():
+    """parallel/ asks checkpoint/ to write and read its part; checkpoint/ reads every format offline
+    without a strategy, so the arrow between them runs one way."""
+    graph = _folder_graph()
+    assert "sd35dist.parallel" not in graph["sd35dist.checkpoint"]
+    assert "sd35dist.checkpoint" in graph["sd35dist.parallel"]
+
+
+def _env_reads(tree: ast.AST, names: frozenset[str]) -> list[tuple[int, str]]:
+    """(line, name) of every string constant naming one of `names`, e.g. env.get("SLURM_JOB_ID")."""
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names]
+
+
+def test_only_the_environment_module_names_the_job_variables():
+    from sd35dist.runtime.job_env import READ_HERE
+
+    owner = PROJECT / "sd35dist" / "runtime" / "job_env.py"
+    offenders = []
+    for path in _module_files().values():
+        if path != owner:
+            offenders += [f"{path.relative_to(PROJECT)}:{line} {name}"
+                          for line, name in _env_reads(ast.parse(path.read_text()), frozenset(READ_HERE))]
+    assert not offenders, "read through sd35dist.runtime.job_env.JobEnvironment instead: " + ", ".join(offenders)
+
+
+def test_the_variable_check_sees_a_read():
+    tree = ast.parse('import os\nx = os.environ.get("SLURM_JOB_ID")\ny = env["RANK"]\n')
+    assert _env_reads(tree, frozenset({"SLURM_JOB_ID", "RANK"})) == [(2, "SLURM_JOB_ID"), (3, "RANK")]
+
+
+def test_nothing_writes_the_torchrun_variables_into_the_environment():
+    """RANK/LOCAL_RANK/WORLD_SIZE are torchrun's to set: no module assigns them (job_env's scoped
+    context for DeepSpeed's one-process start is the only place, tested on its own)."""
+    offenders = []
+    for path in _module_files().values():
+        if path.name == "job_env.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            target = node.targets[0] if isinstance(node, ast.Assign) else None
+            if isinstance(target, ast.Subscript) and "environ" in ast.unparse(target.value):
+                offenders.append(f"{path.relative_to(PROJECT)}:{node.lineno}")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in {"setdefault", "update", "__setitem__"}
+                    and "environ" in ast.unparse(node.func.value)
+                    and any(n in ast.unparse(node) for n in ("RANK", "WORLD_SIZE"))):
+                offenders.append(f"{path.relative_to(PROJECT)}:{node.lineno}")
+    assert not offenders, "os.environ written behind the caller's back: " + ", ".join(offenders)

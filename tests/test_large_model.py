@@ -55,7 +55,7 @@ def test_sd35_large_shards_over_fake_process_groups(sd35_large_on_meta, nodes, p
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from sd35dist.parallel.ema import ShardedEMA
-    from sd35dist.parallel.fsdp2 import fsdp_mesh, parallelize_fsdp2
+    from sd35dist.parallel.fsdp2_sharding import fsdp_mesh, parallelize_fsdp2
 
     layout = resolve_mesh(strategy="fsdp2", shard_degree=shard_degree, nodes=nodes, procs_per_node=per_node)
     world = nodes * per_node

@@ -179,7 +179,7 @@ def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(
 
 @pytest.mark.parametrize("runs", ["fsdp2"], indirect=True)  # ZeRO resumes on its own world size only
 def test_fsdp2_lora_checkpoint_reloads_exactly_on_another_world_size(runs, tmp_path):
-    from sd35dist.parallel.fsdp2 import DCP_DIR, _read_dcp_tensors
+    from sd35dist.checkpoint.fsdp2_files import read_part
 
     strategy, root = runs
     checkpoint = CheckpointDir(root / "straight").latest()
@@ -189,7 +189,7 @@ def test_fsdp2_lora_checkpoint_reloads_exactly_on_another_world_size(runs, tmp_p
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for part in ("model", "optim", "ema"):
-        written = _read_dcp_tensors(checkpoint / DCP_DIR, part)
-        again = _read_dcp_tensors(tmp_path / "again" / DCP_DIR, part)
+        written = read_part(checkpoint, part)
+        again = read_part(tmp_path / "again", part)
         assert written.keys() == again.keys() and written
         assert all(torch.equal(written[k], again[k]) for k in written), f"{part}: 2 ranks → 1 rank → saved alike"

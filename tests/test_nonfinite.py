@@ -16,11 +16,10 @@ import pytest
 import torch
 import yaml
 
-from sd35dist.checkpoint.export import checkpoint_state
 from sd35dist.checkpoint.layout import CheckpointDir
 from sd35dist.config.loading import ConfigError, load_yaml, validate_mapping
 from sd35dist.config.recipe import TrainSection
-from sd35dist.parallel.finite import all_finite, finite_non_negative
+from sd35dist.checkpoint.finite import all_finite, finite_non_negative
 from tests.test_cache_build import tiny_model  # noqa: F401
 from tests.test_rank_errors import assert_one_quiet_line, torchrun
 from tests.test_train import cache, train_recipe  # noqa: F401
@@ -112,7 +111,7 @@ def test_a_checkpoint_of_non_finite_weights_is_never_published(tiny_model, tmp_p
     one. (One test per strategy: DeepSpeed keeps its groups per process, so it initialises once here.)"""
     from sd35dist.checkpoint.manager import CheckpointManager
     from sd35dist.config.recipe import Recipe
-    from sd35dist.parallel.finite import NonFiniteTraining
+    from sd35dist.checkpoint.finite import NonFiniteTraining
     from sd35dist.parallel.strategy import make_strategy
 
     recipe = Recipe.model_validate({

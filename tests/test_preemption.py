@@ -8,6 +8,7 @@ import signal
 import pytest
 import torch
 
+from sd35dist.runtime.job_env import JobEnvironment
 from sd35dist.trainer.preemption import (
     PREEMPT_FILE,
     PreemptionWatch,
@@ -53,14 +54,14 @@ def test_a_save_is_attempted_only_when_it_ends_before_the_kill():
 
 
 def test_usr1_and_the_preempt_file_mean_time_limit(tmp_path):
-    watch = PreemptionWatch(str(tmp_path), env={})
+    watch = PreemptionWatch(str(tmp_path), JobEnvironment.read({}))
     try:
         assert watch.agreed(torch.device("cpu")) is StopKind.NONE
         os.kill(os.getpid(), signal.SIGUSR1)
         assert watch.agreed(torch.device("cpu")) is StopKind.TIME_LIMIT
     finally:
         watch.restore()
-    other = PreemptionWatch(str(tmp_path), env={})
+    other = PreemptionWatch(str(tmp_path), JobEnvironment.read({}))
     try:
         assert other.seen_here() is StopKind.NONE
         (tmp_path / PREEMPT_FILE).write_text("")
@@ -70,7 +71,7 @@ def test_usr1_and_the_preempt_file_mean_time_limit(tmp_path):
 
 
 def test_sigterm_outside_slurm_is_a_cancel_and_is_timed(tmp_path):
-    watch = PreemptionWatch(str(tmp_path), env={})
+    watch = PreemptionWatch(str(tmp_path), JobEnvironment.read({}))
     try:
         os.kill(os.getpid(), signal.SIGTERM)
         assert watch.received == "SIGTERM"

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sd35dist.runtime.job_env import JobEnvironment
 from sd35dist.config.loading import ConfigError
 from sd35dist.jobs.preflight import (
     Bandwidth,
@@ -97,7 +98,7 @@ def report_of(checks: list[RankCheck], storage_options: dict | None = None) -> d
     bandwidth = Bandwidth(bytes=16, iterations=1, seconds=1.0, busbw_GBps=0.0, latency_us=1.0)
     return build_report(
         checks, find_failures(checks), backend="gloo", bandwidth=bandwidth,
-        slurm=slurm_facts({}), storage_options=storage_options or {},
+        slurm=slurm_facts(JobEnvironment.read({})), storage_options=storage_options or {},
     )
 
 
@@ -226,8 +227,9 @@ def test_report_never_carries_credentials():
 
 @pytest.mark.unit
 def test_slurm_restart_count_defaults_to_zero():
-    assert slurm_facts({}) == {"job_id": None, "restart_count": 0}
-    assert slurm_facts({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "3"}) == {"job_id": "42", "restart_count": 3}
+    assert slurm_facts(JobEnvironment.read({})) == {"job_id": None, "restart_count": 0}
+    job = JobEnvironment.read({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "3"})
+    assert slurm_facts(job) == {"job_id": "42", "restart_count": 3}
 
 
 # ---- unit: storage probes on local paths ---------------------------------------------------

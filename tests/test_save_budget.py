@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+from sd35dist.runtime.job_env import JobEnvironment
 from sd35dist.runtime.save_budget import (
     SAVE_ESTIMATE_FILE,
     SaveBudget,
@@ -40,7 +41,8 @@ def test_the_estimate_round_trips_and_the_last_run_wins(tmp_path):
     write_save_estimate(str(tmp_path), SaveEstimate(12.5, None, "preflight: 1.00 GB per rank at 80 MB/s"))
     assert read_save_estimate(str(tmp_path)) == SaveEstimate(12.5, None, "preflight: 1.00 GB per rank at 80 MB/s")
     assert read_save_estimate("s3://bucket/out") is None, "only a local output dir is read"
-    budget = SaveBudget.for_this_job(str(tmp_path), last_save_s=40.0, env={"SD35DIST_SIGNAL_GRACE_S": "30"})
+    budget = SaveBudget.for_this_job(str(tmp_path), last_save_s=40.0,
+                                    job=JobEnvironment.read({"SD35DIST_SIGNAL_GRACE_S": "30"}))
     assert budget.estimate.save_s == 40.0 and budget.kill_wait_s is None
     assert len(budget.warnings(step_s=None)) == 1
     assert budget.measured(3.0, 0.5, step=8) is True and budget.measured(3.1, 0.5, step=16) is False
@@ -60,7 +62,8 @@ def test_a_checkpoint_holds_what_the_optimizer_keeps():
 @pytest.mark.unit
 def test_submit_warns_when_the_last_measured_save_exceeds_the_grace(tmp_path):
     recipe = {"name": "tiny", "model": {"pretrained": str(tmp_path / "model")},
-              "data": {"cache_url": str(tmp_path / "cache")}, "output": {"dir": str(tmp_path / "out")}}
+              "data": {"cache_url": str(tmp_path / "cache"), "datasets": [{"id": "images", "source": str(tmp_path)}]},
+              "output": {"dir": str(tmp_path / "out")}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
 

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from sd35dist.checkpoint.original_layout import LayoutMismatch, transformer_plan
 from sd35dist.checkpoint.safetensors_stream import TensorSpec, write_streaming
 from sd35dist.checkpoint.single_file import Part, peak_bytes
-from sd35dist.checkpoint.tensor_sources import DcpTensors, block_group
+from sd35dist.checkpoint.fsdp2_files import DcpTensors
+from sd35dist.checkpoint.tensor_sources import block_group
 from sd35dist.cli import main as cli_main
 from tests.test_cache_build import tiny_model  # noqa: F401
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from sd35dist.checkpoint.weights import read_weights
 from sd35dist.checkpoint.layout import CheckpointDir, read_info
 from tests.conftest import PROJECT, venv_env
 from tests.test_cache_build import run_cache, tiny_model, write_inputs, write_recipe  # noqa: F401
@@ -208,7 +209,6 @@ def test_adamw_bf16_stop_and_resume_gives_the_same_losses_and_weights(cache, tmp
 
 def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, cache, tmp_path):  # noqa: F811
     """3 (prompt, seed) pairs on 2 ranks, model and EMA weights side by side, next to the straight run."""
-    from sd35dist.parallel.fsdp2 import FSDP2Strategy
     from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
 
     root, straight_losses = straight
@@ -217,14 +217,13 @@ def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight,
     train(with_validation(recipe, weights="both"), tmp_path / "run")
     final = max(straight_losses)
     checkpoint = next((tmp_path / "out" / "checkpoints").glob(f"*{final}"))
-    states = {"model": FSDP2Strategy.read_full(checkpoint), "ema": FSDP2Strategy.read_full(checkpoint, use_ema=True)}
+    states = {"model": read_weights(checkpoint), "ema": read_weights(checkpoint, use_ema=True)}
     check_validation_run(tmp_path / "run", straight_losses, cache, states)
 
 
 def test_validation_in_bf16_renders_on_all_ranks_and_leaves_training_unchanged(cache, tmp_path):  # noqa: F811
     """The default SD3.5 Large path: FSDP2 with bf16 compute. The rounds change no loss of a bf16 run,
     and the images match a 1-process bf16 render of the last checkpoint."""
-    from sd35dist.parallel.fsdp2 import FSDP2Strategy
     from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
 
     bf16 = {"mixed_precision": "bf16", "checkpointing_steps": 2, "ema": {"enabled": False}}
@@ -234,7 +233,7 @@ def test_validation_in_bf16_renders_on_all_ranks_and_leaves_training_unchanged(c
     train(with_validation(recipe), tmp_path / "run")
     checkpoint = CheckpointDir(tmp_path / "out").latest()
     check_validation_run(tmp_path / "run", losses(tmp_path / "run0"), cache,
-                         {"model": FSDP2Strategy.read_full(checkpoint)}, dtype=torch.bfloat16)
+                         {"model": read_weights(checkpoint)}, dtype=torch.bfloat16)
 
 
 def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path):  # noqa: F811

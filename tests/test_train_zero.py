@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from sd35dist.checkpoint.weights import read_weights
 from sd35dist.checkpoint.export import checkpoint_state
 from sd35dist.checkpoint.layout import CheckpointDir
 from sd35dist.config.recipe import Recipe
@@ -172,7 +173,6 @@ def test_deepspeed_config_follows_the_recipe():
 @pytest.mark.parametrize("straight", ["zero3-bf16"], indirect=True)  # once on ZeRO-3, in bf16 (FSDP2: fp32)
 def test_zero3_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, cache, tmp_path):  # noqa: F811
     """ZeRO-3 gathers each block's weights in forward: every rank renders, placeholder round included (bf16)."""
-    from sd35dist.parallel.zero import ZeroStrategy
     from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
 
     case, root, straight_losses = straight
@@ -180,7 +180,7 @@ def test_zero3_validation_renders_on_all_ranks_and_leaves_training_unchanged(str
     cache_validation_prompts(recipe)
     train(with_validation(recipe), tmp_path / "run")
     checkpoint = next((tmp_path / "out" / "checkpoints").glob(f"*{max(straight_losses)}"))
-    check_validation_run(tmp_path / "run", straight_losses, cache, {"model": ZeroStrategy.read_full(checkpoint)},
+    check_validation_run(tmp_path / "run", straight_losses, cache, {"model": read_weights(checkpoint)},
                          dtype=torch.bfloat16)
 
 

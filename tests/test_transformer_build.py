@@ -26,7 +26,7 @@ from sd35dist.models.transformer_build import (
     materialize_and_load,
     transformer_config,
 )
-from sd35dist.parallel.fsdp2 import fsdp_mesh_shape
+from sd35dist.parallel.fsdp2_sharding import fsdp_mesh_shape
 from tests.conftest import PROJECT, venv_env
 from tests.dist_transformer_check import fixed_inputs, forward, sgd_step, tensor_sha256
 

@@ -1,8 +1,8 @@
 """`sd35dist export CHECKPOINT --out DIR [--ema] [--dtype bf16|fp32]`: a diffusers `transformer/`
 directory (sharded safetensors + config.json) that `SD3Transformer2DModel.from_pretrained`
 loads — from an FSDP2 (torch.distributed.checkpoint) or ZeRO (DeepSpeed) checkpoint, in one
-process, without GPUs or a process group. The strategy the checkpoint records reads its weights
-(`read_full`); this module checks them against the model and writes the directory.
+process, without GPUs or a process group. The format of the strategy the checkpoint records reads its weights
+(checkpoint/weights.py); this module checks them against the model and writes the directory.
 
 `--format single-file` writes one safetensors in Stability's SD3.5 layout instead (single_file.py).
 """
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE, CheckpointDir, CheckpointUnreadable, read_info
+from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE, CheckpointDir, CheckpointUnreadable
 from sd35dist.checkpoint.lora_export import checkpoint_lora, export_lora
-from sd35dist.checkpoint.manager import TRANSFORMER_CONFIG
+from sd35dist.checkpoint.layout import TRANSFORMER_CONFIG
 from sd35dist.config.cli_args import CommandLineParser, fail
 from sd35dist.runtime.atomic_files import staged_directory, unwritable_reason
 from sd35dist.models.state_keys import key_mismatch
-from sd35dist.parallel.strategy import STRATEGIES
+from sd35dist.checkpoint.weights import read_weights
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -34,12 +34,8 @@ class ExportError(ValueError):
 
 
 def checkpoint_state(checkpoint: Path, use_ema: bool) -> dict[str, torch.Tensor]:
-    """Full tensors of `checkpoint`'s weights (or EMA), read by the strategy that wrote it."""
-    strategy = read_info(checkpoint).get("strategy", "fsdp2")
-    if strategy not in STRATEGIES:
-        raise ExportError(f"{checkpoint}: written by strategy {strategy}, which this sd35dist does not know "
-                          f"({', '.join(STRATEGIES)})")
-    return STRATEGIES[strategy].read_full(checkpoint, use_ema)
+    """Full tensors of `checkpoint`'s weights (or EMA), read in the format of the strategy that wrote it."""
+    return read_weights(checkpoint, use_ema)
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, use_ema: bool = False, dtype: str = "bf16",

@@ -28,6 +28,7 @@ from sd35dist.checkpoint.layout import COMPLETE, CheckpointDir, CheckpointUnread
 from sd35dist.config.cli_args import CommandLineParser
 from sd35dist.checkpoint.original_layout import TRANSFORMER_PREFIX, LayoutMismatch
 from sd35dist.checkpoint.tensor_sources import OriginalLayoutView, SafetensorsFiles, TensorSource
+from sd35dist.checkpoint.weights import open_weights
 
 LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.")
 LORA_PREFIXES = ("base_model.model.", "transformer.", "unet.")
@@ -47,15 +48,8 @@ class Opened:
 
 
 def open_checkpoint(checkpoint: Path, use_ema: bool) -> TensorSource:
-    """A complete checkpoint's weights (or EMA), read lazily by the strategy COMPLETE records:
-    its class in STRATEGIES, the registry training and export use, returns the reader (`read_lazy`)."""
-    from sd35dist.parallel.strategy import STRATEGIES
-
-    strategy = read_info(checkpoint).get("strategy", "fsdp2")
-    if strategy not in STRATEGIES:
-        raise CheckpointUnreadable(f"{checkpoint}: written by strategy {strategy}, which this sd35dist does not know "
-                                   f"({', '.join(STRATEGIES)})")
-    return STRATEGIES[strategy].read_lazy(checkpoint, use_ema)
+    """A complete checkpoint's weights (or EMA), read lazily in the format COMPLETE records."""
+    return open_weights(checkpoint, use_ema)
 
 
 def _is_lora(keys: Iterable[str]) -> bool:

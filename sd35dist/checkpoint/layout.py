@@ -27,6 +27,31 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 PARTIAL_SUFFIX = ".partial"
+
+# Inside one checkpoint directory: every name a checkpoint holds is defined here.
+TRAINER_STATE = "trainer_state.json"
+"""The step, the tracked parts' states (the stream's position), world size, strategy, save time."""
+TRANSFORMER_CONFIG = "transformer_config.json"
+"""The model's config, which export and sample build the diffusers model from."""
+RECIPE_FILE = "recipe.yaml"
+"""The resolved recipe that wrote the checkpoint (its sha256 is in COMPLETE)."""
+DCP_DIR = "dcp"
+"""FSDP2's part: the directory torch.distributed.checkpoint writes (fsdp2_files.py)."""
+DEEPSPEED_TAG = "ds"
+"""ZeRO's part: DeepSpeed's tag folder (zero_files.py)."""
+ZERO_EMA_FILES = "ema-rank*.safetensors"
+"""ZeRO's EMA: one file per rank with that rank's fragments (zero_files.py)."""
+DEEPSPEED_CONFIG = "deepspeed_config.json"
+"""Not in a checkpoint: the DeepSpeed config a ZeRO run used, in its output directory."""
+
+
+def rng_file(rank: int) -> str:
+    """Each rank's torch RNG state, restored only on the same world size."""
+    return f"rng-rank{rank:05d}.bin"
+
+
+def zero_ema_file(rank: int) -> str:
+    return f"ema-rank{rank:05d}.safetensors"
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -136,8 +161,6 @@ def read_info(checkpoint: Path) -> dict[str, Any]:
 def saved_recipe(checkpoint: Path) -> dict[str, Any]:
     """The recipe the checkpoint was trained with, as plain data ({} when it holds none)."""
     import yaml
-
-    from sd35dist.checkpoint.recipe_match import RECIPE_FILE
 
     path = checkpoint / RECIPE_FILE
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}

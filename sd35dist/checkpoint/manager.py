@@ -11,7 +11,7 @@ One checkpoint (layout.py says where it lives and how it is published atomically
   the resuming recipe before anything is built (recipe_match.py says which keys count);
 - `transformer_config.json`: the model's config, which export builds the diffusers model from.
 
-Weights that hold NaN or inf are never written (parallel/finite.py): `save` asks every rank's
+Weights that hold NaN or inf are never written (checkpoint/finite.py): `save` asks every rank's
 strategy first and raises NonFiniteTraining, so `latest` keeps naming the last sound checkpoint.
 
 Like torchtitan's CheckpointManager it holds the parts it saves; the training loop says only
@@ -27,25 +27,51 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.distributed as dist
 import yaml
 
-from sd35dist.checkpoint.layout import CheckpointDir, read_info
-from sd35dist.checkpoint.recipe_match import RECIPE_FILE, as_current_schema, refused_changes, resume_refusal
+from sd35dist.checkpoint.layout import (
+    RECIPE_FILE,
+    TRAINER_STATE,
+    TRANSFORMER_CONFIG,
+    CheckpointDir,
+    read_info,
+    rng_file,
+)
+from sd35dist.checkpoint.finite import NonFiniteTraining, weights_message
+from sd35dist.checkpoint.recipe_match import as_current_schema, refused_changes, resume_refusal
 from sd35dist.config.recipe import Recipe, recipe_hash, recipe_yaml
-from sd35dist.parallel.finite import NonFiniteTraining, weights_message
-from sd35dist.parallel.process_group import World
-from sd35dist.parallel.strategy import TrainingStrategy
-
-TRAINER_STATE = "trainer_state.json"
-TRANSFORMER_CONFIG = "transformer_config.json"
 
 
-def rng_file(rank: int) -> str:
-    return f"rng-rank{rank:05d}.bin"
+class RankPlace(Protocol):
+    """Where this rank sits (parallel.process_group.World is one)."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool: ...
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's collectives run (the non-finite verdict is all-reduced there)."""
+        ...
+
+
+class CheckpointedStrategy(Protocol):
+    """What the manager needs of a training strategy (parallel.strategy.TrainingStrategy is one):
+    its part of a checkpoint, written by every rank through checkpoint/'s format modules."""
+
+    model: Any
+    supports_async: ClassVar[bool]
+
+    def save(self, directory: Path) -> None: ...
+    def save_async(self, directory: Path) -> Future: ...
+    def load(self, directory: Path) -> None: ...
+    def weights_finite(self) -> bool: ...
 
 
 class Stateful(Protocol):
@@ -89,7 +115,7 @@ class _PendingSave:
 
 
 class CheckpointManager:
-    def __init__(self, recipe: Recipe, world: World, strategy: TrainingStrategy, parts: Mapping[str, Stateful],
+    def __init__(self, recipe: Recipe, world: RankPlace, strategy: CheckpointedStrategy, parts: Mapping[str, Stateful],
                  resume_from: Path | None) -> None:
         """`parts` are saved under their names in trainer_state.json; `resume_from` comes from `resume_checkpoint`."""
         self.recipe, self.world, self.strategy, self.parts = recipe, world, strategy, dict(parts)

@@ -29,7 +29,6 @@ import pydantic
 
 from sd35dist.config.loading import ConfigError
 
-RECIPE_FILE = "recipe.yaml"
 GUARDED = ("seed", "model", "data", "train.optimizer*", "train.adam_*", "train.lora*", "lora*")
 """Recipe keys whose change refuses a resume (a pattern covers the keys beneath it too)."""
 NOT_GUARDED = ("data.stream", "data.storage_options")

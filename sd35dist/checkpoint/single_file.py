@@ -157,7 +157,7 @@ def export_single_file(source_path: Path, out: Path, *, use_ema: bool = False, d
     the base model; a transformer folder's sibling `vae/`). Returns the file's size.
     """
     from sd35dist.checkpoint.layout import COMPLETE, CheckpointUnreadable, read_info, saved_recipe
-    from sd35dist.checkpoint.manager import TRANSFORMER_CONFIG
+    from sd35dist.checkpoint.layout import TRANSFORMER_CONFIG
     from sd35dist.checkpoint.inspect import open_checkpoint
     from sd35dist.checkpoint.tensor_sources import SafetensorsFiles
 

@@ -5,23 +5,16 @@ reads a tensor only when asked, so a reader holds one tensor (plus what its form
 a time, without a process group or a GPU:
 
 - `SafetensorsFiles`: a diffusers folder (sharded or not), a single file, a LoRA file;
-- `DcpTensors`: an FSDP2 checkpoint (torch.distributed.checkpoint), read item by item through
-  the allow-listed metadata reader (dcp_reader.py): DCP reads only the requested byte ranges;
-- `ZeroTensors`: a DeepSpeed ZeRO-2/3 checkpoint through DeepSpeed's lazy reader (optimizer
-  files memory-mapped; ZeRO-2's model-states file is read whole by DeepSpeed), and the EMA
-  from our per-rank EMA files, gathered per tensor.
-
-Each strategy's `read_lazy` returns its reader; inspect.open_checkpoint picks the strategy.
+- `OriginalLayoutView`: an original-layout (SD3.5 single-file) MMDiT under diffusers' names;
+- a checkpoint's readers live with its format: fsdp2_files.DcpTensors, zero_files.ZeroTensors
+  (weights.open_weights picks the one COMPLETE names).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import pickle
 import re
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +23,6 @@ import torch
 
 from sd35dist.checkpoint.layout import CheckpointUnreadable
 from sd35dist.checkpoint.safetensors_stream import DTYPE_NAMES
-from sd35dist.models.state_keys import plain_name
 
 
 class TensorSource(Protocol):
@@ -45,8 +37,6 @@ class SafetensorsFiles:
     """Tensors of one or more safetensors files (a diffusers folder's shards, or one file)."""
 
     def __init__(self, files: list[Path]) -> None:
-        from safetensors import safe_open
-
         self.files = files
         self._where: dict[str, Path] = {}
         self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -107,126 +97,6 @@ def block_group(name: str) -> str:
     return match.group(0) if match else ""
 
 
-class DcpTensors:
-    """The model (or, with `use_ema`, the EMA over the model's buffers) of an FSDP2 checkpoint."""
-
-    def __init__(self, directory: Path, use_ema: bool) -> None:
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, UnsafeMetadata, missing_storage
-
-        if not (directory / ".metadata").is_file():
-            raise CheckpointUnreadable(f"{directory.parent}: no {directory.name}/.metadata: the checkpoint's weights "
-                                       f"are missing (copied without its {directory.name}/ directory?)")
-        self.directory = directory
-        try:
-            metadata = MetadataCheckedReader(str(directory)).read_metadata()
-        except (UnsafeMetadata, pickle.UnpicklingError, EOFError) as err:
-            raise CheckpointUnreadable(f"{directory / '.metadata'}: not readable as DCP metadata ({err})") from None
-        problem = missing_storage(directory, metadata)
-        if problem:
-            raise CheckpointUnreadable(f"{directory.parent}: broken checkpoint: {problem}")
-        self._keys: dict[str, str] = {}
-        self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        for prefix in ("model", "ema") if use_ema else ("model",):
-            for key, meta in metadata.state_dict_metadata.items():
-                if key.startswith(prefix + ".") and isinstance(meta, TensorStorageMetadata):
-                    name = plain_name(key[len(prefix) + 1:])
-                    self._keys[name] = key  # the EMA's entries replace the model's
-                    self._specs[name] = (tuple(meta.size), meta.properties.dtype)
-        if not self._keys:
-            raise CheckpointUnreadable(f"{directory}: no 'model' tensors in this checkpoint")
-        self._group: str | None = None
-        self._block: dict[str, torch.Tensor] = {}
-        if use_ema and not any(key.startswith("ema.") for key in self._keys.values()):
-            raise CheckpointUnreadable(f"{directory.parent}: no EMA in this checkpoint (train.ema.enabled was false)")
-
-    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return dict(self._specs)
-
-    def get(self, name: str) -> torch.Tensor:
-        # One dcp.load per transformer block, not per tensor: each call re-plans the whole read,
-        # which made a tiny model's export take seconds per block. Memory: one block's tensors.
-        group = block_group(name)
-        if group != self._group:
-            self._group, self._block = None, {}
-            self._block = self._load([key for key in self._keys if block_group(key) == group])
-            self._group = group
-        return self._block[name]
-
-    def _load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.api import CheckpointException
-
-        from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader
-
-        targets = {self._keys[name]: torch.empty(self._specs[name][0], dtype=self._specs[name][1]) for name in names}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process is the point
-            try:
-                dcp.load(targets, storage_reader=MetadataCheckedReader(str(self.directory)), no_dist=True)
-            except CheckpointException as err:
-                raise CheckpointUnreadable(f"{self.directory.parent}: weights unreadable: {err}") from None
-        return {name: targets[self._keys[name]] for name in names}
-
-
-class ZeroTensors:
-    """The fp32 master weights (or, with `use_ema`, the EMA) of a DeepSpeed ZeRO-2/3 checkpoint."""
-
-    def __init__(self, checkpoint: Path, use_ema: bool, *, tag: str, ema_files: str, ema_layout_key: str) -> None:
-        """`tag`: DeepSpeed's folder in the checkpoint; `ema_files`: the glob of the per-rank EMA
-        files, whose metadata under `ema_layout_key` says which slice of each tensor they hold."""
-        if not (checkpoint / tag).is_dir():
-            raise CheckpointUnreadable(f"{checkpoint}: no DeepSpeed checkpoint ({tag}/) in it")
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with zero_files_read(checkpoint):
-            self._lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag, lazy_mode=True)
-        self._ema: dict[str, list[tuple[Path, int, int]]] = {}
-        self._ema_shapes: dict[str, tuple[int, ...]] = {}
-        if use_ema:
-            from safetensors import safe_open
-
-            files = sorted(checkpoint.glob(ema_files))
-            if not files:
-                raise CheckpointUnreadable(f"{checkpoint}: no EMA in this checkpoint (train.ema.enabled was false)")
-            for path in files:
-                with safe_open(str(path), framework="pt", device="cpu") as handle:
-                    for name, (start, numel, shape) in json.loads(handle.metadata()[ema_layout_key]).items():
-                        self._ema.setdefault(name, []).append((path, start, numel))
-                        self._ema_shapes[name] = tuple(shape)
-
-    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        specs = {name: (tuple(t.shape), t.dtype) for name, t in self._lazy.items()}
-        specs.update({name: (shape, torch.float32) for name, shape in self._ema_shapes.items()})
-        return specs
-
-    def get(self, name: str) -> torch.Tensor:
-        if name in self._ema:
-            from safetensors import safe_open
-
-            full = torch.zeros(self._ema_shapes[name], dtype=torch.float32)
-            for path, start, numel in self._ema[name]:
-                with safe_open(str(path), framework="pt", device="cpu") as handle:
-                    full.view(-1)[start: start + numel] = handle.get_tensor(name)[:numel]
-            return full
-        tensor = self._lazy[name]
-        return tensor if isinstance(tensor, torch.Tensor) else tensor.contiguous()
-
-
-@contextlib.contextmanager
-def zero_files_read(checkpoint: Path) -> Iterator[None]:
-    """DeepSpeed reading a ZeRO checkpoint whose files are missing or cut short fails in many ways
-    (its own ValueError, torch.load's RuntimeError, EOF): each is CheckpointUnreadable naming the checkpoint."""
-    try:
-        yield
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as err:
-        raise CheckpointUnreadable(f"{checkpoint}: broken DeepSpeed checkpoint: {type(err).__name__}: "
-                                   f"{' '.join(str(err).split())[:300]}") from None
-
-
 class OriginalLayoutView:
     """An original-layout file's MMDiT under diffusers' names (q, k, v split from qkv, adaLN halves
     swapped back), so it compares with a diffusers folder or a checkpoint; other keys (the VAE,
@@ -267,9 +137,3 @@ class OriginalLayoutView:
             first, second = tensor.chunk(2, dim=0)
             return torch.cat([second, first], dim=0)
         return tensor
-
-
-def iter_tensors(source: TensorSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) in name order, one tensor in memory at a time."""
-    for name in sorted(source.specs()):
-        yield name, source.get(name)

@@ -82,6 +82,7 @@ positive_int = bounded_int(1, what="a positive integer")
 seed = bounded_int(0, SEED_MAX, what="a seed (0 … 2^64-1)")
 finite_float = bounded_float(what="a finite number")
 non_negative_float = bounded_float(0.0, what="a number ≥ 0")
+fraction = bounded_float(0.0, 1.0, what="a fraction")
 
 
 def image_side(text: str) -> int:

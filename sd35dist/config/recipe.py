@@ -18,13 +18,16 @@ import pydantic
 from pydantic import Field
 
 from sd35dist.config.credentials import first_credential, looks_secret  # noqa: F401 (preflight redacts with it)
+from sd35dist.config.hub_ids import hub_id_of
 from sd35dist.config.loading import StrictModel, YamlTuple, dump_yaml, load_model
 from sd35dist.config.validation_section import ValidationSection
 
 
 class ModelSection(StrictModel):
     pretrained: str
-    """Local diffusers directory of the base model (SD3.5 Large's layout: transformer/, vae/, text_encoder*/ …)."""
+    """The base model: a local diffusers directory (SD3.5 Large's layout: transformer/, vae/, text_encoder*/ …)
+    or a Hugging Face id `org/name[@revision]`, which `sd35dist submit` downloads once into the profile's
+    hf_home (only what the job opens) and hands to the ranks as that local snapshot."""
     transformer_subfolder: str = "transformer"
     """Subfolder of `pretrained` holding the MMDiT (config.json + sharded safetensors)."""
 
@@ -46,7 +49,10 @@ class DatasetSection(StrictModel):
     keep_tokens: int = Field(2, ge=0)
     """Leading comma-separated tokens that stay in place when shuffling (trigger word + first phrase)."""
     crop: bool = True
-    """Center-crop to the nearest bucket; false rejects images whose shape does not fit a bucket."""
+    """Crop to the nearest bucket; false rejects images whose shape does not fit a bucket."""
+    crop_style: Literal["center", "random", "corner"] = "center"
+    """Where the crop sits: the middle, a random place drawn once per image (from data.shuffle_seed
+    and the image's path, so a rebuilt cache is the same), or the top-left corner (SimpleTuner's styles)."""
     minimum_image_size: int = Field(0, ge=0)
     """Images whose shorter side is smaller are rejected."""
     max_upscale: float = Field(2.0, ge=1)
@@ -185,12 +191,15 @@ class EmaSection(StrictModel):
     start_step: int = Field(0, ge=0)
 
 
-LoraPreset = Literal["attention", "attention_ff", "all_linear"]
+LoraPreset = Literal["attention", "attention_image", "attention_ff", "all_linear"]
 LORA_TARGET_PRESETS: tuple[str, ...] = get_args(LoraPreset)
 _LORA_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+# SimpleTuner's SD3 default (DEFAULT_LORA_TARGET): peft suffixes, so attn2 of SD3.5 Medium's dual blocks too.
+_LORA_ATTENTION_IMAGE = ("to_q", "to_k", "to_v", "to_out.0")
 _LORA_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 LORA_PRESET_MODULES: dict[str, tuple[str, ...]] = {"attention": _LORA_ATTENTION,
+                                                   "attention_image": _LORA_ATTENTION_IMAGE,
                                                    "attention_ff": _LORA_ATTENTION + _LORA_FEED_FORWARD}
 """Module-name suffixes (peft target_modules) of each preset; all_linear is every nn.Linear."""
 
@@ -215,7 +224,8 @@ class LoraSection(StrictModel):
     """peft's init_lora_weights: default (A Kaiming-uniform, B zero) or gaussian (A normal, std 1/rank).
     Inits that rewrite the base weights or need data (pissa, olora, loftq, eva, corda) are not offered."""
     targets: LoraPreset | list[str] = "attention"
-    """attention: joint-attention projections of both streams; attention_ff: those and the MLPs;
+    """attention: joint-attention projections of both streams; attention_image: the image stream's
+    to_q/to_k/to_v/to_out.0 only (SimpleTuner's SD3 default); attention_ff: attention and the MLPs;
     all_linear: every Linear; or a list of module names (peft target_modules: a name or its suffix)."""
 
     def target_modules(self) -> tuple[str, ...] | None:
@@ -239,7 +249,12 @@ class TrainSection(StrictModel):
     num_train_epochs: int | None = Field(None, ge=1)
     learning_rate: float = Field(5e-5, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine", "polynomial"] = "constant"
+    """Every schedule warms up linearly over lr_warmup_steps first (constant too: diffusers' constant_with_warmup)."""
     lr_warmup_steps: int = Field(0, ge=0)
+    lr_end: float = Field(1e-7, ge=0)
+    """polynomial: the learning rate it decays to (diffusers' get_scheduler default)."""
+    lr_power: float = Field(1.0, gt=0)
+    """polynomial: the decay's exponent (1: linear to lr_end)."""
     optimizer: Literal["adamw", "adamw_bf16"] = "adamw"
     """adamw: fp32 master weights and states; adamw_bf16 (fsdp2): bf16 weights and states, Kahan-compensated updates."""
     adam_beta1: float = Field(0.9, ge=0, lt=1)
@@ -248,6 +263,10 @@ class TrainSection(StrictModel):
     adam_epsilon: float = Field(1e-8, gt=0)
     mixed_precision: Literal["bf16", "fp32"] = "bf16"
     max_grad_norm: float = Field(1.0, ge=0)
+    """The clipping threshold (0: no clipping); grad_clip_method says how it is applied."""
+    grad_clip_method: Literal["norm", "value"] = "norm"
+    """norm: scale all gradients so their global L2 norm is at most max_grad_norm; value: clamp each
+    gradient element to ±max_grad_norm (SimpleTuner's default), after the gradients are reduced."""
     gradient_checkpointing: bool = True
     compile_blocks: bool = False
     """torch.compile each transformer block."""
@@ -255,6 +274,9 @@ class TrainSection(StrictModel):
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    flow_shift: float | None = Field(None, gt=0)
+    """Shift of the training timestep schedule (σ' = sσ / (1 + (s − 1)σ)); None: the model's
+    scheduler config (3.0 for SD3.5). SimpleTuner's flow_schedule_shift."""
     caption_dropout_probability: float = Field(0.0, ge=0, le=1)
     ema: EmaSection = Field(default_factory=EmaSection)
     checkpointing_steps: int = Field(400, ge=1)
@@ -267,6 +289,13 @@ class TrainSection(StrictModel):
     """Keys (model.pretrained), sections (data) or `*` whose change since the checkpoint's recipe resume accepts."""
     lora: LoraSection | None = None
     """A LoRA fine-tune; absent: a full fine-tune (sd35dist/models/lora.py)."""
+
+    @pydantic.model_validator(mode="after")
+    def _polynomial_end(self) -> "TrainSection":
+        if self.lr_scheduler == "polynomial" and not self.lr_end < self.learning_rate:
+            raise ValueError(f"lr_end {self.lr_end:g} must be below learning_rate {self.learning_rate:g} "
+                             "(the polynomial schedule decays from one to the other)")
+        return self
 
 
 class LoggingSection(StrictModel):
@@ -349,7 +378,9 @@ def resolve_paths(recipe: Recipe, base: Path, recipe_dir: Path | None = None) ->
     prompts_base = base if recipe_dir is None else recipe_dir
     return recipe.model_copy(
         update={
-            "model": recipe.model.model_copy(update={"pretrained": _absolute(recipe.model.pretrained, base)}),
+            "model": recipe.model.model_copy(update={"pretrained": (
+                recipe.model.pretrained if hub_id_of(recipe.model.pretrained, base) else
+                _absolute(recipe.model.pretrained, base))}),
             "data": recipe.data.model_copy(
                 update={
                     "cache_url": _absolute(recipe.data.cache_url, base),

@@ -28,6 +28,31 @@ class ApgSection(StrictModel):
     """Cap on the update's L2 norm per image (0: no cap)."""
 
 
+class SkipLayerGuidanceSection(StrictModel):
+    """Skip-layer guidance (SLG), as diffusers' StableDiffusion3Pipeline runs it (`skip_guidance_layers`):
+    in the steps between `start` and `stop`, a third forward of the conditional prompt leaves `layers`
+    out, and `scale` × (conditional − that) is added to the guided prediction. Stability AI recommends
+    layers [7, 8, 9] for SD3.5 Medium. It needs classifier-free guidance (guidance_scale > 1)."""
+
+    layers: list[int] = Field(min_length=1)
+    """Indices of the transformer blocks to skip (0-based; SD3.5 Large has 38, Medium 24)."""
+    scale: float = Field(2.8, ge=0)
+    start: float = Field(0.01, ge=0, le=1)
+    """Fraction of the steps after which SLG starts (strictly after start × steps)."""
+    stop: float = Field(0.2, ge=0, le=1)
+    """Fraction of the steps before which SLG ends (strictly before stop × steps)."""
+
+    @pydantic.model_validator(mode="after")
+    def _range(self) -> "SkipLayerGuidanceSection":
+        if any(layer < 0 for layer in self.layers):
+            raise ValueError(f"layers {self.layers}: block indices are 0 or more")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers {self.layers}: each block once")
+        if not self.start < self.stop:
+            raise ValueError(f"start {self.start:g} must be below stop {self.stop:g}")
+        return self
+
+
 class ValidationSection(StrictModel):
     prompts: list[str] = Field(default_factory=list)
     """Validation prompts, inline."""
@@ -46,6 +71,8 @@ class ValidationSection(StrictModel):
     guidance: Literal["cfg", "apg"] = "cfg"
     """cfg: classic classifier-free guidance; apg: adaptive projected guidance (apg: section)."""
     apg: ApgSection = Field(default_factory=ApgSection)
+    skip_layer_guidance: SkipLayerGuidanceSection | None = None
+    """Skip-layer guidance on top of cfg or apg (null: none); see SkipLayerGuidanceSection."""
     resolutions: list[Annotated[tuple[int, int], YamlTuple]] = Field(default_factory=lambda: [(1024, 1024)])
     """[width, height] of the images; each a multiple of 16."""
     weights: Literal["model", "ema", "both"] = "model"
@@ -67,6 +94,9 @@ class ValidationSection(StrictModel):
             raise ValueError("give prompts or prompts_file, not both")
         if not self.seeds:
             raise ValueError("seeds: at least one seed is needed")
+        if self.skip_layer_guidance is not None and self.guidance_scale == 1.0:
+            raise ValueError("skip_layer_guidance needs guidance_scale > 1: it only acts with classifier-free "
+                             "guidance (as in diffusers' pipeline)")
         return self
 
     @property

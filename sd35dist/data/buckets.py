@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 
 # The 8 buckets of Stability AI's SD3.5 Large tutorial, all about one megapixel, (width, height).
 SD35_BUCKETS: tuple[tuple[int, int], ...] = (
@@ -65,6 +66,18 @@ class FitPlan:
         return 1.0 - kept / (self.resized[0] * self.resized[1])
 
 
+def crop_offset(spare_width: int, spare_height: int, style: str, seed: int) -> tuple[int, int]:
+    """(left, top) of the crop in an image `spare_*` pixels larger than its bucket."""
+    if style == "center":
+        return spare_width // 2, spare_height // 2
+    if style == "corner":
+        return 0, 0
+    if style == "random":
+        draw = random.Random(seed)
+        return draw.randint(0, spare_width), draw.randint(0, spare_height)
+    raise ValueError(f"crop_style {style!r} is not center, corner or random")
+
+
 class ImageRejected(ValueError):
     """The image cannot go into any bucket under the dataset's policy; the message says why."""
 
@@ -77,11 +90,14 @@ def plan_fit(
     minimum_image_size: int = 0,
     max_upscale: float = math.inf,
     max_crop_fraction: float = 1.0,
+    crop_style: str = "center",
+    crop_seed: int = 0,
 ) -> FitPlan:
-    """Bucket, resize and center-crop plan for an image of `size` (width, height), as shown.
+    """Bucket, resize and crop plan for an image of `size` (width, height), as shown.
 
     The image is scaled so it covers the bucket (the shorter relative side fits exactly),
-    then center-cropped. With `crop=False` an image whose aspect ratio differs from its
+    then cropped: in the middle (`crop_style` center), at the top-left corner (corner), or at
+    an offset drawn from `crop_seed` (random). With `crop=False` an image whose aspect ratio differs from its
     bucket's is rejected instead of cropped. Images whose shorter side is below
     `minimum_image_size`, that must be enlarged more than `max_upscale` times, or whose
     crop cuts away more than `max_crop_fraction` of their area are rejected.
@@ -102,8 +118,7 @@ def plan_fit(
     scale = max(bw / width, bh / height)
     # Round up so rounding never leaves the resized image smaller than the bucket.
     resized = (max(bw, math.ceil(width * scale - 1e-9)), max(bh, math.ceil(height * scale - 1e-9)))
-    left = (resized[0] - bw) // 2
-    top = (resized[1] - bh) // 2
+    left, top = crop_offset(resized[0] - bw, resized[1] - bh, crop_style, crop_seed)
     crop_box = (left, top, left + bw, top + bh)
     plan = FitPlan(bucket=bucket, original_size=(width, height), resized=resized, crop_box=crop_box)
     if plan.upscale > max_upscale:

@@ -11,6 +11,7 @@ and transparency is composited on the dataset's `alpha_background`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import posixpath
 import re
@@ -118,7 +119,9 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return image.convert("RGB")
 
 
-def fit_for_dataset(size: tuple[int, int], dataset: DatasetSection, buckets: tuple[tuple[int, int], ...]) -> FitPlan:
+def fit_for_dataset(size: tuple[int, int], dataset: DatasetSection, buckets: tuple[tuple[int, int], ...],
+                    crop_key: str = "") -> FitPlan:
+    """The fit under the dataset's policy; `crop_key` (seed, dataset, path) places a random crop."""
     return plan_fit(
         size,
         buckets,
@@ -126,6 +129,8 @@ def fit_for_dataset(size: tuple[int, int], dataset: DatasetSection, buckets: tup
         minimum_image_size=dataset.minimum_image_size,
         max_upscale=dataset.max_upscale,
         max_crop_fraction=dataset.max_crop_fraction,
+        crop_style=dataset.crop_style,
+        crop_seed=int.from_bytes(hashlib.sha256(crop_key.encode()).digest()[:8], "little"),
     )
 
 
@@ -141,7 +146,7 @@ def prepare_image(
         with Image.open(io.BytesIO(_read(image.url, storage_options))) as opened:
             opened.load()  # decode fully now: truncated files fail here, not later
             upright = ImageOps.exif_transpose(opened)
-        fit = fit_for_dataset(upright.size, dataset, buckets)
+        fit = fit_for_dataset(upright.size, dataset, buckets, f"crop\0{seed}\0{image.dataset}\0{image.path}")
         rgb = to_rgb(upright, dataset.alpha_background)
         text = _read(image.caption_file, storage_options).decode("utf-8", errors="replace") if image.caption_file else None
         caption = resolve_caption(

@@ -31,7 +31,8 @@ from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import is_url, load_recipe, looks_secret, recipe_hash, resolve_paths
 from sd35dist.jobs.rank_failure import write_line
 from sd35dist.jobs.save_probe import estimate_save
-from sd35dist.parallel.process_group import World, destroy, init_process_group_from_env, node_name
+from sd35dist.parallel.process_group import World, destroy, init_process_group_from_env
+from sd35dist.runtime.job_env import JobEnvironment
 
 PREFLIGHT_TIMEOUT_S = 300.0
 """Bounds every collective: longer than the slowest storage probe (botocore retries for ~10 s)."""
@@ -126,12 +127,8 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
-def slurm_facts(env: Mapping[str, str]) -> dict[str, Any]:
-    raw = env.get("SLURM_RESTART_COUNT", "").strip()
-    return {
-        "job_id": env.get("SLURM_JOB_ID"),
-        "restart_count": int(raw) if raw.isdigit() else 0,
-    }
+def slurm_facts(job: JobEnvironment) -> dict[str, Any]:
+    return {"job_id": job.slurm.job_id if job.slurm else None, "restart_count": job.slurm_restart_count}
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
@@ -396,7 +393,7 @@ def _verdict(world: World, recipe_path: Path, run_dir: Path, started: float) -> 
     if world.is_main:
         report = build_report(
             checks, failures, backend=world.backend, bandwidth=bandwidth,
-            slurm=slurm_facts(os.environ), storage_options=_storage_options(checks, recipe_path),
+            slurm=slurm_facts(world.job), storage_options=_storage_options(checks, recipe_path),
         )
         report["checkpoint_save"] = save
         report["duration_s"] = round(time.monotonic() - started, 3)
@@ -442,7 +439,8 @@ def main(args: Any) -> int:
         print(f"error: preflight: {exc}", file=sys.stderr)
         return 2
     except (RuntimeError, ValueError, OSError) as exc:
-        where = f"rank {os.environ.get('RANK', '?')} ({node_name(os.environ)})"
+        job = JobEnvironment.read()
+        where = f"rank {job.rank} ({job.node})"
         print(f"preflight failed on {where}: cannot join the process group: {one_line(exc)}", file=sys.stderr)
         return 1
     try:

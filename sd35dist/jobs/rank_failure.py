@@ -20,7 +20,6 @@ the ranks that only lost a peer would add tracebacks of their own. Instead:
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import traceback
@@ -38,7 +37,8 @@ from sd35dist.jobs.torchrun import MISTAKE_EXIT
 from sd35dist.models.lora import LoraTargetError
 from sd35dist.models.sd3_components import ModelDirectoryIncomplete
 from sd35dist.models.transformer_build import CheckpointMismatch
-from sd35dist.parallel.finite import NonFiniteTraining
+from sd35dist.checkpoint.finite import NonFiniteTraining
+from sd35dist.runtime.job_env import JobEnvironment
 
 PEER_FAILED_EXIT = 1
 FIRST_FAILURE_KEY = "sd35dist/first-failure"
@@ -79,11 +79,12 @@ def write_traceback(error: BaseException, path: Path) -> Path | None:
     return path
 
 
-def rank_from_env(env: Mapping[str, str] = os.environ) -> int:
-    """This process's rank before any process group exists (torchrun's RANK; 0 when run alone)."""
+def rank_from_env(env: Mapping[str, str] | None = None) -> int:
+    """This process's rank before any process group exists (torchrun's RANK; 0 when run alone or
+    when the environment itself is the mistake being reported)."""
     try:
-        return int(env.get("RANK", "0"))
-    except ValueError:
+        return JobEnvironment.read(env).rank
+    except ConfigError:
         return 0
 
 

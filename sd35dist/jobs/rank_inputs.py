@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sd35dist.config.hub_ids import hub_id_of
 from sd35dist.config.input_checks import check_recipe_inputs
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import DataSection, ModelSection, Recipe, load_recipe, resolve_paths
@@ -43,6 +44,10 @@ def train_model_parts(model: ModelSection) -> tuple[str, ...]:
 
 def check_pretrained(recipe: Recipe, source: str, parts: tuple[str, ...]) -> None:
     """model.pretrained holds `parts` (subfolders with their config and weights) in SD3's layout."""
+    if hub_id_of(recipe.model.pretrained) is not None:
+        raise ConfigError(source, "model.pretrained", f"{recipe.model.pretrained} is a Hugging Face id: ranks run offline "
+                                                      "on a local snapshot; start the job with `sd35dist submit`, which "
+                                                      "downloads it once, or name a local diffusers directory")
     try:
         check_model_dir(Path(recipe.model.pretrained), parts)
     except ModelDirectoryIncomplete as err:

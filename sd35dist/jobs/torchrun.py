@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from sd35dist.runtime.run_files import MISTAKE_FILE, RUN_DIR_VAR
+from sd35dist.runtime.job_env import JobEnvironment
+from sd35dist.runtime.run_files import MISTAKE_FILE
 
 SEPARATE_STORE_PER_ATTEMPT = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 MISTAKE_EXIT = 2
@@ -166,9 +167,9 @@ def rendezvous_outlives_its_agents(rendezvous: Rendezvous | None, wait_s: float 
         pass  # the host has gone already: nothing left to keep
 
 
-def leave_mistake_mark(env: Mapping[str, str] = os.environ) -> None:
+def leave_mistake_mark(env: Mapping[str, str] | None = None) -> None:
     """Tell the batch script that this job ended on a mistake (run_files.MISTAKE_FILE)."""
-    run_dir = env.get(RUN_DIR_VAR)
+    run_dir = JobEnvironment.read(env).run_dir
     if run_dir:
         try:
             (Path(run_dir) / MISTAKE_FILE).touch()

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from sd35dist.config.model_size import names_module
-from sd35dist.config.recipe import LORA_PRESET_MODULES as PRESETS, LORA_TARGET_PRESETS, LoraSection, lora_target_modules
+from sd35dist.config.recipe import LORA_TARGET_PRESETS, LoraSection, lora_target_modules
 from sd35dist.models.state_keys import plain_name
 
 ADAPTER = "default"

@@ -29,6 +29,11 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
 
+FP32_INPUTS = ("timestep",)
+"""Forward inputs that stay fp32 whatever the compute dtype: the sinusoidal time projection gets
+the timestep in fp32, as the diffusers pipeline gives it (in bf16, 928.35 would become 928)."""
+
+
 class CheckpointMismatch(ValueError):
     """The checkpoint's tensors do not match the model built from its config (names or shapes)."""
 

@@ -1,25 +1,21 @@
 """Joining the job's process group from the torchrun environment, once per rank.
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT
-for every worker; this module turns them into a `World` and an initialised default process
-group (NCCL on GPUs, gloo on CPU). The preflight, the trainer and the cache builder all start
-here, so every job agrees on backend, device and timeout rules.
+for every worker; sd35dist/runtime/job_env.py reads them, and this module turns them into a
+`World` and an initialised default process group (NCCL on GPUs, gloo on CPU). The preflight,
+the trainer and the cache builder all start here, so every job agrees on backend, device and timeout rules.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from sd35dist.config.loading import ConfigError
-
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+from sd35dist.runtime.job_env import JobEnvironment, TorchrunPlace
 
 
 @dataclass(frozen=True)
@@ -38,6 +34,8 @@ class World:
     """Slurm's name for this node (SLURMD_NODENAME), else the hostname."""
     backend: str
     """Process-group backend: nccl or gloo."""
+    job: JobEnvironment = field(default_factory=lambda: JobEnvironment.read({}), compare=False)
+    """The job environment this place was read from (Slurm job, run directory, restart counts)."""
 
     @property
     def is_main(self) -> bool:
@@ -55,40 +53,16 @@ def pick_backend(cuda_available: bool) -> str:
     return "nccl" if cuda_available else "gloo"
 
 
-def node_name(env: Mapping[str, str]) -> str:
-    """Slurm's node name when running under Slurm (matches `scontrol` and sacct), else the hostname."""
-    return env.get("SLURMD_NODENAME") or socket.gethostname()
-
-
-def _int_variable(env: Mapping[str, str], name: str) -> int:
-    raw = env[name]
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError("environment", name, f"expected an integer, got {raw!r}") from None
+def world_from_job(job: JobEnvironment, backend: str) -> World:
+    """Where this process sits: torchrun's place, or a single-process world (plain `python`)."""
+    place = job.torchrun
+    if place is None:
+        return World(0, 1, 0, 1, job.node, backend, job)
+    return World(place.rank, place.world_size, place.local_rank, place.local_world_size, job.node, backend, job)
 
 
 def world_from_env(env: Mapping[str, str], backend: str) -> World:
-    """Read the torchrun variables; with none of them set, a single-process world (plain `python`)."""
-    present = [name for name in TORCHRUN_VARIABLES if name in env]
-    if not present:
-        return World(0, 1, 0, 1, node_name(env), backend)
-    missing = [name for name in TORCHRUN_VARIABLES if name not in env]
-    if missing:
-        raise ConfigError(
-            "environment", missing[0], "not set; start ranks with torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR …)"
-        )
-    rank = _int_variable(env, "RANK")
-    world_size = _int_variable(env, "WORLD_SIZE")
-    local_rank = _int_variable(env, "LOCAL_RANK")
-    local_world_size = _int_variable(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else local_rank + 1
-    if not 0 <= rank < world_size:
-        raise ConfigError("environment", "RANK", f"must be in [0, WORLD_SIZE={world_size}), got {rank}")
-    if not 0 <= local_rank < local_world_size:
-        raise ConfigError(
-            "environment", "LOCAL_RANK", f"must be in [0, LOCAL_WORLD_SIZE={local_world_size}), got {local_rank}"
-        )
-    return World(rank, world_size, local_rank, local_world_size, node_name(env), backend)
+    return world_from_job(JobEnvironment.read(env), backend)
 
 
 def init_process_group_from_env(timeout_s: float, env: Mapping[str, str] | None = None) -> World:
@@ -97,17 +71,17 @@ def init_process_group_from_env(timeout_s: float, env: Mapping[str, str] | None 
     `timeout_s` bounds every collective as well as the rendezvous, so a rank that died or
     hangs turns into an error on its peers instead of a job that waits forever.
     """
-    env = os.environ if env is None else env
+    job = JobEnvironment.read(env)
     backend = pick_backend(torch.cuda.is_available())
-    world = world_from_env(env, backend)
+    world = world_from_job(job, backend)
     timeout = timedelta(seconds=timeout_s)
     device_id = None
     if backend == "nccl":
         torch.cuda.set_device(world.local_rank)
         device_id = world.device
-    if "MASTER_ADDR" in env:
+    if job.torchrun is not None:
         dist.init_process_group(
-            backend, store=attempt_store(env, world, timeout), rank=world.rank, world_size=world.world_size,
+            backend, store=attempt_store(job.torchrun, timeout), rank=world.rank, world_size=world.world_size,
             timeout=timeout, device_id=device_id,
         )
     else:
@@ -118,7 +92,7 @@ def init_process_group_from_env(timeout_s: float, env: Mapping[str, str] | None 
     return world
 
 
-def attempt_store(env: Mapping[str, str], world: World, timeout: timedelta) -> dist.Store:
+def attempt_store(place: TorchrunPlace, timeout: timedelta) -> dist.Store:
     """The rendezvous store as this attempt of the workers sees it.
 
     Under `sd35dist torchrun` (what job scripts run) with restarts on (`launch.max_restarts`,
@@ -131,12 +105,11 @@ def attempt_store(env: Mapping[str, str], world: World, timeout: timedelta) -> d
     counting it (torch's "membership change"), so the nodes' counts, and their prefixes, differ and
     the group waits for peers that write under another prefix.
     """
-    agent_hosts_it = env.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world.world_size,
-                          is_master=not agent_hosts_it and world.rank == 0, timeout=timeout)
-    if not agent_hosts_it:
+    store = dist.TCPStore(place.master_addr, place.master_port, place.world_size,
+                          is_master=not place.agent_hosts_store and place.rank == 0, timeout=timeout)
+    if not place.agent_hosts_store:
         return store
-    return dist.PrefixStore(f"sd35dist/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(f"sd35dist/attempt-{place.restart_count}", store)
 
 
 def destroy() -> None:

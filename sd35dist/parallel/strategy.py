@@ -2,16 +2,17 @@
 of the classes that implement it.
 
 `TrainingStrategy` owns the model, its optimizer and its EMA: forward, backward, step, and
-its part of a checkpoint (save, save_async where it can, load, and `read_full` / `read_lazy`
-for export and inspection without a process group). The loop never asks which strategy it has; training, export and
-inspection all find the class in `STRATEGIES` by the name the recipe or the checkpoint records.
+its part of a checkpoint (save, save_async where it can, load), written and read through the
+format modules of sd35dist/checkpoint/ (fsdp2_files, zero_files), which also read it offline
+for export and inspection (checkpoint/weights.py). The loop never asks which strategy it has;
+training finds the class in `STRATEGIES` by the name the recipe records.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -21,9 +22,6 @@ from sd35dist.parallel.ema import ShardedEMA
 from sd35dist.parallel.fsdp2 import FSDP2Strategy
 from sd35dist.parallel.process_group import World
 from sd35dist.parallel.zero import ZeroStrategy
-
-if TYPE_CHECKING:
-    from sd35dist.checkpoint.tensor_sources import TensorSource
 
 
 class TrainingStrategy(Protocol):
@@ -44,12 +42,6 @@ class TrainingStrategy(Protocol):
     def save_async(self, directory: Path) -> Future: ...
     def load(self, directory: Path) -> None: ...
     def full_state_dict(self, use_ema: bool = False) -> dict[str, torch.Tensor]: ...
-
-    @staticmethod
-    def read_full(checkpoint: Path, use_ema: bool = False) -> dict[str, torch.Tensor]: ...
-
-    @staticmethod
-    def read_lazy(checkpoint: Path, use_ema: bool = False) -> "TensorSource": ...
 
 
 STRATEGIES: dict[str, type[TrainingStrategy]] = {

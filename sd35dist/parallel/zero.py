@@ -7,6 +7,9 @@ ZeRO-3 also shards the weights: the model is built under `deepspeed.zero.Init`, 
 rank allocates only its partition, and each rank copies its slice of every pretrained
 tensor straight from the safetensors files (no rank holds more than one full tensor).
 
+Its part of a checkpoint (DeepSpeed's tag folder and the EMA fragments) is written and read by
+sd35dist/checkpoint/zero_files.py.
+
 The loop owns gradient accumulation (backward once per micro-step, step once per
 optimizer step), which DeepSpeed supports as `managed_gradient_accumulation: false`.
 The EMA follows DeepSpeed's master weights fragment by fragment, so it is sharded like
@@ -16,7 +19,6 @@ the optimizer state under both stages.
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +28,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sd35dist.checkpoint.layout import CheckpointUnreadable, read_info
+from sd35dist.checkpoint import zero_files
+from sd35dist.checkpoint.layout import DEEPSPEED_CONFIG, read_info
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import Recipe
 from sd35dist.models.lora import inject_lora, trainable_parameters
 from sd35dist.models.state_keys import key_mismatch
 from sd35dist.models.transformer_build import (
+    FP32_INPUTS,
     CheckpointMismatch,
     build_on_meta,
     checkpoint_key_files,
@@ -40,15 +44,11 @@ from sd35dist.models.transformer_build import (
     transformer_config,
 )
 from sd35dist.parallel.ema import ShardedEMA
-from sd35dist.parallel.finite import all_finite
-from sd35dist.parallel.fsdp2 import FP32_INPUTS
+from sd35dist.checkpoint.finite import all_finite
 from sd35dist.parallel.optimizer import make_optimizer, master_and_compute_dtypes
 from sd35dist.parallel.process_group import World
+from sd35dist.runtime.job_env import torchrun_variables_for
 
-CONFIG_FILE = "deepspeed_config.json"
-DS_TAG = "ds"
-EMA_LAYOUT_KEY = "sd35dist.ema_layout"
-EMA_FILES = "ema-rank*.safetensors"
 STAGES = {"zero2": 2, "zero3": 3}
 
 
@@ -86,7 +86,8 @@ def deepspeed_config(recipe: Recipe, world_size: int, hidden_size: int | None = 
         # The loop calls backward once per micro-step and step once per optimizer step, and
         # already divides the loss by the accumulation steps: step() is the boundary.
         "managed_gradient_accumulation": False,
-        "gradient_clipping": train.max_grad_norm,
+        # DeepSpeed clips by norm only; value clipping is applied to the reduced fp32 partitions (clamp_partitions).
+        "gradient_clipping": train.max_grad_norm if train.grad_clip_method == "norm" else 0.0,
         "bf16": precision,
         "zero_optimization": zero,
         "steps_per_print": None,
@@ -95,6 +96,31 @@ def deepspeed_config(recipe: Recipe, world_size: int, hidden_size: int | None = 
     if bf16:
         config["communication_data_type"] = "fp32"  # reduce gradients in fp32, as FSDP2's reduce_dtype does
     return config
+
+
+def clamp_partitions(optimizer: Any, limit: float, stage: int) -> None:
+    """Value clipping for a DeepSpeed ZeRO optimizer: clamp every element of the reduced fp32
+    gradient partitions to ±limit just before the optimizer step.
+
+    DeepSpeed passes each partition through `unscale_and_clip_grads` (its norm clipping, here
+    off) right before stepping it, after the gradients are averaged over ranks: the one place
+    where a clamp means what `clip_grad_value_` after an all-reduce means. Elementwise, so each
+    rank clamping its own partition equals clamping the whole gradient.
+    """
+    unscale = optimizer.unscale_and_clip_grads
+
+    if stage == 3:
+        def unscale_and_clamp(sub_group_id: int, total_norm: Any) -> None:
+            unscale(sub_group_id, total_norm)
+            optimizer.fp32_partitioned_groups_flat[sub_group_id].grad.clamp_(-limit, limit)
+    else:
+        def unscale_and_clamp(grad_groups_flat: list, total_norm: Any) -> None:  # type: ignore[misc]
+            unscale(grad_groups_flat, total_norm)
+            for grad in grad_groups_flat:
+                for part in grad if isinstance(grad, list) else [grad]:
+                    part.data.clamp_(-limit, limit)
+
+    optimizer.unscale_and_clip_grads = unscale_and_clamp
 
 
 @dataclass(frozen=True)
@@ -111,16 +137,7 @@ class ZeroStrategy:
     supports_async = False  # DeepSpeed's save_checkpoint writes before it returns
 
     def __init__(self, recipe: Recipe, world: World, recipe_file: str = "recipe") -> None:
-        if not torch.cuda.is_available():
-            # DeepSpeed picks its accelerator at import time; on CPU it then falls back to gloo.
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # DeepSpeed reads the torchrun variables itself; a plain one-process `python` start has none.
-        for name, value in (("RANK", world.rank), ("LOCAL_RANK", world.local_rank), ("WORLD_SIZE", world.world_size)):
-            os.environ.setdefault(name, str(value))
-        import deepspeed
-
-        # Adopt the process group the trainer already made (deepspeed.comm wraps it; no MPI discovery).
-        deepspeed.init_distributed(dist_backend=world.backend, dist_init_required=False)
+        deepspeed = zero_files.import_deepspeed()
         self.recipe, self.world = recipe, world
         self.stage = STAGES[recipe.parallel.strategy]
         model_dir = Path(recipe.model.pretrained)
@@ -131,17 +148,24 @@ class ZeroStrategy:
         if world.is_main:
             output = Path(recipe.output.dir)
             output.mkdir(parents=True, exist_ok=True)
-            (output / CONFIG_FILE).write_text(json.dumps(self.config, indent=2) + "\n")
+            (output / DEEPSPEED_CONFIG).write_text(json.dumps(self.config, indent=2) + "\n")
 
         master, compute = master_and_compute_dtypes(recipe)
+        with torchrun_variables_for(world.job.torchrun, world.rank, world.local_rank, world.world_size):
+            # Adopt the process group the trainer already made (deepspeed.comm wraps it; no MPI discovery).
+            deepspeed.init_distributed(dist_backend=world.backend, dist_init_required=False)
         model = self._build(deepspeed, model_dir, config, compute, master)
         if recipe.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
         optimizer = self._optimizer(deepspeed, model)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=self.config, dist_init_required=False
-        )
+        # DeepSpeed reads the torchrun variables itself; a plain one-process `python` start has them only here.
+        with torchrun_variables_for(world.job.torchrun, world.rank, world.local_rank, world.world_size):
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=self.config, dist_init_required=False
+            )
+        if recipe.train.grad_clip_method == "value" and recipe.train.max_grad_norm > 0:
+            clamp_partitions(self.optimizer, recipe.train.max_grad_norm, self.stage)
         self.model: nn.Module = self.engine.module
         self._fragments = self._local_fragments()
         self._frozen = len(trainable_parameters(self.model)) < len(list(self.model.parameters()))
@@ -184,8 +208,8 @@ class ZeroStrategy:
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         if self.bf16:  # DeepSpeed casts the weights, not the inputs
-            inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() and k not in FP32_INPUTS else v
-                      for k, v in inputs.items()}
+            inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() and k not in FP32_INPUTS
+                      else v for k, v in inputs.items()}
         return self.engine(**inputs, return_dict=False)[0]
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -193,8 +217,8 @@ class ZeroStrategy:
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self, learning_rate: float, max_grad_norm: float) -> float:
-        if max_grad_norm != self.config["gradient_clipping"]:
-            raise ValueError(f"ZeRO clips at its config's gradient_clipping {self.config['gradient_clipping']}, "
+        if max_grad_norm != self.recipe.train.max_grad_norm:
+            raise ValueError(f"ZeRO clips at the recipe's max_grad_norm {self.recipe.train.max_grad_norm}, "
                              f"not {max_grad_norm}")
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
@@ -213,39 +237,30 @@ class ZeroStrategy:
 
     def save(self, directory: Path) -> None:
         """Every rank writes its ZeRO partition (DeepSpeed's format) and its EMA fragments."""
-        # A LoRA checkpoint holds the adapters only: the frozen base is the pretrained model's.
-        self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
+        zero_files.save(self.engine, directory)
         if self.ema is not None:
-            from safetensors.torch import save_file
-
             shapes = {name: list(param.ds_shape if self.stage == 3 else param.shape)
                       for name, param in self.model.named_parameters()}
             # Where each slice sits in its full tensor, so export can reassemble the EMA offline.
             layout = {name: [f.start, f.numel, shapes[name]] for name, f in self._fragments.items()}
-            save_file(self.ema.state_dict(), str(directory / _ema_file(self.world.rank)),
-                      metadata={EMA_LAYOUT_KEY: json.dumps(layout)})
+            zero_files.write_ema(directory, self.world.rank, self.ema.state_dict(), layout)
 
     def save_async(self, directory: Path) -> Future:
         raise NotImplementedError("ZeRO checkpoints are written synchronously (supports_async is False)")
 
     def load(self, directory: Path) -> None:
         info = read_info(directory)
-        if not (directory / DS_TAG).is_dir():
+        if not zero_files.has_deepspeed_part(directory):
             raise ConfigError(str(directory), "parallel.strategy", f"checkpoint written by {info.get('strategy')}, "
                               f"not DeepSpeed; resume it with that strategy or set train.resume: none")
         if info.get("world_size") != self.world.world_size:
             raise ConfigError(str(directory), "world_size", f"ZeRO checkpoint written by {info.get('world_size')} "
                               f"ranks cannot resume on {self.world.world_size}; run on the same number of ranks")
-        path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG, load_lr_scheduler_states=False,
-                                              load_module_strict=not self._frozen)
-        if path is None:
-            raise FileNotFoundError(f"{directory / DS_TAG}: DeepSpeed could not load this checkpoint")
+        zero_files.load(self.engine, directory, strict=not self._frozen)
         if self.ema is not None:
-            from safetensors.torch import load_file
-
-            ema_file = directory / _ema_file(self.world.rank)
-            if ema_file.is_file():  # a checkpoint from a run without EMA starts it from the weights
-                self.ema.load_state_dict(load_file(str(ema_file)))
+            fragments = zero_files.read_ema(directory, self.world.rank)
+            if fragments is not None:  # a checkpoint from a run without EMA starts it from the weights
+                self.ema.load_state_dict(fragments)
 
     def full_state_dict(self, use_ema: bool = False) -> dict[str, torch.Tensor]:
         """Full master-dtype tensors on rank 0 (empty elsewhere); every rank must call it."""
@@ -263,35 +278,6 @@ class ZeroStrategy:
         if self.world.is_main:
             for name, buffer in self.model.named_buffers():
                 state[name] = buffer.detach().cpu().clone()
-        return state
-
-    @staticmethod
-    def read_lazy(checkpoint: Path, use_ema: bool = False):
-        """The same tensors read one at a time (single-file export, inspect): a TensorSource."""
-        from sd35dist.checkpoint.tensor_sources import ZeroTensors
-
-        return ZeroTensors(checkpoint, use_ema, tag=DS_TAG, ema_files=EMA_FILES, ema_layout_key=EMA_LAYOUT_KEY)
-
-    @staticmethod
-    def read_full(checkpoint: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
-        """Full tensors of a ZeRO checkpoint (master weights, or the EMA), in one process, no process group."""
-        if not (checkpoint / DS_TAG).is_dir():
-            raise CheckpointUnreadable(f"{checkpoint}: no DeepSpeed checkpoint ({DS_TAG}/) in it")
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        from sd35dist.checkpoint.tensor_sources import zero_files_read
-
-        # Buffers (pos_embed) are in it too; the EMA covers parameters only.
-        with zero_files_read(checkpoint):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG,
-                                                             exclude_frozen_parameters=True)
-        if use_ema:
-            files = sorted(checkpoint.glob(EMA_FILES))
-            if not files:
-                raise CheckpointUnreadable(f"{checkpoint}: no EMA in this checkpoint (train.ema.enabled was false)")
-            state.update(_assemble_ema(files))
         return state
 
     # ---- master-weight fragments ------------------------------------------------------------
@@ -337,23 +323,6 @@ class ZeroStrategy:
             full[fragment.start: fragment.start + fragment.numel] = shadow[name].to(full.device)
         dist.reduce(full, dst=0)  # each element has exactly one owner; the others add zeros
         return full.view(shape)
-
-
-def _ema_file(rank: int) -> str:
-    return f"ema-rank{rank:05d}.safetensors"
-
-
-def _assemble_ema(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    full: dict[str, torch.Tensor] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            layout = json.loads(handle.metadata()[EMA_LAYOUT_KEY])
-            for name, (start, numel, shape) in layout.items():
-                target = full.setdefault(name, torch.zeros(shape, dtype=torch.float32))
-                target.view(-1)[start: start + numel] = handle.get_tensor(name)[:numel]
-    return full
 
 
 def _load_partitions(model: nn.Module, folder: Path) -> None:

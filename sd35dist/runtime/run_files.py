@@ -1,12 +1,10 @@
 """Names of files in a run directory that both sides read or write (no torch here).
 
 The batch script (launcher/render.py) writes the PREEMPT file; the ranks
-(sd35dist/trainer/preemption.py) watch for it. A node's torchrun agent (sd35dist/jobs/torchrun.py)
+(sd35dist/trainer/preemption.py) watch for it. The run directory itself reaches every node as
+runtime/job_env.RUN_DIR_VAR. A node's torchrun agent (sd35dist/jobs/torchrun.py)
 writes the MISTAKE file; the batch script reads it.
 """
-
-RUN_DIR_VAR = "SD35DIST_RUN_DIR"
-"""The job script exports the run directory under this name to every node (agents and ranks)."""
 
 PREEMPT_FILE = "PREEMPT"
 """Present while the ranks are asked to save and stop (Slurm's time-limit warning, or a user)."""

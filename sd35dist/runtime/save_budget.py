@@ -15,11 +15,11 @@ line read to warn before hours are lost.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sd35dist.runtime.atomic_files import write_text_atomically
+from sd35dist.runtime.job_env import JobEnvironment
 from sd35dist.runtime.slurm_query import kill_wait_s
 
 SAVE_ESTIMATE_FILE = "save_estimate.json"
@@ -97,14 +97,12 @@ class SaveBudget:
     measured_once: bool = False
 
     @classmethod
-    def for_this_job(cls, output_dir: str, last_save_s: float | None,
-                     env: dict[str, str] | os._Environ = os.environ) -> "SaveBudget":
-        grace = env.get("SD35DIST_SIGNAL_GRACE_S")
+    def for_this_job(cls, output_dir: str, last_save_s: float | None, job: JobEnvironment) -> SaveBudget:
         estimate = read_save_estimate(output_dir)
         if last_save_s is not None:
             estimate = SaveEstimate(last_save_s, estimate.step_s if estimate else None, "measured by the last run")
-        return cls(output_dir=output_dir, signal_grace_s=float(grace) if grace else None,
-                   kill_wait_s=kill_wait_s() if env.get("SLURM_JOB_ID") else None, estimate=estimate)
+        return cls(output_dir=output_dir, signal_grace_s=job.signal_grace_s,
+                   kill_wait_s=kill_wait_s() if job.slurm else None, estimate=estimate)
 
     def warnings(self, step_s: float | None) -> list[str]:
         if self.estimate is None:

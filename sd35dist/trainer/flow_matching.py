@@ -126,12 +126,16 @@ class FlowMatchSchedule:
         )
 
     @classmethod
-    def from_scheduler_config(cls, config: Mapping[str, Any]) -> FlowMatchSchedule:
-        """The table for a scheduler_config.json's values (a model's scheduler/ subfolder)."""
+    def from_scheduler_config(cls, config: Mapping[str, Any], *, shift: float | None = None) -> FlowMatchSchedule:
+        """The table for a scheduler_config.json's values (a model's scheduler/ subfolder).
+
+        `shift` (the recipe's train.flow_shift) replaces the config's: a static shift for every
+        resolution, as SimpleTuner's flow_schedule_shift applies it, so dynamic shifting is off then.
+        """
         return cls.build(
             num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
-            shift=float(config.get("shift", 1.0)),
-            dynamic_shifting=bool(config.get("use_dynamic_shifting", False)),
+            shift=float(config.get("shift", 1.0)) if shift is None else float(shift),
+            dynamic_shifting=bool(config.get("use_dynamic_shifting", False)) and shift is None,
         )
 
     def sigmas_at(self, indices: torch.Tensor, *, ndim: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from sd35dist.checkpoint.manager import CheckpointManager, resume_checkpoint
-from sd35dist.checkpoint.recipe_match import RECIPE_FILE
+from sd35dist.checkpoint.layout import RECIPE_FILE
 from sd35dist.config.input_checks import check_cache_buckets
 from sd35dist.config.recipe import Recipe
 from sd35dist.runtime.save_budget import SaveBudget
@@ -28,7 +27,7 @@ from sd35dist.data.latent_stream import Batch, LatentStream, StreamOptions
 from sd35dist.data.shard_fetcher import RetryPolicy
 from sd35dist.data.stream_order import optimizer_steps_per_epoch
 from sd35dist.parallel.ema import ema_decay_at
-from sd35dist.parallel.finite import NonFiniteTraining, finite_non_negative, loss_message
+from sd35dist.checkpoint.finite import NonFiniteTraining, finite_non_negative, loss_message
 from sd35dist.parallel.process_group import World
 from sd35dist.parallel.strategy import TrainingStrategy, make_strategy
 from sd35dist.trainer.flow_matching import (
@@ -66,6 +65,21 @@ def stream_options(recipe: Recipe) -> StreamOptions:
     )
 
 
+def training_schedule(recipe: Recipe) -> FlowMatchSchedule:
+    """The σ/timestep table training draws from: the model's scheduler config, its shift replaced
+    by train.flow_shift when the recipe sets one."""
+    scheduler_config = Path(recipe.model.pretrained) / "scheduler" / "scheduler_config.json"
+    return FlowMatchSchedule.from_scheduler_config(json.loads(scheduler_config.read_text()),
+                                                   shift=recipe.train.flow_shift)
+
+
+def recipe_learning_rate(train: Any, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` under the recipe's train section."""
+    return learning_rate_at(step, base_lr=train.learning_rate, scheduler=train.lr_scheduler,
+                            warmup_steps=train.lr_warmup_steps, total_steps=total_steps,
+                            power=train.lr_power, lr_end=train.lr_end)
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE_FILE) -> None:
         self.recipe, self.world, self.run_dir = recipe, world, run_dir
@@ -76,8 +90,7 @@ class Trainer:
                                    options=stream_options(recipe), storage_options=recipe.data.storage_options)
         self.vae = self.stream.manifest.vae
         check_cache_buckets(list(self.stream.manifest.samples_per_bucket()), recipe, recipe_source)
-        scheduler_config = Path(recipe.model.pretrained) / "scheduler" / "scheduler_config.json"
-        self.schedule = FlowMatchSchedule.from_scheduler_config(json.loads(scheduler_config.read_text()))
+        self.schedule = training_schedule(recipe)
         self.strategy: TrainingStrategy = make_strategy(recipe, world, recipe_source)
         self.checkpoints = CheckpointManager(recipe, world, self.strategy, {"stream": self.stream}, resume_from)
         self.step = 0
@@ -149,8 +162,7 @@ class Trainer:
         dist.all_reduce(totals)  # before the step: a NaN loss stops the run before it reaches the weights
         loss = float(totals[0] / totals[1])
         self._stop_unless_finite(loss, "loss")
-        lr = learning_rate_at(self.step, base_lr=train.learning_rate, scheduler=train.lr_scheduler,
-                              warmup_steps=train.lr_warmup_steps, total_steps=self.total_steps)
+        lr = recipe_learning_rate(train, self.step, self.total_steps)
         grad_norm = self.strategy.step(lr, train.max_grad_norm)
         self._stop_unless_finite(grad_norm, "gradient norm")
         self.step += 1
@@ -182,14 +194,14 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
                           "name": logging.tracker_run_name or run_dir.name, "resume": "allow"}
     metrics = MetricsLog(run_dir, world, total_steps=trainer.total_steps, start_step=trainer.step,
                          wandb_settings=wandb_settings)
-    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    restart = world.job.slurm_restart_count
     metrics.note(f"train: step {trainer.step}/{trainer.total_steps}, world {world.world_size}, "
                  f"{recipe.parallel.strategy}, resumed from {resumed or 'nothing'}, SLURM_RESTART_COUNT={restart}")
     checkpoints = trainer.checkpoints
-    budget = SaveBudget.for_this_job(recipe.output.dir, checkpoints.last_save_s) if world.is_main else None
+    budget = SaveBudget.for_this_job(recipe.output.dir, checkpoints.last_save_s, world.job) if world.is_main else None
     for line in budget.warnings(step_s=None) if budget else []:
         metrics.note(f"warning: {line}")
-    watch = PreemptionWatch(str(run_dir))
+    watch = PreemptionWatch(str(run_dir), world.job)
     validation = TrainingValidation.for_run(recipe, trainer, run_dir, recipe_source)
     if validation is not None and validation.due_at_start(trainer.step):
         validation.run_round(trainer.step, metrics)
@@ -244,7 +256,7 @@ def stop_and_save(trainer: Trainer, stop: StopKind, watch: PreemptionWatch, budg
         if checkpoints.saved_step != trainer.step:
             checkpoints.save(trainer.step)
             checkpoints.finish_save()
-        if os.environ.get("SLURM_JOB_ID"):
+        if trainer.world.job.slurm is not None:
             return f"time limit: saved step {trainer.step}; the batch script requeues the job once every rank has exited"
         return f"stopped (PREEMPT file): saved step {trainer.step}; `resume: latest` continues"
     what = "requeued by Slurm" if stop is StopKind.REQUEUE else "cancelled"

@@ -21,7 +21,6 @@ the job is being requeued.
 from __future__ import annotations
 
 import enum
-import os
 import signal
 import threading
 import time
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from sd35dist.runtime.run_files import PREEMPT_FILE
+from sd35dist.runtime.job_env import JobEnvironment
 from sd35dist.runtime.slurm_query import accounting_states, controller_restarts
 
 REQUEUE_STATES = ("REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PREEMPTED", "NODE_FAIL")
@@ -96,12 +96,12 @@ def read_slurm_view(job_id: str, restart_count: int) -> SlurmJobView:
 class PreemptionWatch:
     """Signals and the PREEMPT file become a `StopKind` that every rank agrees on."""
 
-    def __init__(self, run_dir: str | None, env: dict[str, str] | os._Environ = os.environ) -> None:
+    def __init__(self, run_dir: str | None, job: JobEnvironment) -> None:
         self._time_limit = threading.Event()
         self._terminate = threading.Event()
         self.received: str | None = None
         self.terminate_at: float | None = None
-        self._env = env
+        self._job = job
         self._flag_file = Path(run_dir) / PREEMPT_FILE if run_dir else None
         self._previous = {
             signal.SIGUSR1: signal.signal(signal.SIGUSR1, self._on_time_limit),
@@ -127,10 +127,10 @@ class PreemptionWatch:
         return StopKind.NONE
 
     def _classify_here(self) -> StopKind:
-        job_id = self._env.get("SLURM_JOB_ID")
-        if not job_id:
+        slurm = self._job.slurm
+        if slurm is None:
             return StopKind.CANCEL  # SIGTERM outside Slurm: someone stopped the run
-        view = read_slurm_view(job_id, int(self._env.get("SLURM_RESTART_COUNT") or 0))
+        view = read_slurm_view(slurm.job_id, slurm.restart_count)
         return classify_termination(view)
 
     def agreed(self, device: torch.device) -> StopKind:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import Recipe
 from sd35dist.data.validation_prompts import PromptEmbeddings, read_validation_prompts
 from sd35dist.validation.grid import labelled_grid
@@ -27,12 +28,15 @@ from sd35dist.validation.sampler import SampleSettings, latent_shape_of
 VALIDATION_DIR = "validation"
 
 
-def sample_settings(recipe: Recipe) -> SampleSettings:
+def sample_settings(recipe: Recipe, kind: str | None = None) -> SampleSettings:
+    """How the recipe's validation renders (`kind` overrides its guidance: a sweep's comparison)."""
     section = recipe.validation
-    apg = section.apg
+    apg, slg = section.apg, section.skip_layer_guidance
+    skip = {} if slg is None else {"skip_layers": tuple(slg.layers), "skip_scale": slg.scale,
+                                   "skip_start": slg.start, "skip_stop": slg.stop}
     return SampleSettings(steps=section.num_inference_steps, guidance=GuidanceSettings(
-        kind=section.guidance, scale=section.guidance_scale, eta=apg.eta, momentum=apg.momentum,
-        norm_threshold=apg.norm_threshold))
+        kind=kind or section.guidance, scale=section.guidance_scale, eta=apg.eta, momentum=apg.momentum,
+        norm_threshold=apg.norm_threshold, **skip))
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -95,6 +99,10 @@ class TrainingValidation:
         from sd35dist.models.sd3_components import load_vae
 
         section = recipe.validation  # the schema ties weights: ema|both to an FSDP2 EMA (config/recipe.py)
+        blocks = int(trainer.strategy.model.config.num_layers)
+        if section.skip_layer_guidance is not None and max(section.skip_layer_guidance.layers) >= blocks:
+            raise ConfigError(recipe_file, "validation.skip_layer_guidance.layers",
+                              f"{section.skip_layer_guidance.layers}: the transformer has blocks 0–{blocks - 1}")
         self.recipe, self.trainer, self.run_dir = recipe, trainer, run_dir
         self.embeddings: PromptEmbeddings = read_validation_prompts(
             trainer.stream.store, trainer.stream.manifest, section, recipe_file)

@@ -29,6 +29,14 @@ class GuidanceSettings:
     """APG: momentum of the running update (the paper uses a negative one, e.g. -0.5); None: no momentum."""
     norm_threshold: float = 0.0
     """APG: the update's L2 norm per image is capped at this (0: no cap)."""
+    skip_layers: tuple[int, ...] = ()
+    """Skip-layer guidance (SD3.5's SLG, diffusers' `skip_guidance_layers`): transformer blocks left out of
+    a third, conditional forward; empty: none. Applied only with classifier-free guidance, as in diffusers."""
+    skip_scale: float = 2.8
+    """SLG: weight of (conditional − skipped-layers prediction) added to the guided prediction."""
+    skip_start: float = 0.01
+    """SLG: applied at steps i with start·steps < i < stop·steps (the pipeline's condition)."""
+    skip_stop: float = 0.2
 
 
 class Guidance:
@@ -42,6 +50,14 @@ class Guidance:
     @property
     def needs_uncond(self) -> bool:
         return self.settings.scale != 1.0
+
+    def skips_layers_at(self, step: int, steps: int) -> bool:
+        """Whether step `step` of `steps` runs the skip-layer forward (strict bounds, as StableDiffusion3Pipeline)."""
+        s = self.settings
+        return bool(s.skip_layers) and self.needs_uncond and steps * s.skip_start < step < steps * s.skip_stop
+
+    def with_skipped_layers(self, guided: torch.Tensor, v_cond: torch.Tensor, v_skip: torch.Tensor) -> torch.Tensor:
+        return guided + (v_cond - v_skip) * self.settings.skip_scale
 
     def __call__(self, v_cond: torch.Tensor, v_uncond: torch.Tensor | None, latents: torch.Tensor,
                  sigma: float) -> torch.Tensor:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from sd35dist.data.validation_prompts import PromptEmbeddings
+from sd35dist.runtime.job_env import JobEnvironment
 from sd35dist.validation.sampler import Forward, LatentShape, SampleSettings, decode_image, initial_noise, sample_latents
 
 
@@ -100,7 +100,7 @@ RENDER_COLLECTIVE_TIMEOUT_S = 3600
 def launched_ranks() -> Iterator[Any]:
     """The process group when torchrun started this command on several ranks (None in one process);
     every rank renders its share, and all leave together (gloo can abort a rank whose peer has gone)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if JobEnvironment.read().world_size <= 1:
         yield None
         return
     from sd35dist.parallel.process_group import destroy, init_process_group_from_env

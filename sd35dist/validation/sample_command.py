@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from sd35dist.config.cli_args import (CommandLineParser, bounded_float, bounded_int, fail, finite_float, image_side,
-                                      non_negative_float, positive_int, seed)
+from sd35dist.config.cli_args import (CommandLineParser, bounded_float, bounded_int, fail, finite_float, fraction,
+                                      image_side, non_negative_float, positive_int, seed)
 from sd35dist.config.input_checks import size_problem
 from sd35dist.config.validation_section import PromptsFileError, read_prompts_file
 from sd35dist.data.validation_prompts import PromptEmbeddings, encode_validation_prompts
@@ -40,9 +40,38 @@ def guidance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--apg-norm-threshold", type=non_negative_float, default=15.0)
 
 
+def skip_layer_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
+    parser.add_argument("--skip-layers", type=layer_list, metavar="N,N,…",
+                        help=f"skip-layer guidance: blocks left out of a third forward, e.g. 7,8,9 ({default_help})")
+    parser.add_argument("--skip-scale", type=non_negative_float, default=2.8, help="skip-layer guidance scale (default 2.8)")
+    parser.add_argument("--skip-start", type=fraction, default=0.01, help="fraction of the steps it starts after (0.01)")
+    parser.add_argument("--skip-stop", type=fraction, default=0.2, help="fraction of the steps it stops before (0.2)")
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    """`7,8,9` → (7, 8, 9); `none` → () (no skip-layer guidance)."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected block numbers such as 7,8,9, or none") from None
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected block numbers (0 or more) such as 7,8,9, or none")
+    return layers
+
+
+def skip_layers_of(args: argparse.Namespace) -> dict:
+    """GuidanceSettings' skip-layer fields from the flags ({} when --skip-layers is not given)."""
+    if args.skip_layers is None:
+        return {}
+    return {"skip_layers": args.skip_layers, "skip_scale": args.skip_scale, "skip_start": args.skip_start,
+            "skip_stop": args.skip_stop}
+
+
 def guidance_of(args: argparse.Namespace, kind: str | None = None) -> GuidanceSettings:
     return GuidanceSettings(kind=kind or args.guidance, scale=args.scale, eta=args.apg_eta,
-                            momentum=args.apg_momentum, norm_threshold=args.apg_norm_threshold)
+                            momentum=args.apg_momentum, norm_threshold=args.apg_norm_threshold, **skip_layers_of(args))
 
 
 def inference_device(world) -> torch.device:  # noqa: ANN001 — a World, or None in one process
@@ -63,7 +92,8 @@ def renderer_for(model: torch.nn.Module, base_model: Path, device: torch.device,
 
     def forward(**inputs: torch.Tensor) -> torch.Tensor:
         # As the pipeline: inputs in the transformer's dtype, the timestep as given.
-        cast = {k: v.to(dtype) if k != "timestep" and v.is_floating_point() else v for k, v in inputs.items()}
+        cast = {k: v.to(dtype) if torch.is_tensor(v) and k != "timestep" and v.is_floating_point() else v
+                for k, v in inputs.items()}
         return model(**cast, return_dict=False)[0]
 
     rank, world_size = (world.rank, world.world_size) if world is not None else (0, 1)
@@ -88,6 +118,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema", action="store_true", help="a checkpoint's EMA weights")
     parser.add_argument("--out", type=Path, required=True, help="directory for the images and grid.png")
     guidance_arguments(parser)
+    skip_layer_arguments(parser, "default: none")
     return parser
 
 
@@ -102,9 +133,18 @@ def main(argv: list[str]) -> int:
                 raise SourceError(f"--prompts-file: {err}") from None
         if not prompts:
             raise SourceError("give --prompt or --prompts-file")
+        if args.skip_layers and args.scale == 1.0:
+            raise SourceError("--skip-layers needs --scale above 1: skip-layer guidance acts only with classifier-free "
+                              "guidance")
+        if args.skip_start >= args.skip_stop:
+            raise SourceError(f"--skip-start {args.skip_start:g} must be below --skip-stop {args.skip_stop:g}")
         check_out_dir(args.out)
         # Everything the render needs, checked before a weight is read or an image allocated.
         config = source_config(args.source)
+        blocks = int(config.get("num_layers") or 0)
+        if args.skip_layers and blocks and max(args.skip_layers) >= blocks:
+            raise SourceError(f"--skip-layers {','.join(map(str, args.skip_layers))}: {args.source} has blocks "
+                              f"0–{blocks - 1}")
         if args.ema:
             check_has_ema(args.source)
         base = args.model or base_model_of(args.source)
@@ -145,7 +185,8 @@ def _sample(args: argparse.Namespace, prompts: list[str], base: Path, world) -> 
     images = renderer.render(pairs, embeddings, SampleSettings(steps=args.steps, guidance=guidance_of(args)))
     if world is not None and world.rank != 0:
         return 0
-    title = f"{loaded.label} · {args.guidance} {args.scale:g} · {args.steps} steps"
+    slg = f" + SLG {','.join(map(str, args.skip_layers))}" if args.skip_layers else ""
+    title = f"{loaded.label} · {args.guidance} {args.scale:g}{slg} · {args.steps} steps"
     grid = save_round(args.out, images, pairs, embeddings.prompts, ["sample"], title)
     print(f"{len(images)} images from {loaded.label} in {args.out} (grid {grid})")
     return 0

@@ -19,7 +19,7 @@ import torch
 from sd35dist.validation.guidance import Guidance, GuidanceSettings
 
 Forward = Callable[..., torch.Tensor]
-"""forward(hidden_states=, timestep=, encoder_hidden_states=, pooled_projections=) -> velocity."""
+"""forward(hidden_states=, timestep=, encoder_hidden_states=, pooled_projections=[, skip_layers=]) -> velocity."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,6 +68,7 @@ def sample_latents(forward: Forward, scheduler_config: dict[str, Any], settings:
         pooled_in = torch.cat([negative_pooled, pooled]).to(device)
     else:
         embeds, pooled_in = prompt_embeds.to(device), pooled.to(device)
+    steps = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
         model_input = torch.cat([latents] * 2) if guidance.needs_uncond else latents
         velocity = forward(hidden_states=model_input, timestep=t.expand(model_input.shape[0]).to(device),
@@ -75,6 +76,12 @@ def sample_latents(forward: Forward, scheduler_config: dict[str, Any], settings:
         if guidance.needs_uncond:
             v_uncond, v_cond = velocity.chunk(2)
             velocity = guidance(v_cond, v_uncond, latents, float(scheduler.sigmas[i]))
+            if guidance.skips_layers_at(i, steps):
+                # Every rank reaches this at the same steps (same settings), so sharded forwards stay in step.
+                v_skip = forward(hidden_states=latents, timestep=t.expand(latents.shape[0]).to(device),
+                                 encoder_hidden_states=prompt_embeds.to(device), pooled_projections=pooled.to(device),
+                                 skip_layers=list(guidance.settings.skip_layers)).to(latents.dtype)
+                velocity = guidance.with_skipped_layers(velocity, v_cond, v_skip)
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
     return latents
 

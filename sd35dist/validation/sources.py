@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE
-from sd35dist.checkpoint.recipe_match import RECIPE_FILE
+from sd35dist.checkpoint.layout import RECIPE_FILE
 from sd35dist.config.recipe import Recipe
 from sd35dist.models.sd3_components import TEXT_ENCODER_PARTS, ModelDirectoryIncomplete, check_model_dir
 
@@ -53,7 +53,7 @@ def _checkpoint_of(source: Path) -> Path | None:
 
 def _config_file(source: Path) -> Path:
     """The config.json the transformer of SOURCE is built from."""
-    from sd35dist.checkpoint.manager import TRANSFORMER_CONFIG
+    from sd35dist.checkpoint.layout import TRANSFORMER_CONFIG
 
     if not source.exists():
         raise SourceError(f"{source}: no such file or directory")
@@ -139,7 +139,7 @@ def _load_transformer(source: Path, *, use_ema: bool, dtype: torch.dtype) -> Loa
     from diffusers import SD3Transformer2DModel
 
     from sd35dist.checkpoint.export import checkpoint_state, find_checkpoint
-    from sd35dist.checkpoint.manager import TRANSFORMER_CONFIG
+    from sd35dist.checkpoint.layout import TRANSFORMER_CONFIG
 
     source = Path(source)
     if (source / COMPLETE).is_file() or (source / CHECKPOINTS).is_dir():

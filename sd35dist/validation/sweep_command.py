@@ -9,6 +9,7 @@ state) and renders its share of the images; rank 0 writes the grid.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,10 @@ from sd35dist.data.manifest import ManifestError, read_manifest
 from sd35dist.data.storage import Store
 from sd35dist.data.validation_prompts import read_validation_prompts
 from sd35dist.validation.grid import labelled_grid
-from sd35dist.validation.guidance import GuidanceSettings
+from sd35dist.validation.during_training import sample_settings
 from sd35dist.validation.render import launched_ranks, validation_pairs
-from sd35dist.validation.sample_command import check_out_dir, inference_device, renderer_for
-from sd35dist.validation.sampler import SampleSettings
+from sd35dist.validation.sample_command import (check_out_dir, inference_device, renderer_for, skip_layer_arguments,
+                                                skip_layers_of)
 from sd35dist.validation.sources import (SourceError, check_base_model, check_has_ema, checkpoint_recipe,
                                          load_transformer, source_config, vae_scale_of)
 
@@ -45,6 +46,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema", action="store_true", help="the checkpoints' EMA weights")
     parser.add_argument("--out", type=Path, help="where grid.png goes (default: OUTPUT_DIR/sweep)")
     parser.add_argument("--run-dir", type=Path, help="`submit --job sweep` passes its run directory (logs live there)")
+    skip_layer_arguments(parser, "default: the recipe's validation.skip_layer_guidance; none: off")
     return parser
 
 
@@ -85,10 +87,17 @@ def main(argv: list[str]) -> int:
         # What the renders need, before a weight is read: the base model's VAE and scheduler, a size it takes.
         base = Path(recipe.model.pretrained)
         check_base_model(base, f"{recipe_name}: model.pretrained", ("vae", "scheduler"))
+        config = source_config(checkpoints.path(steps[-1]))
         width, height = recipe.validation.resolutions[0]
-        problem = size_problem(width, height, source_config(checkpoints.path(steps[-1])), vae_scale_of(base))
+        problem = size_problem(width, height, config, vae_scale_of(base))
         if problem:
             raise ConfigError(recipe_name, "validation.resolutions", problem)
+        skipped = sample_settings(recipe).guidance.skip_layers if args.skip_layers is None else args.skip_layers
+        blocks = int(config.get("num_layers") or 0)
+        if skipped and blocks and max(skipped) >= blocks:
+            raise SourceError(f"skip-layer guidance layers {list(skipped)}: the transformer has blocks 0–{blocks - 1}")
+        if args.skip_layers and args.skip_start >= args.skip_stop:
+            raise SourceError(f"--skip-start {args.skip_start:g} must be below --skip-stop {args.skip_stop:g}")
         store = Store(recipe.data.cache_url, recipe.data.storage_options)
         embeddings = read_validation_prompts(store, read_manifest(store), recipe.validation, recipe_name)
     except (ConfigError, ManifestError, SourceError, PromptsFileError) as err:
@@ -100,7 +109,6 @@ def main(argv: list[str]) -> int:
 def _sweep(args: argparse.Namespace, steps: list[int], recipe: Recipe, embeddings, checkpoints: CheckpointDir,
            world) -> int:
     section = recipe.validation
-    apg = section.apg
     kinds = ["cfg", "apg"] if args.compare_guidance else [section.guidance]
     width, height = section.resolutions[0]
     pairs = validation_pairs(len(embeddings.prompts), section.seeds, [(width, height)])
@@ -116,9 +124,10 @@ def _sweep(args: argparse.Namespace, steps: list[int], recipe: Recipe, embedding
                                   dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         renderer = renderer_for(loaded.model, Path(recipe.model.pretrained), device, world)
         for kind in kinds:
-            guidance = GuidanceSettings(kind=kind, scale=section.guidance_scale, eta=apg.eta, momentum=apg.momentum,
-                                        norm_threshold=apg.norm_threshold)
-            settings = SampleSettings(steps=section.num_inference_steps, guidance=guidance)
+            settings = sample_settings(recipe, kind)
+            if args.skip_layers is not None:
+                settings = dataclasses.replace(settings, guidance=dataclasses.replace(
+                    settings.guidance, **skip_layers_of(args)))
             images = renderer.render(pairs, embeddings, settings)  # all of them on rank 0, none elsewhere
             for seed in section.seeds:
                 label = (f"step {step}" + (f" {kind}" if len(kinds) > 1 else "")

@@ -1,0 +1,95 @@
+"""Round trip: every real SD3 config of SimpleTuner's repository and SD3 guide (and the seed
+tutorial's), kept with their commit in fixtures/simpletuner/ (SOURCES.md), imports with exit 0,
+the recipe it writes validates, and `sd35dist submit --dry-run` renders its jobs with the model's
+Hugging Face id resolved from the cache (no network). ControlNet is refused in one line; a
+config whose only dataset is a Hugging Face dataset imports with that dataset listed, and
+submit asks for a dataset until one is added."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launcher.cli import main as submit_main
+from sd35dist.cli import main as cli_main
+from sd35dist.config.recipe import load_recipe
+from tests.hub_cache import folder_files, lay_out_snapshot
+from tests.test_cache_build import tiny_model  # noqa: F401
+
+pytestmark = pytest.mark.unit
+
+FIXTURES = Path(__file__).parent / "fixtures" / "simpletuner"
+QUICKSTART = FIXTURES / "roundtrip" / "quickstart-sd3"
+# (config, backend or None: the config's own data_backend_config, datasets imported)
+CONFIGS = [
+    (FIXTURES / "config.json", FIXTURES / "multidatabackend.json", 1),
+    (FIXTURES / "config.env", FIXTURES / "multidatabackend.json", 1),
+    (FIXTURES / "roundtrip" / "sd3-peft-lora" / "config.json", None, 0),
+    (QUICKSTART / "config.json", QUICKSTART / "multidatabackend.json", 1),
+    (QUICKSTART / "config-quantised.json", QUICKSTART / "multidatabackend.json", 1),
+    (QUICKSTART / "config-slg.json", QUICKSTART / "multidatabackend.json", 1),
+    (QUICKSTART / "config-preview.json", QUICKSTART / "multidatabackend.json", 1),
+    (QUICKSTART / "config.env", None, 1),
+]
+
+
+@pytest.fixture(scope="module")
+def hf_home(tiny_model, tmp_path_factory) -> Path:  # noqa: F811
+    """The tiny SD3 cached under the ids SimpleTuner's SD3 configs name (large, and medium: its default flavour)."""
+    home = tmp_path_factory.mktemp("hf")
+    for repo in ("stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium"):
+        lay_out_snapshot(home / "hub", repo, folder_files(tiny_model))
+    return home
+
+
+def dry_run(recipe: Path, hf_home: Path, tmp_path: Path, capsys, *args: str) -> tuple[int, str, str]:
+    code = submit_main(["submit", "--profile", "local", "--recipe", str(recipe), "--dry-run", "--set", f"hf_home={hf_home}",
+                        "--set", f"run_root={tmp_path / 'runs'}", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("config, backend, datasets", CONFIGS,
+                         ids=[f"{c.parent.name}/{c.name}" for c, _, _ in CONFIGS])
+def test_every_real_sd3_config_imports_validates_and_dry_runs(config, backend, datasets, hf_home, tmp_path, capsys,
+                                                              monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing may be fetched: a closed port
+    out = tmp_path / "recipe.yaml"
+    code = cli_main(["import", "simpletuner", str(config), *(["--backend", str(backend)] if backend else []),
+                     "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    recipe = load_recipe(out)
+    assert len(recipe.data.datasets) == datasets and recipe.model.pretrained.startswith("stabilityai/")
+    assert recipe.train.lora is not None and recipe.train.lora.targets in ("attention_image", ["to_q", "to_k"])
+    extra = [] if datasets else ["--set", f"data.datasets=[{{id: images, source: {tmp_path}}}]"]
+    if not datasets:
+        code, _, err = dry_run(out, hf_home, tmp_path, capsys)
+        assert code == 2 and err.count("\n") == 1 and "data.datasets: empty and no cache at" in err, err
+    for job in ("train", "cache"):
+        code, script, err = dry_run(out, hf_home, tmp_path, capsys, "--job", job, *extra)
+        assert code == 0, err
+        assert "export HF_HUB_OFFLINE=1" in script and "not in the Hugging Face cache" not in err
+    assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
+
+
+def test_the_slg_guide_config_renders_with_skip_layer_guidance(tmp_path, capsys):
+    out = tmp_path / "recipe.yaml"
+    assert cli_main(["import", "simpletuner", str(QUICKSTART / "config-slg.json"), "-o", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    validation = load_recipe(out).validation
+    assert validation.skip_layer_guidance.layers == [7, 8, 9] and validation.guidance_scale == 4.0
+    assert (validation.skip_layer_guidance.scale, validation.skip_layer_guidance.stop) == (2.8, 0.2)
+    assert load_recipe(out).train.weighting_scheme == "uniform", "flow_use_uniform_schedule"
+    assert "flow_schedule_auto_shift = true" in stdout
+    assert validation.prompts[:3] == ["your main test prompt here", "your prompt to validate on",
+                                      "another prompt to validate on"], "its user_prompt_library's prompts"
+
+
+def test_controlnet_configs_are_refused_in_one_line(tmp_path, capsys):
+    config = FIXTURES / "roundtrip" / "sd3-peft-controlnet-lora" / "config.json"
+    code = cli_main(["import", "simpletuner", str(config), "-o", str(tmp_path / "r.yaml")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "ControlNet training is not offered" in err
+    assert not (tmp_path / "r.yaml").exists()
