@@ -138,7 +138,8 @@ def test_a_failing_job_with_wait_is_its_line(tmp_path, tiny_model):  # noqa: F81
     env = venv_env(SD35DIST_STATE_DIR=str(tmp_path / "state"))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"name": "tiny", "model": {"pretrained": str(tiny_model)},
-                                      "data": {"cache_url": str(tmp_path / "no-cache")},
+                                      "data": {"cache_url": str(tmp_path / "no-cache"),
+                                               "datasets": [{"id": "d", "source": str(tmp_path)}]},
                                       "output": {"dir": str(tmp_path / "out")}, "logging": {"report_to": "none"}}))
     proc = sd35dist("submit", "--profile", "local", "--recipe", str(recipe), "--run-dir", str(tmp_path / "run"),
                     "--wait", env=env, check=False)

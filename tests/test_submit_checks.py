@@ -30,7 +30,9 @@ def setup(tmp_path, tiny_model):  # noqa: F811
     recipes = tmp_path / "recipes"
     recipes.mkdir()
     (recipes / "prompts.txt").write_text("a red fox\n\na lighthouse\n")
-    recipe = {"name": "t", "model": {"pretrained": str(tiny_model)}, "data": {"cache_url": str(tmp_path / "cache")},
+    (tmp_path / "images").mkdir()
+    recipe = {"name": "t", "model": {"pretrained": str(tiny_model)},
+              "data": {"cache_url": str(tmp_path / "cache"), "datasets": [{"id": "d", "source": str(tmp_path / "images")}]},
               "output": {"dir": str(tmp_path / "out")},
               "validation": {"prompts_file": "prompts.txt", "resolutions": [[64, 64]], "every_n_steps": 2}}
     (recipes / "my.yaml").write_text(yaml.safe_dump(recipe))
@@ -81,6 +83,8 @@ BAD_RECIPES = [
     ("lora-typo", ["train.lora={targets: [attn.to_qq]}"], "train.lora.targets", "'attn.to_qq' names no Linear module"),
     ("lora-one-of-two", ["train.lora={targets: [to_q, ff.net.9]}"], "train.lora.targets", "'ff.net.9' names no Linear"),
     ("lora-not-a-linear", ["train.lora={targets: [norm1]}"], "train.lora.targets", "'norm1' names no Linear"),
+    ("skip-layer-beyond-the-blocks", ["validation.skip_layer_guidance={layers: [3, 4]}"],
+     "validation.skip_layer_guidance.layers", "[3, 4]: the transformer in"),
     ("weights-ema-without-ema", ["validation.weights=ema"], "validation.weights",
      "train.ema.enabled is false: set train.ema.enabled: true or use weights: model"),
     ("weights-both-on-zero2", ["validation.weights=both", "train.ema.enabled=true", "parallel.strategy=zero2"],

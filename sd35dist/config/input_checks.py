@@ -42,6 +42,7 @@ def check_recipe_inputs(recipe: Recipe, job: str, recipe_file: str, *, visible_e
         config = model_config(recipe)
         if config is not None:
             check_image_sizes(recipe, config, vae_scale(recipe), recipe_file)
+            check_skip_layers(recipe, config, recipe_file)
             if job == "train":
                 check_lora_targets(recipe, config, recipe_file)
     return notes
@@ -129,6 +130,15 @@ def check_image_sizes(recipe: Recipe, config: dict[str, Any], vae: int, recipe_f
         problem = size_problem(width, height, config, vae)
         if problem:
             raise ConfigError(recipe_file, "validation.resolutions", problem)
+
+
+def check_skip_layers(recipe: Recipe, config: dict[str, Any], recipe_file: str) -> None:
+    """Skip-layer guidance names blocks the transformer has (num_layers of its config)."""
+    section = recipe.validation.skip_layer_guidance
+    blocks = int(config.get("num_layers") or 0)
+    if recipe.validation.enabled and section is not None and blocks and max(section.layers) >= blocks:
+        raise ConfigError(recipe_file, "validation.skip_layer_guidance.layers",
+                          f"{section.layers}: the transformer in {recipe.model.pretrained} has blocks 0–{blocks - 1}")
 
 
 def check_lora_targets(recipe: Recipe, config: dict[str, Any], recipe_file: str) -> None:
