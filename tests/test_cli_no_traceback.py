@@ -26,8 +26,7 @@ import yaml
 
 from sd35dist.cli import main
 from sd35dist.config.commands import COMMANDS, argument_parser
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_tool_refusals import write_checkpoint
+from tests.checkpoint_files import write_checkpoint
 
 pytestmark = pytest.mark.unit
 
@@ -79,7 +78,9 @@ BAD: dict[str, dict[str, list[Bad]]] = {
                       bad("--set", "validation.resolutions=[[4096, 4096]]", says="beyond the model's position embedding")],
         "run_dir": [bad("--run-dir", "{tmp}", says="already exists: pass another --run-dir")],
         "output": [bad("--output", "{tmp}/no/such/job.sh", says="does not exist"),
-                   bad("--output", "{tmp}", says="is a directory")],
+                   bad("--output", "{tmp}", says="is a directory"),
+                   bad("--output", "{file}", says="already exists: pass --force")],
+        "force": [bad("--force", "--output", "{recipe}", says="is a file this submission reads")],
     },
     "plan": {
         "profile": [bad("--profile", "{nothing}.yaml", says="file not found")],
@@ -128,7 +129,8 @@ BAD: dict[str, dict[str, list[Bad]]] = {
         "height": [bad("--height", "-16", says="must be ≥ 1"), bad("--height", "20", says="multiple of 16")],
         "max_sequence_length": [bad("--max-sequence-length", "0", says="between 1 and 512")],
         "ema": [bad("--ema", says="--ema needs a checkpoint")],
-        "out": [bad("--out", "{file}", says="is a file")],
+        "out": [bad("--out", "{file}", says="is a file"), bad("--out", "{earlier}", says="holds an earlier grid.png")],
+        "force": [bad("--force", "--out", "{file}", says="is a file")],
         "steps": [bad("--steps", "0", says="must be ≥ 1"), bad("--steps", "abc", says="expected a positive integer")],
         "guidance": [bad("--guidance", "pag", says="invalid choice")],
         "scale": [bad("--scale", "-5", says="must be ≥ 1"), bad("--scale", "inf", says="must be a finite number")],
@@ -149,7 +151,8 @@ BAD: dict[str, dict[str, list[Bad]]] = {
                   bad("--steps", "8", says="no complete checkpoint for step(s) [8]")],
         "recipe": [bad("--recipe", "{latin1}", says=NOT_UTF8)],
         "ema": [bad("--ema", says="no EMA in this checkpoint")],
-        "out": [bad("--out", "{file}", says="is a file")],
+        "out": [bad("--out", "{file}", says="is a file"), bad("--out", "{earlier}", says="holds an earlier grid.png")],
+        "force": [bad("--force", "--out", "{file}", says="is a file")],
         "run_dir": [bad("--run-dir", "{nothing}", says="not a directory")],
         # The rest of skip-layer guidance is checked against the recipe and the model (test_tool_refusals).
         "skip_layers": [bad("--skip-layers", "-1", says="expected block numbers")],
@@ -158,7 +161,8 @@ BAD: dict[str, dict[str, list[Bad]]] = {
         "skip_stop": [bad("--skip-stop", "1.5", says="must be between 0.0 and 1.0")],
     },
     "report": {"run_dirs": [bad("{garbage_run}", says="not a run directory"), bad("{nothing}", says="no such run directory")],
-               "out": [bad("--out", "{file}", says="is a file")]},
+               "out": [bad("--out", "{file}", says="is a file"), bad("--out", "{earlier}", says="already exists: pass --force")],
+               "force": [bad("--force", "--out", "{file}", says="is a file")]},
     "inspect": {"path": [bad("{garbage}", says="not a readable safetensors file"), bad("{nothing}", says="no such file")],
                 "ema": [bad("--ema", says="no EMA in this checkpoint")],
                 "diff": [bad("--diff", "{nothing}", says="no such file or directory")],
@@ -184,11 +188,11 @@ FREE: dict[str, dict[str, str]] = {
 TORCH_OWNS = "torch's own torchrun options (sd35dist renders them from a validated profile): usage mistakes only"
 
 
-def arguments(command) -> list[argparse.Action]:  # noqa: ANN001
-    return [a for a in argument_parser(command)._actions if not isinstance(a, argparse._HelpAction)]  # noqa: SLF001
+def arguments(command) -> list[argparse.Action]:
+    return [a for a in argument_parser(command)._actions if not isinstance(a, argparse._HelpAction)]
 
 
-def generic_cases(command) -> Iterator[tuple[str, tuple[str, ...] | None, str]]:  # noqa: ANN001
+def generic_cases(command) -> Iterator[tuple[str, tuple[str, ...] | None, str]]:
     """(argument, its bad tokens, what the line says) every argparse parser must refuse."""
     for action in arguments(command):
         if not action.option_strings:
@@ -216,7 +220,7 @@ def _cases() -> list:
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory, tiny_model) -> dict[str, str]:  # noqa: F811
+def paths(tmp_path_factory, tiny_model) -> dict[str, str]:
     root = tmp_path_factory.mktemp("hostile")
     (root / "images").mkdir()
     (root / "a-file").write_text("a regular file\n")
@@ -229,6 +233,9 @@ def paths(tmp_path_factory, tiny_model) -> dict[str, str]:  # noqa: F811
     (root / "corrupt-job" / "job.json").write_text('{"job_id": "12", "sched')
     (root / "garbage-run").mkdir()
     (root / "garbage-run" / "metrics-rank00000.jsonl").write_text("[1]\nnot json\n")
+    (root / "earlier").mkdir()  # what an earlier sample, sweep or report left
+    (root / "earlier" / "grid.png").write_bytes(b"\x89PNG earlier")
+    (root / "earlier" / "report.html").write_text("<html>earlier</html>")
     (root / "run").mkdir()
     (root / "run" / "metrics-rank00000.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5, "rank": 0}) + "\n")
     (root / "profile.yaml").write_text(yaml.safe_dump({"scheduler": "local", "run_root": str(root / "runs")}))
@@ -253,7 +260,7 @@ def paths(tmp_path_factory, tiny_model) -> dict[str, str]:  # noqa: F811
             "recipe": str(root / "recipe.yaml"), "bad_prompts_recipe": str(root / "bad-prompts.yaml"),
             "no_validation_recipe": str(root / "no-validation.yaml"), "simpletuner": str(root / "simpletuner.json"),
             "model": str(tiny_model), "checkpoint": str(checkpoint), "output": str(root / "output"),
-            "read_only": str(read_only)}
+            "read_only": str(read_only), "earlier": str(root / "earlier")}
 
 
 def command_line(command: str, dest: str, case: Bad, paths: dict[str, str]) -> list[str]:

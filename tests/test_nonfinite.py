@@ -16,13 +16,12 @@ import pytest
 import torch
 import yaml
 
+from sd35dist.checkpoint.finite import all_finite, finite_non_negative
 from sd35dist.checkpoint.layout import CheckpointDir
 from sd35dist.config.loading import ConfigError, load_yaml, validate_mapping
 from sd35dist.config.recipe import TrainSection
-from sd35dist.checkpoint.finite import all_finite, finite_non_negative
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_rank_errors import assert_one_quiet_line, torchrun
-from tests.test_train import cache, train_recipe  # noqa: F401
+from tests.rank_runs import assert_one_quiet_line, torchrun
+from tests.train_runs import train_recipe
 
 POISON = {"learning_rate": 1e30, "lr_scheduler": "constant", "lr_warmup_steps": 2, "max_train_steps": 6,
           "checkpointing_steps": 2, "checkpoints_total_limit": 5}
@@ -30,7 +29,7 @@ CASES = {"fsdp2-fp32": ("fsdp2", "fp32"), "fsdp2-bf16": ("fsdp2", "bf16"),
          "zero2-fp32": ("zero2", "fp32"), "zero2-bf16": ("zero2", "bf16")}
 
 
-def poisoned_recipe(tmp_path: Path, cache, strategy: str, precision: str, **train) -> Path:  # noqa: ANN001
+def poisoned_recipe(tmp_path: Path, cache, strategy: str, precision: str, **train) -> Path:
     recipe = train_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", mixed_precision=precision, **{**POISON, **train})
     data = yaml.safe_load(recipe.read_text())
     data["parallel"]["strategy"] = strategy
@@ -54,7 +53,7 @@ def deepspeed_on_cpu():
 
 @pytest.mark.dist
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_non_finite_loss_stops_the_run_in_one_line_naming_the_step(cache, tmp_path, case):  # noqa: F811
+def test_a_non_finite_loss_stops_the_run_in_one_line_naming_the_step(cache, tmp_path, case):
     """lr 1e30 (finite, within float32) after a step of warmup at lr 0: step 2's update makes the weights
     ~1e30, still finite, and they are published; step 3's forward overflows. The run stops there, before
     step 3 reaches the weights."""
@@ -103,15 +102,15 @@ def one_process_world(monkeypatch):
 
 @pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero2"])
-def test_a_checkpoint_of_non_finite_weights_is_never_published(tiny_model, tmp_path, one_process_world,  # noqa: F811
+def test_a_checkpoint_of_non_finite_weights_is_never_published(tiny_model, tmp_path, one_process_world,
                                                                strategy):
     """A NaN that reached the EMA or a weight without passing through the loss (an EMA resumed from an
     old checkpoint; DeepSpeed's bf16 step, which applies a gradient whose norm it could not compute) is
     found when a checkpoint is about to be written: nothing is written, `latest` stays on the last sound
     one. (One test per strategy: DeepSpeed keeps its groups per process, so it initialises once here.)"""
+    from sd35dist.checkpoint.finite import NonFiniteTraining
     from sd35dist.checkpoint.manager import CheckpointManager
     from sd35dist.config.recipe import Recipe
-    from sd35dist.checkpoint.finite import NonFiniteTraining
     from sd35dist.parallel.strategy import make_strategy
 
     recipe = Recipe.model_validate({

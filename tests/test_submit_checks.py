@@ -15,14 +15,11 @@ import pytest
 import yaml
 
 from sd35dist.cli import main
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import tiny_model  # noqa: F401
-
-pytestmark = pytest.mark.unit
+from tests.cli_runs import PROJECT, venv_env
 
 
 @pytest.fixture
-def setup(tmp_path, tiny_model):  # noqa: F811
+def setup(tmp_path, tiny_model):
     """A local profile and, in its own directory, a recipe on the tiny model with a prompts file beside it."""
     profile = tmp_path / "local.yaml"
     profile.write_text(yaml.safe_dump({"scheduler": "local", "launch": {"procs_per_node": 2},
@@ -96,6 +93,7 @@ BAD_RECIPES = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("command", ["submit", "plan", "train"])
 @pytest.mark.parametrize(("overrides", "key", "expected"), [case[1:] for case in BAD_RECIPES],
                          ids=[case[0] for case in BAD_RECIPES])
@@ -104,6 +102,7 @@ def test_a_recipe_the_ranks_would_fail_on_is_one_line(capsys, setup, command, ov
     assert_refused(setup, code, err, key, expected)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("command", ["submit", "plan", "train"])
 @pytest.mark.parametrize(("content", "expected"), [
     ("a fox\nm\u00fcnchen\n".encode("latin-1"), "is not UTF-8 text (byte 0xfc on line 2): save it as UTF-8"),
@@ -117,6 +116,7 @@ def test_a_prompts_file_the_ranks_cannot_read_is_one_line(capsys, setup, command
     assert_refused(setup, code, err, "validation.prompts_file", expected)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("where", ["the file itself", "a parent"])
 def test_an_output_dir_that_is_a_file_is_refused(capsys, setup, where):
     tmp_path = setup[0]
@@ -128,7 +128,8 @@ def test_an_output_dir_that_is_a_file_is_refused(capsys, setup, where):
         assert "name a directory for checkpoints" in err
 
 
-def test_sizes_follow_the_models_own_patch_and_vae(capsys, setup, tiny_model):  # noqa: F811
+@pytest.mark.unit
+def test_sizes_follow_the_models_own_patch_and_vae(capsys, setup, tiny_model):
     """A model with patch 4 needs multiples of 32 pixels and reaches 32 × 4 × 8 = 1024 a side."""
     tmp_path = setup[0]
     model = tmp_path / "patch4"
@@ -142,6 +143,7 @@ def test_sizes_follow_the_models_own_patch_and_vae(capsys, setup, tiny_model):  
     assert code == 0, err
 
 
+@pytest.mark.unit
 def test_good_values_at_the_limits_pass(capsys, setup):
     code, out, err = run(capsys, "submit", setup, "validation.seeds=[0, 18446744073709551615]",
                          "validation.resolutions=[[512, 512], [512, 64]]", "train.lora={targets: [to_q, norm1.linear]}",
@@ -150,6 +152,7 @@ def test_good_values_at_the_limits_pass(capsys, setup):
     assert out.startswith("#!/bin/bash")
 
 
+@pytest.mark.unit
 def test_a_relative_prompts_file_is_read_from_the_recipes_directory(capsys, setup, monkeypatch):
     """Not from the working directory: one there of the same name is ignored, and the frozen recipe
     names the file beside the recipe."""
@@ -168,6 +171,7 @@ def test_a_relative_prompts_file_is_read_from_the_recipes_directory(capsys, setu
     assert frozen["validation"]["prompts_file"] == str(recipe.parent / "prompts.txt")
 
 
+@pytest.mark.unit
 def test_a_prompts_file_a_cluster_host_cannot_see_is_a_note(capsys, setup):
     tmp_path, _, recipe = setup
     slurm = tmp_path / "cluster.yaml"
@@ -181,7 +185,7 @@ def test_a_prompts_file_a_cluster_host_cannot_see_is_a_note(capsys, setup):
                                 "this host, so it was not checked"]
 
 
-@pytest.mark.dist
+@pytest.mark.process
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["validation.prompts_file=nope.txt"], "validation.prompts_file"),
     (["train.lora={targets: [attn.to_qq]}"], "train.lora.targets"),

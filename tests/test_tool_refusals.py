@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from sd35dist.cli import main
-from tests.test_cache_build import tiny_model  # noqa: F401
+from tests.checkpoint_files import write_checkpoint
 
 pytestmark = pytest.mark.unit
 
@@ -42,34 +41,8 @@ def one_line(code: int, err: str, *expected: str) -> str:
     return err
 
 
-def write_checkpoint(path: Path, model_dir: Path, *, lora: bool = False, pretrained: Path | None = None) -> Path:
-    """A complete FSDP2-format checkpoint (DCP, COMPLETE, recipe, config) of the tiny transformer, or of
-    two LoRA adapters on it."""
-    import torch.distributed.checkpoint as dcp
-    from diffusers import SD3Transformer2DModel
-
-    model = SD3Transformer2DModel.from_pretrained(model_dir / "transformer")
-    if lora:
-        layer = "transformer_blocks.0.attn.to_q"
-        state = {f"model.{layer}.lora_A.default.weight": torch.randn(4, 32),
-                 f"model.{layer}.lora_B.default.weight": torch.zeros(32, 4)}
-    else:
-        state = {f"model.{key}": value for key, value in model.state_dict().items()}
-    path.mkdir(parents=True)
-    (path.parent / "latest").write_text(path.name + "\n")
-    dcp.save(state, checkpoint_id=str(path / "dcp"), no_dist=True)
-    recipe = {"name": "t", "model": {"pretrained": str(pretrained or model_dir)}, "data": {"cache_url": "/nowhere"},
-              "output": {"dir": str(path.parent.parent)},
-              "train": {"lora": {"rank": 4, "alpha": 4.0, "targets": ["to_q"]}} if lora else {}}
-    (path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    (path / "transformer_config.json").write_text(json.dumps(dict(model.config), default=str))
-    (path / "trainer_state.json").write_text(json.dumps({"step": 4}))
-    (path / "COMPLETE").write_text(json.dumps({"step": 4, "world_size": 1, "strategy": "fsdp2"}))
-    return path
-
-
 @pytest.fixture(scope="module")
-def checkpoints(tiny_model, tmp_path_factory):  # noqa: F811
+def checkpoints(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
     moved = root / "moved-base"
     shutil.copytree(tiny_model, moved)
@@ -111,7 +84,7 @@ def read_only_dir(tmp_path) -> Path:
     (["--width", "16384", "--height", "16384"], "16384x16384 is beyond the model's position embedding: at most 512"),
     (["--max-sequence-length", "513"], "argument --max-sequence-length: must be between 1 and 512"),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
-def test_sample_refuses_bad_numbers_before_loading(capsys, tiny_model, tmp_path, args, expected):  # noqa: F811
+def test_sample_refuses_bad_numbers_before_loading(capsys, tiny_model, tmp_path, args, expected):
     started = time.monotonic()
     code, out, err = run(capsys, "sample", str(tiny_model), "--prompt", "a fox", "--out", str(tmp_path / "o"), *args)
     one_line(code, err, expected)
@@ -119,7 +92,7 @@ def test_sample_refuses_bad_numbers_before_loading(capsys, tiny_model, tmp_path,
     assert time.monotonic() - started < 20, "refused before the model (or a 16384² latent) was made"
 
 
-def test_sample_refuses_bad_files_and_directories(capsys, tiny_model, tmp_path):  # noqa: F811
+def test_sample_refuses_bad_files_and_directories(capsys, tiny_model, tmp_path):
     out = ["--out", str(tmp_path / "o")]
     (tmp_path / "latin1.txt").write_bytes("a fox\nm\u00fcnchen\n".encode("latin-1"))
     (tmp_path / "blank.txt").write_text("\n \n")
@@ -166,7 +139,7 @@ def test_sweep_refuses_bad_arguments(capsys, checkpoints, args, expected):
 
 # ---- inspect ------------------------------------------------------------------------------------
 
-def test_inspect_refuses_files_that_are_not_safetensors(capsys, tiny_model, tmp_path):  # noqa: F811
+def test_inspect_refuses_files_that_are_not_safetensors(capsys, tiny_model, tmp_path):
     shard = next((tiny_model / "transformer").glob("*00001-of-*.safetensors"))
     files = {"garbage": os.urandom(1000), "empty": b"", "truncated-header": shard.read_bytes()[:300],
              "truncated-data": shard.read_bytes()[: shard.stat().st_size * 9 // 10]}
@@ -177,7 +150,7 @@ def test_inspect_refuses_files_that_are_not_safetensors(capsys, tiny_model, tmp_
 
 
 @pytest.mark.parametrize("damage", ["shard missing", "shard truncated", "index names a missing shard"])
-def test_inspect_reports_a_broken_model_folder(capsys, tiny_model, tmp_path, damage):  # noqa: F811
+def test_inspect_reports_a_broken_model_folder(capsys, tiny_model, tmp_path, damage):
     folder = tmp_path / "transformer"
     shutil.copytree(tiny_model / "transformer", folder)
     shard = sorted(folder.glob("*.safetensors"))[1]
@@ -224,7 +197,7 @@ def test_export_into_a_read_only_directory_is_one_line(capsys, checkpoints, read
     assert not target.exists()
 
 
-def test_export_refuses_a_vae_that_is_a_transformer_and_a_merge_whose_base_moved(capsys, checkpoints, tiny_model,  # noqa: F811
+def test_export_refuses_a_vae_that_is_a_transformer_and_a_merge_whose_base_moved(capsys, checkpoints, tiny_model,
                                                                                   tmp_path, monkeypatch):
     one_line(*run(capsys, "export", str(checkpoints["full"]), "--format", "single-file", "--out",
                   str(tmp_path / "m.safetensors"), "--vae", str(tiny_model / "transformer"))[::2],
@@ -257,11 +230,12 @@ def test_report_of_a_directory_that_holds_no_run_is_one_line(capsys, tmp_path):
 
 @pytest.mark.parametrize("command", ["status", "cancel", "logs"])
 @pytest.mark.parametrize(("content", "expected"), [
-    (b'{"job_id": "12", "sched', "not a job record sd35dist wrote (JSONDecodeError)"),
-    (b"\xff\xfe garbage", "not a job record sd35dist wrote (UnicodeDecodeError)"),
-    (b"[1, 2]", "not a job record sd35dist wrote (needs job_id and scheduler)"),
-    (b'{"job_id": 12, "scheduler": "local"}', "needs job_id and scheduler"),
-    (b'{"job_id": "1; rm -rf ~", "scheduler": "local"}', "is not a process id: the record is damaged"),
+    (b'{"job_id": "12", "sched', "not a job record sd35dist can read (Unterminated string"),
+    (b"\xff\xfe garbage", "not a job record sd35dist can read ("),
+    (b"[1, 2]", "not a job record sd35dist wrote (a JSON list, not an object)"),
+    (b'{"job_id": 12, "scheduler": "local"}', "not a job record sd35dist wrote (job_id is missing or not a string)"),
+    (b'{"job_id": "1; rm -rf ~", "scheduler": "local", "run_dir": "/r", "submitit_folder": "/s"}',
+     "not a job record sd35dist wrote (job_id '1; rm -rf ~' is not a number)"),
 ], ids=["cut", "binary", "a-list", "numbers", "not-a-pid"])
 def test_a_corrupt_job_record_is_one_line(capsys, tmp_path, command, content, expected):
     (tmp_path / "job.json").write_bytes(content)

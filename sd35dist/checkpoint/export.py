@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
-from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE, CheckpointDir, CheckpointUnreadable
+from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE, TRANSFORMER_CONFIG, CheckpointDir, CheckpointUnreadable
 from sd35dist.checkpoint.lora_export import checkpoint_lora, export_lora
-from sd35dist.checkpoint.layout import TRANSFORMER_CONFIG
-from sd35dist.config.cli_args import CommandLineParser, fail
-from sd35dist.runtime.atomic_files import staged_directory, unwritable_reason
-from sd35dist.models.state_keys import key_mismatch
 from sd35dist.checkpoint.weights import read_weights
+from sd35dist.config.cli_args import CommandLineParser, fail
+from sd35dist.models.state_keys import key_mismatch
+from sd35dist.runtime.atomic_files import staged_directory, unwritable_reason
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from sd35dist.checkpoint.layout import COMPLETE, CheckpointDir, CheckpointUnreadable, read_info
-from sd35dist.config.cli_args import CommandLineParser
 from sd35dist.checkpoint.original_layout import TRANSFORMER_PREFIX, LayoutMismatch
 from sd35dist.checkpoint.tensor_sources import OriginalLayoutView, SafetensorsFiles, TensorSource
 from sd35dist.checkpoint.weights import open_weights
+from sd35dist.config.cli_args import CommandLineParser
 
 LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.")
 LORA_PREFIXES = ("base_model.model.", "transformer.", "unet.")

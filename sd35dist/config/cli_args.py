@@ -109,7 +109,7 @@ def key_value(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-def fail(message: str, out=None) -> int:  # noqa: ANN001 — a text stream
+def fail(message: str, out=None) -> int:
     """Print a user's mistake as one `error:` line; returns exit status 2."""
     stream = out or sys.stderr
     stream.write(f"error: {' '.join(message.split())}\n")

@@ -99,7 +99,7 @@ def argument_parser(command: Command) -> argparse.ArgumentParser:
     parser = getattr(importlib.import_module(module), command.parser)()
     if command.kind is TOOL:
         return parser
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return subparsers.choices[command.name]
 
 

@@ -15,6 +15,7 @@ from sd35dist.config.cli_args import CommandLineParser, key_value
 from sd35dist.config.loading import ConfigError, parse_override
 from sd35dist.config.recipe import Recipe
 from sd35dist.data.cache_builder import Encoders, RankResult, SampleShape, build_rank, finish_cache, write_empty_prompt
+from sd35dist.data.cache_identity import dataset_identity, foreign_cache
 from sd35dist.data.manifest import ManifestError, read_manifest
 from sd35dist.data.shard_fetcher import is_transient
 from sd35dist.data.shard_format import shard_metadata
@@ -50,6 +51,11 @@ def checked_recipe(recipe_file: Path, run_dir: Path | None = None) -> Recipe:
     check_pretrained(recipe, recipe_file.name, CACHE_INPUT_PARTS)
     check_dataset_sources(recipe.data, recipe_file.name)
     check_rank_inputs(recipe, "cache", recipe_file.name, run_dir)
+    store = Store(recipe.data.cache_url, recipe.data.storage_options)
+    problem = foreign_cache(store, dataset_identity(recipe.data))
+    if problem:
+        raise ConfigError(recipe_file.name, "data.cache_url", f"{store.url}: {problem}; nothing was written: choose "
+                          "another data.cache_url, or delete that cache to rebuild it there")
     return recipe
 
 
@@ -185,7 +191,7 @@ def inspect_main(argv: list[str]) -> int:
     except (ManifestError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # noqa: BLE001 — the store's own answer (unreachable, refused options) is one line
+    except Exception as err:
         if not (isinstance(err, OSError) or is_transient(err)):
             raise
         print(f"error: {args.url}: cannot read the cache: {type(err).__name__}: {' '.join(str(err).split())}",

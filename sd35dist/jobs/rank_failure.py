@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 from sd35dist.checkpoint.export import ExportError
+from sd35dist.checkpoint.finite import NonFiniteTraining
 from sd35dist.checkpoint.layout import CheckpointNotFound, CheckpointUnreadable
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.validation_section import PromptsFileError
@@ -37,7 +38,6 @@ from sd35dist.jobs.torchrun import MISTAKE_EXIT
 from sd35dist.models.lora import LoraTargetError
 from sd35dist.models.sd3_components import ModelDirectoryIncomplete
 from sd35dist.models.transformer_build import CheckpointMismatch
-from sd35dist.checkpoint.finite import NonFiniteTraining
 from sd35dist.runtime.job_env import JobEnvironment
 
 PEER_FAILED_EXIT = 1

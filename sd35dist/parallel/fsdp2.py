@@ -22,11 +22,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from sd35dist.checkpoint import fsdp2_files
+from sd35dist.checkpoint.finite import all_finite
 from sd35dist.config.recipe import Recipe
 from sd35dist.models.lora import trainable_parameters
 from sd35dist.models.state_keys import plain_name
 from sd35dist.parallel.ema import ShardedEMA
-from sd35dist.checkpoint.finite import all_finite
 from sd35dist.parallel.fsdp2_sharding import fsdp_mesh, load_transformer, mesh_layout_for, parallelize_fsdp2
 from sd35dist.parallel.optimizer import make_optimizer, master_and_compute_dtypes
 from sd35dist.parallel.process_group import World

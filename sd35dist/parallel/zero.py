@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sd35dist.checkpoint import zero_files
+from sd35dist.checkpoint.finite import all_finite
 from sd35dist.checkpoint.layout import DEEPSPEED_CONFIG, read_info
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import Recipe
@@ -44,7 +45,6 @@ from sd35dist.models.transformer_build import (
     transformer_config,
 )
 from sd35dist.parallel.ema import ShardedEMA
-from sd35dist.checkpoint.finite import all_finite
 from sd35dist.parallel.optimizer import make_optimizer, master_and_compute_dtypes
 from sd35dist.parallel.process_group import World
 from sd35dist.runtime.job_env import torchrun_variables_for

@@ -16,8 +16,18 @@ from pathlib import Path
 
 import torch
 
-from sd35dist.config.cli_args import (CommandLineParser, bounded_float, bounded_int, fail, finite_float, fraction,
-                                      image_side, non_negative_float, positive_int, seed)
+from sd35dist.config.cli_args import (
+    CommandLineParser,
+    bounded_float,
+    bounded_int,
+    fail,
+    finite_float,
+    fraction,
+    image_side,
+    non_negative_float,
+    positive_int,
+    seed,
+)
 from sd35dist.config.input_checks import size_problem
 from sd35dist.config.validation_section import PromptsFileError, read_prompts_file
 from sd35dist.data.validation_prompts import PromptEmbeddings, encode_validation_prompts
@@ -25,8 +35,15 @@ from sd35dist.validation.during_training import save_round
 from sd35dist.validation.guidance import GuidanceSettings
 from sd35dist.validation.render import Renderer, launched_ranks, validation_pairs
 from sd35dist.validation.sampler import SampleSettings, latent_shape_of
-from sd35dist.validation.sources import (SourceError, base_model_of, check_base_model, check_has_ema, load_transformer,
-                                         source_config, vae_scale_of)
+from sd35dist.validation.sources import (
+    SourceError,
+    base_model_of,
+    check_base_model,
+    check_has_ema,
+    load_transformer,
+    source_config,
+    vae_scale_of,
+)
 
 
 def guidance_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,14 +91,14 @@ def guidance_of(args: argparse.Namespace, kind: str | None = None) -> GuidanceSe
                             momentum=args.apg_momentum, norm_threshold=args.apg_norm_threshold, **skip_layers_of(args))
 
 
-def inference_device(world) -> torch.device:  # noqa: ANN001 — a World, or None in one process
+def inference_device(world) -> torch.device:  # world: a World, or None in one process
     """This rank's GPU under torchrun, the GPU in one process, else the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device(world.device) if world is not None else torch.device("cuda")
 
 
-def renderer_for(model: torch.nn.Module, base_model: Path, device: torch.device, world=None) -> Renderer:  # noqa: ANN001
+def renderer_for(model: torch.nn.Module, base_model: Path, device: torch.device, world=None) -> Renderer:
     """A renderer of `model` with the base model's VAE and scheduler; under torchrun (`world`) this rank's share."""
     from sd35dist.models.sd3_components import load_vae
 
@@ -117,9 +134,17 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="T5 tokens, 1 … 512 (default: the checkpoint's recipe, else 256)")
     parser.add_argument("--ema", action="store_true", help="a checkpoint's EMA weights")
     parser.add_argument("--out", type=Path, required=True, help="directory for the images and grid.png")
+    parser.add_argument("--force", action="store_true", help="let --out replace an earlier sample's images")
     guidance_arguments(parser)
     skip_layer_arguments(parser, "default: none")
     return parser
+
+
+def earlier_grid(out: Path, force: bool) -> str | None:
+    """Why `--out` may not be written: an earlier sample's or sweep's grid.png that only --force replaces."""
+    if (out / "grid.png").exists() and not force:
+        return f"--out {out}: holds an earlier grid.png: pass --force to replace it, or choose another --out"
+    return None
 
 
 def main(argv: list[str]) -> int:
@@ -139,6 +164,9 @@ def main(argv: list[str]) -> int:
         if args.skip_start >= args.skip_stop:
             raise SourceError(f"--skip-start {args.skip_start:g} must be below --skip-stop {args.skip_stop:g}")
         check_out_dir(args.out)
+        problem = earlier_grid(args.out, args.force)
+        if problem:
+            raise SourceError(problem)
         # Everything the render needs, checked before a weight is read or an image allocated.
         config = source_config(args.source)
         blocks = int(config.get("num_layers") or 0)

@@ -8,10 +8,8 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 
-from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE
-from sd35dist.checkpoint.layout import RECIPE_FILE
+from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE, RECIPE_FILE, saved_recipe
 from sd35dist.config.recipe import Recipe
 from sd35dist.models.sd3_components import TEXT_ENCODER_PARTS, ModelDirectoryIncomplete, check_model_dir
 
@@ -31,8 +29,8 @@ class LoadedTransformer:
 
 
 def checkpoint_recipe(checkpoint: Path) -> Recipe | None:
-    path = checkpoint / RECIPE_FILE
-    return Recipe.model_validate(yaml.safe_load(path.read_text())) if path.is_file() else None
+    saved = saved_recipe(checkpoint)
+    return Recipe.model_validate(saved) if saved else None
 
 
 TRANSFORMER_CLASS = "SD3Transformer2DModel"
@@ -88,7 +86,7 @@ def base_model_of(source: Path) -> Path | None:
     if checkpoint is not None:
         try:
             recipe = checkpoint_recipe(checkpoint)
-        except (OSError, ValueError, yaml.YAMLError) as exc:  # pydantic's ValidationError is a ValueError
+        except (OSError, ValueError) as exc:  # CheckpointUnreadable and pydantic's ValidationError are ValueErrors
             raise SourceError(f"{checkpoint / RECIPE_FILE}: unreadable ({type(exc).__name__}): add --model DIR") from None
         return Path(recipe.model.pretrained) if recipe is not None else None
     return source if (source / "model_index.json").is_file() else None

@@ -25,13 +25,26 @@ from sd35dist.config.validation_section import PromptsFileError
 from sd35dist.data.manifest import ManifestError, read_manifest
 from sd35dist.data.storage import Store
 from sd35dist.data.validation_prompts import read_validation_prompts
-from sd35dist.validation.grid import labelled_grid
 from sd35dist.validation.during_training import sample_settings
+from sd35dist.validation.grid import labelled_grid
 from sd35dist.validation.render import launched_ranks, validation_pairs
-from sd35dist.validation.sample_command import (check_out_dir, inference_device, renderer_for, skip_layer_arguments,
-                                                skip_layers_of)
-from sd35dist.validation.sources import (SourceError, check_base_model, check_has_ema, checkpoint_recipe,
-                                         load_transformer, source_config, vae_scale_of)
+from sd35dist.validation.sample_command import (
+    check_out_dir,
+    earlier_grid,
+    inference_device,
+    renderer_for,
+    skip_layer_arguments,
+    skip_layers_of,
+)
+from sd35dist.validation.sources import (
+    SourceError,
+    check_base_model,
+    check_has_ema,
+    checkpoint_recipe,
+    load_transformer,
+    source_config,
+    vae_scale_of,
+)
 
 SWEEP_DIR = "sweep"
 
@@ -45,6 +58,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", type=Path, help="recipe whose validation section to render (default: the checkpoint's)")
     parser.add_argument("--ema", action="store_true", help="the checkpoints' EMA weights")
     parser.add_argument("--out", type=Path, help="where grid.png goes (default: OUTPUT_DIR/sweep)")
+    parser.add_argument("--force", action="store_true", help="let --out replace an earlier grid.png")
     parser.add_argument("--run-dir", type=Path, help="`submit --job sweep` passes its run directory (logs live there)")
     skip_layer_arguments(parser, "default: the recipe's validation.skip_layer_guidance; none: off")
     return parser
@@ -54,6 +68,9 @@ def main(argv: list[str]) -> int:
     args = argument_parser().parse_args(argv)
     if args.run_dir is not None and not args.run_dir.is_dir():
         return fail(f"--run-dir {args.run_dir}: not a directory (`submit --job sweep` passes its run directory)")
+    problem = earlier_grid(args.out, args.force) if args.out else None  # the default OUTPUT_DIR/sweep is ours
+    if problem:
+        return fail(problem)
     given = None
     if args.recipe:
         try:
