@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -22,6 +21,9 @@ from sd35dist.config.loading import ConfigError, load_yaml, validate_mapping
 from sd35dist.config.recipe import TrainSection
 from tests.rank_runs import assert_one_quiet_line, torchrun
 from tests.train_runs import train_recipe
+
+# DeepSpeed on its CPU accelerator, its ops built in the venv's own folder (conftest.py).
+pytestmark = pytest.mark.usefixtures("deepspeed_on_cpu")
 
 POISON = {"learning_rate": 1e30, "lr_scheduler": "constant", "lr_warmup_steps": 2, "max_train_steps": 6,
           "checkpointing_steps": 2, "checkpoints_total_limit": 5}
@@ -40,15 +42,6 @@ def poisoned_recipe(tmp_path: Path, cache, strategy: str, precision: str, **trai
 def checkpoint_names(output: Path) -> list[str]:
     root = CheckpointDir(output).root
     return sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) if root.is_dir() else []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def deepspeed_on_cpu():
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "sd35dist" / "torch_extensions"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DS_ACCELERATOR", "cpu")
-        patch.setenv("TORCH_EXTENSIONS_DIR", extensions)
-        yield
 
 
 @pytest.mark.dist
