@@ -43,7 +43,7 @@ sys.path.insert(0, str(PROJECT))  # run from a checkout without installing
 
 from bench_report import typed_command
 
-from sd35dist.data.demo_formats import demo_samples, write_folder, write_parquet, write_webdataset
+from sd35dist.demo.formats import demo_samples, write_folder, write_parquet, write_webdataset
 
 SIZES = ((64, 64), (80, 48), (48, 80))
 """The tiny model's buckets: images of these shapes are resized, not cropped."""

@@ -20,11 +20,11 @@ import yaml
 from PIL import Image
 
 from sd35dist.config.recipe import load_recipe
-from sd35dist.data.demo_dataset import DEMO_BUCKETS, write_demo_dataset
-from sd35dist.data.demo_formats import demo_samples, write_parquet, write_webdataset
 from sd35dist.data.latent_stream import LatentStream
 from sd35dist.data.manifest import read_manifest
 from sd35dist.data.storage import Store
+from sd35dist.demo.dataset import DEMO_BUCKETS, write_demo_dataset
+from sd35dist.demo.formats import demo_samples, write_parquet, write_webdataset
 from sd35dist.trainer.loop import stream_options
 from tests.cache_runs import cache_files, run_cache, samples_by_key
 from tests.cli_runs import PROJECT, torch_extensions_dir, venv_env

@@ -16,7 +16,6 @@ from PIL import Image
 from sd35dist.config.loading import ConfigError, validate_mapping
 from sd35dist.config.recipe import DataSection, DatasetSection, Recipe
 from sd35dist.data.dataset_formats import list_input_shards
-from sd35dist.data.demo_formats import demo_samples, write_parquet
 from sd35dist.data.image_source import SourceImage
 from sd35dist.data.input_shards import (
     DatasetInputError,
@@ -27,6 +26,7 @@ from sd35dist.data.input_shards import (
 )
 from sd35dist.data.parquet_source import read_row_group, row_group_sizes
 from sd35dist.data.webdataset_source import read_tar_shard
+from sd35dist.demo.formats import demo_samples, write_parquet
 
 pytestmark = pytest.mark.unit
 

@@ -1,6 +1,6 @@
 """The generated demo images as the formats large datasets come in: WebDataset tars and parquet.
 
-The images and captions of data/demo_dataset.py for the same seed, encoded once, so a folder, a
+The images and captions of demo/dataset.py for the same seed, encoded once, so a folder, a
 tar and a parquet file written from one `demo_samples` hold identical bytes; written with
 webdataset's TarWriter and pyarrow: what img2dataset and Hugging Face datasets' parquet exports look like
 (`KEY.png` + `KEY.txt` + `KEY.json` in a tar; `image`, `caption`, `width`, `height` columns).
@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from sd35dist.data.demo_dataset import DEMO_SIZES, demo_caption, demo_image
+from sd35dist.demo.dataset import DEMO_SIZES, demo_caption, demo_image
 
 
 class DemoSample(NamedTuple):
