@@ -14,8 +14,16 @@ import torch.distributed as dist
 from sd35dist.config.cli_args import CommandLineParser, key_value
 from sd35dist.config.loading import ConfigError, parse_override
 from sd35dist.config.recipe import Recipe
-from sd35dist.data.cache_builder import Encoders, RankResult, SampleShape, build_rank, finish_cache, write_empty_prompt
+from sd35dist.data.cache_builder import (
+    Encoders,
+    SampleShape,
+    build_rank,
+    finish_cache,
+    read_journals,
+    write_empty_prompt,
+)
 from sd35dist.data.cache_identity import dataset_identity, foreign_cache
+from sd35dist.data.input_shards import DatasetInputError
 from sd35dist.data.manifest import ManifestError, read_manifest
 from sd35dist.data.shard_fetcher import is_transient
 from sd35dist.data.shard_format import shard_metadata
@@ -74,23 +82,37 @@ def build(recipe: Recipe, world: World) -> int:
         max_sequence_length=recipe.data.max_sequence_length,
     )
     store = Store(recipe.data.cache_url, recipe.data.storage_options)
-    bar = tqdm(desc="caching", unit="img", disable=not world.is_main, dynamic_ncols=True)
-    result = build_rank(recipe, store, encoders, _sample_shape(encoders), world.rank, world.world_size,
-                        on_images=lambda n: bar.update(n * world.world_size))
-    bar.close()
-    results: list[Any] = [None] * world.world_size
-    dist.all_gather_object(results, (result.shards, result.rejected))
+    # Closed on the way out of a failure too: an error line must not continue the bar's line.
+    with tqdm(desc="caching", unit="img", disable=not world.is_main, dynamic_ncols=True) as bar:
+        shards = build_rank(recipe, store, encoders, _sample_shape(encoders), world.rank, world.world_size,
+                            gather=_all_gather(world), on_images=lambda n: bar.update(n * world.world_size))
+    dist.barrier()  # every input shard's journal is complete and stored
     if world.is_main:
         empty = write_empty_prompt(store, encoders, recipe.data.cache_dtype)
         vae_config = {k: float(encoders.vae.config[k]) for k in ("scaling_factor", "shift_factor")}
-        manifest = finish_cache(store, [RankResult(s, r) for s, r in results], empty,
-                                encoder_identity(model_dir), vae_config, recipe)
+        manifest = finish_cache(store, read_journals(store, shards), empty, encoder_identity(model_dir), vae_config,
+                                recipe)
         print(f"cache {store.url}: {manifest.total_samples} samples in {len(manifest.shards)} shards, "
               f"{manifest.total_bytes / 2**20:.1f} MiB, {manifest.rejected} images rejected (see report.json)")
         if recipe.validation.enabled:
             cache_validation_prompts(recipe, store, encoders.text)
     dist.barrier()
     return 0
+
+
+def _all_gather(world: World):
+    def gather(value: Any) -> list[Any]:
+        values: list[Any] = [None] * world.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    return gather
+
+
+def dataset_mistake(err: DatasetInputError, recipe: Recipe, recipe_name: str) -> ConfigError:
+    """A dataset's bad input as the one line naming the recipe, the dataset's key and the dataset."""
+    index = next(i for i, d in enumerate(recipe.data.datasets) if d.id == err.dataset)
+    return ConfigError(recipe_name, f"data.datasets[{index}].{err.key}", f"dataset {err.dataset}: {err.message}")
 
 
 def cache_validation_prompts(recipe: Recipe, store: Store, text_encoders) -> None:
@@ -134,6 +156,9 @@ def inspect(url: str, storage_options: dict[str, Any], verify: bool, out=sys.std
     print(f"  {manifest.total_samples} samples, {len(manifest.shards)} shards, {manifest.total_bytes / 2**20:.1f} MiB", file=out)
     for bucket, count in manifest.samples_per_bucket().items():
         print(f"  bucket {bucket}: {count} samples", file=out)
+    for dataset, per_bucket in manifest.samples_per_dataset().items():
+        buckets = ", ".join(f"{bucket} {count}" for bucket, count in per_bucket.items())
+        print(f"  dataset {dataset or '(not recorded)'}: {sum(per_bucket.values())} samples ({buckets})", file=out)
     for part, identity in sorted(manifest.encoders.items()):
         print(f"  encoder {part}: {identity.get('class', '?')} config {str(identity.get('config_sha256', ''))[:12]}", file=out)
     print(f"  rejected images: {manifest.rejected} (report.json)", file=out)
@@ -176,7 +201,10 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as err:
         return report_before_group(err, rank_from_env())
     try:
-        return build(recipe, world)
+        try:
+            return build(recipe, world)
+        except DatasetInputError as err:
+            raise dataset_mistake(err, recipe, Path(args.recipe).name) from None
     except Exception as err:  # noqa: BLE001 — one line once for a mistake; a bug is re-raised
         return report_failure(err, world.rank, Path(args.run_dir) if args.run_dir else None)
     finally:

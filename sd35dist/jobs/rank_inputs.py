@@ -55,11 +55,39 @@ def check_pretrained(recipe: Recipe, source: str, parts: tuple[str, ...]) -> Non
 
 
 def check_dataset_sources(data: DataSection, source: str) -> None:
-    """Every data.datasets[i].source is a directory that can be listed (local path or fsspec URL)."""
+    """Every data.datasets[i].source names what its format reads: a folder a directory that can be listed
+    (local path or fsspec URL); webdataset and parquet at least one file, the first one there (and a
+    parquet file with the columns the dataset names). The rest is checked by the rank that reads it."""
+    from sd35dist.data.input_shards import DatasetInputError, expand_source
+
     for index, dataset in enumerate(data.datasets):
-        if not _is_directory(dataset.source, data.storage_options):
-            raise ConfigError(source, f"data.datasets[{index}].source",
-                              f"{dataset.source} is not a directory (dataset {dataset.id})")
+        if dataset.format == "folder":
+            if not _is_directory(dataset.source, data.storage_options):
+                raise ConfigError(source, f"data.datasets[{index}].source",
+                                  f"{dataset.source} is not a directory (dataset {dataset.id})")
+            continue
+        try:
+            files = expand_source(dataset, data.storage_options)
+            if not files:
+                raise DatasetInputError(dataset.id, "source", f"{dataset.source} names no {dataset.format} files")
+            if dataset.format == "parquet":
+                from sd35dist.data.parquet_source import row_group_sizes
+
+                row_group_sizes(dataset, files[0], data.storage_options)
+            elif not _is_file(files[0], data.storage_options):
+                raise DatasetInputError(dataset.id, "source", f"{files[0]} does not exist")
+        except DatasetInputError as err:
+            raise ConfigError(source, f"data.datasets[{index}].{err.key}", f"dataset {dataset.id}: {err.message}") from None
+
+
+def _is_file(url: str, storage_options: dict[str, Any]) -> bool:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        return bool(fs.isfile(path))
+    except (FileNotFoundError, PermissionError):
+        return False
 
 
 def _is_directory(url: str, storage_options: dict[str, Any]) -> bool:

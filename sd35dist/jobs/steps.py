@@ -46,8 +46,8 @@ def main(argv: list[str]) -> int:
             raise ConfigError(Path(args.recipe).name, "train", "set max_train_steps or num_train_epochs")
         profiles = [(Path(name).stem, load_profile(profile_path(name))) for name in args.profile or available_profiles()]
         manifest = read_manifest(Store(recipe.data.cache_url, recipe.data.storage_options))
-        layouts = bucket_layouts([(s.bucket, s.samples) for s in manifest.shards])
-        print(f"{manifest.total_samples} samples per epoch in {len(layouts)} buckets; "
+        layouts = bucket_layouts([(s.group, s.samples) for s in manifest.shards])
+        print(f"{manifest.total_samples} samples per epoch in {len(manifest.samples_per_bucket())} buckets; "
               f"{train.train_batch_size} per GPU, gradient accumulation {train.gradient_accumulation_steps}")
         print(f"{'profile':<14} {'ranks':>5} {'global batch':>12} {'steps/epoch':>11} {'total steps':>11} {'epochs':>6}")
         for name, profile in profiles:  # all read before the cache: a bad --profile is named first

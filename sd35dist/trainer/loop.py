@@ -62,6 +62,8 @@ def stream_options(recipe: Recipe) -> StreamOptions:
         on_corrupt=stream.on_corrupt,
         caption_dropout=recipe.train.caption_dropout_probability,
         retry=RetryPolicy(budget_s=stream.retry_budget_s),
+        dataset_probability={d.id: d.probability for d in recipe.data.datasets},
+        dataset_sampling=recipe.data.dataset_sampling,
     )
 
 
@@ -216,6 +218,7 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
     peak = peak_bf16_flops(torch.cuda.get_device_name(trainer.device)) if trainer.device.type == "cuda" else None
     stop = StopKind.NONE
     saved = False
+    reported_epochs = 0
     try:
         while trainer.step < trainer.last_step:
             started = time.perf_counter()
@@ -227,7 +230,9 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
             if peak is not None:
                 # This rank's model FLOPs of the step at one step per `seconds`, over one GPU's peak.
                 values["mfu"] = mfu(rank_flops, 1.0 / seconds, peak)
-            metrics.step(trainer.step, values, seconds)
+            finished = trainer.stream.finished_epochs[reported_epochs:]
+            reported_epochs += len(finished)
+            metrics.step(trainer.step, values, seconds, epoch_mixes=finished)
             stop = watch.agreed(trainer.device)
             if stop is not StopKind.NONE:
                 metrics.note(stop_and_save(trainer, stop, watch, budget))
