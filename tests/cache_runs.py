@@ -58,12 +58,15 @@ def write_recipe(path: Path, model: Path, inputs: dict[str, Path], cache_url: st
 
 
 def run_cache(recipe: Path, nproc: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`sd35dist cache` on `nproc` ranks, one CPU thread each, as torchrun gives several ranks: a CPU
+    convolution's last bits depend on the thread count, and the cache's bytes are equal for equal threads."""
+    env = {**(env or venv_env()), "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "sd35dist", "cache", "--recipe", str(recipe)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "sd35dist", "cache", "--recipe", str(recipe)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=env or venv_env(), timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

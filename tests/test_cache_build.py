@@ -148,20 +148,11 @@ def test_a_cache_of_another_dataset_list_is_never_overwritten(built, tmp_path, t
     assert cache_files(cache) == cache_files(root / "cache")
 
 
-def test_two_ranks_build_the_same_content_as_one(built, tmp_path, tiny_model):
+def test_two_ranks_build_the_same_bytes_as_one(built, tmp_path, tiny_model):
     root, inputs, _, _ = built
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model, inputs, str(tmp_path / "cache"))
     run_cache(recipe, nproc=2)
-    one, two = samples_by_key(root / "cache"), samples_by_key(tmp_path / "cache")
-    assert sorted(one) == sorted(two)
-    for key in one:
-        assert one[key]["record"] == two[key]["record"]
-        for name in ("prompt_embeds", "pooled_prompt_embeds", "original_size", "crop_top_left"):
-            assert torch.equal(one[key][name], two[key][name]), (key, name)
-        for name in ("latent_mean", "latent_std"):  # different VAE batch composition per rank
-            torch.testing.assert_close(one[key][name], two[key][name], rtol=1e-5, atol=1e-6)
-    report_one = json.loads((root / "cache" / "report.json").read_text())
-    assert json.loads((tmp_path / "cache" / "report.json").read_text()) == report_one
+    assert cache_files(tmp_path / "cache") == cache_files(root / "cache"), "shards depend on their input shard only"
 
 
 def test_resume_after_kill_gives_identical_shards(tmp_path, tiny_model):
@@ -177,7 +168,7 @@ def test_resume_after_kill_gives_identical_shards(tmp_path, tiny_model):
     proc = subprocess.Popen([sys.executable, "-m", "sd35dist", "cache", "--recipe", str(resumed)],
                             cwd=PROJECT, env=venv_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    journal = tmp_path / "resumed" / "progress" / "w0001-r00000.json"
+    journal = tmp_path / "resumed" / "progress" / "demo-000000.json"  # the folder's first (only) chunk
     deadline = time.monotonic() + 120
     while proc.poll() is None:
         if journal.exists() and len(json.loads(journal.read_text() or "{}").get("shards", {})) >= 3:

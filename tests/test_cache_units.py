@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from sd35dist.data.buckets import SD35_BUCKETS, FitPlan, ImageRejected, bucket_name, nearest_bucket, plan_fit
-from sd35dist.data.cache_builder import WorkItem, plan_fingerprint, plan_shards, rank_images
+from sd35dist.data.cache_builder import WorkItem, build_settings, input_fingerprint, plan_fingerprint, plan_shards
 from sd35dist.data.captions import CaptionMissing, caption_variants, resolve_caption, shuffle_tokens
 from sd35dist.data.image_source import SourceImage
+from sd35dist.data.input_shards import InputShard, assign
 from sd35dist.data.shard_format import (
     CachedSample,
     SampleRecord,
@@ -344,17 +345,21 @@ def _images(n: int, dataset: str = "ds") -> list[SourceImage]:
     return [SourceImage(dataset, f"img{i:03d}.png", f"/data/{dataset}/img{i:03d}.png", None) for i in range(n)]
 
 
+def _shard(index: int = 0, dataset: str = "ds", url: str = "/data/ds/00000.tar") -> InputShard:
+    return InputShard(dataset, index, url, url.rsplit("/", 1)[-1])
+
+
 @pytest.mark.parametrize("n", [0, 1, 3, 12, 13])
-def test_rank_images_partition_the_list(n):
-    images = _images(n)
+def test_assign_partitions_the_input_shards(n):
+    shards = [_shard(i) for i in range(n)]
     for world in range(1, 6):
-        parts = [rank_images(images, rank, world) for rank in range(world)]
-        flat = [img for part in parts for img in part]
-        assert sorted(flat, key=lambda i: i.path) == images
+        parts = [assign(shards, rank, world) for rank in range(world)]
+        flat = [s for part in parts for s in part]
+        assert sorted(flat, key=lambda s: s.index) == shards
         assert len(flat) == len(set(flat)) == n
         assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced
         for rank, part in enumerate(parts):
-            assert part == rank_images(images, rank, world)  # deterministic
+            assert part == assign(shards, rank, world)  # deterministic
 
 
 def _bucketed(counts: dict[tuple[int, int], int], repeats: int = 2) -> dict[tuple[int, int], list[WorkItem]]:
@@ -365,13 +370,13 @@ def _bucketed(counts: dict[tuple[int, int], int], repeats: int = 2) -> dict[tupl
     return out
 
 
-PATH_RE = re.compile(r"^shards/(\d+x\d+)/w(\d{4})-r(\d{5})-(\d{6})\.safetensors$")
+PATH_RE = re.compile(r"^shards/([A-Za-z0-9._-]+)/(\d+x\d+)/(\d{6})-(\d{4})\.safetensors$")
 
 
-def test_plan_shards_cuts_fixed_slices():
+def test_plan_shards_cuts_fixed_slices_named_by_input_shard_not_by_rank():
     bucketed = _bucketed({(1344, 768): 7, (1024, 1024): 20, (832, 1216): 1})
     sizes = {(1024, 1024): 6, (1344, 768): 4, (832, 1216): 3}
-    plans = plan_shards(bucketed, lambda b: sizes[b], rank=3, world_size=4)
+    plans = plan_shards(bucketed, lambda b: sizes[b], _shard(12, "laion"))
     for bucket, items in bucketed.items():
         mine = [p for p in plans if p.bucket == bucket_name(bucket)]
         assert [it for p in mine for it in p.items] == items
@@ -381,40 +386,37 @@ def test_plan_shards_cuts_fixed_slices():
         for index, plan in enumerate(mine):
             m = PATH_RE.match(plan.path)
             assert m, plan.path
-            assert m.groups() == (bucket_name(bucket), "0004", "00003", f"{index:06d}")
+            assert m.groups() == ("laion", bucket_name(bucket), "000012", f"{index:04d}")
     assert len({p.path for p in plans}) == len(plans)
-    assert plan_shards({}, lambda b: 1, 0, 1) == []
+    assert plan_shards({}, lambda b: 1, _shard()) == []
+    other = {p.path for p in plan_shards(bucketed, lambda b: sizes[b], _shard(13, "laion"))}
+    assert not other & {p.path for p in plans}, "each input shard has its own output paths"
 
 
-def test_plan_shard_paths_differ_across_ranks_and_worlds():
-    bucketed = _bucketed({(1024, 1024): 5, (1216, 832): 3})
-    paths = [
-        p.path
-        for world in (1, 2, 3)
-        for rank in range(world)
-        for p in plan_shards(bucketed, lambda b: 2, rank, world)
-    ]
-    assert len(paths) == len(set(paths))
+def test_fingerprints_track_the_input_shard_the_settings_and_the_plan():
+    from sd35dist.config.recipe import DataSection
 
+    data = DataSection.model_validate({"cache_url": "/c", "datasets": [
+        {"id": "ds", "source": "/data/ds/{00000..00009}.tar", "format": "webdataset"}]})
+    settings = build_settings(data, data.datasets[0])
+    fp = input_fingerprint(_shard(), settings)
+    assert fp == input_fingerprint(_shard(), dict(reversed(list(settings.items()))))  # key order is irrelevant
+    assert fp != input_fingerprint(_shard(1), settings)
+    assert fp != input_fingerprint(_shard(url="/data/ds/00001.tar"), settings)
+    for change in ({"cache_dtype": "fp32"}, {"shuffle_seed": 1}, {"shard_target_mb": 1.0}, {"cache_batch_size": 1}):
+        changed = data.model_copy(update=change)
+        assert fp != input_fingerprint(_shard(), build_settings(changed, changed.datasets[0])), change
+    repeats = data.datasets[0].model_copy(update={"repeats": 2})
+    assert fp != input_fingerprint(_shard(), build_settings(data, repeats))
+    weighted = data.datasets[0].model_copy(update={"probability": 3.0})
+    assert fp == input_fingerprint(_shard(), build_settings(data, weighted)), "probability only orders training"
 
-def test_plan_fingerprint_tracks_items_and_settings():
-    settings = {"dtype": "bf16", "max_sequence_length": 77, "shuffle_seed": 0, "batch": 4}
-    base = plan_shards(_bucketed({(1024, 1024): 5}), lambda b: 3, 0, 2)
-    fp = plan_fingerprint(base, settings)
-    assert fp == plan_fingerprint(plan_shards(_bucketed({(1024, 1024): 5}), lambda b: 3, 0, 2), dict(settings))
-    assert fp == plan_fingerprint(base, dict(reversed(list(settings.items()))))  # key order is irrelevant
-
-    assert fp != plan_fingerprint(base, {**settings, "dtype": "fp32"})
-    assert fp != plan_fingerprint(base, {**settings, "shuffle_seed": 1})
+    base = plan_shards(_bucketed({(1024, 1024): 5}), lambda b: 3, _shard())
+    assert plan_fingerprint(base) == plan_fingerprint(plan_shards(_bucketed({(1024, 1024): 5}), lambda b: 3, _shard()))
     one_more = _bucketed({(1024, 1024): 5})
     one_more[(1024, 1024)].append(WorkItem(_images(6)[5], 0))
-    assert fp != plan_fingerprint(plan_shards(one_more, lambda b: 3, 0, 2), settings)
-    renamed = _bucketed({(1024, 1024): 5})
-    item = renamed[(1024, 1024)][4]
-    renamed[(1024, 1024)][4] = WorkItem(SourceImage(item.image.dataset, "other.png", item.image.url, None), item.repeat)
-    assert fp != plan_fingerprint(plan_shards(renamed, lambda b: 3, 0, 2), settings)
-    assert fp != plan_fingerprint(plan_shards(_bucketed({(1024, 1024): 5}), lambda b: 2, 0, 2), settings)
-    assert fp != plan_fingerprint(plan_shards(_bucketed({(1024, 1024): 5}), lambda b: 3, 1, 2), settings)
+    assert plan_fingerprint(base) != plan_fingerprint(plan_shards(one_more, lambda b: 3, _shard()))
+    assert plan_fingerprint(base) != plan_fingerprint(plan_shards(_bucketed({(1024, 1024): 5}), lambda b: 2, _shard()))
 
 
 def test_filename_caption_that_comes_out_empty_is_missing():
@@ -427,7 +429,7 @@ def test_filename_caption_that_comes_out_empty_is_missing():
 
 def test_report_lists_each_image_once_with_its_fit(tmp_path):
     from sd35dist.config.recipe import Recipe
-    from sd35dist.data.cache_builder import RankResult, finish_cache, fit_record
+    from sd35dist.data.cache_builder import finish_cache, fit_record
     from sd35dist.data.manifest import ShardEntry
     from sd35dist.data.storage import Store
 
@@ -435,20 +437,28 @@ def test_report_lists_each_image_once_with_its_fit(tmp_path):
     accepted = fit_record(SourceImage("d", "wide.png", "/x/wide.png", None), fit)
     assert accepted == {"dataset": "d", "image": "wide.png", "size": [128, 77], "bucket": "80x48",
                         "upscale": 0.625, "cropped_fraction": 0.0204}
+    other = {**accepted, "image": "a.png", "upscale": 1.5}
 
-    def shard(path: str) -> dict:
+    def shard(path: str, fitted: list, rejected: list) -> dict:
         return {"path": path, "bucket": "80x48", "samples": 1, "bytes": 8, "sha256": "0" * 64, "dtype": "fp32",
-                "fitted": [accepted]}
+                "dataset": "d", "fitted": fitted, "rejected": rejected}
 
-    # Repeats of one image can straddle two shards; both shards prepared (or refused) it.
+    # Repeats of one image can straddle two output shards; both shards prepared (or refused) it.
     refused = {"dataset": "d", "image": "bad.png", "reason": "unreadable"}
-    results = [RankResult({"a": shard("shards/a"), "b": shard("shards/b")}, [refused, refused])]
+    journals = [{"planning_rejected": [], "shards": {"shards/b": shard("shards/b", [accepted], [refused]),
+                                                     "shards/a": shard("shards/a", [accepted], [refused])}},
+                {"planning_rejected": [{"dataset": "d", "image": "tiny.png", "reason": "too small"}],
+                 "shards": {"shards/c": shard("shards/c", [other], [])}}]
     recipe = Recipe.model_validate({"name": "r", "model": {"pretrained": "m"}, "data": {"cache_url": str(tmp_path)},
                                     "output": {"dir": "o"}})
     empty = ShardEntry("empty_prompt.safetensors", "", 1, 8, "0" * 64, "fp32")
-    manifest = finish_cache(Store(str(tmp_path)), results, empty, {}, {}, recipe)
+    manifest = finish_cache(Store(str(tmp_path)), iter(journals), empty, {}, {}, recipe)
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["rejected"] == [refused] and report["rejected_count"] == manifest.rejected == 1
-    assert report["accepted"] == [accepted] and report["accepted_count"] == 1
-    assert report["max_upscale"] == 0.625 and report["upscaled_count"] == 0
-    assert [s.path for s in manifest.shards] == ["shards/a", "shards/b"]
+    assert [r["image"] for r in report["rejected"]] == ["bad.png", "tiny.png"]
+    assert report["rejected_count"] == manifest.rejected == 2
+    assert report["accepted"] == [accepted, other], "input-shard order, each image once"
+    assert report["accepted_count"] == 2 and report["upscaled_count"] == 1
+    assert report["max_upscale"] == 1.5 and report["max_cropped_fraction"] == 0.0204
+    assert [s.path for s in manifest.shards] == ["shards/a", "shards/b", "shards/c"]
+    finish_cache(Store(str(tmp_path)), iter([]), empty, {}, {}, recipe)
+    assert json.loads((tmp_path / "report.json").read_text())["accepted"] == []

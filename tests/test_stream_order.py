@@ -152,3 +152,96 @@ def test_optimizer_steps_per_epoch_counts_every_micro_step_rounded_up(world, bat
     assert (steps - 1) * accumulation < micro <= steps * accumulation
     for epoch in (1, 2):
         assert len(plan_segment(full_epoch(layouts), world, batch, seed=3, epoch=epoch).steps) == micro
+
+
+# ---- several datasets: SimpleTuner's probability ------------------------------------------------
+
+from sd35dist.data.stream_order import dataset_weights, group_dataset, mixed_order  # noqa: E402
+
+MIXED = [("a/64x64", 7), ("b/64x64", 5), ("a/80x48", 6), ("b/48x80", 3), ("c/80x48", 5), ("a/64x64", 1), ("c/48x80", 9)]
+
+
+def _prefix_share(order: list[str], dataset: str) -> tuple[float, int]:
+    """Share of `dataset` among the steps before the first dataset runs out, and that prefix's length."""
+    last = {group_dataset(g): i for i, g in enumerate(order)}
+    prefix = order[: min(last.values())]
+    return sum(group_dataset(g) == dataset for g in prefix) / len(prefix), len(prefix)
+
+
+def test_mixed_order_draws_a_dataset_with_its_weight_until_one_runs_out():
+    rng = np.random.default_rng(0)
+    slots = ["a/64x64"] * 3000 + ["a/80x48"] * 3000 + ["b/64x64"] * 6000
+    order = mixed_order(slots, {"a": 3.0, "b": 1.0}, rng)
+    assert Counter(order) == Counter(slots), "every full step once: probability reorders, never drops or repeats"
+    share, prefix = _prefix_share(order, "a")
+    assert prefix > 7000 and abs(share - 0.75) < 0.02, (share, prefix)
+    last = {group_dataset(g): i for i, g in enumerate(order)}
+    assert last["a"] < last["b"], "the heavier dataset is used up first; the rest of the epoch is the other's"
+    a_steps = [g for g in order if group_dataset(g) == "a"]
+    assert 0.45 < a_steps[:3000].count("a/64x64") / 3000 < 0.55, "a dataset's buckets are shuffled within it"
+
+
+def test_mixed_order_with_equal_weights_alternates_whatever_the_sizes():
+    """uniform sampling, probability 1 each (SimpleTuner's uniform): a small dataset is drawn as often as a big
+    one until it runs out."""
+    order = mixed_order(["big/1x1"] * 9000 + ["small/1x1"] * 1000, {"big": 1.0, "small": 1.0}, np.random.default_rng(1))
+    share, prefix = _prefix_share(order, "small")
+    assert abs(share - 0.5) < 0.03 and 1800 < prefix < 2200, (share, prefix)
+
+
+def test_auto_weighting_spreads_every_dataset_over_the_whole_epoch():
+    layouts = bucket_layouts([("big/1x1", 9000), ("small/1x1", 1000)])
+    weights = dataset_weights(layouts, {}, "auto-weighting")
+    assert weights == {"big": 9000.0, "small": 1000.0}
+    order = mixed_order(["big/1x1"] * 9000 + ["small/1x1"] * 1000, weights, np.random.default_rng(2))
+    last = {group_dataset(g): i for i, g in enumerate(order)}
+    assert min(last.values()) > 0.95 * len(order), "both run until the end, as a plain shuffle would"
+    share, _ = _prefix_share(order, "small")
+    assert abs(share - 0.1) < 0.01
+
+
+def test_dataset_weights_are_probability_times_size_or_probability_alone():
+    layouts = bucket_layouts(MIXED)
+    assert dataset_weights(layouts, {"a": 2.0}, "auto-weighting") == {"a": 28.0, "b": 8.0, "c": 14.0}
+    assert dataset_weights(layouts, {"a": 2.0, "c": 0.5}, "uniform") == {"a": 2.0, "b": 1.0, "c": 0.5}
+    with pytest.raises(ValueError):
+        dataset_weights(layouts, {}, "by-size")
+
+
+@pytest.mark.parametrize(("world", "batch"), [(1, 1), (2, 2), (3, 2), (4, 3)])
+def test_a_weighted_epoch_delivers_every_sample_once_and_never_mixes_datasets(world, batch):
+    layouts = bucket_layouts(MIXED)
+    weights = dataset_weights(layouts, {"a": 5.0, "c": 0.2}, "uniform")
+    sequences = _sequences(layouts, 0, 0)
+    segment = plan_segment(full_epoch(layouts), world, batch, seed=0, epoch=0, weights=weights)
+    deliveries = _deliveries(layouts, segment, sequences, world, range(len(segment.steps)))
+    assert Counter(i for *_, got in deliveries for i in got) == Counter(range(36))
+    group_of = _bucket_of(layouts)
+    for _, _, group, got in deliveries:
+        assert all(group_of[i] == group for i in got), "a step reads one dataset's bucket on every rank"
+    assert sum(segment.samples_at(s) for s in range(len(segment.steps))) == 36
+    assert len(segment.steps) == len(plan_segment(full_epoch(layouts), world, batch, seed=0, epoch=0).steps), \
+        "weights reorder steps; the epoch's step count does not change"
+
+
+def test_weighted_order_is_deterministic_for_a_seed():
+    layouts = bucket_layouts(MIXED)
+    weights = dataset_weights(layouts, {"a": 3.0}, "uniform")
+    one = plan_segment(full_epoch(layouts), 2, 1, seed=9, epoch=1, weights=weights)
+    assert one == plan_segment(full_epoch(layouts), 2, 1, seed=9, epoch=1, weights=dict(weights))
+    assert one.steps != plan_segment(full_epoch(layouts), 2, 1, seed=10, epoch=1, weights=weights).steps
+    assert one.steps != plan_segment(full_epoch(layouts), 2, 1, seed=9, epoch=1, weights={**weights, "a": 0.1}).steps
+
+
+@pytest.mark.parametrize(("old_world", "new_world"), [(2, 1), (2, 3), (4, 4)])
+@pytest.mark.parametrize("stop_fraction", [0.0, 0.4, 0.9])
+def test_a_weighted_epoch_resumes_with_another_world_size_without_duplicate_or_gap(old_world, new_world, stop_fraction):
+    layouts = bucket_layouts(MIXED)
+    weights = dataset_weights(layouts, {"b": 4.0}, "auto-weighting")
+    sequences = _sequences(layouts, 7, 2)
+    first = plan_segment(full_epoch(layouts), old_world, 1, seed=7, epoch=2, weights=weights)
+    stop = int(len(first.steps) * stop_fraction)
+    before = [i for *_, got in _deliveries(layouts, first, sequences, old_world, range(stop)) for i in got]
+    second = plan_segment(first.remaining_after(stop), new_world, 1, seed=7, epoch=2, weights=weights)
+    after = [i for *_, got in _deliveries(layouts, second, sequences, new_world, range(len(second.steps))) for i in got]
+    assert Counter(before + after) == Counter(range(36))

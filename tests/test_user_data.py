@@ -139,6 +139,11 @@ def test_the_identity_names_what_differs(tmp_path):
     assert differences(base, dataset_identity(fewer)) == ["datasets (2 entries, now 1)"]
     # Settings that change how shards are cut, not what a sample holds, are not part of it.
     assert differences(base, dataset_identity(_data(tmp_path, shard_target_mb=1.0, cache_batch_size=9))) == []
+    # Nor is how training draws from a dataset: a new probability trains on the same cache.
+    drawn = _data(tmp_path)
+    drawn = drawn.model_copy(update={"datasets": [drawn.datasets[0].model_copy(update={"probability": 0.25}),
+                                                  drawn.datasets[1]]})
+    assert differences(base, dataset_identity(drawn)) == []
 
 
 def _manifest(identity: dict | None) -> bytes:

@@ -33,14 +33,40 @@ class ModelSection(StrictModel):
     """Subfolder of `pretrained` holding the MMDiT (config.json + sharded safetensors)."""
 
 
+DatasetFormat = Literal["folder", "webdataset", "parquet"]
+PARQUET_KEYS = ("image_column", "caption_column", "width_column", "height_column", "image_root")
+"""Keys only a parquet dataset reads."""
+
+
 class DatasetSection(StrictModel):
     """One image dataset (like an entry of SimpleTuner's multidatabackend.json)."""
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     source: str
-    """Directory of images: a local path or any fsspec URL (s3://bucket/images)."""
+    """Where the dataset is, a local path or any fsspec URL (s3://bucket/images): folder: a directory of images;
+    webdataset: tar shards (a brace pattern shards-{00000..00099}.tar, a glob, a directory of .tar or one file);
+    parquet: .parquet files (a directory, a glob, a brace pattern or one file)."""
+    format: DatasetFormat = "folder"
+    """folder: images with NAME.txt captions; webdataset: tar shards of samples (image + .txt, .json allowed);
+    parquet: rows with an image column (bytes or a path) and a caption column."""
+    image_column: str = "image"
+    """parquet: the column holding the image: its bytes, a {bytes, path} struct (Hugging Face datasets), or a path/URL."""
+    caption_column: str = "caption"
+    """parquet: the column holding the caption (caption_strategy textfile)."""
+    width_column: str | None = None
+    """parquet: a column with each image's width; with height_column, images are bucketed without decoding them."""
+    height_column: str | None = None
+    """parquet: a column with each image's height (with width_column)."""
+    image_root: str | None = None
+    """parquet: what relative paths in image_column are relative to (default: the parquet file's directory)."""
+    probability: float = 1.0
+    """SimpleTuner's probability: the weight with which a training step draws from this dataset while it has
+    samples left in the epoch (× its size under data.dataset_sampling auto-weighting). An epoch still holds
+    every sample `repeats` times: probability decides the order, repeats the amount."""
     caption_strategy: Literal["textfile", "filename", "instance_prompt"] = "textfile"
-    """textfile: NAME.txt beside NAME.png; filename: the file name; instance_prompt: a fixed prompt."""
+    """textfile: the caption that comes with the image (folder: NAME.txt beside NAME.png; webdataset: the sample's
+    .txt, else its .json "caption"; parquet: caption_column); filename: the file name (webdataset: the sample key);
+    instance_prompt: a fixed prompt."""
     instance_prompt: str | None = None
     """The trigger prompt (e.g. k4s4) for caption_strategy instance_prompt."""
     repeats: int = Field(1, ge=1)
@@ -85,10 +111,24 @@ class DatasetSection(StrictModel):
             raise ValueError(f"{list(value)}: each channel must be 0–255")
         return value
 
+    @pydantic.field_validator("probability")
+    @classmethod
+    def _weight(cls, value: float, info: pydantic.ValidationInfo) -> float:
+        if not value > 0 or value == float("inf"):
+            name = info.data.get("id", "?")
+            raise ValueError(f"dataset {name}: must be a finite weight > 0 (1 is the default), got {value!r}")
+        return value
+
     @pydantic.model_validator(mode="after")
     def _prompt(self) -> DatasetSection:
         if self.caption_strategy == "instance_prompt" and not self.instance_prompt:
             raise ValueError("caption_strategy instance_prompt needs instance_prompt")
+        if (self.width_column is None) != (self.height_column is None):
+            raise ValueError(f"dataset {self.id}: width_column and height_column go together (set both or neither)")
+        if self.format != "parquet":
+            changed = [key for key in PARQUET_KEYS if getattr(self, key) != DatasetSection.model_fields[key].default]
+            if changed:
+                raise ValueError(f"dataset {self.id}: {changed[0]} is a key of format parquet, not {self.format}")
         return self
 
 
@@ -131,6 +171,9 @@ class DataSection(StrictModel):
     """T5 tokens per caption (SD3's default 256)."""
     shuffle_seed: int = 0
     """Seed of caption shuffles (independent of the training seed so a cache is reusable)."""
+    dataset_sampling: Literal["auto-weighting", "uniform"] = "auto-weighting"
+    """SimpleTuner's data_backend_sampling: a step draws a dataset with weight probability × its samples per epoch
+    (auto-weighting) or probability alone (uniform), among the datasets with samples left in the epoch."""
     stream: StreamSection = Field(default_factory=StreamSection)
 
     @pydantic.field_validator("storage_options")
@@ -363,6 +406,16 @@ class Recipe(StrictModel):
         if self.train.lora is not None and self.parallel.strategy == "zero3":
             # ZeRO-3 partitions every parameter, frozen or not; its checkpoints then hold the whole base model.
             raise _error_at(("train", "lora"), "zero3", "LoRA runs on strategy fsdp2 or zero2, not zero3")
+        weights = self.validation.weights
+        if weights != "model" and not self.train.ema.enabled:
+            raise _error_at(("validation", "weights"), weights,
+                            f"{weights} renders the EMA weights, but train.ema.enabled is false: "
+                            "set train.ema.enabled: true or use weights: model")
+        if weights != "model" and self.parallel.strategy != "fsdp2":
+            # ZeRO's EMA is kept as fragments of the fp32 master weights, not a model to render with.
+            raise _error_at(("validation", "weights"), weights,
+                            f"{weights} needs strategy fsdp2 (with {self.parallel.strategy} the EMA is not "
+                            "renderable while training): use weights: model")
         return self
 
 
@@ -391,8 +444,11 @@ def _absolute(path_or_url: str, base: Path) -> str:
     return str((base / os.path.expanduser(path_or_url)).resolve())
 
 
-def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
-    """Relative local paths → absolute against `base`, so a frozen recipe means the same anywhere."""
+def resolve_paths(recipe: Recipe, base: Path, recipe_dir: Path | None = None) -> Recipe:
+    """Relative local paths → absolute against `base` (the working directory), so a frozen recipe
+    means the same anywhere; `validation.prompts_file` is relative to `recipe_dir`, the recipe
+    file's directory (docs/validation.md), when it is given."""
+    prompts_base = base if recipe_dir is None else recipe_dir
     return recipe.model_copy(
         update={
             "model": recipe.model.model_copy(update={"pretrained": (
@@ -401,12 +457,14 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             "data": recipe.data.model_copy(
                 update={
                     "cache_url": _absolute(recipe.data.cache_url, base),
-                    "datasets": [d.model_copy(update={"source": _absolute(d.source, base)}) for d in recipe.data.datasets],
+                    "datasets": [d.model_copy(update={"source": _absolute(d.source, base),
+                                                      "image_root": _absolute(d.image_root, base) if d.image_root else None})
+                                 for d in recipe.data.datasets],
                 }
             ),
             "output": recipe.output.model_copy(update={"dir": _absolute(recipe.output.dir, base)}),
             "validation": recipe.validation.model_copy(update={"prompts_file": (
-                _absolute(recipe.validation.prompts_file, base) if recipe.validation.prompts_file else None)}),
+                _absolute(recipe.validation.prompts_file, prompts_base) if recipe.validation.prompts_file else None)}),
         }
     )
 

@@ -1,13 +1,17 @@
 """`sd35dist cache`: images + captions → sharded latent and text-embedding caches.
 
-Every rank takes images[rank::world] (sorted, so the split is deterministic), groups them
-by aspect bucket and plans its shards up front: shard k of a bucket holds a fixed slice of
-that rank's samples. A shard's bytes are therefore a function of its slice alone, which is
-what makes resume exact: a rank journals each shard once it is stored, and a rerun after a
-crash skips the journaled shards and writes the rest as an uninterrupted run would have.
-After a barrier rank 0 writes the empty-prompt embeddings, report.json and — last — the
-manifest. report.json lists every rejected image with its reason and every accepted image
-with how it was fitted (bucket, upscale factor, cropped fraction).
+The input is cut into input shards (data/input_shards.py: a folder's images in chunks, a tar
+file, a parquet row group); rank r builds input shards r, r + world, …. Each input shard is
+read, its images bucketed, and each bucket's samples cut into fixed slices, one output shard
+each (`shards/<dataset>/<bucket>/<input shard>-<k>.safetensors`). A shard's bytes are a function
+of its input shard alone — the same whatever the rank count — which is also what makes resume
+exact: each input shard has a journal (`progress/<dataset>-<input shard>.json`) naming the
+output shards stored so far; a rerun after a crash, with any number of ranks, skips input
+shards whose journal says complete, skips the stored output shards of a half-done one, and
+writes the rest as an uninterrupted run would have. After a barrier rank 0 writes the
+empty-prompt embeddings, report.json and — last — the manifest. report.json lists every
+rejected image with its reason and every accepted image with how it was fitted (bucket,
+upscale factor, cropped fraction).
 """
 
 from __future__ import annotations
@@ -15,14 +19,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
-from sd35dist.config.recipe import DatasetSection, Recipe
+from sd35dist.config.recipe import DataSection, DatasetSection, Recipe
 from sd35dist.data.buckets import FitPlan, ImageRejected, bucket_name
-from sd35dist.data.cache_identity import IDENTITY_KEY, JOURNAL_DIR, dataset_identity
+from sd35dist.data.cache_identity import IDENTITY_KEY, JOURNAL_DIR, SAMPLING_ONLY_KEYS, dataset_identity
+from sd35dist.data.dataset_formats import list_input_shards, read_input_shard
 from sd35dist.data.image_source import (
     PreparedImage,
     Rejected,
@@ -32,6 +37,7 @@ from sd35dist.data.image_source import (
     prepare_image,
     read_image_size,
 )
+from sd35dist.data.input_shards import Gather, InputShard, assign
 from sd35dist.data.manifest import ShardEntry, ShardManifest, write_manifest
 from sd35dist.data.shard_format import (
     CachedSample,
@@ -85,32 +91,44 @@ class SampleShape:
 # ---- pure planning ---------------------------------------------------------------------
 
 
-def rank_images(images: Sequence[SourceImage], rank: int, world_size: int) -> list[SourceImage]:
-    """This rank's share: every world_size-th image, starting at its rank."""
-    return list(images[rank::world_size])
-
-
 def plan_shards(
     bucketed: dict[tuple[int, int], list[WorkItem]],
     per_shard: Callable[[tuple[int, int]], int],
-    rank: int,
-    world_size: int,
+    shard: InputShard,
 ) -> list[ShardPlan]:
-    """Cut each bucket's items into fixed slices; the path names bucket, rank, world and index."""
+    """Cut each bucket's items into fixed slices; the path names dataset, bucket, input shard and slice."""
     plans = []
     for bucket in sorted(bucketed):
         items = bucketed[bucket]
         size = per_shard(bucket)
         name = bucket_name(bucket)
         for index, start in enumerate(range(0, len(items), size)):
-            path = f"shards/{name}/w{world_size:04d}-r{rank:05d}-{index:06d}.safetensors"
+            path = f"shards/{shard.dataset}/{name}/{shard.index:06d}-{index:04d}.safetensors"
             plans.append(ShardPlan(path, name, tuple(items[start : start + size])))
     return plans
 
 
-def plan_fingerprint(plans: Sequence[ShardPlan], settings: dict[str, Any]) -> str:
-    """Changes when anything that shapes a shard's bytes changes; a journal from another plan is void."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+def build_settings(data: DataSection, dataset: DatasetSection) -> dict[str, Any]:
+    """Everything besides the input that shapes an input shard's output shards."""
+    return {
+        "dtype": data.cache_dtype,
+        "max_sequence_length": data.max_sequence_length,
+        "dataset": dataset.model_dump(mode="json", exclude=set(SAMPLING_ONLY_KEYS)),
+        "buckets": [list(b) for b in data.buckets],
+        "shard_target_mb": data.shard_target_mb,
+        "shuffle_seed": data.shuffle_seed,
+        "batch": data.cache_batch_size,
+    }
+
+
+def input_fingerprint(shard: InputShard, settings: dict[str, Any]) -> str:
+    """Changes when the input shard or anything that shapes its output changes; a journal from another is void."""
+    return hashlib.sha256(json.dumps([shard.identity, settings], sort_keys=True).encode()).hexdigest()
+
+
+def plan_fingerprint(plans: Sequence[ShardPlan]) -> str:
+    """Changes when the input's content planned differently (a file replaced under the same name)."""
+    digest = hashlib.sha256()
     for plan in plans:
         digest.update(plan.path.encode())
         for item in plan.items:
@@ -166,22 +184,17 @@ class Encoders:
 # ---- the build -----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class RankResult:
-    shards: dict[str, dict[str, Any]]
-    rejected: list[dict[str, str]]
-
-
-def journal_path(rank: int, world_size: int) -> str:
-    return f"{JOURNAL_DIR}/w{world_size:04d}-r{rank:05d}.json"
+def journal_path(shard: InputShard) -> str:
+    return f"{JOURNAL_DIR}/{shard.dataset}-{shard.index:06d}.json"
 
 
 def _load_journal(store: Store, path: str, fingerprint: str, identity: dict[str, Any]) -> dict[str, Any]:
     if store.exists(path):
         journal = json.loads(store.read_bytes(path))
-        if journal.get("fingerprint") == fingerprint:
+        if journal.get("input") == fingerprint:
             return journal
-    return {"fingerprint": fingerprint, IDENTITY_KEY: identity, "shards": {}, "planning_rejected": []}
+    return {"input": fingerprint, IDENTITY_KEY: identity, "plan": None, "complete": False, "shards": {},
+            "planning_rejected": []}
 
 
 def bucket_items(
@@ -214,35 +227,51 @@ def build_rank(
     shape: SampleShape,
     rank: int,
     world_size: int,
+    gather: Gather = lambda value: [value],
     on_images: Callable[[int], None] = lambda n: None,
-) -> RankResult:
-    """Build (or finish building) this rank's shards; returns what its journal holds."""
+) -> list[InputShard]:
+    """Build (or finish building) this rank's input shards; returns every rank's (what finish_cache reads)."""
     data = recipe.data
-    datasets = {d.id: d for d in data.datasets}
+    listing = lambda dataset: list_images(dataset, data.storage_options)  # noqa: E731
+    shards = list_input_shards(data, rank, world_size, gather, listing)
+    for shard in assign(shards, rank, world_size):
+        build_input_shard(shard, recipe, store, encoders, shape, on_images)
+    return shards
+
+
+def read_journals(store: Store, shards: Sequence[InputShard]) -> Iterator[dict[str, Any]]:
+    """The journal of each input shard, in order, one at a time."""
+    for shard in shards:
+        yield json.loads(store.read_bytes(journal_path(shard)))
+
+
+def build_input_shard(shard: InputShard, recipe: Recipe, store: Store, encoders: Encoders, shape: SampleShape,
+                      on_images: Callable[[int], None]) -> dict[str, Any]:
+    """Every output shard of one input shard, stored and journaled; returns the journal."""
+    data = recipe.data
+    dataset = next(d for d in data.datasets if d.id == shard.dataset)
+    datasets = {dataset.id: dataset}
     buckets = tuple(tuple(b) for b in data.buckets)
-    images = [img for d in data.datasets for img in list_images(d, data.storage_options)]
-    mine = rank_images(images, rank, world_size)
-    bucketed, unplaced = bucket_items(mine, datasets, buckets, data.storage_options)
+    journal_file = journal_path(shard)
+    journal = _load_journal(store, journal_file, input_fingerprint(shard, build_settings(data, dataset)),
+                            dataset_identity(data))
+    if journal["complete"]:
+        on_images(journal["images"])
+        return journal
+    images, refused = read_input_shard(shard, dataset, data.storage_options)
+    bucketed, unplaced = bucket_items(images, datasets, buckets, data.storage_options)
     target = data.shard_target_mb * 2**20
-    plans = plan_shards(
-        bucketed, lambda b: samples_per_shard(target, shape.bytes_for(b, data.cache_dtype)), rank, world_size
-    )
-    settings = {
-        "dtype": data.cache_dtype,
-        "max_sequence_length": data.max_sequence_length,
-        "datasets": [d.model_dump(mode="json") for d in data.datasets],
-        "shuffle_seed": data.shuffle_seed,
-        "batch": data.cache_batch_size,
-    }
-    journal_file = journal_path(rank, world_size)
-    journal = _load_journal(store, journal_file, plan_fingerprint(plans, settings), dataset_identity(data))
-    if not journal["planning_rejected"] and unplaced:
+    plans = plan_shards(bucketed, lambda b: samples_per_shard(target, shape.bytes_for(b, data.cache_dtype)), shard)
+    if journal["plan"] != plan_fingerprint(plans):  # the input changed since: start this shard afresh
+        journal.update(plan=plan_fingerprint(plans), shards={}, planning_rejected=[])
+    if not journal["planning_rejected"]:
+        journal["planning_rejected"] = [dataclasses.asdict(r) for r in refused]
         for image in unplaced:
-            outcome = prepare_image(image, datasets[image.dataset], buckets, data.storage_options, data.shuffle_seed)
+            outcome = prepare_image(image, dataset, buckets, data.storage_options, data.shuffle_seed)
             reason = outcome.reason if isinstance(outcome, Rejected) else "does not fit any bucket"
             journal["planning_rejected"].append({"dataset": image.dataset, "image": image.path, "reason": reason})
         store.write_bytes(journal_file, json.dumps(journal).encode())
-    on_images(len(unplaced))
+    on_images(len(unplaced) + len(refused))
     for plan in plans:
         images_in_plan = len({(it.image.dataset, it.image.path) for it in plan.items})
         if plan.path in journal["shards"] and store.exists(plan.path):
@@ -253,16 +282,14 @@ def build_rank(
         if samples:
             blob = encode_shard(samples, plan.bucket, data.cache_dtype)
             store.write_bytes(plan.path, blob)
-            entry.update(path=plan.path, bucket=plan.bucket, samples=len(samples), bytes=len(blob),
-                         sha256=sha256_hex(blob), dtype=data.cache_dtype)
+            entry.update(path=plan.path, dataset=shard.dataset, bucket=plan.bucket, samples=len(samples),
+                         bytes=len(blob), sha256=sha256_hex(blob), dtype=data.cache_dtype)
         journal["shards"][plan.path] = entry
         store.write_bytes(journal_file, json.dumps(journal).encode())
         on_images(images_in_plan)
-    rejected_all = list(journal["planning_rejected"])
-    for entry in journal["shards"].values():
-        rejected_all += entry["rejected"]
-    stored = {p: {k: v for k, v in e.items() if k != "rejected"} for p, e in journal["shards"].items() if "sha256" in e}
-    return RankResult(stored, rejected_all)
+    journal.update(complete=True, images=len(images) + len(refused))
+    store.write_bytes(journal_file, json.dumps(journal).encode())
+    return journal
 
 
 def fit_record(image: SourceImage, fit: FitPlan) -> dict[str, Any]:
@@ -324,31 +351,54 @@ def write_empty_prompt(store: Store, encoders: Encoders, dtype: str) -> ShardEnt
 
 def finish_cache(
     store: Store,
-    results: Sequence[RankResult],
+    journals: Iterable[dict[str, Any]],
     empty_prompt: ShardEntry,
     encoders_identity: dict[str, Any],
     vae_config: dict[str, float],
     recipe: Recipe,
 ) -> ShardManifest:
-    """Rank 0, after every rank is done: report.json, then the manifest (last)."""
+    """Rank 0, after every rank is done: report.json, then the manifest (last).
+
+    `journals` are every input shard's, in input-shard order, read one at a time: the report lists
+    the accepted images in that order (the same whatever the rank count), each as one compact line,
+    so rank 0 holds about 150 bytes per image rather than the ranks' results (flat in the dataset's size
+    but for that)."""
     fields = [f.name for f in dataclasses.fields(ShardEntry)]
-    entries = [e for r in results for e in r.shards.values()]
-    shards = sorted((ShardEntry(**{k: e[k] for k in fields}) for e in entries), key=lambda s: s.path)
-    # An image whose repeats straddle two shards is prepared (and reported) once per shard.
-    rejected = _one_per_image(x for r in results for x in r.rejected)
-    accepted = _one_per_image(x for e in entries for x in e["fitted"])
-    report = {
-        "rejected": rejected,
+    shards: list[ShardEntry] = []
+    rejected: dict[tuple[str, str], dict[str, str]] = {}
+    accepted: list[str] = []
+    upscaled, max_upscale, max_cropped = 0, None, None
+    for journal in journals:
+        fitted: dict[tuple[str, str], dict[str, Any]] = {}
+        for record in journal["planning_rejected"]:
+            rejected[(record["dataset"], record["image"])] = record
+        for entry in journal["shards"].values():
+            if "sha256" in entry:
+                shards.append(ShardEntry(**{k: entry[k] for k in fields}))
+            # An image whose repeats straddle two output shards is prepared (and reported) once per shard.
+            for record in entry["rejected"]:
+                rejected[(record["dataset"], record["image"])] = record
+            for record in entry["fitted"]:
+                fitted.setdefault((record["dataset"], record["image"]), record)
+        for record in fitted.values():
+            accepted.append(json.dumps(record))
+            upscaled += record["upscale"] > 1
+            max_upscale = record["upscale"] if max_upscale is None else max(max_upscale, record["upscale"])
+            cropped = record["cropped_fraction"]
+            max_cropped = cropped if max_cropped is None else max(max_cropped, cropped)
+    summary = {
+        "rejected": [rejected[key] for key in sorted(rejected)],
         "rejected_count": len(rejected),
-        "accepted": accepted,
         "accepted_count": len(accepted),
-        "upscaled_count": sum(1 for x in accepted if x["upscale"] > 1),
-        "max_upscale": max((x["upscale"] for x in accepted), default=None),
-        "max_cropped_fraction": max((x["cropped_fraction"] for x in accepted), default=None),
+        "upscaled_count": upscaled,
+        "max_upscale": max_upscale,
+        "max_cropped_fraction": max_cropped,
     }
-    store.write_bytes(REPORT_NAME, (json.dumps(report, indent=1) + "\n").encode())
+    head = json.dumps(summary, indent=1)[: -len("\n}")]
+    report = head + ',\n "accepted": [\n  ' + ",\n  ".join(accepted) + "\n ]\n}\n"
+    store.write_bytes(REPORT_NAME, report.encode())
     manifest = ShardManifest(
-        shards=tuple(shards),
+        shards=tuple(sorted(shards, key=lambda s: s.path)),
         empty_prompt=empty_prompt,
         encoders=encoders_identity,
         vae=vae_config,
@@ -360,8 +410,3 @@ def finish_cache(
     )
     write_manifest(store, manifest)
     return manifest
-
-
-def _one_per_image(records: Any) -> list[dict[str, Any]]:
-    unique = {(x["dataset"], x["image"]): x for x in records}
-    return [unique[key] for key in sorted(unique)]

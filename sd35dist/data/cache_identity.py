@@ -21,12 +21,14 @@ from sd35dist.data.storage import Store
 IDENTITY_KEY = "dataset_identity"
 JOURNAL_DIR = "progress"
 SHOWN_DIFFERENCES = 3
+SAMPLING_ONLY_KEYS = ("probability",)
+"""Dataset keys that decide how training draws samples, not what a sample holds: a cache's identity leaves them out."""
 
 
 def dataset_identity(data: DataSection) -> dict[str, Any]:
     """What decides a cache's samples besides the encoders, as plain JSON data."""
     return {
-        "datasets": [dataset.model_dump(mode="json") for dataset in data.datasets],
+        "datasets": [dataset.model_dump(mode="json", exclude=set(SAMPLING_ONLY_KEYS)) for dataset in data.datasets],
         "buckets": [list(bucket) for bucket in data.buckets],
         "shuffle_seed": data.shuffle_seed,
         "cache_dtype": data.cache_dtype,

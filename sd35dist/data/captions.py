@@ -34,6 +34,7 @@ def resolve_caption(
     stem: str,
     textfile_content: str | None,
     instance_prompt: str | None,
+    caption_origin: str | None = None,
 ) -> str:
     """The caption of one image under the dataset's strategy."""
     if strategy == "instance_prompt":
@@ -45,13 +46,14 @@ def resolve_caption(
         if not caption:
             raise CaptionMissing(f"file name {stem!r} gives an empty caption")
         return caption
+    origin = caption_origin or f"caption file {stem}.txt"
     if textfile_content is None:
-        raise CaptionMissing(f"no caption file {stem}.txt")
+        raise CaptionMissing(f"no {origin}")
     # Caption files often hold one caption per line; the first non-empty one is used.
     for line in textfile_content.splitlines():
         if line.strip():
             return line.strip()
-    raise CaptionMissing(f"caption file {stem}.txt is empty")
+    raise CaptionMissing(f"{origin} is empty")
 
 
 def _rng(seed: int, key: str, repeat: int) -> random.Random:

@@ -1,7 +1,9 @@
-"""Image datasets → work items (one per image and repeat), and images → pixel tensors.
+"""Images → pixel tensors, and folder datasets → their images.
 
-Listing a *source* directory is fine (it happens once, while building); the cache itself is
-never listed by readers. Every problem with one image becomes a `Rejected` with a reason.
+Listing a folder *source* is fine (it happens once, while building); the cache itself is
+never listed by readers. WebDataset and parquet datasets hand their images over in memory
+(data/webdataset_source.py, data/parquet_source.py) or as paths. Every problem with one image
+becomes a `Rejected` with a reason.
 
 Pixels are taken as a viewer shows them: the EXIF orientation is applied before anything
 else (bucketing included), 16-bit and float images are scaled to 8 bits rather than clipped,
@@ -35,11 +37,28 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 @dataclasses.dataclass(frozen=True)
 class SourceImage:
+    """One image of a dataset: where its bytes and its caption are, or the bytes and caption themselves."""
+
     dataset: str
     path: str
-    """Path relative to the dataset's source root (stable across machines)."""
-    url: str
+    """Stable name within the dataset: the path relative to a folder's root; TAR/KEY in a webdataset;
+    FILE/ROW in a parquet dataset."""
+    url: str | None
+    """Where the image's bytes are (None when `data` holds them)."""
     caption_file: str | None
+    data: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The image's bytes when its container held them (a tar member, a parquet binary column)."""
+    caption: str | None = None
+    """The caption when its container held it (a webdataset .txt/.json, a parquet column)."""
+    caption_origin: str | None = None
+    """Where a missing caption should have been, for the rejection reason (default: NAME.txt)."""
+    size_hint: tuple[int, int] | None = None
+    """(width, height) from a parquet dataset's width/height columns: bucketed without decoding."""
+
+    @property
+    def stem(self) -> str:
+        """The file name without extension (caption_strategy filename)."""
+        return posixpath.splitext(posixpath.basename(self.url or self.path))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,17 +162,25 @@ def prepare_image(
 ) -> PreparedImage | Rejected:
     """Read, check, caption, resize and crop one image; a Rejected says why it cannot be used."""
     try:
-        with Image.open(io.BytesIO(_read(image.url, storage_options))) as opened:
+        blob = image.data if image.data is not None else _read(image.url, storage_options)
+        with Image.open(io.BytesIO(blob)) as opened:
             opened.load()  # decode fully now: truncated files fail here, not later
             upright = ImageOps.exif_transpose(opened)
+        if image.size_hint is not None and upright.size != image.size_hint:
+            width, height = image.size_hint
+            raise ImageRejected(f"the width/height columns say {width}x{height}, the image is "
+                                f"{upright.size[0]}x{upright.size[1]}")
         fit = fit_for_dataset(upright.size, dataset, buckets, f"crop\0{seed}\0{image.dataset}\0{image.path}")
         rgb = to_rgb(upright, dataset.alpha_background)
-        text = _read(image.caption_file, storage_options).decode("utf-8", errors="replace") if image.caption_file else None
+        text = image.caption
+        if text is None and image.caption_file:
+            text = _read(image.caption_file, storage_options).decode("utf-8", errors="replace")
         caption = resolve_caption(
             dataset.caption_strategy,
-            stem=posixpath.splitext(posixpath.basename(image.path))[0],
+            stem=image.stem,
             textfile_content=text,
             instance_prompt=dataset.instance_prompt,
+            caption_origin=image.caption_origin,
         )
     except (CaptionMissing, ImageRejected) as exc:
         return Rejected(image.dataset, image.path, str(exc))
@@ -178,8 +205,14 @@ def prepare_image(
 
 
 def read_image_size(image: SourceImage, storage_options: dict[str, Any]) -> tuple[int, int] | None:
-    """(width, height) as shown, from the file header only; None when it is not a readable image."""
+    """(width, height) as shown, from the width/height columns or the file header only; None when it
+    is not a readable image."""
+    if image.size_hint is not None:
+        return image.size_hint
     try:
+        if image.data is not None:
+            with Image.open(io.BytesIO(image.data)) as opened:
+                return displayed_size(opened)
         with fsspec.open(image.url, "rb", **storage_options) as handle:
             with Image.open(handle) as opened:
                 return displayed_size(opened)

@@ -25,10 +25,21 @@ from sd35dist.data.manifest import ShardEntry, read_manifest
 from sd35dist.data.shard_fetcher import RetryPolicy, ShardCorrupt, ShardFetcher, stream_storage_options
 from sd35dist.data.shard_format import decode_shard
 from sd35dist.data.storage import Store
-from sd35dist.data.stream_order import Segment, base_sequence, bucket_layouts, full_epoch, plan_segment
+from sd35dist.data.stream_order import (
+    Segment,
+    base_sequence,
+    bucket_layouts,
+    dataset_weights,
+    full_epoch,
+    group_bucket,
+    group_dataset,
+    plan_segment,
+)
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2
+READABLE_STATE_VERSIONS = (1, 2)
+"""Version 1 (before the mix was recorded) resumes with the epoch's mix counted from the resume on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +60,32 @@ class StreamOptions:
     sample_latents: bool = True
     """Draw latents = mean + std·ε per sample (as the diffusers example's latent_dist.sample())."""
     retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
+    dataset_probability: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Each dataset's `probability` (default 1): how often a step draws from it while it has samples left."""
+    dataset_sampling: Literal["auto-weighting", "uniform"] = "auto-weighting"
+    """auto-weighting: a dataset's weight is probability × its samples per epoch; uniform: probability alone."""
+
+
+@dataclasses.dataclass
+class EpochMix:
+    """What an epoch delivered, per dataset, on all ranks together: the realised mix."""
+
+    epoch: int
+    steps: int
+    samples: dict[str, int]
+    used_up_at: dict[str, int]
+    """The epoch step (from 0) of each dataset's last full step: after it, the others share the full steps."""
+
+    def describe(self) -> str:
+        total = sum(self.samples.values()) or 1
+
+        def when(name: str) -> str:
+            if name in self.used_up_at:
+                return f"used up at step {self.used_up_at[name] + 1}"
+            return "remainder steps only"  # too few samples for a full step on every rank
+
+        parts = [f"{name or '(one dataset)'} {n} ({n / total:.1%}, {when(name)})" for name, n in sorted(self.samples.items())]
+        return f"epoch {self.epoch} mix over {self.steps} steps: " + ", ".join(parts)
 
 
 @dataclasses.dataclass
@@ -60,6 +97,8 @@ class Batch:
     keys: list[str]
     tensors: dict[str, torch.Tensor]
     """latents (or latent_mean/latent_std), prompt_embeds, pooled_prompt_embeds, original_size, crop_top_left."""
+    dataset: str = ""
+    """The dataset every sample of the batch comes from."""
 
     @property
     def size(self) -> int:
@@ -97,7 +136,14 @@ class LatentStream:
         self.rank, self.world_size = rank, world_size
         self.store = Store(manifest_url, stream_storage_options(manifest_url, dict(storage_options or {})))
         self.manifest = read_manifest(self.store)
-        self.layouts = bucket_layouts([(s.bucket, s.samples) for s in self.manifest.shards])
+        self.layouts = bucket_layouts([(s.group, s.samples) for s in self.manifest.shards])
+        several = len({group_dataset(layout.name) for layout in self.layouts}) > 1
+        self._weights = (dataset_weights(self.layouts, options.dataset_probability, options.dataset_sampling)
+                         if several else None)
+        self.finished_epochs: list[EpochMix] = []
+        """The realised mix of every epoch this stream finished (the trainer logs them)."""
+        self._mix: dict[str, dict[str, int]] = {"samples": {}, "used_up_at": {}}
+        self._mix_reported = False
         counts = np.array([s.samples for s in self.manifest.shards], dtype=np.int64)
         self._shard_first_id = np.concatenate([[0], np.cumsum(counts)])[:-1]
         self.epoch = 0
@@ -130,7 +176,7 @@ class LatentStream:
         step = self._step_in_segment if self._segment else self._resume_step
         segment = self._segment
         if segment is None and step:  # loaded, not yet iterated: the same plan the iteration will make
-            segment = plan_segment(self._remaining, self.world_size, self.options.batch_size, self.options.seed, self.epoch)
+            segment = self._plan(self._remaining)
         remaining = segment.remaining_after(step) if segment else self._remaining
         return {
             "version": STATE_VERSION,
@@ -144,12 +190,17 @@ class LatentStream:
                 "steps_before": self._steps_before_segment,
             },
             "samples": self.manifest.total_samples,
+            "mix": {part: dict(sorted(counts.items())) for part, counts in self._mix.items()},
+            "mix_reported": self._mix_reported,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION or state.get("samples") != self.manifest.total_samples:
+        if state.get("version") not in READABLE_STATE_VERSIONS or state.get("samples") != self.manifest.total_samples:
             raise ValueError("stream state does not belong to this cache (sample count or version differs)")
         self.epoch = int(state["epoch"])
+        mix = state.get("mix", {})
+        self._mix = {part: {k: int(v) for k, v in mix.get(part, {}).items()} for part in ("samples", "used_up_at")}
+        self._mix_reported = bool(state.get("mix_reported", False))
         segment = state["segment"]
         self._segment = None
         if segment["world_size"] == self.world_size and segment["batch_size"] == self.options.batch_size:
@@ -177,20 +228,45 @@ class LatentStream:
         assert segment is not None
         while self._step_in_segment < len(segment.steps):
             batch = self._read_step(segment, self._step_in_segment)
+            self._count(segment, self._step_in_segment)
             self._step_in_segment += 1
+            if self._step_in_segment == len(segment.steps):
+                self._finish_mix(segment)  # now, not when the next epoch begins: training may stop here
             yield batch
+        self._finish_mix(segment)
+        self._mix = {"samples": {}, "used_up_at": {}}
+        self._mix_reported = False
         self.epoch += 1
         self._remaining = full_epoch(self.layouts)
         self._segment = None
         self._step_in_segment = 0
         self._steps_before_segment = 0
 
+    def _finish_mix(self, segment: Segment) -> None:
+        if not self._mix_reported:
+            self._mix_reported = True
+            self.finished_epochs.append(EpochMix(self.epoch, self._steps_before_segment + len(segment.steps),
+                                                 dict(sorted(self._mix["samples"].items())),
+                                                 dict(sorted(self._mix["used_up_at"].items()))))
+
+    def _count(self, segment: Segment, step: int) -> None:
+        """Add a step to the epoch's realised mix (the same on every rank: it counts all ranks' samples)."""
+        dataset = group_dataset(segment.steps[step][0])
+        samples = self._mix["samples"]
+        samples[dataset] = samples.get(dataset, 0) + segment.samples_at(step)
+        if step < segment.full_steps:
+            self._mix["used_up_at"][dataset] = self._steps_before_segment + step
+
+    def _plan(self, remaining: dict[str, list[tuple[int, int]]]) -> Segment:
+        o = self.options
+        return plan_segment(remaining, self.world_size, o.batch_size, o.seed, self.epoch, self._weights)
+
     def _start_segment(self) -> None:
         self._sequences = {
             layout.name: base_sequence(layout, self.options.seed, self.epoch, self.options.block_shards)
             for layout in self.layouts
         }
-        self._segment = plan_segment(self._remaining, self.world_size, self.options.batch_size, self.options.seed, self.epoch)
+        self._segment = self._plan(self._remaining)
         self._step_in_segment, self._resume_step = self._resume_step, 0
         self._schedule_shards(self._segment, self._step_in_segment)
 
@@ -250,7 +326,9 @@ class LatentStream:
             keys.append(records[row].key)
             self._append_sample(rows, tensors, row, sample_id)
         stacked = {name: torch.stack(values) for name, values in rows.items()}
-        return Batch(segment.steps[step][0], self.epoch, self._steps_before_segment + step, keys, stacked)
+        group = segment.steps[step][0]
+        return Batch(group_bucket(group), self.epoch, self._steps_before_segment + step, keys, stacked,
+                     dataset=group_dataset(group))
 
     def _append_sample(self, rows: dict[str, list[torch.Tensor]], tensors: dict[str, torch.Tensor], row: int, sample_id: int) -> None:
         o = self.options

@@ -31,6 +31,13 @@ class ShardEntry:
     bytes: int
     sha256: str
     dtype: str
+    dataset: str = ""
+    """The dataset whose samples the shard holds ("" in caches built before shards had one dataset each)."""
+
+    @property
+    def group(self) -> str:
+        """What a training step reads from: one dataset's samples of one bucket."""
+        return f"{self.dataset}/{self.bucket}" if self.dataset else self.bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +76,13 @@ class ShardManifest:
             counts[shard.bucket] += shard.samples
         return dict(sorted(counts.items()))
 
+    def samples_per_dataset(self) -> dict[str, dict[str, int]]:
+        """dataset → bucket → samples, both sorted by name."""
+        counts: dict[str, Counter[str]] = {}
+        for shard in self.shards:
+            counts.setdefault(shard.dataset, Counter())[shard.bucket] += shard.samples
+        return {dataset: dict(sorted(c.items())) for dataset, c in sorted(counts.items())}
+
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data["totals"] = {"samples": self.total_samples, "bytes": self.total_bytes, "shards": len(self.shards)}
@@ -79,9 +93,12 @@ def _entry(raw: Any, where: str) -> ShardEntry:
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: expected an object")
     try:
-        entry = ShardEntry(**{f.name: raw[f.name] for f in dataclasses.fields(ShardEntry)})
+        entry = ShardEntry(**{f.name: raw[f.name] for f in dataclasses.fields(ShardEntry) if f.name != "dataset"},
+                           dataset=raw.get("dataset", ""))
     except KeyError as missing:
         raise ManifestError(f"{where}: missing {missing}") from None
+    if not isinstance(entry.dataset, str):
+        raise ManifestError(f"{where}: dataset must be text")
     try:
         safe_relative_path(entry.path)
     except ValueError as exc:

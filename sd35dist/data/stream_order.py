@@ -15,6 +15,18 @@ The order
   padded or dropped, and every rank runs the same number of steps.
 - Resuming (same or another world size) starts a new segment from the saved remaining
   intervals: no duplicate, no gap.
+
+Several datasets (SimpleTuner's meaning of `probability`)
+- A *group* is one dataset's samples of one bucket (`dataset/bucket`); a step reads one group,
+  so a batch never mixes datasets either (SimpleTuner draws a batch from one backend).
+- Which dataset a full step reads is drawn with weight w_d (its probability, × its samples
+  per epoch under auto-weighting) among the datasets that still have full steps in the
+  segment; a dataset that has none left drops out, and the epoch ends when all have. So an
+  epoch still holds every sample once — probability decides the order, repeats the amount —
+  and while every dataset has steps left, a step reads dataset d with chance w_d / Σ w.
+- The draws are made as a race of Poisson processes, one per dataset with rate w_d and as
+  many events as the dataset has full steps: merged in time order, the next event comes from
+  dataset d with chance w_d / Σ (rates still running) — the sequential draw, vectorised.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -104,6 +116,52 @@ def _length(intervals: Sequence[Interval]) -> int:
     return sum(hi - lo for lo, hi in intervals)
 
 
+def group_key(dataset: str, bucket: str) -> str:
+    """A group's name: one dataset's samples of one bucket (the bucket alone when the dataset is unknown)."""
+    return f"{dataset}/{bucket}" if dataset else bucket
+
+
+def group_dataset(group: str) -> str:
+    return group.rpartition("/")[0]
+
+
+def group_bucket(group: str) -> str:
+    return group.rpartition("/")[2]
+
+
+def dataset_weights(layouts: Sequence[BucketLayout], probability: Mapping[str, float], sampling: str) -> dict[str, float]:
+    """Each dataset's weight in the draw of a step: probability (default 1), × its samples per epoch
+    under `auto-weighting` (SimpleTuner's data_backend_sampling), × 1 under `uniform`."""
+    sizes: dict[str, int] = {}
+    for layout in layouts:
+        dataset = group_dataset(layout.name)
+        sizes[dataset] = sizes.get(dataset, 0) + layout.size
+    if sampling not in ("auto-weighting", "uniform"):
+        raise ValueError(f"unknown dataset sampling {sampling!r}")
+    return {d: probability.get(d, 1.0) * (n if sampling == "auto-weighting" else 1) for d, n in sorted(sizes.items())}
+
+
+def mixed_order(slots: Sequence[str], weights: Mapping[str, float] | None, rng: np.random.Generator) -> list[str]:
+    """An order of `slots` (each a full step's group): uniformly shuffled, or, with weights per
+    dataset, each dataset's slots shuffled and the datasets interleaved by the weighted draw."""
+    if weights is None or len({group_dataset(g) for g in slots}) <= 1:
+        return [slots[i] for i in rng.permutation(len(slots))]
+    by_dataset: dict[str, list[str]] = {}
+    for group in slots:
+        by_dataset.setdefault(group_dataset(group), []).append(group)
+    times, order = [], []
+    for dataset in sorted(by_dataset):
+        own = by_dataset[dataset]
+        own = [own[i] for i in rng.permutation(len(own))]
+        rate = weights.get(dataset, 1.0)
+        if not rate > 0:
+            raise ValueError(f"dataset {dataset}: weight {rate} must be > 0")
+        times.append(np.cumsum(rng.exponential(1.0 / rate, size=len(own))))
+        order += own
+    arrival = np.concatenate(times) if times else np.zeros(0)
+    return [order[i] for i in np.argsort(arrival, kind="stable")]
+
+
 @dataclasses.dataclass(frozen=True)
 class Segment:
     """The rest of an epoch for one world size: per bucket, one span of base positions per rank,
@@ -114,6 +172,15 @@ class Segment:
     steps: tuple[tuple[str, int], ...]
     """(bucket, j): the j-th step of that bucket in this segment."""
     batch_size: int
+    full_steps: int = 0
+    """The first `full_steps` steps give every rank a full batch; the remainder steps follow."""
+
+    def samples_at(self, step: int) -> int:
+        """Samples all ranks read together at `step`."""
+        if step < self.full_steps:
+            return self.batch_size * len(next(iter(self.spans.values())))
+        bucket = self.steps[step][0]
+        return sum(_length(self.positions(step, rank)) for rank in range(len(self.spans[bucket])))
 
     def positions(self, step: int, rank: int) -> list[Interval]:
         """Base-sequence positions rank `rank` reads at `step` (empty in a remainder step it sits out)."""
@@ -135,9 +202,11 @@ class Segment:
 
 
 def plan_segment(
-    remaining: dict[str, list[Interval]], world_size: int, batch_size: int, seed: int, epoch: int
+    remaining: dict[str, list[Interval]], world_size: int, batch_size: int, seed: int, epoch: int,
+    weights: Mapping[str, float] | None = None,
 ) -> Segment:
-    """Split what is left of the epoch over `world_size` ranks and order its steps."""
+    """Split what is left of the epoch over `world_size` ranks and order its steps (full steps
+    uniformly shuffled, or with `weights` per dataset the datasets drawn as mixed_order says)."""
     spans: dict[str, tuple[tuple[Interval, ...], ...]] = {}
     full_slots: list[str] = []
     remainder_slots: list[tuple[str, int]] = []
@@ -154,15 +223,15 @@ def plan_segment(
         full_slots += [bucket] * full
         remainder_slots += [(bucket, j) for j in range(full, steps)]
     fingerprint = json.dumps({b: merge_intervals(v) for b, v in sorted(remaining.items())})
-    order = _rng("steps", seed, epoch, world_size, batch_size, fingerprint).permutation(len(full_slots))
+    rng = _rng("steps", seed, epoch, world_size, batch_size, fingerprint)
     counters: dict[str, int] = {}
     steps: list[tuple[str, int]] = []
-    for index in order:
-        bucket = full_slots[index]
+    for bucket in mixed_order(full_slots, weights, rng):
         steps.append((bucket, counters.get(bucket, 0)))
         counters[bucket] = counters.get(bucket, 0) + 1
+    full = len(steps)
     steps += remainder_slots
-    return Segment(spans=spans, steps=tuple(steps), batch_size=batch_size)
+    return Segment(spans=spans, steps=tuple(steps), batch_size=batch_size, full_steps=full)
 
 
 def full_epoch(layouts: Sequence[BucketLayout]) -> dict[str, list[Interval]]:
@@ -171,7 +240,7 @@ def full_epoch(layouts: Sequence[BucketLayout]) -> dict[str, list[Interval]]:
 
 def optimizer_steps_per_epoch(
     layouts: Sequence[BucketLayout], world_size: int, batch_size: int, seed: int, gradient_accumulation_steps: int
-) -> int:
+) -> int:  # the weights only reorder steps: their count is the same without them
     """Optimizer steps one full epoch takes on `world_size` ranks, remainder steps included.
 
     Every epoch has the same number of steps (bucket sizes do not change), so epoch 0 counts for all.

@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sd35dist.config.cli_args import CommandLineParser
 from sd35dist.config.credentials import first_credential
 from sd35dist.config.loading import ConfigError, validate_mapping
 from sd35dist.config.recipe import Recipe
+from sd35dist.importers import simpletuner_formats as formats
 from sd35dist.importers.simpletuner_datasets import (
     DatasetDefaults,
     bucket_side,
@@ -53,7 +55,7 @@ from sd35dist.importers.simpletuner_reading import (
 )
 from sd35dist.importers.simpletuner_settings import convert_settings
 from sd35dist.importers.simpletuner_unapplied import NOT_APPLIED
-from sd35dist.runtime.atomic_files import write_text_atomically
+from sd35dist.runtime.atomic_files import write_bytes_atomically, write_text_atomically
 
 HIDDEN = "(a credential: not shown, not written)"
 
@@ -68,6 +70,8 @@ class Conversion:
     notes: list[str] = field(default_factory=list)
     """Lines for the terminal that are not about one option (no dataset imported, legacy variables …)."""
     mapped: int = 0
+    csv_lists: dict[int, tuple[str, str, str, str]] = field(default_factory=dict)
+    """Dataset index → (csv_file, url column, caption column, where): CSV lists main() writes as parquet."""
 
     def put(self, path: tuple[str, ...], value: Any, comment: str | None = None) -> None:
         node = self.recipe
@@ -169,6 +173,7 @@ def convert(options: dict[str, Any], entries: list[dict[str, Any]] | None, sourc
         out.put(("data", "datasets"), outcome.datasets)
         out.comments.update(outcome.comments)
         out.unmapped += outcome.skipped
+        out.csv_lists = outcome.csv_lists
         if outcome.storage_options:
             out.put(("data", "storage_options"), outcome.storage_options)
         if outcome.square:
@@ -234,14 +239,18 @@ def shown(value: Any) -> str:
     return value if value == HIDDEN else json.dumps(value, ensure_ascii=False)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sd35dist import simpletuner", description=__doc__.splitlines()[0].strip("`"))
+def argument_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="sd35dist import simpletuner", description=__doc__.splitlines()[0].strip("`"))
     parser.add_argument("config", type=Path, help="SimpleTuner's config.json or config.env")
     parser.add_argument("--backend", type=Path, help="its multidatabackend.json (default: the config's data_backend_config)")
     parser.add_argument("-o", "--out", type=Path, required=True, help="the recipe YAML to write")
     parser.add_argument("--allow-unknown", action="store_true",
                         help="import options SimpleTuner's parser does not know (typos?) by listing them, not refusing")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = argument_parser().parse_args(argv)
     try:
         if args.out.exists():
             raise ConfigError(str(args.out), "", "exists already: choose another -o or remove it")
@@ -255,11 +264,21 @@ def main(argv: list[str]) -> int:
         conversion = convert(options, entries, args.config.name, backend.name if backend else "",
                              config_path=args.config, allow_unknown=args.allow_unknown)
         _env_notes(env, conversion)
+        tables = {}
+        for index, (csv_file, url_column, caption_column, where) in conversion.csv_lists.items():
+            dataset = conversion.recipe["data"]["datasets"][index]
+            target = args.out.parent.resolve() / f"{args.out.stem}.{dataset['id']}.parquet"
+            if target.exists():
+                raise ConfigError(str(target), "", "exists already: choose another -o or remove it")
+            dataset["source"] = str(target)
+            tables[target] = formats.csv_parquet(csv_file, url_column, caption_column, where)
         validate_mapping(Recipe, conversion.recipe, args.out.name)
         sources = args.config.name + (f" and {backend.name}" if backend else "")
         header = (f"Imported from SimpleTuner's {sources} by `sd35dist import simpletuner` (option table of SimpleTuner "
                   f"{SIMPLETUNER_COMMIT[:12]}).\nSimpleTuner's defaults are written out; comments mark values whose "
                   "meaning was converted.")
+        for target, blob in tables.items():
+            write_bytes_atomically(target, blob)
         write_text_atomically(args.out, render_yaml(conversion, header))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

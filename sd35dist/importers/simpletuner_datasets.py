@@ -3,20 +3,22 @@ entry leaves out (crop false, crop_style random, repeats 0, the config's caption
 instance_prompt and minimum_image_size), and its bucket geometry (`resolution`,
 `resolution_type`) turned into the recipe's bucket list.
 
-A dataset of a kind sd35dist cannot read yet (a Hugging Face dataset, a CSV list of URLs,
-webshart …) is listed with why and left out; the importer says so when none is left.
+A parquet caption table and a CSV list of URLs become parquet datasets (simpletuner_formats.py);
+a dataset of a kind sd35dist cannot read yet (a Hugging Face dataset, webshart …) is listed with
+why and left out; the importer says so when none is left.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sd35dist.config.credentials import first_credential, looks_secret
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import DEFAULT_BUCKETS
+from sd35dist.importers import simpletuner_formats as formats
 from sd35dist.importers.simpletuner_options import OptionError, parse_value
 from sd35dist.importers.simpletuner_unapplied import (
     DATASET_MAPPED,
@@ -32,10 +34,10 @@ MAX_SIDE = 3072
 """SD3.5's position embedding covers 192 patches × 2 × 8 = 3072 pixels a side."""
 MIN_SIDE = 64
 CAPTION_STRATEGIES = {"textfile": "textfile", "filename": "filename", "instanceprompt": "instance_prompt",
-                      "instance_prompt": "instance_prompt"}
+                      "instance_prompt": "instance_prompt", "parquet": "textfile", "csv": "textfile"}
 """SimpleTuner's caption strategies this recipe reads (its data code spells instanceprompt, its UI instance_prompt)."""
 CROP_STYLES = {"center": "center", "centre": "center", "random": "random", "corner": "corner", "face": "random"}
-READABLE_TYPES = ("local", "aws")
+READABLE_TYPES = ("local", "aws", "csv")
 
 
 # A password in a URL even where the secret holds "/" (unencoded, as AWS secrets often are), and AWS key ids.
@@ -108,6 +110,8 @@ class DatasetOutcome:
     storage_options: dict[str, Any]
     square: bool
     """Every dataset crops to a square (crop with crop_aspect square): one square bucket serves them."""
+    csv_lists: dict[int, tuple[str, str, str, str]] = field(default_factory=dict)
+    """Dataset index → (csv_file, url column, caption column, where): CSV lists the importer writes as parquet."""
 
 
 def convert_datasets(entries: list[dict[str, Any]], defaults: DatasetDefaults, side: float, source: str) -> DatasetOutcome:
@@ -176,12 +180,20 @@ def _dataset(entry: dict[str, Any], out: DatasetOutcome, label: str, index: int,
         out.skipped.append((label, raw_strategy, f"caption_strategy {raw_strategy} is not read here "
                                                  "(textfile, filename, instanceprompt)"))
         return None
-    if backend_type == "local":
+    weight = formats.probability(entry, where)
+    if weight is None:
+        out.skipped.append((label, "probability 0", "SimpleTuner never draws a dataset of probability 0: it is left out"))
+        return None
+    bucket_root = ""
+    if backend_type == "csv":
+        source = ""  # the parquet file written from the list
+    elif backend_type == "local":
         source = str(entry.get("instance_data_dir") or "")
         if not source:
             raise ConfigError(where, "instance_data_dir", "missing: a local dataset needs its folder")
     else:
-        source = f"s3://{entry.get('aws_bucket_name') or ''}/{str(entry.get('aws_data_prefix') or '').lstrip('/')}"
+        bucket_root = f"s3://{entry.get('aws_bucket_name') or ''}"
+        source = f"{bucket_root}/{str(entry.get('aws_data_prefix') or '').lstrip('/')}"
         if entry.get("aws_endpoint_url"):
             out.storage_options["endpoint_url"] = entry["aws_endpoint_url"]
         if entry.get("aws_region_name"):
@@ -190,7 +202,25 @@ def _dataset(entry: dict[str, Any], out: DatasetOutcome, label: str, index: int,
         raise ConfigError(where, "instance_data_dir" if backend_type == "local" else "aws_bucket_name",
                           "holds a credential (user:password@ in a URL): credentials come from the environment here")
     dataset_id = NAME_PATTERN.sub("-", str(entry.get("id", f"dataset-{index}"))).strip("-._") or f"dataset-{index}"
-    dataset: dict[str, Any] = {"id": dataset_id, "source": source, "caption_strategy": strategy}
+    format_keys, format_notes = {}, []
+    try:
+        if backend_type == "csv":
+            format_keys, format_notes = formats.csv_keys(entry, f"{dataset_id}.parquet")  # main() names the file
+            out.csv_lists[index] = (str(entry["csv_file"]), format_keys["image_column"], format_keys["caption_column"],
+                                    where)
+        elif raw_strategy == "parquet" or entry.get("metadata_backend") == "parquet":
+            format_keys, format_notes = formats.parquet_keys(entry, source, bucket_root)
+    except formats.NotExpressible as err:
+        out.skipped.append((label, backend_type if backend_type == "csv" else "parquet captions", str(err)))
+        return None
+    if format_keys:
+        source = format_keys.pop("source")
+        note(path + ("format",), []).extend(format_notes)
+    dataset: dict[str, Any] = {"id": dataset_id, "source": source, **format_keys, "caption_strategy": strategy}
+    if weight != 1.0:
+        dataset["probability"] = weight
+        note(path + ("probability",), []).append(
+            "SimpleTuner's probability: how often a step draws from this dataset while it has samples left in the epoch")
     if strategy == "instance_prompt":
         prompt = entry.get("instance_prompt", defaults.instance_prompt)
         if not prompt:
@@ -244,8 +274,4 @@ def _dataset(entry: dict[str, Any], out: DatasetOutcome, label: str, index: int,
     for key in ("maximum_image_size", "target_downsample_size"):
         if entry.get(key) not in (None, "", 0):
             out.skipped.append((f"{label}.{key}", entry[key], "images are resized straight to their bucket here"))
-    probability = _number(entry, "probability", "float", 1.0, where)
-    if probability != 1.0:
-        out.skipped.append((f"{label}.probability", probability, "every dataset is in every epoch here "
-                                                                 "(weight one with repeats)"))
     return dataset

@@ -94,6 +94,7 @@ MAPPED: dict[str, Mapped] = {
     "instance_prompt": Mapped("str", None, "default of `data.datasets[].instance_prompt`"),
     "only_instance_prompt": Mapped("bool", False, "every dataset's `caption_strategy: instance_prompt`"),
     "vae_batch_size": Mapped("int", 4, "`data.cache_batch_size`"),
+    "data_backend_sampling": Mapped("str", "auto-weighting", "`data.dataset_sampling` (auto-weighting, uniform)"),
     "tokenizer_max_length": Mapped("int", None, "`data.max_sequence_length` (unset: 154, SimpleTuner's SD3 limit)"),
     # LoRA
     "lora_rank": Mapped("int", 16, "`train.lora.rank`"),

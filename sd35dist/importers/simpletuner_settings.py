@@ -116,6 +116,10 @@ def _model(o: _Options, out: Any, source: str, config_dir: Path | None) -> None:
             None if o.given("tokenizer_max_length") and tokens <= SD3_T5_TOKENS else
             f"T5 tokens per caption: SimpleTuner's SD3 limit {SD3_T5_TOKENS} (sd35dist's own default is 256)")
     out.put(("data", "cache_batch_size"), o["vae_batch_size"], o.comment("vae_batch_size"))
+    sampling = o["data_backend_sampling"]
+    if sampling not in ("auto-weighting", "uniform"):
+        raise ConfigError(source, "--data_backend_sampling", f"{sampling!r}: SimpleTuner knows uniform and auto-weighting")
+    out.put(("data", "dataset_sampling"), sampling, o.comment("data_backend_sampling"))
 
 
 def _training(o: _Options, out: Any, source: str) -> None:

@@ -99,7 +99,7 @@ _GROUPS: dict[str, str] = {
         override_dataset_config ignore_missing_files delete_unwanted_images delete_problematic_images
         delete_nsfw_images enable_nsfw_check nsfw_check_backend_types nsfw_check_min_votes nsfw_check_models
         nsfw_check_sample_types nsfw_check_video_frame_count nsfw_check_video_frame_selection
-        nsfw_check_video_min_flagged_frames data_aesthetic_score allow_dataset_oversubscription data_backend_sampling
+        nsfw_check_video_min_flagged_frames data_aesthetic_score allow_dataset_oversubscription
         dataloader_prefetch dataloader_prefetch_qlen conditioning_multidataset_sampling disable_bucket_pruning
         aspect_bucket_alignment aspect_bucket_rounding max_upscale_threshold parquet_caption_column
         parquet_filename_column
@@ -231,19 +231,26 @@ DATASET_MAPPED: dict[str, str] = {
     "minimum_image_size": "`minimum_image_size` (shorter side in pixels)",
     "maximum_image_size": "— (listed when set: images go straight to their bucket)",
     "target_downsample_size": "— (listed when set: images go straight to their bucket)",
-    "probability": "1.0 (every dataset in every epoch) is the only value here",
+    "probability": "`probability` (SimpleTuner's meaning: how often a step draws the dataset while it has samples "
+                   "left; 0 leaves it out)",
+    "parquet": "a parquet caption table: `format: parquet` with its columns (ids must name the file)",
+    "csv_file": "a CSV URL list: `format: parquet`, from the list written as parquet beside the recipe",
+    "csv_caption_column": "`caption_column` of the parquet written from the CSV list",
+    "csv_url_column": "`image_column` of the parquet written from the CSV list (default url)",
     "default": "marks SimpleTuner's default text-embed cache",
     "cache_dir": "SimpleTuner's text-embedding cache (not reused)", "cache_dir_vae": "SimpleTuner's VAE cache (not reused)",
 }
 """Dataset keys the importer reads (and what they become)."""
 
-DATASET_SOURCE_REASON = "a source sd35dist cannot read yet (local folders and S3 only)"
+DATASET_SOURCE_REASON = "a source sd35dist cannot read yet (local folders, S3, parquet tables and CSV lists only)"
 _DATASET_GROUPS: dict[str, str] = {
     DATASET_SOURCE_REASON: """
         dataset_name split revision image_column video_column huggingface auto_load streaming num_proc subfolder
-        composite_image_column split_composite_images csv csv_file csv_cache_dir csv_caption_column csv_url_column csv_hash_filenames
-        csv_shorten_filenames webshart source metadata hf_token webshart_optimize_captions webshart_optimise_captions
-        buffer_size max_file_size parallel_downloads shard_cache_gb parquet aws
+        composite_image_column split_composite_images webshart source metadata hf_token webshart_optimize_captions
+        webshart_optimise_captions buffer_size max_file_size parallel_downloads shard_cache_gb aws
+    """,
+    "a CSV list's images are read from their URLs by `sd35dist cache`; nothing is downloaded ahead": """
+        csv csv_cache_dir csv_hash_filenames csv_shorten_filenames
     """,
     "credentials come from the environment (the profile's env.passthrough), never from files": """
         aws_access_key_id aws_secret_access_key aws_session_token
@@ -285,6 +292,6 @@ DATASET_NOT_APPLIED_DEFAULTS: dict[str, tuple] = {
     "skip_file_discovery": ("",), "preserve_data_backend_cache": (False, True), "hash_filenames": (False, True),
     "compress_cache": (True, False), "write_batch_size": (), "prepend_instance_prompt": (False,),
     "is_regularisation_data": (False,), "is_regularization_data": (False,), "ignore_epochs": (False,),
-    "disable_validation": (False,), "probability": (1, 1.0), "vae_cache_ondemand": (False,), "vae_cache_disable": (False,),
+    "disable_validation": (False,), "vae_cache_ondemand": (False,), "vae_cache_disable": (False,),
 }
 """Dataset keys whose listed values change nothing (noted in the YAML's list, not on the terminal)."""

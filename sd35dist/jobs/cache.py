@@ -11,15 +11,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sd35dist.config.cli_args import CommandLineParser, key_value
 from sd35dist.config.loading import ConfigError, parse_override
 from sd35dist.config.recipe import Recipe
-from sd35dist.data.cache_builder import Encoders, RankResult, SampleShape, build_rank, finish_cache, write_empty_prompt
+from sd35dist.data.cache_builder import (
+    Encoders,
+    SampleShape,
+    build_rank,
+    finish_cache,
+    read_journals,
+    write_empty_prompt,
+)
 from sd35dist.data.cache_identity import dataset_identity, foreign_cache
+from sd35dist.data.input_shards import DatasetInputError
 from sd35dist.data.manifest import ManifestError, read_manifest
+from sd35dist.data.shard_fetcher import is_transient
 from sd35dist.data.shard_format import shard_metadata
 from sd35dist.data.storage import Store, sha256_hex
 from sd35dist.jobs.rank_failure import rank_from_env, report_before_group, report_failure
-from sd35dist.jobs.rank_inputs import check_dataset_sources, check_pretrained, load_rank_recipe
+from sd35dist.jobs.rank_inputs import check_dataset_sources, check_pretrained, check_rank_inputs, load_rank_recipe
 from sd35dist.parallel.process_group import World, destroy, init_process_group_from_env
 
 # Ranks that finish their shards early wait here for the slowest; torchrun stops the job if
@@ -39,7 +49,7 @@ def _sample_shape(encoders: Encoders) -> SampleShape:
     )
 
 
-def checked_recipe(recipe_file: Path) -> Recipe:
+def checked_recipe(recipe_file: Path, run_dir: Path | None = None) -> Recipe:
     """The recipe, once its model directory and every dataset source are known to be there."""
     from sd35dist.models.sd3_components import CACHE_INPUT_PARTS
 
@@ -48,6 +58,7 @@ def checked_recipe(recipe_file: Path) -> Recipe:
         raise ConfigError(recipe_file.name, "data.datasets", "no datasets to cache")
     check_pretrained(recipe, recipe_file.name, CACHE_INPUT_PARTS)
     check_dataset_sources(recipe.data, recipe_file.name)
+    check_rank_inputs(recipe, "cache", recipe_file.name, run_dir)
     store = Store(recipe.data.cache_url, recipe.data.storage_options)
     problem = foreign_cache(store, dataset_identity(recipe.data))
     if problem:
@@ -71,23 +82,37 @@ def build(recipe: Recipe, world: World) -> int:
         max_sequence_length=recipe.data.max_sequence_length,
     )
     store = Store(recipe.data.cache_url, recipe.data.storage_options)
-    bar = tqdm(desc="caching", unit="img", disable=not world.is_main, dynamic_ncols=True)
-    result = build_rank(recipe, store, encoders, _sample_shape(encoders), world.rank, world.world_size,
-                        on_images=lambda n: bar.update(n * world.world_size))
-    bar.close()
-    results: list[Any] = [None] * world.world_size
-    dist.all_gather_object(results, (result.shards, result.rejected))
+    # Closed on the way out of a failure too: an error line must not continue the bar's line.
+    with tqdm(desc="caching", unit="img", disable=not world.is_main, dynamic_ncols=True) as bar:
+        shards = build_rank(recipe, store, encoders, _sample_shape(encoders), world.rank, world.world_size,
+                            gather=_all_gather(world), on_images=lambda n: bar.update(n * world.world_size))
+    dist.barrier()  # every input shard's journal is complete and stored
     if world.is_main:
         empty = write_empty_prompt(store, encoders, recipe.data.cache_dtype)
         vae_config = {k: float(encoders.vae.config[k]) for k in ("scaling_factor", "shift_factor")}
-        manifest = finish_cache(store, [RankResult(s, r) for s, r in results], empty,
-                                encoder_identity(model_dir), vae_config, recipe)
+        manifest = finish_cache(store, read_journals(store, shards), empty, encoder_identity(model_dir), vae_config,
+                                recipe)
         print(f"cache {store.url}: {manifest.total_samples} samples in {len(manifest.shards)} shards, "
               f"{manifest.total_bytes / 2**20:.1f} MiB, {manifest.rejected} images rejected (see report.json)")
         if recipe.validation.enabled:
             cache_validation_prompts(recipe, store, encoders.text)
     dist.barrier()
     return 0
+
+
+def _all_gather(world: World):
+    def gather(value: Any) -> list[Any]:
+        values: list[Any] = [None] * world.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    return gather
+
+
+def dataset_mistake(err: DatasetInputError, recipe: Recipe, recipe_name: str) -> ConfigError:
+    """A dataset's bad input as the one line naming the recipe, the dataset's key and the dataset."""
+    index = next(i for i, d in enumerate(recipe.data.datasets) if d.id == err.dataset)
+    return ConfigError(recipe_name, f"data.datasets[{index}].{err.key}", f"dataset {err.dataset}: {err.message}")
 
 
 def cache_validation_prompts(recipe: Recipe, store: Store, text_encoders) -> None:
@@ -109,6 +134,7 @@ def validation_only(recipe_file: Path) -> int:
 
     recipe = load_rank_recipe(recipe_file)
     check_pretrained(recipe, recipe_file.name, CACHE_INPUT_PARTS)
+    check_rank_inputs(recipe, "cache", recipe_file.name)
     if not recipe.validation.enabled:
         raise ConfigError(recipe_file.name, "validation.prompts", "no validation prompts to cache")
     store = Store(recipe.data.cache_url, recipe.data.storage_options)
@@ -130,6 +156,9 @@ def inspect(url: str, storage_options: dict[str, Any], verify: bool, out=sys.std
     print(f"  {manifest.total_samples} samples, {len(manifest.shards)} shards, {manifest.total_bytes / 2**20:.1f} MiB", file=out)
     for bucket, count in manifest.samples_per_bucket().items():
         print(f"  bucket {bucket}: {count} samples", file=out)
+    for dataset, per_bucket in manifest.samples_per_dataset().items():
+        buckets = ", ".join(f"{bucket} {count}" for bucket, count in per_bucket.items())
+        print(f"  dataset {dataset or '(not recorded)'}: {sum(per_bucket.values())} samples ({buckets})", file=out)
     for part, identity in sorted(manifest.encoders.items()):
         print(f"  encoder {part}: {identity.get('class', '?')} config {str(identity.get('config_sha256', ''))[:12]}", file=out)
     print(f"  rejected images: {manifest.rejected} (report.json)", file=out)
@@ -150,11 +179,11 @@ def inspect(url: str, storage_options: dict[str, Any], verify: bool, out=sys.std
     return 1 if problems else 0
 
 
-def _inspect_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sd35dist cache inspect", description="print what a latent cache holds")
+def inspect_argument_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="sd35dist cache inspect", description="print what a latent cache holds")
     parser.add_argument("url", help="cache root: a path, file://… or s3://bucket/prefix")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000")
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", type=key_value,
+                        help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000 (the value is read as YAML)")
     parser.add_argument("--verify", action="store_true", help="read every shard and check its sha256")
     return parser
 
@@ -167,12 +196,15 @@ def main(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     try:
-        recipe = checked_recipe(Path(args.recipe))
+        recipe = checked_recipe(Path(args.recipe), Path(args.run_dir) if args.run_dir else None)
+        world = init_process_group_from_env(CACHE_COLLECTIVE_TIMEOUT_S)
     except ConfigError as err:
         return report_before_group(err, rank_from_env())
-    world = init_process_group_from_env(CACHE_COLLECTIVE_TIMEOUT_S)
     try:
-        return build(recipe, world)
+        try:
+            return build(recipe, world)
+        except DatasetInputError as err:
+            raise dataset_mistake(err, recipe, Path(args.recipe).name) from None
     except Exception as err:  # noqa: BLE001 — one line once for a mistake; a bug is re-raised
         return report_failure(err, world.rank, Path(args.run_dir) if args.run_dir else None)
     finally:
@@ -180,13 +212,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 def inspect_main(argv: list[str]) -> int:
-    args = _inspect_parser().parse_args(argv)
-    options = {}
-    for text in args.storage_option:
-        parts, value = parse_override(text)
-        options[".".join(parts)] = value
+    args = inspect_argument_parser().parse_args(argv)
     try:
+        options = {key: parse_override(f"value={value}")[1] for key, value in args.storage_option}
         return inspect(args.url, options, args.verify)
     except (ManifestError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if not (isinstance(err, OSError) or is_transient(err)):
+            raise
+        print(f"error: {args.url}: cannot read the cache: {type(err).__name__}: {' '.join(str(err).split())}",
+              file=sys.stderr)
         return 2

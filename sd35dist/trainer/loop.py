@@ -18,8 +18,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sd35dist.checkpoint.finite import NonFiniteTraining, finite_non_negative, loss_message
 from sd35dist.checkpoint.layout import RECIPE_FILE
 from sd35dist.checkpoint.manager import CheckpointManager, resume_checkpoint
+from sd35dist.config.input_checks import check_cache_buckets
 from sd35dist.config.model_flops import mfu, mmdit_train_flops_per_sample, peak_bf16_flops
 from sd35dist.config.recipe import Recipe
 from sd35dist.data.latent_stream import Batch, LatentStream, StreamOptions
@@ -60,6 +62,8 @@ def stream_options(recipe: Recipe) -> StreamOptions:
         on_corrupt=stream.on_corrupt,
         caption_dropout=recipe.train.caption_dropout_probability,
         retry=RetryPolicy(budget_s=stream.retry_budget_s),
+        dataset_probability={d.id: d.probability for d in recipe.data.datasets},
+        dataset_sampling=recipe.data.dataset_sampling,
     )
 
 
@@ -87,6 +91,7 @@ class Trainer:
         self.stream = LatentStream(recipe.data.cache_url, rank=world.rank, world_size=world.world_size,
                                    options=stream_options(recipe), storage_options=recipe.data.storage_options)
         self.vae = self.stream.manifest.vae
+        check_cache_buckets(list(self.stream.manifest.samples_per_bucket()), recipe, recipe_source)
         self.schedule = training_schedule(recipe)
         self.strategy: TrainingStrategy = make_strategy(recipe, world, recipe_source)
         self.checkpoints = CheckpointManager(recipe, world, self.strategy, {"stream": self.stream}, resume_from,
@@ -159,17 +164,25 @@ class Trainer:
             width, height = (int(v) for v in batch.bucket.split("x"))
             rank_flops += batch.size * mmdit_train_flops_per_sample(
                 self.strategy.model.config, height, width, inputs["encoder_hidden_states"].shape[1])
+        totals = torch.stack([loss_sum, samples])
+        dist.all_reduce(totals)  # before the step: a NaN loss stops the run before it reaches the weights
+        loss = float(totals[0] / totals[1])
+        self._stop_unless_finite(loss, "loss")
         lr = recipe_learning_rate(train, self.step, self.total_steps)
         grad_norm = self.strategy.step(lr, train.max_grad_norm)
+        self._stop_unless_finite(grad_norm, "gradient norm")
         self.step += 1
         decay = ema_decay_at(self.step, decay=train.ema.decay, start_step=train.ema.start_step,
                              update_interval=train.ema.update_interval)
         if decay is not None:
             self.strategy.update_ema(decay)
-        totals = torch.stack([loss_sum, samples])
-        dist.all_reduce(totals)
-        return {"loss": float(totals[0] / totals[1]), "lr": lr, "grad_norm": grad_norm, "samples": float(totals[1]),
-                "rank_flops": rank_flops}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "samples": float(totals[1]), "rank_flops": rank_flops}
+
+    def _stop_unless_finite(self, value: float, what: str) -> None:
+        """Every rank sees the same global loss and gradient norm, so all stop here together."""
+        if not finite_non_negative(value):
+            latest = self.checkpoints.latest()
+            raise NonFiniteTraining(loss_message(self.step + 1, what, value, latest.name if latest else None))
 
     def resume(self) -> Path | None:
         """Continue from the checkpoint `train.resume` names, if any; returns it."""
@@ -205,6 +218,7 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
     peak = peak_bf16_flops(torch.cuda.get_device_name(trainer.device)) if trainer.device.type == "cuda" else None
     stop = StopKind.NONE
     saved = False
+    reported_epochs = 0
     try:
         while trainer.step < trainer.last_step:
             started = time.perf_counter()
@@ -216,7 +230,9 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
             if peak is not None:
                 # This rank's model FLOPs of the step at one step per `seconds`, over one GPU's peak.
                 values["mfu"] = mfu(rank_flops, 1.0 / seconds, peak)
-            metrics.step(trainer.step, values, seconds)
+            finished = trainer.stream.finished_epochs[reported_epochs:]
+            reported_epochs += len(finished)
+            metrics.step(trainer.step, values, seconds, epoch_mixes=finished)
             stop = watch.agreed(trainer.device)
             if stop is not StopKind.NONE:
                 metrics.note(stop_and_save(trainer, stop, watch, budget))

@@ -7,9 +7,11 @@ written: wandb reads WANDB_API_KEY from the environment when online.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +55,19 @@ class MetricsLog:
 
                 self._wandb = wandb.init(dir=str(run_dir), **wandb_settings)
 
-    def step(self, step: int, values: dict[str, float], seconds: float) -> None:
+    def step(self, step: int, values: dict[str, float], seconds: float, epoch_mixes: Sequence[Any] = ()) -> None:
+        """One step's record; `epoch_mixes` (data/latent_stream.EpochMix) are the epochs this step finished:
+        each gets a line, and the record holds the last as `epoch_mix` (wandb: `mix/<dataset>` shares)."""
         wait = values.get("data_wait_s", 0.0)
         record = {"step": step, "time": time.time(), "rank": self.world.rank, "step_seconds": seconds,
                   "data_wait_fraction": wait / seconds if seconds > 0 else 0.0, **values,
                   "images_per_second": values.get("samples", 0.0) / seconds if seconds > 0 else 0.0}
+        shares: dict[str, float] = {}
+        for mix in epoch_mixes:
+            self.note(mix.describe())
+            record["epoch_mix"] = dataclasses.asdict(mix)
+            total = sum(mix.samples.values()) or 1
+            shares = {f"mix/{name or 'all'}": n / total for name, n in mix.samples.items()}
         self._file.write(json.dumps(record) + "\n")
         if self._bar is not None:
             shown = {"loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.2e}",
@@ -74,7 +84,7 @@ class MetricsLog:
                 eta = (now - self._started) / done * (self.total_steps - step) if done > 0 else None
                 print(progress_line(step, self.total_steps, values, record["images_per_second"], eta), flush=True)
         if self._wandb is not None:
-            self._wandb.log(record, step=step)
+            self._wandb.log({k: v for k, v in record.items() if k != "epoch_mix"} | shares, step=step)
 
     def note(self, message: str) -> None:
         if self._bar is not None:
