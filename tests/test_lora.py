@@ -111,11 +111,11 @@ def trained_model_output(model_dir: Path, adapters: dict[str, torch.Tensor], inp
     from diffusers import SD3Transformer2DModel
     from peft import LoraConfig, inject_adapter_in_model
 
-    from sd35dist.models.lora import PRESETS
+    from sd35dist.config.recipe import LORA_PRESET_MODULES
 
     model = SD3Transformer2DModel.from_pretrained(model_dir / "transformer", dtype=torch.float32)
     inject_adapter_in_model(LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"],
-                                       target_modules=list(PRESETS[LORA["targets"]])), model)
+                                       target_modules=list(LORA_PRESET_MODULES[LORA["targets"]])), model)
     assert not model.load_state_dict(adapters, strict=False).unexpected_keys
     return model(**inputs, return_dict=False)[0]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -146,7 +147,9 @@ def inject_lycoris(model: nn.Module, section: LoraSection, *, dtype: torch.dtype
     for target in targets:
         groups.setdefault((target.algo, target.rank, target.alpha, target.factor), []).append(target.module)
     device = next(model.parameters()).device
-    with torch.device(device):
+    with torch.device(device), warnings.catch_warnings():
+        # One peft config per (algo, rank, alpha, factor) group; peft warns at the second that a model has several.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         for (algo, rank, alpha, factor), names in groups.items():
             config = (LoKrConfig(r=rank, alpha=alpha, decompose_factor=factor, target_modules=names) if algo == "lokr"
                       else LoHaConfig(r=rank, alpha=alpha, target_modules=names))
