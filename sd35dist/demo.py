@@ -89,7 +89,11 @@ demo finished in {time.perf_counter() - started:.0f} s
   single file   {single_file} (SD3.5 layout + VAE, bf16)
   change plot   {diff_png}
   sample image  {image}
-{lora}""")
+{lora}
+ComfyUI-ready (the tiny MMDiT has SD3's 64-wide heads; its VAE and text encoders are toy-sized, so use the
+file's diffusion model, not Load Checkpoint):
+  ComfyUI/models/diffusion_models/ <- {single_file} (Load Diffusion Model)
+  ComfyUI/models/loras/            <- {DEMO / 'export-lora' / 'pytorch_lora_weights.safetensors'} (LoraLoaderModelOnly)""")
     return 0
 
 
