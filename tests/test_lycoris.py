@@ -65,7 +65,8 @@ def test_lycoris_trains_resumes_exactly_and_exports_what_lycoris_loads(runs, cac
         straight = checkpoint_state(straight_dir, use_ema)
         assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
     adapters = {k: v for k, v in straight.items() if ".lokr_w" in k or ".hada_w" in k}
-    assert adapters and set(adapters) == set(straight), "a LyCORIS checkpoint holds its adapters only"
+    assert adapters and set(straight) - set(adapters) <= {"pos_embed.pos_embed"}, \
+        "a LyCORIS checkpoint holds its adapters (and FSDP2's buffer) only"
     zero_at_start = [k for k in adapters if k.endswith(("lokr_w2.default", "hada_w2_a.default"))]
     assert zero_at_start and all(adapters[k].abs().max() > 0 for k in zero_at_start if "add_q_proj" not in k), \
         "the halves LyCORIS starts at zero moved"
