@@ -240,7 +240,7 @@ def write_recipe(tmp_path, lora: dict):
 def test_recipe_mistakes_name_the_key(tmp_path):
     cases = [({"type": "lycoris"}, "train.lora.type"), ({"type": "lokr", "dropout": 0.1}, "no input dropout"),
              ({"factor": 8}, "factor is a LyCORIS option"), ({"type": "loha", "factor": 4}, "lokr options"),
-             ({"type": "lokr", "targets": "attention", "preset": {"target_module": ["Attention"]}}, "keep one"),
+             ({"type": "lokr", "targets": "all_linear", "preset": {"target_module": ["Attention"]}}, "keep one"),
              ({"type": "lokr", "preset": {"target_module": ["Attention"], "module_algo_map": {"Attention": {"algo": "glora"}}}},
               "module_algo_map.Attention.algo")]
     for lora, expected in cases:
@@ -249,6 +249,8 @@ def test_recipe_mistakes_name_the_key(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, {"type": "lokr", "rank": 10000, "alpha": 1, "full_matrix": True,
                                                  "preset": SIMPLETUNER_EXAMPLE}))
     assert recipe.train.lora.preset.module_algo_map["FeedForward"].factor == 8
+    frozen = LoraSection.model_validate(recipe.train.lora.model_dump())
+    assert frozen == recipe.train.lora, "a frozen recipe (every field written out) reads back the same"
 
 
 def test_simpletuner_lycoris_config_imports_and_bad_algo_is_one_line(tmp_path, capsys):

@@ -278,7 +278,7 @@ class LoraSection(StrictModel):
     decompose_both: bool = False
     """lokr: factor the smaller Kronecker factor into a rank-r product too (LyCORIS's decompose_both)."""
     preset: LycorisPreset | None = None
-    """lokr/loha: choose modules by class as LyCORIS's apply_preset does (instead of targets)."""
+    """lokr/loha: choose modules by class as LyCORIS's apply_preset does (targets then stays at its default)."""
 
     def target_modules(self) -> tuple[str, ...] | None:
         """The peft target_modules the targets stand for; None: every Linear (all_linear)."""
@@ -308,7 +308,8 @@ class LoraSection(StrictModel):
         if self.factor == 0 or self.factor < -1:
             raise ValueError(f"factor {self.factor}: a positive Kronecker factor, or -1 for the most balanced split")
         if self.preset is not None:
-            if "targets" in self.model_fields_set:
+            # The default stays in frozen recipes (every field is written out), so only another value conflicts.
+            if self.targets != LoraSection.model_fields["targets"].default:
                 raise ValueError("targets and preset both choose modules: keep one")
             if not (self.preset.target_module or self.preset.target_name or self.preset.module_algo_map):
                 raise ValueError("preset names no modules: give target_module, target_name or module_algo_map")
