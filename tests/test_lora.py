@@ -125,7 +125,7 @@ def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(
     from safetensors import safe_open
 
     from sd35dist.checkpoint.export import checkpoint_state
-    from tests.comfy_lora_keys import mmdit_lora_key_map, unloaded_keys
+    from tests.comfy_lora_keys import comfy_sd3_unet_config, mmdit_lora_key_map, qkv_slice_mismatches, unloaded_keys
 
     strategy, root = runs
     model_dir, _ = cache
@@ -140,11 +140,11 @@ def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(
     assert json.loads(metadata["sd35dist.base_model"]) == str(model_dir)
     assert json.loads(metadata["sd35dist.recipe_sha256"]) == json.loads((checkpoint / "COMPLETE").read_text())["recipe_sha256"]
 
-    # ComfyUI sizes SD3 from its width (64 per layer); the tiny model is narrower, so map it by its
-    # layer count (test_lora_units.py checks the qkv slices at SD3.5 Large's shape).
-    layers = json.loads((model_dir / "transformer" / "config.json").read_text())["num_layers"]
-    key_map = mmdit_lora_key_map({"depth": layers, "num_blocks": layers})
+    # ComfyUI sizes SD3 from its width (64 per head, one head per block); the tiny model has SD3's head width.
+    unet = comfy_sd3_unet_config(json.loads((model_dir / "transformer" / "config.json").read_text()))
+    key_map = mmdit_lora_key_map(unet)
     assert unloaded_keys(lora, key_map) == [], "ComfyUI's SD3 key map reaches every tensor"
+    assert qkv_slice_mismatches(lora, key_map) == [], "to_q/k/v fill their slice of ComfyUI's fused qkv"
 
     pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     inputs = probe_inputs(pipe.transformer.config)
