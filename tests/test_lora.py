@@ -193,3 +193,35 @@ def test_fsdp2_lora_checkpoint_reloads_exactly_on_another_world_size(runs, tmp_p
         again = read_part(tmp_path / "again", part)
         assert written.keys() == again.keys() and written
         assert all(torch.equal(written[k], again[k]) for k in written), f"{part}: 2 ranks → 1 rank → saved alike"
+
+
+@pytest.mark.parametrize("runs", ["fsdp2"], indirect=True)
+def test_kohya_export_rebuilds_the_lora_delta_per_module(runs, cache, tmp_path):  # noqa: F811
+    """`--format kohya`: sd-scripts' module names, and each module's up · down · alpha / rank equals our
+    B·A·α/r in the original layout (q, k, v concatenated, adaLN halves swapped), from the EMA adapters."""
+    from safetensors.torch import load_file
+
+    from sd35dist.checkpoint.export import checkpoint_state
+    from sd35dist.checkpoint.original_layout import transformer_plan
+    from tests.test_lycoris_units import _original, sd_scripts_lora_names
+
+    strategy, root = runs
+    out = tmp_path / "kohya.safetensors"
+    export(root / "straight", out, "--format", "kohya", "--ema", "--dtype", "fp32")
+    kohya = load_file(str(out))
+    config = json.loads((cache[0] / "transformer" / "config.json").read_text())
+    names = {k.split(".")[0] for k in kohya}
+    assert names and names <= sd_scripts_lora_names(config) and all(f"{n}.alpha" in kohya for n in names)
+    state = checkpoint_state(CheckpointDir(root / "straight").latest(), True)
+    pairs = {k.split(".lora_A.")[0]: (v, state[k.replace(".lora_A.", ".lora_B.")]) for k, v in state.items() if ".lora_A." in k}
+    ours = {m + ".weight": b @ a * (LORA["alpha"] / LORA["rank"]) for m, (a, b) in pairs.items()}
+    compared = 0
+    for tensor in transformer_plan(config, None):
+        if tensor.name.endswith(".weight") and all(s in ours for s in tensor.sources):
+            name = "lora_unet_" + tensor.name.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_")
+            down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
+            rebuilt = up @ down * (float(kohya[f"{name}.alpha"]) / down.shape[0])
+            assert torch.allclose(rebuilt, _original(tensor, ours), atol=1e-6), name
+            compared += 1
+    assert compared == len(names), "every kohya module is one of ours"
+    assert kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"].shape[0] == 3 * LORA["rank"]
