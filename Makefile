@@ -1,7 +1,11 @@
-# The README's two commands. Each installs what it needs (idempotent) and then runs.
+# The README's commands. Each installs what it needs (idempotent) and then runs.
 #   make demo   — the embedded default end to end on this machine (profile local); no root, no Debian packages
-#   make test   — the whole test suite (unit, dist, s3, slurm; gpu tests skip without CUDA); installs the
-#                 test cluster's Debian packages (Slurm, munge, MariaDB) when they are missing, as root
+#   make check  — the fast loop: ruff (lint + import order) and the unit tier (in-process tests only); no root,
+#                 no Debian packages; under 3 minutes on the 2-core dev machine
+#   make test   — ruff and the whole test suite (unit, process, dist, s3, slurm; gpu tests skip without CUDA);
+#                 installs the test cluster's Debian packages (Slurm, munge, MariaDB) when missing, as root
+# ARGS="..." adds pytest arguments to check and test (`make check ARGS="-k render"`). pytest's exit status
+# is make's: "no tests ran" (5, e.g. a -k that matches nothing) fails like a failed test.
 # Parts: `make venv` (runtime packages only), `make test-deps` (system packages + test packages).
 
 SHELL := /bin/bash
@@ -10,19 +14,27 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-# DeepSpeed compiles C++ ops on first use; keep them outside the clone so CI reuses them.
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/sd35dist/torch_extensions
+# DeepSpeed compiles C++ ops on first use; keep them outside the clone so CI reuses them, one folder
+# per venv: the build names the venv's include paths, so two clones sharing one folder rebuild it in turn.
+# tests/cli_runs.py computes the same folder when pytest runs outside make.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/sd35dist/torch_extensions/$(shell printf %s '$(CURDIR)/$(VENV)' | sha256sum | cut -c1-12)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # The venv first on PATH: its ninja builds DeepSpeed's ops; another ninja would invalidate them.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test venv test-deps system-deps clean
+.PHONY: demo check test lint venv test-deps system-deps clean
 
 demo: venv
 	$(BIN)/python -m sd35dist.demo
 
-test: test-deps
-	$(BIN)/python -m pytest -q --durations=40
+check: $(TEST_STAMP) lint
+	$(BIN)/python -m pytest -q -m unit --durations=10 $(ARGS)
+
+test: test-deps lint
+	$(BIN)/python -m pytest -q --durations=60 $(ARGS)
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
 
 venv: $(STAMP)
 

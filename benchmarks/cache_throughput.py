@@ -30,15 +30,16 @@ import torch
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))  # run from a checkout without installing
 
-from bench_report import device_name, typed_command  # noqa: E402
-from sd35dist.data.buckets import FitPlan, bucket_name  # noqa: E402
-from sd35dist.data.cache_builder import Encoders, WorkItem  # noqa: E402
-from sd35dist.data.image_source import PreparedImage, SourceImage  # noqa: E402
-from sd35dist.data.shard_format import encode_shard  # noqa: E402
-from sd35dist.models import tiny_sd3  # noqa: E402
-from sd35dist.models.prompt_encoding import DEFAULT_MAX_SEQUENCE_LENGTH, encode_prompts  # noqa: E402
-from sd35dist.models.sd3_components import TextEncoders  # noqa: E402
-from sd35dist.models.vae_encoding import encode_images  # noqa: E402
+from bench_report import device_name, typed_command
+
+from sd35dist.data.buckets import FitPlan, bucket_name
+from sd35dist.data.cache_builder import Encoders, WorkItem
+from sd35dist.data.image_source import PreparedImage, SourceImage
+from sd35dist.data.shard_format import encode_shard
+from sd35dist.models import tiny_sd3
+from sd35dist.models.prompt_encoding import DEFAULT_MAX_SEQUENCE_LENGTH, encode_prompts
+from sd35dist.models.sd3_components import TextEncoders
+from sd35dist.models.vae_encoding import encode_images
 
 CLIP_LENGTH = 77
 CLIP_VOCAB, CLIP_BOS, CLIP_EOS, CLIP_PAD = 49408, 49406, 49407, 1

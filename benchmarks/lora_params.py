@@ -19,10 +19,11 @@ import torch
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))  # run from a checkout without installing
 
-from sd35dist.config.recipe import LoraSection  # noqa: E402
-from sd35dist.models.lora import adapter_parameter_count, inject_lora  # noqa: E402
-from sd35dist.models.transformer_build import build_on_meta  # noqa: E402
-from train_step import LARGE  # noqa: E402
+from train_step import LARGE
+
+from sd35dist.config.recipe import LoraSection
+from sd35dist.models.lora import adapter_parameter_count, inject_lora
+from sd35dist.models.transformer_build import build_on_meta
 
 GIB = 2**30
 

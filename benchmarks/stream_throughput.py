@@ -31,11 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sd35dist.data.latent_stream import LatentStream, StreamOptions  # noqa: E402
-from sd35dist.data.manifest import ShardEntry, ShardManifest  # noqa: E402
-from sd35dist.data.shard_format import CachedSample, SampleRecord, encode_shard  # noqa: E402
-from sd35dist.data.storage import Store, sha256_hex  # noqa: E402
-from tests.s3_server import S3Server, free_port  # noqa: E402
+from sd35dist.data.latent_stream import LatentStream, StreamOptions
+from sd35dist.data.manifest import ShardEntry, ShardManifest
+from sd35dist.data.shard_format import CachedSample, SampleRecord, encode_shard
+from sd35dist.data.storage import Store, sha256_hex
+from tests.s3_server import S3Server, free_port
 
 LATENT = (16, 128, 128)
 TEXT = (333, 4096)

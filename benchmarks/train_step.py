@@ -40,20 +40,21 @@ import torch.distributed as dist
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))  # run from a checkout without installing
 
-from bench_report import device_name, typed_command  # noqa: E402
-from sd35dist.config.recipe import Recipe  # noqa: E402
-from sd35dist.models import tiny_sd3  # noqa: E402
-from sd35dist.models.lora import inject_lora  # noqa: E402
-from sd35dist.parallel.fsdp2 import FSDP2Strategy  # noqa: E402
-from sd35dist.parallel.process_group import World  # noqa: E402
-from sd35dist.trainer.flow_matching import (  # noqa: E402
+from bench_report import device_name, typed_command
+
+from sd35dist.config.model_flops import mfu, mmdit_train_flops_per_sample, peak_bf16_flops
+from sd35dist.config.recipe import Recipe
+from sd35dist.models import tiny_sd3
+from sd35dist.models.lora import inject_lora
+from sd35dist.parallel.fsdp2 import FSDP2Strategy
+from sd35dist.parallel.process_group import World
+from sd35dist.trainer.flow_matching import (
     FlowMatchSchedule,
     flow_matching_loss_sum_and_count,
     loss_weighting,
     noisy_input_and_target,
     sample_timestep_indices,
 )
-from sd35dist.config.model_flops import mfu, mmdit_train_flops_per_sample, peak_bf16_flops  # noqa: E402
 
 CLIP_TOKENS = 77
 # stabilityai/stable-diffusion-3.5-large transformer/config.json (about 8.06e9 parameters).

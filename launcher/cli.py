@@ -10,6 +10,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from launcher import job_control, resource_report
 from launcher.hub_models import resolve_hub_model
@@ -17,11 +18,13 @@ from launcher.plan import JobPlan, build_plan, check_fit, split_overrides
 from launcher.profile import Profile, load_profile, profile_path
 from launcher.render import render_script
 from launcher.submission import prepare_run_dir, submit
+from sd35dist.checkpoint.layout import COMPLETE, BranchConflict, CheckpointDir, names_checkpoint
 from sd35dist.config import ConfigError, Recipe, load_recipe, recipe_yaml, resolve_paths
-from sd35dist.config.recipe import is_url
-from sd35dist.config.commands import COMMANDS, SUBMITTABLE_JOBS, SUBMIT
+from sd35dist.config.commands import COMMANDS, SUBMIT, SUBMITTABLE_JOBS
 from sd35dist.config.loading import dump_yaml
 from sd35dist.config.model_layout import check_pretrained
+from sd35dist.config.recipe import is_url
+from sd35dist.runtime.atomic_files import write_text_atomically
 from sd35dist.runtime.save_budget import grace_warnings, read_save_estimate
 from sd35dist.runtime.slurm_query import kill_wait_s
 
@@ -41,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default: <run_root>/<recipe>-<job>-<time>)")
     p.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     p.add_argument("--output", metavar="FILE", help="write the script to FILE and prepare the run directory; submit nothing")
+    p.add_argument("--force", action="store_true", help="let --output replace an existing file")
     p.add_argument("--wait", action="store_true", help="follow the job's log until it ends; exit with its status")
     q = sub.add_parser("plan", help=summaries["plan"])
     q.add_argument("--profile", required=True, help="a name in cluster_configs/ or a YAML path")
@@ -99,6 +103,11 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[Profile, Path, Recipe, P
 def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, Path]:
     profile, profile_file, recipe, recipe_file = inputs_from_args(args)
     check_has_datasets(recipe, args.job, recipe_file.name)
+    # Refusals first: nothing (not even a model download) happens for a submission that would be refused.
+    if args.job == "train":
+        refuse_resume_branch(recipe, recipe_file.name)
+    if args.output:
+        refuse_output_file(Path(args.output), args.force, (recipe_file, profile_file))
     hub = resolve_hub_model(recipe, args.job, profile.hf_home, recipe_file.name,
                             download=not (args.dry_run and not args.output))
     recipe = hub.recipe
@@ -122,6 +131,34 @@ def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, 
         for line in save_budget_warnings(profile, recipe):
             print(f"warning: {line}", file=sys.stderr)
     return plan, profile, recipe, recipe_file
+
+
+def refuse_output_file(output: Path, force: bool, inputs: tuple[Path, ...]) -> None:
+    """`--output FILE` replaces nothing unless asked (--force), and never the files this submission reads."""
+    if any(output.resolve() == path.resolve() for path in inputs):
+        raise ConfigError("--output", str(output), "is a file this submission reads (the recipe or the profile): "
+                          "choose another name")
+    if output.is_dir():
+        raise ConfigError("--output", str(output), "is a directory: give a file name for the script")
+    if output.exists() and not force:
+        raise ConfigError("--output", str(output), "already exists: pass --force to replace it, or choose another name")
+    parent = output.parent
+    if not parent.is_dir():
+        raise ConfigError("--output", str(output), f"directory {parent} does not exist: create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError("--output", str(output), f"directory {parent} is not writable")
+
+
+def refuse_resume_branch(recipe: Recipe, recipe_file: str) -> None:
+    """What the ranks refuse at start, refused at submit when this host sees the checkpoint: a
+    `train.resume` path that training would overwrite or rotate away (docs/checkpoints.md)."""
+    named = Path(recipe.train.resume)
+    if not names_checkpoint(recipe.train.resume) or not (named / COMPLETE).is_file():
+        return
+    try:
+        CheckpointDir(recipe.output.dir).branch_start(named, run_dir=None)  # a new run continues no branch
+    except BranchConflict as err:
+        raise ConfigError(recipe_file, "train.resume", str(err)) from None
 
 
 MANIFEST_NAME = "manifest.json"  # sd35dist/data/manifest.py's (the launcher does not import the data package)
@@ -152,7 +189,7 @@ def save_budget_warnings(profile: Profile, recipe: Recipe) -> list[str]:
     return [f"{line} (save time {estimate.source})" for line in lines]
 
 
-def _follow(record: dict[str, str], out=sys.stdout, poll_s: float = 1.0) -> str:
+def _follow(record: dict[str, Any], out=sys.stdout, poll_s: float = 1.0) -> str:
     """Print the job's logs as they grow until it has ended for good; return its final state.
 
     A requeued job (time limit, preemption, node failure) is followed through its restarts,
@@ -208,7 +245,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     run_dir = prepare_run_dir(plan, recipe_yaml(recipe), dump_yaml(profile))
     if args.output:
-        Path(args.output).write_text(script)
+        try:
+            write_text_atomically(args.output, script)
+        except OSError as err:
+            shutil.rmtree(run_dir, ignore_errors=True)  # the script is its only way in: no orphan
+            raise ConfigError("--output", args.output, f"cannot write: {err.strerror or err}") from None
         how = "sbatch" if plan.scheduler == "slurm" else "bash"
         print(f"wrote {args.output}; run directory {run_dir}; submit with: {how} {args.output}")
         return 0

@@ -10,13 +10,15 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+from launcher.local_process import ProcessIdentity, alive, descendants, is_running
 from launcher.submission import JOB_RECORD, state_dir
 from sd35dist.config import ConfigError
 from sd35dist.runtime.slurm_query import accounting_states, controller_restarts, slurm_output
 
 
-def find_record(ref: str) -> dict[str, str]:
+def find_record(ref: str) -> dict[str, Any]:
     """A run directory, or a job id that `sd35dist submit` recorded; plain-sbatch ids fall back to Slurm.
 
     Anything else is a ConfigError saying there is no such job: a mistyped id must not look
@@ -27,7 +29,7 @@ def find_record(ref: str) -> dict[str, str]:
         record_file = path / JOB_RECORD
         if not record_file.is_file():
             raise ConfigError(ref, "", f"no {JOB_RECORD} here: not a submitted run directory")
-        return json.loads(record_file.read_text())
+        return read_record(record_file)
     if not ref.isdigit():
         if os.sep in ref or ref.startswith((".", "~")):
             raise ConfigError(ref, "", "no such run directory")
@@ -36,9 +38,11 @@ def find_record(ref: str) -> dict[str, str]:
     for scheduler in ("slurm", "local"):
         link = index / f"{scheduler}-{ref}"
         if link.is_file():
-            run_dir = Path(link.read_text().strip())
+            run_dir = Path(link.read_text(errors="replace").strip())
             if (run_dir / JOB_RECORD).is_file():
-                return json.loads((run_dir / JOB_RECORD).read_text())
+                record = read_record(run_dir / JOB_RECORD)
+                if record["job_id"] == ref and record["scheduler"] == scheduler:
+                    return record
     if not _slurm_available():
         raise ConfigError(ref, "", "no such job: not submitted from this account (and no Slurm here to ask)")
     known, trouble = slurm_knows(ref)
@@ -47,6 +51,37 @@ def find_record(ref: str) -> dict[str, str]:
     if trouble:
         raise ConfigError(ref, "", f"no such job: not submitted from this account, and Slurm could not be asked ({trouble})")
     raise ConfigError(ref, "", "no such job: not submitted from this account, and Slurm knows no job with this id")
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A job.json that `sd35dist submit` wrote; anything else (damaged, edited, another tool's) is a
+    ConfigError, never a traceback, and never a PID to signal."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(str(path), "", f"not a job record sd35dist can read ({' '.join(str(err).split())})") from None
+    problem = _record_problem(record)
+    if problem:
+        raise ConfigError(str(path), "", f"not a job record sd35dist wrote ({problem})")
+    return record
+
+
+def _record_problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    for key in ("job_id", "scheduler", "run_dir", "submitit_folder"):
+        if not isinstance(record.get(key), str):
+            return f"{key} is missing or not a string"
+    if record["scheduler"] not in ("slurm", "local"):
+        return f"scheduler {record['scheduler']!r} is neither slurm nor local"
+    if not record["job_id"].isdigit():
+        return f"job_id {record['job_id']!r} is not a number"
+    if record["scheduler"] == "local" and "process" in record:
+        try:
+            ProcessIdentity.from_record(record["process"])
+        except ValueError as err:
+            return str(err)
+    return None
 
 
 def _slurm_available() -> bool:
@@ -95,7 +130,7 @@ def slurm_restarts(job_id: str) -> int:
     return restarts if restarts is not None else max(0, len(accounting_states(job_id)) - 1)
 
 
-def ended_state(record: dict[str, str]) -> str | None:
+def ended_state(record: dict[str, Any]) -> str | None:
     """The final state once the job has ended for good, else None.
 
     A requeued job is PENDING again in the queue, whatever its previous run ended with, so a
@@ -110,47 +145,30 @@ def ended_state(record: dict[str, str]) -> str | None:
     return state if state.split()[0] in ENDED_STATES else None
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+def recorded_process(record: dict[str, Any]) -> ProcessIdentity | None:
+    """Who the local job's process was when it was submitted; None for a record without it
+    (written before sd35dist recorded it, or the process had ended before it could be read)."""
+    raw = record.get("process")
+    return ProcessIdentity.from_record(raw) if raw is not None else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    status = Path(f"/proc/{pid}/stat")
-    return not (status.exists() and status.read_text().rsplit(")", 1)[1].split()[0] == "Z")
-
-
-def local_state(record: dict[str, str]) -> str:
-    pid = int(record["job_id"])
-    if _alive(pid):
+def local_state(record: dict[str, Any]) -> str:
+    """RUNNING only while the recorded process itself runs: a PID now held by another process
+    means the job has ended (its result says how), never that it runs."""
+    identity = recorded_process(record)
+    if identity is not None and is_running(identity):
         return "RUNNING"
+    pid = int(record["job_id"])
     result = Path(record["submitit_folder"]) / f"{pid}_0_result.pkl"
     if not result.is_file():
-        return "INTERRUPTED"
+        # No identity to compare: a live PID may or may not be the job.
+        return "UNKNOWN" if identity is None and alive(pid) else "INTERRUPTED"
     try:
         with result.open("rb") as handle:
             outcome = _PlainDataUnpickler(handle).load()
     except (pickle.UnpicklingError, EOFError):
         return "UNKNOWN"
-    return "COMPLETED" if outcome[0] == "success" else "FAILED"
+    return "COMPLETED" if isinstance(outcome, tuple) and outcome[:1] == ("success",) else "FAILED"
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -161,11 +179,11 @@ class _PlainDataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing {module}.{name}: not a result sd35dist's job writes")
 
 
-def job_state(record: dict[str, str]) -> str:
+def job_state(record: dict[str, Any]) -> str:
     return slurm_state(record["job_id"]) if record["scheduler"] == "slurm" else local_state(record)
 
 
-def log_files(record: dict[str, str]) -> list[Path]:
+def log_files(record: dict[str, Any]) -> list[Path]:
     """Every log the job wrote: submitit's per-task logs, or the sbatch script's own."""
     job_id = record["job_id"]
     found: list[Path] = []
@@ -184,28 +202,40 @@ def log_files(record: dict[str, str]) -> list[Path]:
     return found
 
 
-def cancel(record: dict[str, str], grace_s: float = 10.0) -> None:
+def cancel(record: dict[str, Any], grace_s: float = 10.0) -> None:
     if record["scheduler"] == "slurm":
         result = subprocess.run(["scancel", record["job_id"]], capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise ConfigError(record["job_id"], "", f"scancel refused: {_last_line(result.stderr)}")
         return
-    pid = int(record["job_id"])
+    identity = recorded_process(record)
+    if identity is None:
+        raise ConfigError(record["job_id"], "", "its record does not say which process it was (submitted by an older "
+                          "sd35dist, or it ended at once): its process id may be another's now, so nothing was signalled")
+    if not is_running(identity):
+        raise ConfigError(record["job_id"], "", f"not running (state {local_state(record)}): nothing to cancel, "
+                          "and nothing was signalled")
+    pid = identity.pid
     # Freeze the tree parent-first so nothing forks or reparents while we look, then stop all
     # of it: submitit's local task ignores SIGTERM and would orphan torchrun otherwise.
-    tree: list[int] = []
-    for target in [pid, *_descendants(pid), *_descendants(pid)]:
+    if not _signal(pid, signal.SIGSTOP):
+        raise ConfigError(record["job_id"], "", "ended while being cancelled: nothing was signalled")
+    if not is_running(identity):  # the PID changed hands between the check and the stop: undo
+        _signal(pid, signal.SIGCONT)
+        raise ConfigError(record["job_id"], "", "ended while being cancelled: nothing was signalled")
+    tree: list[int] = [pid]
+    for target in [*descendants(pid), *descendants(pid)]:
         if target not in tree and _signal(target, signal.SIGSTOP):
             tree.append(target)
-    tree += [p for p in _descendants(pid) if p not in tree and _signal(p, signal.SIGSTOP)]
+    tree += [p for p in descendants(pid) if p not in tree and _signal(p, signal.SIGSTOP)]
     for target in reversed(tree):
         _signal(target, signal.SIGTERM)
         _signal(target, signal.SIGCONT)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in tree):
+    while time.monotonic() < deadline and any(alive(p) for p in tree):
         time.sleep(0.2)
     for target in tree:
-        if _alive(target):
+        if alive(target):
             _signal(target, signal.SIGKILL)
 
 

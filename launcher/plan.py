@@ -17,7 +17,6 @@ from sd35dist.config.recipe import RECIPE_KEYS
 from sd35dist.runtime.job_env import RDZV_HOST_VAR, RDZV_PORT_VAR, RUN_DIR_VAR, SIGNAL_GRACE_VAR
 
 
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class JobPlan:
     """A job ready to render or submit. Shell variables ($SLURM_NNODES…) stay unexpanded:

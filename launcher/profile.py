@@ -104,7 +104,7 @@ class LaunchSection(StrictModel):
     """Sets NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME (e.g. ib0, eth0)."""
 
     @pydantic.model_validator(mode="after")
-    def _port_range(self) -> "LaunchSection":
+    def _port_range(self) -> LaunchSection:
         if self.rdzv_port + self.rdzv_port_span - 1 > 65535:
             raise ValueError(f"rdzv_port {self.rdzv_port} + rdzv_port_span {self.rdzv_port_span} runs past port 65535")
         return self
@@ -187,7 +187,7 @@ class Profile(StrictModel):
     """Recipe used when `--recipe` is not given; relative to the project root."""
 
     @pydantic.model_validator(mode="after")
-    def _scheduler_section(self) -> "Profile":
+    def _scheduler_section(self) -> Profile:
         if self.scheduler == "slurm" and self.slurm is None:
             raise ValueError("scheduler is slurm but there is no slurm: section")
         if self.scheduler == "local" and self.slurm is not None:

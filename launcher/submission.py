@@ -16,7 +16,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from launcher.local_process import read_identity
 from launcher.plan import JobPlan
 from launcher.render import render_script
 from sd35dist.runtime.atomic_files import staged_directory, write_text_atomically
@@ -116,7 +118,7 @@ def _quiet_submitit():
             os.environ.pop("SUBMITIT_LOG_LEVEL", None)
 
 
-def submit(plan: JobPlan, run_dir: Path) -> dict[str, str]:
+def submit(plan: JobPlan, run_dir: Path) -> dict[str, Any]:
     """Submit through submitit and write the job record; returns it."""
     import submitit
 
@@ -145,11 +147,16 @@ def submit(plan: JobPlan, run_dir: Path) -> dict[str, str]:
         "stderr": stderr,
         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if plan.scheduler == "local":
+        # Bind the id to this process: once it ends, its PID may be anyone's (launcher/local_process.py).
+        identity = read_identity(int(job.job_id))
+        if identity is not None:
+            record["process"] = identity.to_record()
     write_record(run_dir, record)
     return record
 
 
-def write_record(run_dir: Path, record: dict[str, str]) -> None:
+def write_record(run_dir: Path, record: dict[str, Any]) -> None:
     write_text_atomically(run_dir / JOB_RECORD, json.dumps(record, indent=2) + "\n")
     index = state_dir() / "jobs"
     index.mkdir(parents=True, exist_ok=True)

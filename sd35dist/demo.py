@@ -55,7 +55,7 @@ def main() -> int:
     # The recipe's relative paths and the profile's run_root resolve against the working
     # directory (the project root under `make demo`).
     runs = Path.cwd() / "runs"
-    DEMO = runs / "demo"  # noqa: N806
+    DEMO = runs / "demo"
     started = time.perf_counter()
     for stale in ("cache", "output", "export", "sample.png", "report"):
         path = DEMO / stale

@@ -1,59 +1,27 @@
-"""Shared test wiring: tier markers, the gpu skip, paths to the project and its venv, and the
-session-wide servers (one S3-protocol server, one two-node Slurm cluster) every tier shares."""
+"""Shared test wiring: the tier rules (tests/tiers.py) and the fixtures more than one module uses.
+
+Fixtures that are read-only once built live here at session scope, so each is built once per
+pytest run: the tiny SD3 model, the bf16 latent cache the training tests read, one S3-protocol
+server, one two-node Slurm cluster. A test that needs to change one copies it first. Plain
+functions the tests share live in their own modules (cli_runs, cache_runs, train_runs,
+preflight_runs): no test module imports another.
+"""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parent.parent
-TIERS = ("unit", "dist", "slurm", "s3", "gpu")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    cuda = _cuda_available()
-    for item in items:
-        tiers = [m.name for m in item.iter_markers() if m.name in TIERS]
-        if not tiers:
-            raise pytest.UsageError(f"{item.nodeid}: every test needs a tier marker ({', '.join(TIERS)})")
-        if "gpu" in tiers and not cuda:
-            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
-
-
-class OnlyGpuSkips:
-    """Only a missing GPU may skip a test: any other skip fails the run (a Slurm or S3 server that
-    cannot start, a fixture that gives up) instead of passing it quietly."""
-
-    def __init__(self) -> None:
-        self.others: list[str] = []
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.skipped and not hasattr(report, "wasxfail") and "needs CUDA" not in str(report.longrepr):
-            self.others.append(f"{report.nodeid}: {report.longrepr}")
-
-    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        if self.others and exitstatus == 0:
-            print("\nskipped for a reason other than a missing GPU (a failure here):\n  " + "\n  ".join(self.others))
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+from tests.cli_runs import PROJECT, torch_extensions_dir, venv_env
+from tests.tiers import TierRules
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.pluginmanager.register(OnlyGpuSkips(), "sd35dist-only-gpu-skips")
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    config.pluginmanager.register(TierRules(), "sd35dist-tiers")
 
 
 @pytest.fixture
@@ -61,23 +29,54 @@ def project() -> Path:
     return PROJECT
 
 
-def wait_for(predicate, timeout_s: float, what: str):
-    """Poll `predicate` until it returns something true (returned), failing after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
-        time.sleep(0.5)
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny SD3 (real diffusers classes, seed 0) as a model folder; read-only: copy it to change it."""
+    from sd35dist.models.tiny_sd3 import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("model") / "tiny-sd3")
 
 
-def venv_env(**extra: str) -> dict[str, str]:
-    """The environment a user has after activating the project's venv."""
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.update(extra)
-    return env
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
+    """(tiny model, its bf16 latent cache of tests/cache_runs.py's inputs), built by `sd35dist cache`
+    in one process. Read-only, except `cache --validation-only`, which adds the validation prompts'
+    embeddings (the same for every test: tests/validation_check.py's)."""
+    from tests.cache_runs import run_cache, write_inputs, write_recipe
+
+    root = tmp_path_factory.mktemp("train-cache")
+    recipe = write_recipe(root / "cache.yaml", tiny_model, write_inputs(root / "images"), str(root / "cache"),
+                          cache_dtype="bf16")
+    run_cache(recipe)
+    return tiny_model, root / "cache"
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model):
+    """The tiny model loaded for rendering: (model folder, two prompts' and a negative's embeddings,
+    the transformer, the VAE). Module scope: each module that renders gets its own objects."""
+    from diffusers import SD3Transformer2DModel
+
+    from sd35dist.data.validation_prompts import PromptEmbeddings
+    from sd35dist.models.prompt_encoding import encode_prompts
+    from sd35dist.models.sd3_components import load_text_encoders, load_vae
+
+    text = load_text_encoders(tiny_model)
+    embeds, pooled = encode_prompts(text, ["a red fox", "k4s4, a blue square"], 32)
+    negative, negative_pooled = encode_prompts(text, ["blurry"], 32)
+    embeddings = PromptEmbeddings(("a red fox", "k4s4, a blue square"), embeds, pooled, negative, negative_pooled)
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
+    return tiny_model, embeddings, transformer, load_vae(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_on_cpu():
+    """DeepSpeed's CPU accelerator, and its C++ op builds cached where the Makefile keeps them
+    (`pytestmark = pytest.mark.usefixtures("deepspeed_on_cpu")` in a module that runs ZeRO)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DS_ACCELERATOR", "cpu")
+        patch.setenv("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +91,8 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def slurm_env():
-    """Start the dev cluster; yield the environment a user has after `export SLURM_CONF=…`."""
+    """Start the dev cluster; yield the environment a user has after `export SLURM_CONF=…`.
+    A cluster that does not start fails the tests that need it (never skips them)."""
     # Not under pytest's tmp: that is mode 0700 and munged runs as the munge user.
     cluster_dir = Path(tempfile.mkdtemp(prefix="sd35dist-slurm-"))
     cluster_dir.chmod(0o755)

@@ -44,7 +44,7 @@ class CollectiveLog:
         self.calls: list[tuple[str, list[int], int]] = []
         self._originals = {}
 
-    def __enter__(self) -> "CollectiveLog":
+    def __enter__(self) -> CollectiveLog:
         for attr, op in TRACED.items():
             original = getattr(dist, attr)
             self._originals[attr] = original
@@ -111,8 +111,8 @@ def mean_plain_gradients(model_dir: Path, rank: int, world_size: int) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sd35dist.parallel.process_group import destroy, init_process_group_from_env
     from sd35dist.parallel.fsdp2 import FSDP2Strategy
+    from sd35dist.parallel.process_group import destroy, init_process_group_from_env
 
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir", type=Path)

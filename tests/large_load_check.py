@@ -35,7 +35,7 @@ def rss_anon_bytes() -> int:
 class PeakSampler:
     """The highest RssAnon seen while the `with` block runs."""
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         self.peak = rss_anon_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

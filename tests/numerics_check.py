@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +28,20 @@ LEARNING_RATE = 5e-5
 BATCH = 2
 LATENT_SIDE = 8
 TEXT_TOKENS = 7
+
+
+def run_check(mode: str, model_dir: Path, out: Path, *args: str) -> dict:
+    """This driver in MODE on 2 gloo ranks (DeepSpeed on its CPU accelerator); rank 0's result.json."""
+    from tests.cli_runs import PROJECT, torch_extensions_dir, venv_env
+
+    env = venv_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=torch_extensions_dir())
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "tests.numerics_check", mode, str(model_dir), str(out), *args],
+        capture_output=True, text=True, cwd=PROJECT, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads((out / "result.json").read_text())
 
 
 def recipe_for(model_dir: Path, out_dir: Path, strategy: str, optimizer: str):

@@ -68,7 +68,7 @@ class ShapingProxy:
 
     # ---- running it ------------------------------------------------------------------------
 
-    def start(self) -> "ShapingProxy":
+    def start(self) -> ShapingProxy:
         """Serve from a background thread of this process; returns once listening."""
         ready = threading.Event()
 
@@ -98,7 +98,7 @@ class ShapingProxy:
         self._thread.join(10)
         self._loop = None
 
-    def __enter__(self) -> "ShapingProxy":
+    def __enter__(self) -> ShapingProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,87 +19,17 @@ from PIL import Image
 
 from sd35dist.data.demo_dataset import DEMO_BUCKETS, write_demo_dataset
 from sd35dist.data.manifest import read_manifest
-from sd35dist.data.shard_format import decode_shard
 from sd35dist.data.storage import Store
-from sd35dist.models.tiny_sd3 import build_tiny_sd3
-from tests.conftest import PROJECT, venv_env
+from tests.cache_runs import (
+    cache_files,
+    run_cache,
+    samples_by_key,
+    write_inputs,
+    write_recipe,
+)
+from tests.cli_runs import PROJECT, venv_env
 
 pytestmark = pytest.mark.dist
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_sd3(tmp_path_factory.mktemp("model") / "tiny-sd3")
-
-
-def write_inputs(root: Path) -> dict[str, Path]:
-    """Two datasets: captioned demo images plus every kind of bad input, and a crop-false set."""
-    demo = root / "demo"
-    write_demo_dataset(demo, count=8, seed=3)
-    (demo / "garbage.png").write_bytes(b"this is not an image")
-    (demo / "garbage.txt").write_text("garbage caption\n")
-    (demo / "trunc.png").write_bytes((demo / "img_0000.png").read_bytes()[:200])
-    (demo / "trunc.txt").write_text("truncated\n")
-    Image.new("RGB", (12, 12), (9, 9, 9)).save(demo / "tiny.png")
-    (demo / "tiny.txt").write_text("too small\n")
-    Image.new("RGB", (64, 64), (200, 10, 10)).save(demo / "nocaption.png")
-    exact = root / "exact"
-    exact.mkdir()
-    Image.new("RGB", (160, 96), (10, 200, 10)).save(exact / "fits.png")  # 80x48 bucket's shape
-    Image.new("RGB", (90, 60), (10, 10, 200)).save(exact / "misfit.png")
-    return {"demo": demo, "exact": exact}
-
-
-def write_recipe(path: Path, model: Path, inputs: dict[str, Path], cache_url: str, **data_overrides) -> Path:
-    data = {
-        "cache_url": cache_url,
-        "datasets": [
-            {"id": "demo", "source": str(inputs["demo"]), "repeats": 3, "shuffle_captions": True,
-             "keep_tokens": 2, "minimum_image_size": 32},
-            {"id": "exact", "source": str(inputs["exact"]), "caption_strategy": "instance_prompt",
-             "instance_prompt": "k4s4", "crop": False},
-        ],
-        "buckets": DEMO_BUCKETS,
-        "shard_target_mb": 0.08,
-        "cache_batch_size": 3,
-        "cache_dtype": "fp32",
-        "max_sequence_length": 32,
-    }
-    data.update(data_overrides)
-    recipe = {"name": "cachetest", "model": {"pretrained": str(model)}, "data": data,
-              "output": {"dir": str(path.parent / "out")}}
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-def run_cache(recipe: Path, nproc: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "sd35dist", "cache", "--recipe", str(recipe)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "sd35dist", "cache", "--recipe", str(recipe)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=env or venv_env(), timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def samples_by_key(cache: Path) -> dict[str, dict]:
-    """Every sample of a local cache: key → its tensors and record."""
-    store = Store(str(cache))
-    out = {}
-    for entry in read_manifest(store).shards:
-        tensors, records, bucket = decode_shard(store.read_bytes(entry.path))
-        for i, record in enumerate(records):
-            out[record.key] = {"record": record, "bucket": bucket, **{k: v[i] for k, v in tensors.items()}}
-    return out
-
-
-def cache_files(cache: Path) -> dict[str, bytes]:
-    """What a reader can see: the manifest and every object it names, by relative path."""
-    store = Store(str(cache))
-    manifest = read_manifest(store)
-    names = ["manifest.json", "report.json", manifest.empty_prompt.path, *(s.path for s in manifest.shards)]
-    return {name: store.read_bytes(name) for name in names}
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +85,8 @@ def test_embeddings_equal_the_pipelines_encode_prompt(built, tiny_model):
 def test_latents_are_the_vaes_distribution_of_the_cropped_image(built, tiny_model):
     from diffusers import AutoencoderKL
 
-    from sd35dist.data.image_source import SourceImage, prepare_image
     from sd35dist.config.recipe import load_recipe
+    from sd35dist.data.image_source import SourceImage, prepare_image
 
     root, inputs, recipe_path, _ = built
     sample = samples_by_key(root / "cache")["demo/img_0001.png#0"]
@@ -190,6 +121,31 @@ def test_rebuild_is_byte_identical(built, tmp_path, tiny_model):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model, inputs, str(tmp_path / "cache"))
     run_cache(recipe)
     assert cache_files(tmp_path / "cache") == cache_files(root / "cache")
+
+
+def test_a_cache_of_another_dataset_list_is_never_overwritten(built, tmp_path, tiny_model):
+    """`sd35dist cache` into a cache_url that holds another dataset list's cache is refused in one line
+    naming what differs, before anything is written; the same list builds (resumes) into it as before."""
+    root, inputs, _, _ = built
+    cache = tmp_path / "cache"
+    shutil.copytree(root / "cache", cache)
+    before = {p: p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+    others = {
+        "shuffle_seed": write_recipe(tmp_path / "seed.yaml", tiny_model, inputs, str(cache), shuffle_seed=9),
+        "datasets (2 entries, now 1)": write_recipe(tmp_path / "fewer.yaml", tiny_model, inputs, str(cache), datasets=[
+            {"id": "exact", "source": str(inputs["exact"]), "caption_strategy": "instance_prompt",
+             "instance_prompt": "k4s4", "crop": False}]),
+    }
+    for differs, recipe in others.items():
+        proc = subprocess.run([sys.executable, "-m", "sd35dist", "cache", "--recipe", str(recipe)],
+                              capture_output=True, text=True, cwd=PROJECT, env=venv_env(), timeout=300)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines() == [
+            f"error: {recipe.name}: data.cache_url: {cache}: it was built from another dataset list (differs in "
+            f"{differs}); nothing was written: choose another data.cache_url, or delete that cache to rebuild it there"]
+    assert {p: p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()} == before
+    run_cache(write_recipe(tmp_path / "same.yaml", tiny_model, inputs, str(cache)))
+    assert cache_files(cache) == cache_files(root / "cache")
 
 
 def test_two_ranks_build_the_same_content_as_one(built, tmp_path, tiny_model):

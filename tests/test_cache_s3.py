@@ -9,13 +9,13 @@ import pytest
 
 from sd35dist.data.manifest import read_manifest
 from sd35dist.data.storage import Store
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import cache_files, run_cache, tiny_model, write_inputs, write_recipe  # noqa: F401
+from tests.cache_runs import cache_files, run_cache, write_inputs, write_recipe
+from tests.cli_runs import PROJECT, venv_env
 
 pytestmark = pytest.mark.s3
 
 
-def test_s3_build_equals_local_build_byte_for_byte(s3_server, tiny_model, tmp_path, monkeypatch):  # noqa: F811
+def test_s3_build_equals_local_build_byte_for_byte(s3_server, tiny_model, tmp_path, monkeypatch):
     inputs = write_inputs(tmp_path / "images")
     local = write_recipe(tmp_path / "local.yaml", tiny_model, inputs, str(tmp_path / "cache"))
     run_cache(local)

@@ -12,9 +12,7 @@ import yaml
 from launcher.profile import load_profile, slurm_time_minutes
 from sd35dist.cli import main
 from sd35dist.config import load_recipe, parse_override
-from tests.conftest import PROJECT
-
-pytestmark = pytest.mark.unit
+from tests.cli_runs import PROJECT
 
 
 def _write(path: Path, data: dict) -> Path:
@@ -57,12 +55,14 @@ def _assert_rejected(tmp_path: Path, code: int, err: str, expected: str) -> None
     assert not (tmp_path / "runs").exists(), "a rejected submission must write nothing"
 
 
+@pytest.mark.unit
 def test_unknown_key_names_file_and_path(tmp_path, capsys):
     code, err = _submit(tmp_path, capsys, _profile(tmp_path, gpus_per_nod=8), _recipe(tmp_path))
     _assert_rejected(tmp_path, code, err, "mycluster.yaml: slurm.gpus_per_nod: unknown key")
     assert "gpus_per_node" in err  # the known keys are listed, so the typo is obvious
 
 
+@pytest.mark.unit
 def test_unknown_recipe_key(tmp_path, capsys):
     recipe = _recipe(tmp_path)
     recipe["train"] = {"learning_rat": 1e-4}
@@ -70,11 +70,13 @@ def test_unknown_recipe_key(tmp_path, capsys):
     _assert_rejected(tmp_path, code, err, "myrecipe.yaml: train.learning_rat: unknown key")
 
 
+@pytest.mark.unit
 def test_wrong_type(tmp_path, capsys):
     code, err = _submit(tmp_path, capsys, _profile(tmp_path, cpus_per_task="many"), _recipe(tmp_path))
     _assert_rejected(tmp_path, code, err, "mycluster.yaml: slurm.cpus_per_task: expected int")
 
 
+@pytest.mark.unit
 def test_quoted_number_is_refused_not_coerced(tmp_path, capsys):
     recipe = _recipe(tmp_path)
     recipe["train"] = {"train_batch_size": "3"}
@@ -88,6 +90,7 @@ def test_quoted_number_is_refused_not_coerced(tmp_path, capsys):
     ("slurm", "exclusive", "true", "mycluster.yaml: slurm.exclusive: expected bool, got 'true'"),
     ("slurm", "requeue", 1, "mycluster.yaml: slurm.requeue: expected bool, got 1"),
 ])
+@pytest.mark.unit
 def test_no_silent_conversions(tmp_path, capsys, section, key, value, expected):
     profile = _profile(tmp_path)
     profile.setdefault(section, {})[key] = value
@@ -95,6 +98,7 @@ def test_no_silent_conversions(tmp_path, capsys, section, key, value, expected):
     _assert_rejected(tmp_path, code, err, expected)
 
 
+@pytest.mark.unit
 def test_yaml_numbers_are_accepted_as_users_write_them(tmp_path, capsys):
     recipe_file = _write(tmp_path / "myrecipe.yaml", _recipe(tmp_path))
     recipe_file.write_text(recipe_file.read_text() + "train:\n  learning_rate: 1\n  adam_epsilon: 1e-6\n"
@@ -114,6 +118,7 @@ def test_yaml_numbers_are_accepted_as_users_write_them(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted((PROJECT / "recipes").glob("*.yaml")) + sorted((PROJECT / "cluster_configs").glob("*.yaml")),
                          ids=lambda p: p.name)
+@pytest.mark.unit
 def test_shipped_recipes_and_profiles_load(path):
     if path.parent.name == "recipes":
         assert load_recipe(path).data.buckets
@@ -121,23 +126,27 @@ def test_shipped_recipes_and_profiles_load(path):
         assert load_profile(path).world_size >= 1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("nodes", [0, -1])
 def test_nodes_must_be_positive(tmp_path, capsys, nodes):
     code, err = _submit(tmp_path, capsys, _profile(tmp_path, nodes=nodes), _recipe(tmp_path))
     _assert_rejected(tmp_path, code, err, "mycluster.yaml: slurm.nodes: must be ≥ 1")
 
 
+@pytest.mark.unit
 def test_nodes_override_is_validated_too(tmp_path, capsys):
     code, err = _submit(tmp_path, capsys, _profile(tmp_path), _recipe(tmp_path), "--set", "slurm.nodes=0")
     _assert_rejected(tmp_path, code, err, "slurm.nodes: must be ≥ 1")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("time", ["2 hours", "1:2:3:4", "12:99:00:00x", "0"])
 def test_malformed_time(tmp_path, capsys, time):
     code, err = _submit(tmp_path, capsys, _profile(tmp_path, time=time), _recipe(tmp_path))
     _assert_rejected(tmp_path, code, err, "mycluster.yaml: slurm.time:")
 
 
+@pytest.mark.unit
 def test_unknown_profile_lists_available(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = main(["submit", "--profile", "h100x16", "--dry-run"])
@@ -148,6 +157,7 @@ def test_unknown_profile_lists_available(tmp_path, capsys, monkeypatch):
         assert name in err
 
 
+@pytest.mark.unit
 def test_missing_recipe_file(tmp_path, capsys):
     profile_file = _write(tmp_path / "mycluster.yaml", _profile(tmp_path))
     code = main(["submit", "--profile", str(profile_file), "--recipe", str(tmp_path / "nope.yaml")])
@@ -156,22 +166,26 @@ def test_missing_recipe_file(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.unit
 def test_recipe_needing_more_gpus_than_profile(tmp_path, capsys):
     code, err = _submit(tmp_path, capsys, _profile(tmp_path, gpus_per_node=8, nodes=1), _recipe(tmp_path, min_gpus=16))
     _assert_rejected(tmp_path, code, err, "myrecipe.yaml: parallel.min_gpus: recipe needs 16 GPUs")
     assert "has 8" in err
 
 
+@pytest.mark.unit
 def test_shard_degree_must_divide_world(tmp_path, capsys):
     code, err = _submit(tmp_path, capsys, _profile(tmp_path, nodes=3), _recipe(tmp_path, shard_degree=2))
     _assert_rejected(tmp_path, code, err, "myrecipe.yaml: parallel.shard_degree")
 
 
+@pytest.mark.unit
 def test_unknown_override_key(tmp_path, capsys):
     code, err = _submit(tmp_path, capsys, _profile(tmp_path), _recipe(tmp_path), "--set", "slurmm.nodes=2")
     _assert_rejected(tmp_path, code, err, "--set: slurmm: unknown key")
 
 
+@pytest.mark.unit
 def test_secret_in_recipe_is_refused(tmp_path, capsys):
     recipe = _recipe(tmp_path)
     recipe["data"]["storage_options"] = {"secret": "hunter2"}
@@ -180,6 +194,7 @@ def test_secret_in_recipe_is_refused(tmp_path, capsys):
     assert "hunter2" not in err
 
 
+@pytest.mark.unit
 def test_invalid_yaml(tmp_path, capsys):
     profile_file = tmp_path / "broken.yaml"
     profile_file.write_text("scheduler: slurm\nslurm: [unclosed\n")
@@ -188,6 +203,7 @@ def test_invalid_yaml(tmp_path, capsys):
     assert code == 2 and err.startswith("error: broken.yaml: line") and "invalid YAML" in err
 
 
+@pytest.mark.process
 def test_exit_status_is_2_from_the_console_script(tmp_path):
     """The real process, not just main()'s return value."""
     profile_file = _write(tmp_path / "mycluster.yaml", _profile(tmp_path, nodes=0))
@@ -204,6 +220,7 @@ def test_exit_status_is_2_from_the_console_script(tmp_path):
     ("text", "minutes"),
     [("30", 30), ("90:30", 91), ("2:00:00", 120), ("1-0", 1440), ("1-2:30", 1590), ("2-00:00:01", 2881)],
 )
+@pytest.mark.unit
 def test_slurm_time_forms(text, minutes):
     assert slurm_time_minutes(text) == minutes
 
@@ -228,6 +245,7 @@ BAD_FILE_MESSAGES = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("which", ["profile", "recipe"])
 @pytest.mark.parametrize("kind", list(BAD_FILES))
 def test_unreadable_file_is_one_line(tmp_path, capsys, which, kind):
@@ -243,6 +261,7 @@ def test_unreadable_file_is_one_line(tmp_path, capsys, which, kind):
     assert not output.exists()
 
 
+@pytest.mark.process
 def test_non_utf8_recipe_from_the_console_script(tmp_path):
     profile_file = _write(tmp_path / "mycluster.yaml", _profile(tmp_path))
     recipe_file = tmp_path / "myrecipe.yaml"
@@ -257,13 +276,6 @@ def test_non_utf8_recipe_from_the_console_script(tmp_path):
 
 
 # --- model.pretrained is checked at submit when this host can see it ---------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from sd35dist.models.tiny_sd3 import build_tiny_sd3
-
-    return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
 
 
 def _local_profile(tmp_path: Path) -> dict:
@@ -290,6 +302,7 @@ TRANSFORMER_SHARD = "transformer/diffusion_pytorch_model-00002-of-00004.safetens
         ("preflight", "transformer", None),  # preflight never opens the model
     ],
 )
+@pytest.mark.unit
 def test_submit_checks_the_model_directory(tmp_path, capsys, tiny_model, job, removed, expected):
     import shutil
 
@@ -321,6 +334,7 @@ def test_submit_checks_the_model_directory(tmp_path, capsys, tiny_model, job, re
         assert rank_refuses is (expected is not None)
 
 
+@pytest.mark.unit
 def test_missing_model_on_a_local_profile_is_refused(tmp_path, capsys):
     profile_file = _write(tmp_path / "mycluster.yaml", _local_profile(tmp_path))
     recipe_file = _write(tmp_path / "myrecipe.yaml", _recipe(tmp_path))
@@ -329,6 +343,7 @@ def test_missing_model_on_a_local_profile_is_refused(tmp_path, capsys):
     _assert_rejected(tmp_path, code, err, f"error: myrecipe.yaml: model.pretrained: {tmp_path / 'model'} does not exist")
 
 
+@pytest.mark.unit
 def test_model_not_visible_from_a_cluster_submit_host_is_a_note(tmp_path, capsys):
     """On Slurm the path may live on the nodes' shared filesystem only: say it was not checked."""
     profile_file = _write(tmp_path / "mycluster.yaml", _profile(tmp_path))
@@ -342,6 +357,7 @@ def test_model_not_visible_from_a_cluster_submit_host_is_a_note(tmp_path, capsys
     ]
 
 
+@pytest.mark.unit
 def test_model_visible_from_a_cluster_submit_host_is_checked(tmp_path, capsys):
     (tmp_path / "model").mkdir()
     code, err = _submit(tmp_path, capsys, _profile(tmp_path), _recipe(tmp_path), "--job", "train", "--dry-run")
@@ -349,6 +365,7 @@ def test_model_visible_from_a_cluster_submit_host_is_checked(tmp_path, capsys):
     assert err.endswith("has no model_index.json; expected a diffusers directory with SD3.5's layout")
 
 
+@pytest.mark.unit
 def test_model_url_is_refused(tmp_path, capsys):
     recipe = _recipe(tmp_path)
     recipe["model"]["pretrained"] = "s3://models/sd35-large"
@@ -359,6 +376,7 @@ def test_model_url_is_refused(tmp_path, capsys):
 # --- status | logs | cancel of a job that does not exist ---------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("command", ["status", "logs", "cancel"])
 def test_unknown_job_id_is_no_such_job(tmp_path, capsys, monkeypatch, command):
     """No Slurm on PATH: only this account's records are asked (the slurm tier covers Slurm's answer)."""
@@ -372,6 +390,7 @@ def test_unknown_job_id_is_no_such_job(tmp_path, capsys, monkeypatch, command):
     ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("command", ["status", "logs", "cancel"])
 def test_missing_run_directory_is_no_such_run_directory(tmp_path, capsys, command):
     code = main([command, str(tmp_path / "runs" / "t-train-20260101-000000")])

@@ -14,11 +14,8 @@ import yaml
 
 from launcher.profile import PROFILE_DIR
 from sd35dist.cli import main
-from sd35dist.config.credentials import find_credentials, looks_secret
-from tests.conftest import PROJECT
-from tests.test_local_submit import all_text_under
-
-pytestmark = pytest.mark.unit
+from sd35dist.config.credentials import REDACTED, find_credentials, first_credential, looks_secret, redact
+from tests.cli_runs import PROJECT, all_text_under
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYzEXAMPLEKEY"
 
@@ -84,9 +81,23 @@ CASES = [
     ("profile", "env.values.WANDB_API_KEY", SECRET),
     ("profile", "env.values.HF_ENDPOINT", f"https://me:{SECRET}@hub.example.org"),
     ("profile", "setup.lines.0", f"export HF_TOKEN={SECRET}"),
+    ("profile", "setup.lines.0", f"huggingface-cli login --token {SECRET}"),
+    ("profile", "setup.lines.0", f"aws configure set aws_secret_access_key {SECRET}"),
+    ("profile", "setup.lines.0", f"curl -fsS -H 'Authorization: Bearer {SECRET}' https://hub.example.org/x"),
+    ("profile", "setup.lines.0", f"wandb login {SECRET}"),
+    ("profile", "setup.lines.0", f"git config --global github.token {SECRET}"),
+    ("profile", "setup.lines.0", f"curl -u me:{SECRET} https://hub.example.org/x"),
+    ("profile", "setup.lines.0", "echo hf_" + SECRET.replace("-", "") + " > ~/.cache/token"),
+    ("profile", "env.values.WANDB_KEY", SECRET),
+    ("profile", "env.values.GITHUB_PAT", SECRET),
+    ("profile", "env.values.DB_PASS", SECRET),
     ("profile", "setup.modules", [f"cuda/12.4 --password={SECRET}"]),
     ("profile", "run_root", f"sftp://me:{SECRET}@storage/runs"),
     ("recipe", "data.storage_options.secret", SECRET),
+    ("recipe", "data.storage_options.tokens", SECRET),
+    ("recipe", "data.storage_options.pw", SECRET),
+    ("recipe", "data.storage_options.pwd", SECRET),
+    ("recipe", "data.storage_options.auth", [SECRET, SECRET]),
     ("recipe", "data.storage_options.client_kwargs.aws_secret_access_key", SECRET),
     ("recipe", "data.storage_options.client_kwargs.endpoint_url", f"http://minio:{SECRET}@127.0.0.1:9000"),
     ("recipe", "data.storage_options.config_kwargs.headers", [{"Authorization": f"Bearer {SECRET}"}]),
@@ -106,6 +117,7 @@ def _expected_path(path: str, value: Any) -> str:
     return path
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("how", ["--dry-run", "--output"])
 @pytest.mark.parametrize(("which", "path", "value"), CASES, ids=[f"{w}:{p}" for w, p, _ in CASES])
 def test_credential_in_any_field_is_refused_and_written_nowhere(tmp_path, capsys, which, path, value, how):
@@ -135,6 +147,7 @@ def test_credential_in_any_field_is_refused_and_written_nowhere(tmp_path, capsys
         (f"data.cache_url=s3://key:{SECRET}@bucket/cache", "data.cache_url"),
     ],
 )
+@pytest.mark.unit
 def test_credential_in_an_override_is_refused(tmp_path, capsys, override, path):
     code, out, err = _submit(tmp_path, capsys, _profile(tmp_path), _recipe(tmp_path), "--set", override,
                              "--output", str(tmp_path / "job.sbatch"))
@@ -164,6 +177,7 @@ def _full_tree(which: str) -> dict:
     return data
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("which", ["profile", "recipe"])
 def test_every_field_of_both_schemas_is_covered(tmp_path, capsys, which):
     """Not a list of fields kept by hand: each leaf of the whole tree, set to a URL with
@@ -181,6 +195,7 @@ def test_every_field_of_both_schemas_is_covered(tmp_path, capsys, which):
         assert SECRET not in err + out
 
 
+@pytest.mark.unit
 def test_values_that_only_look_close_are_accepted(tmp_path, capsys):
     """Booleans, empty values, names (not values) of secrets, `$VAR` references and ordinary
     keys that merely contain 'key' or 'token' pass."""
@@ -188,12 +203,17 @@ def test_values_that_only_look_close_are_accepted(tmp_path, capsys):
     profile["env"]["values"].update({"TOKENIZERS_PARALLELISM": "false", "WANDB_API_KEY": "", "MONKEY_PATCH": "1",
                                       "HF_TOKEN": "${TEAM_HF_TOKEN}"})
     profile["env"]["passthrough"] += ["AWS_ACCESS_KEY_ID", "HF_TOKEN"]
-    profile["setup"]["lines"] += ['export HF_TOKEN="$(cat ~/.hf_token)"', "export WANDB_API_KEY=$MY_WANDB_KEY"]
+    profile["setup"]["lines"] += ['export HF_TOKEN="$(cat ~/.hf_token)"', "export WANDB_API_KEY=$MY_WANDB_KEY",
+                                  'huggingface-cli login --token "$HF_TOKEN"', "wandb login --relogin",
+                                  'curl -H "Authorization: Bearer $HF_TOKEN" https://hub.example.org/x',
+                                  "docker login --password-stdin registry.example.org < ~/.docker-token",
+                                  "set -euo pipefail", "git config --global credential.helper store",
+                                  "aws configure set default.s3.max_concurrent_requests 20"]
     recipe = _recipe(tmp_path)
     recipe["data"]["cache_url"] = "s3://bucket/cache@v2"
     recipe["data"]["storage_options"].update({"anon": False, "token": None, "key_prefix": "k/", "use_ssl": True})
     recipe["data"]["datasets"][0].update({"keep_tokens": 3, "caption_strategy": "instance_prompt",
-                                          "instance_prompt": "a photo of sks, key light"})
+                                          "instance_prompt": "a photo of sks, key light, a set secret garden"})
     code, out, err = _submit(tmp_path, capsys, profile, recipe, "--dry-run")
     assert code == 0, err
     assert 'export HF_TOKEN="$(cat ~/.hf_token)"' in out  # read on the node at run time: no value written
@@ -210,17 +230,23 @@ def test_values_that_only_look_close_are_accepted(tmp_path, capsys):
         ("keep_tokens", False), ("key_prefix", False), ("monkey", False), ("TOKENIZERS_PARALLELISM", False),
         ("tokenizer_3", False), ("cache_url", False), ("endpoint_url", False), ("passthrough", False),
         ("role_session_name", False), ("keyboard", False),
+        ("WANDB_KEY", True), ("GITHUB_PAT", True), ("tokens", True), ("pw", True), ("pwd", True), ("auth", True),
+        ("DB_PASS", True), ("basic_auth", True), ("sort_key", False), ("max_tokens", False), ("token_file", False),
+        ("password_stdin", False), ("auth_type", False), ("public_key", False),
     ],
 )
+@pytest.mark.unit
 def test_which_names_look_secret(key, secret):
     assert looks_secret(key) is secret
 
 
+@pytest.mark.unit
 def test_the_walk_reports_every_credential_in_document_order():
     tree = {"a": {"b": [{"password": "x"}, "http://u:p@h"]}, "token": True, "c": "export API_KEY=$K"}
     assert [c.path for c in find_credentials(tree)] == ["a.b.0.password", "a.b.1"]
 
 
+@pytest.mark.unit
 def test_frozen_run_directory_holds_no_credential_from_a_valid_submission(tmp_path, capsys, monkeypatch):
     """The positive path: the secret is in the submitting environment, its name passes through,
     and the run directory holds no value."""
@@ -231,6 +257,7 @@ def test_frozen_run_directory_holds_no_credential_from_a_valid_submission(tmp_pa
     assert "AWS_SECRET_ACCESS_KEY" in written and SECRET not in written
 
 
+@pytest.mark.process
 def test_console_script_refuses_env_value_secret(tmp_path):
     """The real process: exit status 2, one line on stderr, nothing on stdout."""
     profile_file = tmp_path / "mycluster.yaml"
@@ -245,3 +272,26 @@ def test_console_script_refuses_env_value_secret(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: mycluster.yaml: env.values.AWS_SECRET_ACCESS_KEY: looks like a credential")
     assert len(proc.stderr.strip().splitlines()) == 1 and SECRET not in proc.stderr
+
+
+@pytest.mark.unit
+def test_redact_takes_every_credential_out_and_leaves_the_rest():
+    """What the SimpleTuner importer (and anything else showing a config it did not write) calls."""
+    tree = {
+        "output_dir": f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@bucket/out",
+        "aws_secret_access_key": SECRET,
+        "setup": [f"huggingface-cli login --token {SECRET}", "source ~/venv/bin/activate"],
+        "backend": {"headers": {"Authorization": f"Bearer {SECRET}"}, "endpoint_url": "http://127.0.0.1:9000",
+                    "anon": False, "keep_tokens": 3},
+        "note": f"export WANDB_API_KEY={SECRET}",
+    }
+    clean = redact(tree)
+    assert first_credential(clean) is None and SECRET not in str(clean) and "AKIA" not in str(clean)
+    assert clean["output_dir"] == "s3://bucket/out", "a URL keeps working without its user-info"
+    assert clean["aws_secret_access_key"] == REDACTED
+    assert clean["setup"] == [f"huggingface-cli login --token {REDACTED}", "source ~/venv/bin/activate"]
+    assert clean["backend"] == {"headers": {"Authorization": REDACTED}, "endpoint_url": "http://127.0.0.1:9000",
+                                "anon": False, "keep_tokens": 3}
+    assert clean["note"] == f"export WANDB_API_KEY={REDACTED}"
+    assert [c.path for c in find_credentials(tree)] == ["output_dir", "aws_secret_access_key", "setup.0",
+                                                        "backend.headers.Authorization", "note"]

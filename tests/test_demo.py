@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import venv_env
+from tests.cli_runs import venv_env
 
 pytestmark = pytest.mark.dist
 

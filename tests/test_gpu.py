@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_preflight import run_preflight, write_recipe
+from tests.preflight_runs import run_preflight, write_recipe
 
 pytestmark = pytest.mark.gpu
 

@@ -14,10 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import PROJECT, venv_env
+from tests.cli_runs import PROJECT, venv_env
 from tests.grad_clip_check import ADAM_EPSILON, LEARNING_RATE
 from tests.numerics_check import fixed_batch
-from tests.test_cache_build import tiny_model  # noqa: F401
 
 pytestmark = pytest.mark.dist
 
@@ -28,7 +27,7 @@ CASES = [("fsdp2", "value", "fp32"), ("zero2", "value", "fp32"), ("zero3", "valu
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model):  # noqa: F811
+def reference(tiny_model):
     """The rank-averaged fp32 gradient of the two ranks' batches, and the AdamW step from it."""
     from diffusers import SD3Transformer2DModel
 
@@ -60,7 +59,7 @@ def reference(tiny_model):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def stepped(reference, tiny_model, tmp_path_factory):  # noqa: F811
+def stepped(reference, tiny_model, tmp_path_factory):
     """Every case's weights after one step, from one torchrun (one start-up, one DeepSpeed import)."""
     from safetensors.torch import load_file
 

@@ -17,11 +17,10 @@ import sys
 import pytest
 
 from sd35dist.config.loading import ConfigError
-from sd35dist.config.recipe import Recipe
 from sd35dist.config.mesh_layout import refuse_zero3_across_gpu_nodes, resolve_mesh
-from tests.conftest import PROJECT, venv_env
+from sd35dist.config.recipe import Recipe
+from tests.cli_runs import PROJECT, venv_env
 from tests.s3_server import free_port
-from tests.test_cache_build import tiny_model  # noqa: F401
 
 # Gradients under HSDP against the 4-rank mean on plain models, relative to the largest
 # gradient of each parameter (fp32; measured 1.9e-7). A mean over one replica group's two
@@ -48,7 +47,7 @@ def _run_as_two_nodes(tiny_model, out_dir):
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tiny_model, tmp_path_factory):  # noqa: F811
+def two_nodes(tiny_model, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("hsdp")
     codes, stdout, stderr = _run_as_two_nodes(tiny_model, out_dir)
     assert codes == [0, 0], stdout[-3000:] + stderr[-5000:]
@@ -77,8 +76,7 @@ def test_under_hsdp_only_the_gradient_all_reduce_crosses_nodes(two_nodes):
     ranks, _ = two_nodes
     for rank_index, rank in enumerate(ranks):
         per_node = rank["local_world_size"]
-        node_of = lambda r: r // per_node  # noqa: E731 (torchrun numbers ranks node by node)
-        assert node_of(rank_index) == rank["node_rank"]
+        assert rank_index // per_node == rank["node_rank"], "torchrun numbers ranks node by node"
         calls = rank["collectives"]
         by_op: dict[str, list] = {}
         for op, group, size in calls:
@@ -86,10 +84,11 @@ def test_under_hsdp_only_the_gradient_all_reduce_crosses_nodes(two_nodes):
         assert set(by_op) == {"all_gather", "reduce_scatter", "all_reduce"}, by_op.keys()
         for op in ("all_gather", "reduce_scatter"):
             for group, _ in by_op[op]:
-                assert len(group) == 2 and {node_of(r) for r in group} == {node_of(rank_index)}, f"{op} {group} stays in the node"
+                assert len(group) == 2 and {r // per_node for r in group} == {rank_index // per_node}, \
+                    f"{op} {group} stays in the node"
         shard_bytes = sum(4 * entry["local"] for entry in rank["layout"].values())  # fp32 gradient shards
         for group, _ in by_op["all_reduce"]:
-            assert len(group) == 2 and len({node_of(r) for r in group}) == 2, f"all_reduce {group} is across nodes"
+            assert len(group) == 2 and len({r // per_node for r in group}) == 2, f"all_reduce {group} is across nodes"
         across = sum(size for _, size in by_op["all_reduce"])
         assert shard_bytes <= across <= shard_bytes * 1.05, "across nodes: one all-reduce of the gradient shard"
         gathered = sum(size for _, size in by_op["all_gather"])
@@ -97,7 +96,7 @@ def test_under_hsdp_only_the_gradient_all_reduce_crosses_nodes(two_nodes):
 
 
 @pytest.mark.dist
-def test_measured_shard_bytes_equal_the_memory_plan(two_nodes, tiny_model):  # noqa: F811
+def test_measured_shard_bytes_equal_the_memory_plan(two_nodes, tiny_model):
     """Weights, Adam moments and EMA each rank holds are what `sd35dist plan` predicts (fp32 adamw, HSDP 2 × 2)."""
     from sd35dist.config.model_size import transformer_size
     from sd35dist.config.resource_plan import memory_plan, workload_from_recipe

@@ -13,9 +13,6 @@ from launcher.hub_models import allow_patterns, resolve_hub_model
 from sd35dist.config.hub_ids import hub_id_of, parse_hub_id
 from sd35dist.config.recipe import Recipe
 from tests.hub_cache import HubRepo, HubServer, folder_files, lay_out_snapshot
-from tests.test_cache_build import tiny_model  # noqa: F401
-
-pytestmark = pytest.mark.unit
 
 REPO = "stabilityai/stable-diffusion-3.5-large"
 TOKEN = "hf_test_token_never_written_0123456789"
@@ -37,6 +34,7 @@ def submit(tmp_path, capsys, recipe: Recipe, *args: str) -> tuple[int, str, str]
     return code, captured.out, captured.err
 
 
+@pytest.mark.unit
 def test_ids_are_told_from_paths(tmp_path):
     assert parse_hub_id(REPO) == parse_hub_id(f" {REPO} ") and str(parse_hub_id(f"{REPO}@v1.0")) == f"{REPO}@v1.0"
     assert parse_hub_id(f"{REPO}@v1.0").revision == "v1.0"
@@ -49,7 +47,8 @@ def test_ids_are_told_from_paths(tmp_path):
     assert "vae/*" in allow_patterns("cache") and "transformer/*" not in allow_patterns("cache")
 
 
-def test_a_cached_id_resolves_without_network_and_the_job_runs_offline(tiny_model, tmp_path, capsys, monkeypatch):  # noqa: F811
+@pytest.mark.process  # a local hub server on loopback
+def test_a_cached_id_resolves_without_network_and_the_job_runs_offline(tiny_model, tmp_path, capsys, monkeypatch):
     snapshot = lay_out_snapshot(tmp_path / "hf" / "hub", REPO, folder_files(tiny_model))
     with HubServer({REPO: HubRepo(folder_files(tiny_model))}) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
@@ -65,7 +64,8 @@ def test_a_cached_id_resolves_without_network_and_the_job_runs_offline(tiny_mode
     assert not any(TOKEN in p.read_text(errors="replace") for p in [*run_dir.rglob("*"), tmp_path / "job.sh"] if p.is_file())
 
 
-def test_an_uncached_id_downloads_only_what_the_job_opens(tiny_model, tmp_path, capsys, monkeypatch):  # noqa: F811
+@pytest.mark.process  # a local hub server on loopback
+def test_an_uncached_id_downloads_only_what_the_job_opens(tiny_model, tmp_path, capsys, monkeypatch):
     files = folder_files(tiny_model)
     with HubServer({REPO: HubRepo(files, gated=True)}, token=TOKEN) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
@@ -84,8 +84,9 @@ def test_an_uncached_id_downloads_only_what_the_job_opens(tiny_model, tmp_path, 
     assert resolved.env == {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
 
 
+@pytest.mark.process  # a local hub server on loopback
 @pytest.mark.parametrize("case", ["gated", "revision", "no-network", "no-repo"])
-def test_unreachable_ids_are_one_line_with_exit_2_and_write_nothing(case, tiny_model, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_unreachable_ids_are_one_line_with_exit_2_and_write_nothing(case, tiny_model, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     pretrained = {"revision": f"{REPO}@v9", "no-repo": "someone/nothing-here"}.get(case, REPO)
     with HubServer({REPO: HubRepo(folder_files(tiny_model), gated=case == "gated")}, token=TOKEN) as hub:
@@ -98,6 +99,7 @@ def test_unreachable_ids_are_one_line_with_exit_2_and_write_nothing(case, tiny_m
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.process  # a local hub server on loopback
 def test_a_dry_run_looks_in_the_cache_only(tmp_path, capsys, monkeypatch):
     with HubServer({}) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
@@ -108,6 +110,7 @@ def test_a_dry_run_looks_in_the_cache_only(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "hf").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.unit
 def test_a_rank_handed_a_hub_id_says_to_start_through_submit(tmp_path):
     from sd35dist.jobs.rank_inputs import check_pretrained
 

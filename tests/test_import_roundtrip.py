@@ -15,7 +15,6 @@ from launcher.cli import main as submit_main
 from sd35dist.cli import main as cli_main
 from sd35dist.config.recipe import load_recipe
 from tests.hub_cache import folder_files, lay_out_snapshot
-from tests.test_cache_build import tiny_model  # noqa: F401
 
 pytestmark = pytest.mark.unit
 
@@ -35,7 +34,7 @@ CONFIGS = [
 
 
 @pytest.fixture(scope="module")
-def hf_home(tiny_model, tmp_path_factory) -> Path:  # noqa: F811
+def hf_home(tiny_model, tmp_path_factory) -> Path:
     """The tiny SD3 cached under the ids SimpleTuner's SD3 configs name (large, and medium: its default flavour)."""
     home = tmp_path_factory.mktemp("hf")
     for repo in ("stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium"):

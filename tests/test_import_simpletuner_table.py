@@ -21,7 +21,7 @@ from sd35dist.importers.simpletuner_options import (
     SIMPLETUNER_COMMIT,
 )
 from sd35dist.importers.simpletuner_unapplied import DATASET_MAPPED, DATASET_NOT_APPLIED, NOT_APPLIED
-from tests.conftest import PROJECT
+from tests.cli_runs import PROJECT
 
 pytestmark = pytest.mark.unit
 

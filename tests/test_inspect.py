@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from safetensors.torch import save_file
 
 from sd35dist.checkpoint.inspect import block_of, diff
 from sd35dist.cli import main as cli_main
-from tests.test_cache_build import tiny_model  # noqa: F401
 
 pytestmark = pytest.mark.unit
 
@@ -33,7 +31,7 @@ def block_norm_sq(state: dict[str, torch.Tensor], block: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def fine_tuned(tiny_model, tmp_path_factory):  # noqa: F811
+def fine_tuned(tiny_model, tmp_path_factory):
     """A copy of the tiny transformer with one MLP weight of joint block 2 moved, in two formats."""
     from diffusers import SD3Transformer2DModel
 
@@ -64,7 +62,7 @@ def test_inspect_lists_keys_by_block_with_shapes_dtypes_counts_and_metadata(fine
     assert MLP_KEY not in out, "--summary lists no keys"
 
 
-def test_diff_shows_the_block_training_moved_across_formats(fine_tuned, tiny_model, capsys, tmp_path):  # noqa: F811
+def test_diff_shows_the_block_training_moved_across_formats(fine_tuned, tiny_model, capsys, tmp_path):
     root, base, tuned = fine_tuned
     want = math.sqrt(float((tuned[MLP_KEY] - base[MLP_KEY]).double().square().sum()) / block_norm_sq(base, "joint block 2"))
     for path in (root / "tuned", root / "tuned.safetensors"):  # diffusers folder and single file, against the pipeline dir
@@ -79,7 +77,7 @@ def test_diff_shows_the_block_training_moved_across_formats(fine_tuned, tiny_mod
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_lora_diff_is_the_effective_delta_w(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_lora_diff_is_the_effective_delta_w(tiny_model, tmp_path, capsys):
     from safetensors import safe_open
 
     torch.manual_seed(0)
@@ -102,7 +100,7 @@ def test_lora_diff_is_the_effective_delta_w(tiny_model, tmp_path, capsys):  # no
     assert code == 0 and "LoRA file" in out and "joint block 1: 2 tensors" in out
 
 
-def test_bad_paths_are_one_line_with_exit_2(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_bad_paths_are_one_line_with_exit_2(tiny_model, tmp_path, capsys):
     code, out, err = inspect(capsys, str(tmp_path / "nope"))
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     (tmp_path / "model.ckpt").write_bytes(b"pickle")

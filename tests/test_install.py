@@ -8,9 +8,7 @@ import tomllib
 
 import pytest
 
-from tests.conftest import PROJECT
-
-pytestmark = pytest.mark.unit
+from tests.cli_runs import PROJECT
 
 
 def planned(target: str) -> str:
@@ -28,6 +26,7 @@ def pins(name: str) -> dict[str, str]:
     return out
 
 
+@pytest.mark.process
 def test_the_demo_installs_no_system_packages():
     demo = planned("demo")
     assert "apt-get" not in demo and "devcluster.sh install" not in demo
@@ -35,21 +34,35 @@ def test_the_demo_installs_no_system_packages():
     assert "-m sd35dist.demo" in demo
 
 
+@pytest.mark.process
 def test_the_test_target_installs_the_cluster_packages_and_the_test_pins():
     test = planned("test")
     assert "devcluster.sh install" in test and "requirements-test.txt" in test
     assert test.index("requirements-test.txt") < test.index("pytest -q")
 
 
+@pytest.mark.process
+def test_check_is_lint_and_the_unit_tier_without_system_packages_and_test_lints_too():
+    check = planned("check")
+    assert "apt-get" not in check and "devcluster.sh install" not in check
+    assert "requirements-test.txt" in check
+    assert check.index("ruff check .") < check.index("pytest -q -m unit"), "lint first, then the unit tier"
+    test = planned("test")
+    assert test.index("ruff check .") < test.index("pytest -q --durations"), "CI (make test) lints too"
+    assert "-m " not in test.split("pytest -q", 1)[1].splitlines()[0], "make test runs every tier"
+
+
+@pytest.mark.unit
 def test_runtime_pins_hold_no_test_server_stack():
     runtime = pins("requirements.txt")
     for test_only in ("pytest", "moto", "flask", "docker", "werkzeug", "responses"):
         assert test_only not in runtime, f"{test_only} would land on every cluster install"
     test = pins("requirements-test.txt")
-    assert {"pytest", "moto"} <= set(test) and not set(test) & set(runtime), "each pin in one file"
+    assert {"pytest", "moto", "ruff"} <= set(test) and not set(test) & set(runtime), "each pin in one file"
     assert (PROJECT / "requirements-test.txt").read_text().count("-r requirements.txt") == 1
 
 
+@pytest.mark.unit
 def test_every_runtime_dependency_is_pinned_and_test_tools_are_an_extra():
     project = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]
     runtime = pins("requirements.txt")

@@ -20,7 +20,7 @@ import pytest
 
 from sd35dist.config.mesh_layout import resolve_mesh
 from sd35dist.config.model_size import SD35_LARGE_CONFIG, transformer_size
-from tests.conftest import PROJECT, venv_env
+from tests.cli_runs import PROJECT, venv_env
 
 REDUCED_DEPTH = 2
 FILE_SIZE = "150MB"

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from sd35dist.data.demo_dataset import write_demo_dataset
 from sd35dist.data.latent_stream import LatentStream, StreamOptions, dropped_caption
 from sd35dist.data.manifest import read_manifest
 from sd35dist.data.shard_fetcher import RetryPolicy, ShardCorrupt
 from sd35dist.data.storage import Store
-from sd35dist.data.demo_dataset import write_demo_dataset
+from tests.cache_runs import run_cache, samples_by_key, write_recipe
 from tests.s3_server import S3Server
 from tests.shaping_proxy import ShapingProxy
-from tests.test_cache_build import run_cache, samples_by_key, tiny_model, write_recipe  # noqa: F401
 
 BUCKET = "stream-test"
 PREFIX = "cache"
@@ -28,7 +28,7 @@ SHAPED_BYTES_PER_S = 80e6
 
 
 @pytest.fixture(scope="module")
-def local_cache(tmp_path_factory, tiny_model) -> Path:  # noqa: F811
+def local_cache(tmp_path_factory, tiny_model) -> Path:
     root = tmp_path_factory.mktemp("stream-cache")
     write_demo_dataset(root / "images" / "demo", count=24, seed=11)
     (root / "images" / "exact").mkdir()
@@ -114,7 +114,7 @@ def test_resume_mid_epoch_with_another_world_size(s3_cache, local_cache, new_wor
     assert seen == all_keys(local_cache)
 
 
-@pytest.mark.unit
+@pytest.mark.process
 def test_resumed_batches_equal_uninterrupted_batches(local_cache):
     straight = list(stream(str(local_cache), {}, 0, 1, caption_dropout=0.3).iter_epoch())
     first = stream(str(local_cache), {}, 0, 1, caption_dropout=0.3)
@@ -130,7 +130,7 @@ def test_resumed_batches_equal_uninterrupted_batches(local_cache):
             assert torch.equal(got.tensors[name], want.tensors[name]), name
 
 
-@pytest.mark.unit
+@pytest.mark.process
 def test_caption_dropout_uses_the_cached_empty_prompt(local_cache):
     s = stream(str(local_cache), {}, 0, 1, caption_dropout=0.5, batch_size=1)
     empty = s.empty_prompt()["prompt_embeds"][0]

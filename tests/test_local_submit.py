@@ -3,52 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import PROJECT, venv_env
+from tests.cli_runs import SECRET, all_text_under, sd35dist, tiny_recipe, venv_env
 
 pytestmark = pytest.mark.dist
-
-SECRET = "s3cr3t-value-that-must-never-be-written-7f3a"
-
-
-def tiny_recipe(tmp_path: Path) -> Path:
-    (tmp_path / "cache").mkdir(exist_ok=True)
-    recipe = {
-        "name": "tiny",
-        "model": {"pretrained": str(tmp_path / "model")},
-        "data": {"cache_url": str(tmp_path / "cache")},
-        "output": {"dir": str(tmp_path / "out")},
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def sd35dist(*args: str, env: dict[str, str], check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "sd35dist", *args],
-        capture_output=True, text=True, cwd=PROJECT, env=env, timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"sd35dist {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def all_text_under(*roots: Path) -> str:
-    chunks = []
-    for root in roots:
-        for path in root.rglob("*"):
-            if path.is_file():
-                chunks.append(path.read_bytes().decode(errors="replace"))
-    return "\n".join(chunks)
-
 
 @pytest.fixture(scope="module")
 def finished_local_job(tmp_path_factory):
@@ -96,7 +58,9 @@ def test_cancel_stops_the_whole_process_tree(tmp_path):
         "submit", "--profile", "local", "--job", "preflight", "--recipe", str(tiny_recipe(tmp_path)),
         "--run-dir", str(run_dir), "--set", 'setup.lines=["sleep 300"]', env=env,
     )
-    job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
+    record = json.loads((run_dir / "job.json").read_text())
+    job_id = record["job_id"]
+    assert record["process"]["pid"] == int(job_id) and record["process"]["cmdline"], "the id is bound to its process"
     try:
         assert "RUNNING" in sd35dist("status", job_id, env=env).stdout
         deadline = time.monotonic() + 60
@@ -106,6 +70,8 @@ def test_cancel_stops_the_whole_process_tree(tmp_path):
     finally:
         assert "cancelled" in sd35dist("cancel", job_id, env=env).stdout
     assert "RUNNING" not in sd35dist("status", job_id, env=env).stdout
+    again = sd35dist("cancel", job_id, env=env, check=False)
+    assert again.returncode == 2 and "nothing was signalled" in again.stderr, "an ended job is not signalled again"
     for pid in sleepers:
         assert not _running(pid), f"process {pid} of the cancelled job is still running"
 
@@ -119,10 +85,10 @@ def _running(pid: int) -> bool:
 
 
 def _processes_under(root: int, cmdline: str) -> list[int]:
-    from launcher.job_control import _descendants
+    from launcher.local_process import descendants
 
     found = []
-    for pid in _descendants(root):
+    for pid in descendants(root):
         try:
             if Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip().decode() == cmdline:
                 found.append(pid)

@@ -19,12 +19,10 @@ import torch
 import yaml
 
 from sd35dist.checkpoint.layout import CheckpointDir
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_train import cache, losses, train, train_recipe  # noqa: F401
-from tests.test_train_zero import deepspeed_on_cpu  # noqa: F401  (autouse: DeepSpeed on CPU)
+from tests.cli_runs import PROJECT, venv_env
+from tests.train_runs import losses, train, train_recipe
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("deepspeed_on_cpu")]
 
 LORA = {"rank": 4, "alpha": 8.0, "targets": "attention_ff"}
 # Accumulation and clipping as in full fine-tunes; 4 steps, a checkpoint every 2.
@@ -34,7 +32,7 @@ TOLERANCE = 1e-5
 """fp32 outputs of the diffusers-loaded LoRA vs the trained model: the same math in another order."""
 
 
-def lora_recipe(path: Path, cache: tuple[Path, Path], output: Path, strategy: str, **train) -> Path:  # noqa: F811
+def lora_recipe(path: Path, cache: tuple[Path, Path], output: Path, strategy: str, **train) -> Path:
     train_recipe(path, cache, output, **{**SETTINGS, **train})
     recipe = yaml.safe_load(path.read_text())
     recipe["parallel"]["strategy"] = strategy
@@ -54,7 +52,7 @@ PRECISION = {"fsdp2": "bf16", "zero2": "fp32"}
 
 
 @pytest.fixture(scope="module", params=["fsdp2", "zero2"])
-def runs(request, tmp_path_factory, cache) -> tuple[str, Path]:  # noqa: F811
+def runs(request, tmp_path_factory, cache) -> tuple[str, Path]:
     """A straight 4-step run (root/straight, checkpoints at 2 and 4) and a run resumed from its
     step-2 checkpoint to step 4 (root/resumed): 2N straight against N + resume N."""
     strategy = request.param
@@ -67,7 +65,7 @@ def runs(request, tmp_path_factory, cache) -> tuple[str, Path]:  # noqa: F811
     return strategy, root
 
 
-def test_adapters_train_and_resume_exactly_from_adapter_only_checkpoints(runs, cache):  # noqa: F811
+def test_adapters_train_and_resume_exactly_from_adapter_only_checkpoints(runs, cache):
     from sd35dist.checkpoint.export import checkpoint_state
     from sd35dist.config.recipe import LoraSection
     from sd35dist.models.lora import inject_lora
@@ -120,7 +118,7 @@ def trained_model_output(model_dir: Path, adapters: dict[str, torch.Tensor], inp
     return model(**inputs, return_dict=False)[0]
 
 
-def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(runs, cache, tmp_path):  # noqa: F811
+def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(runs, cache, tmp_path):
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
     from safetensors import safe_open
 

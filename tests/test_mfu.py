@@ -7,13 +7,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from sd35dist.models.tiny_sd3 import TRANSFORMER_SIZES
 from sd35dist.config.model_flops import (
     mfu,
     mmdit_forward_flops_per_sample,
     mmdit_train_flops_per_sample,
     peak_bf16_flops,
 )
+from sd35dist.models.tiny_sd3 import TRANSFORMER_SIZES
 
 pytestmark = pytest.mark.unit
 

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from sd35dist.config.recipe import Recipe
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_numerics_timestep import run_check
+from tests.numerics_check import run_check
 
 STEPS = 20
 WEIGHT_STD = 0.02
@@ -29,7 +28,7 @@ LOSS_RTOL = 2e-4
 WEIGHT_DEVIATION = 0.2
 
 @pytest.fixture(scope="module")
-def large_scale_model(tiny_model, tmp_path_factory) -> Path:  # noqa: F811
+def large_scale_model(tiny_model, tmp_path_factory) -> Path:
     """The tiny SD3 with its weights redrawn at SD3.5 Large's scale (norm gains stay at 1),
     rounded to bf16 so both optimizers start from the very same weights."""
     from diffusers import SD3Transformer2DModel

@@ -8,19 +8,13 @@ in fp32 before casting. Two ranks on gloo run `tests/numerics_check.py`.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import PROJECT, venv_env
-from tests.numerics_check import LEARNING_RATE, fixed_batch
-from tests.test_cache_build import tiny_model  # noqa: F401
+from tests.numerics_check import LEARNING_RATE, fixed_batch, run_check
 
 pytestmark = pytest.mark.dist
 
@@ -32,20 +26,8 @@ LOSS_RTOL = 5e-4
 WEIGHT_DEVIATION = 0.02
 
 
-def run_check(mode: str, model_dir: Path, out: Path, *args: str) -> dict:
-    env = venv_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "sd35dist" / "torch_extensions")))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "tests.numerics_check", mode, str(model_dir), str(out), *args],
-        capture_output=True, text=True, cwd=PROJECT, env=env, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads((out / "result.json").read_text())
-
-
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero2"])
-def test_time_projection_receives_the_fp32_sampled_timesteps(strategy, tiny_model, tmp_path):  # noqa: F811
+def test_time_projection_receives_the_fp32_sampled_timesteps(strategy, tiny_model, tmp_path):
     result = run_check("timestep", tiny_model, tmp_path, "--strategy", strategy)
     for rank in result["ranks"]:
         assert rank["received_dtype"] == "torch.float32"
@@ -83,7 +65,7 @@ def reference_training(model_dir: Path, steps: int) -> tuple[list[float], dict[s
     return losses, master.state_dict()
 
 
-def test_twenty_bf16_steps_follow_the_fp32_timestep_reference(tiny_model, tmp_path):  # noqa: F811
+def test_twenty_bf16_steps_follow_the_fp32_timestep_reference(tiny_model, tmp_path):
     from diffusers import SD3Transformer2DModel
     from safetensors.torch import load_file
 

@@ -21,9 +21,9 @@ from sd35dist.data.manifest import read_manifest
 from sd35dist.data.storage import Store
 from sd35dist.jobs.rank_failure import report_before_group, report_failure, traceback_path
 from sd35dist.jobs.torchrun import exit_status, failure_summary
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import tiny_model, write_inputs, write_recipe  # noqa: F401
-from tests.test_train import cache, train_recipe  # noqa: F401
+from tests.cache_runs import write_inputs, write_recipe
+from tests.cli_runs import PROJECT, venv_env
+from tests.train_runs import train_recipe
 
 
 def torchrun(job: str, recipe: Path, run_dir: Path | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -56,7 +56,7 @@ def assert_one_quiet_line(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.dist
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
-def test_a_bad_shard_during_train_is_one_line_with_the_traceback_file(cache, tmp_path, damage):  # noqa: F811
+def test_a_bad_shard_during_train_is_one_line_with_the_traceback_file(cache, tmp_path, damage):
     model, cache_dir = cache
     broken = tmp_path / "cache"
     shutil.copytree(cache_dir, broken)
@@ -76,7 +76,7 @@ def test_a_bad_shard_during_train_is_one_line_with_the_traceback_file(cache, tmp
 
 
 @pytest.mark.dist
-def test_model_pretrained_pointing_nowhere_is_one_line_from_rank_zero(cache, tmp_path):  # noqa: F811
+def test_model_pretrained_pointing_nowhere_is_one_line_from_rank_zero(cache, tmp_path):
     model, cache_dir = cache
     recipe = train_recipe(tmp_path / "r.yaml", (tmp_path / "nowhere", cache_dir), tmp_path / "out")
     line = assert_one_quiet_line(torchrun("train", recipe, tmp_path / "run"))
@@ -86,7 +86,7 @@ def test_model_pretrained_pointing_nowhere_is_one_line_from_rank_zero(cache, tmp
 
 
 @pytest.mark.dist
-def test_cache_with_a_missing_dataset_source_names_the_key(tiny_model, tmp_path):  # noqa: F811
+def test_cache_with_a_missing_dataset_source_names_the_key(tiny_model, tmp_path):
     inputs = write_inputs(tmp_path / "images")
     shutil.rmtree(inputs["exact"])
     recipe = write_recipe(tmp_path / "c.yaml", tiny_model, inputs, str(tmp_path / "cache"))
@@ -173,7 +173,7 @@ def test_report_failure_prints_a_mistake_once_and_re_raises_a_bug(tmp_path):
     assert not traceback_path(tmp_path, 0).exists(), "a recipe mistake needs no traceback"
     with pytest.raises(ZeroDivisionError):
         try:
-            1 / 0
+            raise ZeroDivisionError("a bug")
         except ZeroDivisionError as bug:
             report_failure(bug, 0, tmp_path, io.StringIO())
     late = io.StringIO()

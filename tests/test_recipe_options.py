@@ -16,7 +16,6 @@ from sd35dist.data.buckets import SD35_BUCKETS, plan_fit
 from sd35dist.data.image_source import PreparedImage, SourceImage, prepare_image
 from sd35dist.trainer.flow_matching import sample_timestep_indices
 from sd35dist.trainer.loop import recipe_learning_rate, training_schedule
-from tests.test_cache_build import tiny_model  # noqa: F401
 
 pytestmark = pytest.mark.unit
 
@@ -26,7 +25,7 @@ def recipe(model: Path, **train) -> Recipe:
                                   "output": {"dir": "/o"}, "train": train})
 
 
-def test_flow_shift_changes_the_timesteps_training_draws(tiny_model):  # noqa: F811
+def test_flow_shift_changes_the_timesteps_training_draws(tiny_model):
     def drawn(**train) -> torch.Tensor:
         schedule = training_schedule(recipe(tiny_model, **train))
         indices = sample_timestep_indices("logit_normal", 4096, torch.Generator().manual_seed(0), logit_mean=0.0,
@@ -82,11 +81,11 @@ def test_crop_styles_place_the_crop_where_simpletuner_does(tmp_path):
 
 
 def test_attention_image_preset_is_simpletuners_sd3_default():
+    from sd35dist.config.model_size import SD35_LARGE_CONFIG
     from sd35dist.models.lora import inject_lora
     from sd35dist.models.transformer_build import build_on_meta
-    from tests.test_lora_units import LARGE
 
-    model = build_on_meta({"_class_name": "SD3Transformer2DModel", **LARGE, "num_layers": 2}, dtype=torch.bfloat16)
+    model = build_on_meta({**SD35_LARGE_CONFIG, "num_layers": 2}, dtype=torch.bfloat16)
     inject_lora(model, LoraSection(rank=4, alpha=4, targets="attention_image"), dtype=torch.float32)
     adapted = sorted({n.split(".lora_")[0] for n, _ in model.named_parameters() if ".lora_A" in n})
     assert adapted == [f"transformer_blocks.{b}.attn.{m}" for b in (0, 1) for m in ("to_k", "to_out.0", "to_q", "to_v")]

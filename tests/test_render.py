@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pydantic
@@ -13,10 +12,9 @@ import pytest
 from launcher.plan import build_plan
 from launcher.profile import PROFILE_DIR, LaunchSection, available_profiles, load_profile
 from launcher.render import render_script, shell_word
+from sd35dist.cli import main as sd35dist_main
 from sd35dist.config import load_recipe, resolve_paths
-from tests.conftest import PROJECT
-
-pytestmark = pytest.mark.unit
+from tests.cli_runs import PROJECT
 
 GOLDEN = Path(__file__).parent / "golden"
 RUN_DIR = "/shared/runs/golden-run"
@@ -32,11 +30,13 @@ def _plan(profile_name: str, job: str):
 CASES = [(name, "train") for name in available_profiles()] + [("slurm-dev", "preflight"), ("h100x8", "preflight")]
 
 
+@pytest.mark.unit
 def test_every_profile_has_a_golden_case():
     assert {"local", "slurm-dev", "h100x8", "h100x8x4"} <= set(available_profiles())
     assert {name for name, _ in CASES} == set(available_profiles())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("profile_name", "job"), CASES)
 def test_rendered_script_matches_golden(profile_name, job):
     text = render_script(_plan(profile_name, job))
@@ -47,10 +47,12 @@ def test_rendered_script_matches_golden(profile_name, job):
     assert text == golden.read_text()
 
 
+@pytest.mark.unit
 def test_rendering_is_deterministic():
     assert render_script(_plan("h100x8x4", "train")) == render_script(_plan("h100x8x4", "train"))
 
 
+@pytest.mark.process
 def test_slurm_script_has_what_a_cluster_needs():
     text = render_script(_plan("h100x8x4", "train"))
     for line in (
@@ -75,15 +77,17 @@ def test_slurm_script_has_what_a_cluster_needs():
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
 
 
+@pytest.mark.unit
 def test_the_time_limit_warning_reaches_the_batch_shell_only_and_becomes_the_preempt_file():
     text = render_script(_plan("h100x8x4", "train"))
     assert f"--run-dir {RUN_DIR} &\n" in text, "srun runs in the background while the shell waits for signals"
     assert text.index("trap 'TIME_LIMIT_WARNED=1") < text.index("srun "), "the trap is set before the step starts"
-    assert f'rm -f "$SD35DIST_RUN_DIR/PREEMPT"' in text, "a requeued job starts without the old request"
+    assert 'rm -f "$SD35DIST_RUN_DIR/PREEMPT"' in text, "a requeued job starts without the old request"
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text.split("STEP_STATUS=0", 1)[1], "requeue only after the step ended"
     assert "export SD35DIST_SIGNAL_GRACE_S=300" in text
 
 
+@pytest.mark.process
 def test_each_job_gets_its_own_rendezvous_port():
     text = render_script(_plan("h100x8x4", "train"))
     line = next(line for line in text.splitlines() if line.startswith("export SD35DIST_RDZV_PORT="))
@@ -95,11 +99,13 @@ def test_each_job_gets_its_own_rendezvous_port():
     assert ports == {"41": "29541", "42": "29542", "1041": "29541"}, "rdzv_port + job id % rdzv_port_span"
 
 
+@pytest.mark.unit
 def test_a_port_range_past_65535_is_refused():
     with pytest.raises(pydantic.ValidationError, match="runs past port 65535"):
         LaunchSection(rdzv_port=65000, rdzv_port_span=1000)
 
 
+@pytest.mark.unit
 def test_local_script_runs_torchrun_standalone():
     text = render_script(_plan("local", "preflight"))
     assert "#SBATCH" not in text
@@ -107,16 +113,14 @@ def test_local_script_runs_torchrun_standalone():
     assert "--nproc-per-node=2" in text
 
 
-def test_override_changes_only_what_it_names(tmp_path):
-    base = subprocess.run(
-        [sys.executable, "-m", "sd35dist", "submit", "--profile", "h100x8x4", "--dry-run", "--run-dir", RUN_DIR],
-        capture_output=True, text=True, cwd=PROJECT, check=True,
-    ).stdout
-    changed = subprocess.run(
-        [sys.executable, "-m", "sd35dist", "submit", "--profile", "h100x8x4", "--dry-run", "--run-dir", RUN_DIR,
-         "--set", "slurm.nodes=2", "--set", "slurm.partition=h100-long"],
-        capture_output=True, text=True, cwd=PROJECT, check=True,
-    ).stdout
+@pytest.mark.unit
+def test_override_changes_only_what_it_names(capsys, monkeypatch):
+    monkeypatch.chdir(PROJECT)  # the profile's default recipe is a path relative to the project
+    dry_run = ["submit", "--profile", "h100x8x4", "--dry-run", "--run-dir", RUN_DIR]
+    assert sd35dist_main(dry_run) == 0
+    base = capsys.readouterr().out
+    assert sd35dist_main([*dry_run, "--set", "slurm.nodes=2", "--set", "slurm.partition=h100-long"]) == 0
+    changed = capsys.readouterr().out
     assert base == render_script(_plan("h100x8x4", "train"))  # the CLI prints exactly the pure rendering
     diff = [(a, b) for a, b in zip(base.splitlines(), changed.splitlines()) if a != b]
     mesh = "echo 'sd35dist: fsdp2: HSDP {} replicas × 8 shards over {} node(s) (mesh [{}, 8]; " \
@@ -125,6 +129,7 @@ def test_override_changes_only_what_it_names(tmp_path):
                     (mesh.format(4, 4, 4), mesh.format(2, 2, 2))], "the mesh the ranks build follows the node count"
 
 
+@pytest.mark.process
 def test_shell_words_expand_only_variables():
     assert shell_word("--nnodes=$SLURM_NNODES") == '--nnodes="$SLURM_NNODES"'
     assert shell_word("/path with space/x") == "'/path with space/x'"

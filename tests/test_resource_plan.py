@@ -23,7 +23,7 @@ from sd35dist.config.resource_plan import (
     traffic,
     train_flops_per_sample,
 )
-from tests.conftest import PROJECT
+from tests.cli_runs import PROJECT
 
 ONE_GPU = resolve_mesh(strategy="fsdp2", shard_degree=None, nodes=1, procs_per_node=1)
 SD35L_TOKENS = image_tokens(SD35_LARGE_CONFIG, 1024, 1024) + 77 + 256

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from sd35dist.runtime.run_files import MISTAKE_FILE
 from sd35dist.jobs.torchrun import (
     Rendezvous,
     failure_summary,
@@ -21,7 +20,8 @@ from sd35dist.jobs.torchrun import (
     rendezvous_outlives_its_agents,
     restart_cures,
 )
-from tests.conftest import PROJECT, venv_env
+from sd35dist.runtime.run_files import MISTAKE_FILE
+from tests.cli_runs import PROJECT, venv_env
 
 WORKER = """\
 import os, signal, sys
@@ -126,7 +126,7 @@ def test_which_jobs_have_a_rendezvous_to_keep():
     assert elsewhere is not None and not elsewhere.hosted_here and elsewhere.nodes == 4
 
 
-@pytest.mark.unit
+@pytest.mark.process
 def test_the_host_keeps_the_store_until_every_agent_is_done():
     """torchrun's own store (multi-tenant, same port) goes when its run ends; the host's stays until
     the other agent has said it is done."""
@@ -157,7 +157,7 @@ def test_the_host_keeps_the_store_until_every_agent_is_done():
     assert peer_done_at and host_left_at >= peer_done_at[0] - 0.05, "the host left before the other agent was done"
 
 
-@pytest.mark.unit
+@pytest.mark.process
 def test_the_host_does_not_wait_for_ever_for_an_agent_that_is_gone():
     started = time.monotonic()
     with rendezvous_outlives_its_agents(Rendezvous("127.0.0.1", free_port(), "job2", 2, True), wait_s=0.5):

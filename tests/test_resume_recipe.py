@@ -21,9 +21,8 @@ from sd35dist.checkpoint.recipe_match import (
     resume_refusal,
 )
 from sd35dist.config.recipe import Recipe, recipe_hash
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_train import cache, losses, train_recipe  # noqa: F401
+from tests.cli_runs import PROJECT, venv_env
+from tests.train_runs import losses, train_recipe
 
 BASE = {
     "name": "r", "seed": 0, "model": {"pretrained": "/m", "transformer_subfolder": "transformer"},
@@ -125,7 +124,7 @@ def _with(base: dict, path: Path, **sections) -> Path:
 
 
 @pytest.mark.dist
-def test_resume_refuses_a_changed_model_and_optimizer_accepts_an_override_and_step_counts(cache, tmp_path):  # noqa: F811
+def test_resume_refuses_a_changed_model_and_optimizer_accepts_an_override_and_step_counts(cache, tmp_path):
     model, _ = cache
     out = tmp_path / "out"
     first = train_recipe(tmp_path / "recipe.yaml", cache, out, max_train_steps=2, checkpointing_steps=2,

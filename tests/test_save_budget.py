@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+from sd35dist.jobs.save_probe import checkpoint_bytes_per_parameter
 from sd35dist.runtime.job_env import JobEnvironment
 from sd35dist.runtime.save_budget import (
     SAVE_ESTIMATE_FILE,
@@ -18,10 +19,8 @@ from sd35dist.runtime.save_budget import (
     read_save_estimate,
     write_save_estimate,
 )
-from sd35dist.jobs.save_probe import checkpoint_bytes_per_parameter
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_preflight import run_preflight, write_recipe
+from tests.cli_runs import PROJECT, venv_env
+from tests.preflight_runs import run_preflight, write_recipe
 
 
 @pytest.mark.unit
@@ -59,7 +58,7 @@ def test_a_checkpoint_holds_what_the_optimizer_keeps():
     assert checkpoint_bytes_per_parameter("adamw_bf16", ema=False) == 8
 
 
-@pytest.mark.unit
+@pytest.mark.process
 def test_submit_warns_when_the_last_measured_save_exceeds_the_grace(tmp_path):
     recipe = {"name": "tiny", "model": {"pretrained": str(tmp_path / "model")},
               "data": {"cache_url": str(tmp_path / "cache"), "datasets": [{"id": "images", "source": str(tmp_path)}]},
@@ -81,7 +80,7 @@ def test_submit_warns_when_the_last_measured_save_exceeds_the_grace(tmp_path):
 
 
 @pytest.mark.dist
-def test_preflight_measures_the_output_dir_and_records_a_save_estimate(tmp_path, tiny_model):  # noqa: F811
+def test_preflight_measures_the_output_dir_and_records_a_save_estimate(tmp_path, tiny_model):
     shutil.copytree(tiny_model, tmp_path / "tiny-sd3")
     (tmp_path / "cache").mkdir()
     run = run_preflight(write_recipe(tmp_path, str(tmp_path / "cache"), tmp_path / "out"), tmp_path / "run")

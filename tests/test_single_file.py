@@ -12,13 +12,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from sd35dist.checkpoint.fsdp2_files import DcpTensors
 from sd35dist.checkpoint.original_layout import LayoutMismatch, transformer_plan
 from sd35dist.checkpoint.safetensors_stream import TensorSpec, write_streaming
 from sd35dist.checkpoint.single_file import Part, peak_bytes
-from sd35dist.checkpoint.fsdp2_files import DcpTensors
 from sd35dist.checkpoint.tensor_sources import block_group
 from sd35dist.cli import main as cli_main
-from tests.test_cache_build import tiny_model  # noqa: F401
 
 pytestmark = pytest.mark.unit
 
@@ -40,14 +39,14 @@ def load_single_file(path: Path, model_dir: Path, dtype: torch.dtype = torch.flo
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model):  # noqa: F811
+def reference(tiny_model):
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
     return (SD3Transformer2DModel.from_pretrained(tiny_model / "transformer").state_dict(),
             AutoencoderKL.from_pretrained(tiny_model / "vae").state_dict())
 
 
-def test_diffusers_reads_the_single_file_back_equal_to_the_folder(tiny_model, reference, tmp_path, capsys):  # noqa: F811
+def test_diffusers_reads_the_single_file_back_equal_to_the_folder(tiny_model, reference, tmp_path, capsys):
     out = tmp_path / "tiny-ft.safetensors"
     code, err = export(capsys, str(tiny_model / "transformer"), "--format", "single-file", "--out", str(out),
                        "--dtype", "fp32", "--with-vae", "--title", "tiny fine-tune")
@@ -77,7 +76,7 @@ def test_diffusers_reads_the_single_file_back_equal_to_the_folder(tiny_model, re
 
 @pytest.mark.parametrize("dtype, stored", [("bf16", torch.bfloat16), ("fp16", torch.float16),
                                            ("fp8_e4m3fn", torch.float8_e4m3fn)])
-def test_each_dtype_loads_back_as_the_rounded_weights(tiny_model, reference, tmp_path, capsys, dtype, stored):  # noqa: F811
+def test_each_dtype_loads_back_as_the_rounded_weights(tiny_model, reference, tmp_path, capsys, dtype, stored):
     out = tmp_path / f"tiny-{dtype}.safetensors"
     code, err = export(capsys, str(tiny_model / "transformer"), "--format", "single-file", "--out", str(out),
                        "--dtype", dtype, "--with-vae")
@@ -97,13 +96,13 @@ def test_each_dtype_loads_back_as_the_rounded_weights(tiny_model, reference, tmp
     assert all(torch.equal(vae[k], want_vae[k].to(conv.dtype).float()) for k in want_vae)
 
 
-def test_fp8_and_vae_options_need_single_file(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_fp8_and_vae_options_need_single_file(tiny_model, tmp_path, capsys):
     code, err = export(capsys, str(tiny_model / "transformer"), "--out", str(tmp_path / "x"), "--dtype", "fp8_e4m3fn")
     assert code == 2 and err.count("\n") == 1 and "--format single-file" in err
     assert not (tmp_path / "x").exists()
 
 
-def test_reads_a_dcp_checkpoint_tensor_by_tensor(tiny_model, reference, tmp_path):  # noqa: F811
+def test_reads_a_dcp_checkpoint_tensor_by_tensor(tiny_model, reference, tmp_path):
     import torch.distributed.checkpoint as dcp
 
     want, _ = reference
@@ -162,6 +161,6 @@ def test_streaming_writer_output_is_read_by_safetensors_and_a_failure_leaves_not
     assert list(tmp_path.iterdir()) == [tmp_path / "ok.safetensors"]
 
 
-def test_tiny_model_config_has_every_key_family(tiny_model):  # noqa: F811
+def test_tiny_model_config_has_every_key_family(tiny_model):
     config = json.loads((tiny_model / "transformer" / "config.json").read_text())
     assert config["qk_norm"] == "rms_norm" and list(config["dual_attention_layers"]) == [0]

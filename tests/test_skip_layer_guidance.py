@@ -17,8 +17,6 @@ from sd35dist.validation.render import Renderer, validation_pairs
 from sd35dist.validation.sample_command import _parser as sample_parser
 from sd35dist.validation.sample_command import guidance_of
 from sd35dist.validation.sampler import SampleSettings, latent_shape_of
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_validation_units import parts  # noqa: F401
 
 pytestmark = pytest.mark.unit
 
@@ -26,7 +24,7 @@ STEPS = 6
 SLG = {"skip_layers": (1, 2), "skip_scale": 2.8, "skip_start": 0.01, "skip_stop": 0.5}  # steps 1 and 2 of 6
 
 
-def test_slg_equals_the_pipeline_changes_the_image_and_skips_the_named_blocks(parts):  # noqa: F811
+def test_slg_equals_the_pipeline_changes_the_image_and_skips_the_named_blocks(parts):
     from diffusers import StableDiffusion3Pipeline
 
     model_dir, embeddings, transformer, vae = parts

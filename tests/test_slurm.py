@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import wait_for
-from tests.test_local_submit import SECRET, all_text_under, sd35dist, tiny_recipe
+from tests.cli_runs import PROJECT, SECRET, all_text_under, sd35dist, tiny_recipe, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -97,14 +97,12 @@ def test_status_logs_cancel_on_a_running_job(slurm_env, tmp_path):
     assert squeue.strip() == ""
 
 
-def test_cache_job_builds_across_both_nodes(slurm_env, tmp_path):
+def test_cache_job_builds_across_both_nodes(slurm_env, tiny_model, tmp_path):
     from sd35dist.data.manifest import read_manifest
     from sd35dist.data.storage import Store
-    from sd35dist.models.tiny_sd3 import build_tiny_sd3
-    from tests.test_cache_build import write_inputs, write_recipe
-
-    model = build_tiny_sd3(tmp_path / "model")
-    recipe = write_recipe(tmp_path / "recipe.yaml", model, write_inputs(tmp_path / "images"), str(tmp_path / "cache"))
+    from tests.cache_runs import write_inputs, write_recipe
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model, write_inputs(tmp_path / "images"),
+                          str(tmp_path / "cache"))
     proc = sd35dist("submit", "--profile", "slurm-dev", "--job", "cache", "--recipe", str(recipe),
                     "--run-dir", str(tmp_path / "run"), "--wait", env=slurm_env)
     assert "ended: COMPLETED" in proc.stdout, proc.stdout + proc.stderr
@@ -114,25 +112,22 @@ def test_cache_job_builds_across_both_nodes(slurm_env, tmp_path):
     assert journals == ["w0002-r00000.json", "w0002-r00001.json"], "each node's rank built its share"
 
 
-def test_requeued_training_job_resumes_and_ends_with_the_uninterrupted_loss(slurm_env, s3_server, tmp_path):
-    """Train the tiny recipe on n1+n2 streaming from the S3-protocol server; `scontrol requeue`
-    mid-run (SIGTERM to the job, as a preemption): ranks save, the job comes back with
-    SLURM_RESTART_COUNT=1, resumes from latest and ends with the uninterrupted run's loss."""
-    from sd35dist.models.tiny_sd3 import build_tiny_sd3
-    from tests.test_cache_build import run_cache, write_inputs, write_recipe
-    from tests.test_train import losses, train, train_recipe
-
-    model = build_tiny_sd3(tmp_path / "model")
-    run_cache(write_recipe(tmp_path / "cache.yaml", model, write_inputs(tmp_path / "images"), str(tmp_path / "cache")))
+@pytest.mark.s3
+def test_requeued_training_job_resumes_and_ends_with_the_uninterrupted_loss(slurm_env, s3_server, cache, tmp_path):
+    """Train the tiny recipe on n1+n2 streaming from the S3-protocol server, submitted with `--wait`;
+    `scontrol requeue` mid-run (SIGTERM to the job, as a preemption): ranks save, the job comes back
+    with SLURM_RESTART_COUNT=1, resumes from latest and ends with the uninterrupted run's loss, and
+    `--wait` follows it through the requeue until it really ends (exit 0)."""
+    from tests.train_runs import losses, train, train_recipe
+    _, cache_dir = cache
     client = s3_server.client()
     client.create_bucket(Bucket="slurm-train")
-    for path in sorted((tmp_path / "cache").rglob("*")):
+    for path in sorted(cache_dir.rglob("*")):
         if path.is_file():
-            client.put_object(Bucket="slurm-train", Key=f"cache/{path.relative_to(tmp_path / 'cache')}",
-                              Body=path.read_bytes())
+            client.put_object(Bucket="slurm-train", Key=f"cache/{path.relative_to(cache_dir)}", Body=path.read_bytes())
 
     def recipe(name: str) -> Path:
-        path = train_recipe(tmp_path / f"{name}.yaml", (model, tmp_path / "cache"), tmp_path / f"out-{name}",
+        path = train_recipe(tmp_path / f"{name}.yaml", cache, tmp_path / f"out-{name}",
                             max_train_steps=60, checkpointing_steps=20)
         data = yaml.safe_load(path.read_text())
         data["data"] = {"cache_url": "s3://slurm-train/cache", "storage_options": s3_server.storage_options}
@@ -145,15 +140,25 @@ def test_requeued_training_job_resumes_and_ends_with_the_uninterrupted_loss(slur
     expected = losses(reference)
 
     run_dir = tmp_path / "run"
-    sd35dist("submit", "--profile", "slurm-dev", "--recipe", str(recipe("slurm")), "--run-dir", str(run_dir), env=env)
-    job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
-    metrics = run_dir / "metrics-rank00000.jsonl"
-    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 5, 120, "training to start")
-    subprocess.run(["scontrol", "requeue", job_id], check=True, env=env)
-    wait_for(lambda: "COMPLETED" in sd35dist("status", job_id, env=env).stdout, 240, "the requeued job to finish")
+    waiting = subprocess.Popen([sys.executable, "-m", "sd35dist", "submit", "--profile", "slurm-dev", "--recipe",
+                                str(recipe("slurm")), "--run-dir", str(run_dir), "--wait"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=PROJECT)
+    try:
+        wait_for(lambda: (run_dir / "job.json").exists(), 60, "the submission")
+        job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
+        metrics = run_dir / "metrics-rank00000.jsonl"
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 5, 120, "training to start")
+        subprocess.run(["scontrol", "requeue", job_id], check=True, env=env)
+        output, _ = waiting.communicate(timeout=300)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 0, output[-4000:]
+    assert f"job {job_id} requeued" in output and f"job {job_id} ended: COMPLETED" in output, output[-4000:]
+    assert "COMPLETED" in sd35dist("status", job_id, env=env).stdout
     logs = sd35dist("logs", job_id, env=env).stdout
     assert "requeued by Slurm (SIGTERM)" in logs, logs[-3000:]
     assert "SLURM_RESTART_COUNT=1" in logs
     got = losses(run_dir)
     assert got[60] == expected[60], "the requeued run ends with the uninterrupted run's loss"
-    assert len({s for s in got}) == 60
+    assert sorted(got) == list(range(1, 61))

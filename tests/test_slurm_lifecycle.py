@@ -13,6 +13,8 @@ of the job is left once Slurm says it ended. Expected end states:
 | a rank killed more often than max_restarts | FAILED | latest complete | after 1 of 1 restarts |
 | a mistake (corrupt shard)     | FAILED, exit code 2, no restart | — | one error line, not restarted |
 | two jobs sharing nodes        | both COMPLETED, each on its own rendezvous port | — | — |
+
+`scontrol requeue` of a running job (and `submit --wait` following it): test_slurm.py.
 """
 
 from __future__ import annotations
@@ -27,15 +29,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from sd35dist.checkpoint.layout import CheckpointDir
 from sd35dist.data.manifest import read_manifest
 from sd35dist.data.storage import Store
-from tests.conftest import wait_for
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_local_submit import sd35dist, tiny_recipe
-from tests.test_train import cache, losses, train, train_recipe  # noqa: F401
+from tests.cli_runs import sd35dist, tiny_recipe, wait_for
+from tests.train_runs import losses, train, train_recipe
 
 pytestmark = pytest.mark.slurm
 
@@ -114,7 +113,7 @@ def metric_steps(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def submit_training(tmp_path: Path, cache, env, name: str, *sets: str, **train_settings) -> tuple[str, Path, Path]:  # noqa: F811
+def submit_training(tmp_path: Path, cache, env, name: str, *sets: str, **train_settings) -> tuple[str, Path, Path]:
     settings = {"max_train_steps": 400, "checkpointing_steps": 4, "checkpoints_total_limit": 2,
                 "gradient_checkpointing": False, "ema": {"enabled": False}, **train_settings}
     recipe = train_recipe(tmp_path / f"{name}.yaml", cache, tmp_path / f"out-{name}", **settings)
@@ -141,7 +140,7 @@ def test_the_cluster_tracks_processes_by_cgroup(slurm_env):
 
 
 @pytest.mark.parametrize("how", ["scancel", "sd35dist cancel"])
-def test_cancel_ends_a_training_job_for_good(slurm_env, cache, tmp_path, how):  # noqa: F811
+def test_cancel_ends_a_training_job_for_good(slurm_env, cache, tmp_path, how):
     job_id, run_dir, out = submit_training(tmp_path, cache, slurm_env, "cancel")
     wait_for(lambda: metric_steps(run_dir) >= 6, 180, "training to pass step 6")
     if how == "scancel":
@@ -160,7 +159,7 @@ def test_cancel_ends_a_training_job_for_good(slurm_env, cache, tmp_path, how):  
     assert_nothing_left(run_dir)
 
 
-def test_time_limit_warning_saves_requeues_and_the_job_finishes(slurm_env, cache, tmp_path):  # noqa: F811
+def test_time_limit_warning_saves_requeues_and_the_job_finishes(slurm_env, cache, tmp_path):
     """`--time=1` with a 30 s warning: USR1 reaches the batch shell alone, the ranks save at a step
     boundary and exit 0, the shell requeues; the second run resumes and (given more time) completes."""
     job_id, run_dir, out = submit_training(tmp_path, cache, slurm_env, "timelimit", "slurm.time=00:01:00",
@@ -181,7 +180,7 @@ def test_time_limit_warning_saves_requeues_and_the_job_finishes(slurm_env, cache
     assert_nothing_left(run_dir)
 
 
-def test_node_failure_requeues_and_resumes(slurm_env, cache, tmp_path):  # noqa: F811
+def test_node_failure_requeues_and_resumes(slurm_env, cache, tmp_path):
     job_id, run_dir, out = submit_training(tmp_path, cache, slurm_env, "nodefail", max_train_steps=40)
     wait_for(lambda: CheckpointDir(out).latest() is not None and metric_steps(run_dir) >= 6, 180, "a checkpoint")
     subprocess.run(["scontrol", "update", "nodename=n2", "state=down", "reason=sd35dist-test"], check=True,
@@ -200,7 +199,7 @@ def test_node_failure_requeues_and_resumes(slurm_env, cache, tmp_path):  # noqa:
     assert_nothing_left(run_dir)
 
 
-def test_a_killed_rank_restarts_inside_the_allocation(slurm_env, cache, tmp_path):  # noqa: F811
+def test_a_killed_rank_restarts_inside_the_allocation(slurm_env, cache, tmp_path):
     reference = tmp_path / "reference"
     recipe = train_recipe(tmp_path / "reference.yaml", cache, tmp_path / "out-reference", max_train_steps=30,
                           checkpointing_steps=4, gradient_checkpointing=False, ema={"enabled": False})
@@ -229,7 +228,7 @@ def parent_pid(pid: int) -> int:
         return -1
 
 
-def test_a_rank_that_keeps_crashing_fails_the_job_once_the_restarts_are_used_up(slurm_env, cache, tmp_path):  # noqa: F811
+def test_a_rank_that_keeps_crashing_fails_the_job_once_the_restarts_are_used_up(slurm_env, cache, tmp_path):
     job_id, run_dir, out = submit_training(tmp_path, cache, slurm_env, "crashes", "launch.max_restarts=1")
     wait_for(lambda: metric_steps(run_dir) >= 2, 180, "step 2")
     victim = rank_pids(run_dir)[-1]
@@ -248,7 +247,7 @@ def test_a_rank_that_keeps_crashing_fails_the_job_once_the_restarts_are_used_up(
     assert_nothing_left(run_dir)
 
 
-def test_a_mistake_fails_the_job_at_once_without_restarts(slurm_env, cache, tmp_path):  # noqa: F811
+def test_a_mistake_fails_the_job_at_once_without_restarts(slurm_env, cache, tmp_path):
     """A corrupt shard is met again by every attempt: with the default restarts on, the job ends on the
     first, with one line, exit code 2."""
     model, cache_dir = cache
@@ -270,7 +269,7 @@ def test_a_mistake_fails_the_job_at_once_without_restarts(slurm_env, cache, tmp_
     assert_nothing_left(run_dir)
 
 
-def test_two_jobs_sharing_nodes_use_their_own_rendezvous_ports(slurm_env, cache, tmp_path):  # noqa: F811
+def test_two_jobs_sharing_nodes_use_their_own_rendezvous_ports(slurm_env, cache, tmp_path):
     short_id, short_dir, _ = submit_training(tmp_path, cache, slurm_env, "short", max_train_steps=6)
     long_id, long_dir, _ = submit_training(tmp_path, cache, slurm_env, "long", max_train_steps=30)
     assert final_state(short_id, slurm_env, timeout_s=300) == "COMPLETED"
@@ -313,28 +312,3 @@ def test_the_script_slurm_runs_is_the_one_in_the_run_directory(slurm_env, tmp_pa
     # plain sbatch and submitit write their logs to the same place
     assert (submitted / "logs" / f"{job_a}.out").exists() and (plain / "logs" / f"{job_b}.out").exists()
     assert not list((submitted / "submitit").glob("*_log.out")), "no second set of logs from submitit's runner"
-
-
-def test_wait_follows_a_requeued_job_until_it_really_ends(slurm_env, cache, tmp_path):  # noqa: F811
-    recipe = train_recipe(tmp_path / "wait.yaml", cache, tmp_path / "out-wait", max_train_steps=30,
-                          checkpointing_steps=4, gradient_checkpointing=False, ema={"enabled": False})
-    run_dir = tmp_path / "run-wait"
-    waiting = subprocess.Popen(
-        ["python", "-m", "sd35dist", "submit", "--profile", "slurm-dev", "--recipe", str(recipe),
-         "--run-dir", str(run_dir), "--wait"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=slurm_env,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    try:
-        wait_for(lambda: (run_dir / "job.json").exists(), 60, "the submission")
-        job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
-        wait_for(lambda: metric_steps(run_dir) >= 6, 180, "training to pass step 6")
-        subprocess.run(["scontrol", "requeue", job_id], check=True, env=slurm_env)
-        output, _ = waiting.communicate(timeout=300)
-    finally:
-        if waiting.poll() is None:
-            waiting.kill()
-    assert waiting.returncode == 0, output[-4000:]
-    assert f"job {job_id} requeued" in output, output[-4000:]
-    assert f"job {job_id} ended: COMPLETED" in output
-    assert sorted(losses(run_dir)) == list(range(1, 31))

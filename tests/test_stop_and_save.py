@@ -15,9 +15,8 @@ import pytest
 
 from sd35dist.checkpoint.layout import CheckpointDir
 from sd35dist.runtime.save_budget import SAVE_ESTIMATE_FILE, read_save_estimate
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_train import cache, losses, train, train_recipe  # noqa: F401
+from tests.cli_runs import PROJECT, venv_env
+from tests.train_runs import losses, train, train_recipe
 
 pytestmark = pytest.mark.dist
 
@@ -57,7 +56,7 @@ def settings(**extra):
             "ema": {"enabled": False}, **extra}
 
 
-def test_the_preempt_file_saves_at_a_step_boundary_and_resume_continues(cache, tmp_path):  # noqa: F811
+def test_the_preempt_file_saves_at_a_step_boundary_and_resume_continues(cache, tmp_path):
     out = tmp_path / "out"
     recipe = train_recipe(tmp_path / "r.yaml", cache, out, **settings())
     proc = start_training(recipe, tmp_path / "run")
@@ -72,7 +71,7 @@ def test_the_preempt_file_saves_at_a_step_boundary_and_resume_continues(cache, t
     assert max(losses(tmp_path / "run")) == step, "no step runs after the save"
 
 
-def test_sigterm_outside_slurm_is_a_cancel_that_saves_when_it_can(cache, tmp_path):  # noqa: F811
+def test_sigterm_outside_slurm_is_a_cancel_that_saves_when_it_can(cache, tmp_path):
     out = tmp_path / "out"
     recipe = train_recipe(tmp_path / "r.yaml", cache, out, **settings())
     proc = start_training(recipe, tmp_path / "run")
@@ -87,7 +86,7 @@ def test_sigterm_outside_slurm_is_a_cancel_that_saves_when_it_can(cache, tmp_pat
     assert latest is not None and (latest / "COMPLETE").exists()
 
 
-def test_a_save_longer_than_the_grace_is_warned_and_measured(cache, tmp_path):  # noqa: F811
+def test_a_save_longer_than_the_grace_is_warned_and_measured(cache, tmp_path):
     out = tmp_path / "out"
     recipe = train_recipe(tmp_path / "r.yaml", cache, out, **settings(max_train_steps=4, checkpointing_steps=2))
     proc = train(recipe, tmp_path / "run", env=venv_env(SD35DIST_SIGNAL_GRACE_S="0.001"))
@@ -100,7 +99,7 @@ def test_a_save_longer_than_the_grace_is_warned_and_measured(cache, tmp_path):  
     assert json.loads((out / SAVE_ESTIMATE_FILE).read_text())["save_s"] == estimate.save_s
 
 
-def test_a_stop_requested_while_validation_renders_is_honoured_at_the_next_step_boundary(cache, tmp_path):  # noqa: F811
+def test_a_stop_requested_while_validation_renders_is_honoured_at_the_next_step_boundary(cache, tmp_path):
     """The time-limit request is there while the at-start round renders (3 pairs on 2 ranks, so one
     rank runs a placeholder): the round finishes on both ranks, one step runs, the ranks save it and stop."""
     from tests.validation_check import cache_validation_prompts

@@ -34,18 +34,19 @@ def _deliveries(layouts, segment, sequences, world, steps):
 
 
 def _sequences(layouts, seed, epoch, block=2):
-    return {l.name: base_sequence(l, seed, epoch, block) for l in layouts}
+    return {layout.name: base_sequence(layout, seed, epoch, block) for layout in layouts}
 
 
 def _bucket_of(layouts):
-    return {int(i): l.name for l in layouts for s, n in zip(l.first_ids, l.shard_sizes) for i in range(s, s + n)}
+    return {int(i): layout.name for layout in layouts for s, n in zip(layout.first_ids, layout.shard_sizes)
+            for i in range(s, s + n)}
 
 
 def test_layouts_number_every_sample_once():
     layouts = bucket_layouts(SHARDS)
-    ids = [i for l in layouts for s, n in zip(l.first_ids, l.shard_sizes) for i in range(s, s + n)]
+    ids = [i for layout in layouts for s, n in zip(layout.first_ids, layout.shard_sizes) for i in range(s, s + n)]
     assert sorted(ids) == list(range(sum(n for _, n in SHARDS)))
-    assert [l.name for l in layouts] == ["48x80", "64x64", "80x48"]
+    assert [layout.name for layout in layouts] == ["48x80", "64x64", "80x48"]
 
 
 def test_base_sequence_depends_only_on_seed_and_epoch():

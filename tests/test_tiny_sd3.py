@@ -34,8 +34,9 @@ LAYOUT = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_sd3(tmp_path_factory.mktemp("tiny") / "sd3", seed=0)
+def model_dir(tiny_model: Path) -> Path:
+    """The session's tiny SD3 (seed 0)."""
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

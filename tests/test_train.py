@@ -3,56 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from sd35dist.checkpoint.weights import read_weights
 from sd35dist.checkpoint.layout import CheckpointDir, read_info
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import run_cache, tiny_model, write_inputs, write_recipe  # noqa: F401
+from sd35dist.checkpoint.weights import read_weights
+from tests.cli_runs import PROJECT, venv_env
+from tests.train_runs import RunsCode, export, losses, train, train_recipe, train_refused
 
 pytestmark = pytest.mark.dist
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory, tiny_model) -> tuple[Path, Path]:  # noqa: F811
-    root = tmp_path_factory.mktemp("train-cache")
-    recipe = write_recipe(root / "cache.yaml", tiny_model, write_inputs(root / "images"), str(root / "cache"),
-                          cache_dtype="bf16")
-    run_cache(recipe)
-    return tiny_model, root / "cache"
-
-
-def train_recipe(path: Path, cache: tuple[Path, Path], output: Path, **train) -> Path:
-    model, cache_dir = cache
-    settings = {"train_batch_size": 2, "max_train_steps": 6, "learning_rate": 1e-3, "mixed_precision": "fp32",
-                "gradient_checkpointing": True, "checkpointing_steps": 3, "checkpoints_total_limit": 2,
-                "caption_dropout_probability": 0.2, "ema": {"enabled": True, "decay": 0.9}, **train}
-    recipe = {"name": "t", "seed": 3, "model": {"pretrained": str(model)}, "data": {"cache_url": str(cache_dir)},
-              "parallel": {"strategy": "fsdp2"}, "train": settings, "logging": {"report_to": "none"},
-              "output": {"dir": str(output)}}
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-def train(recipe: Path, run_dir: Path, nproc: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-         "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
-        capture_output=True, text=True, cwd=PROJECT, env={**(env or venv_env()), "OMP_NUM_THREADS": "1"}, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics-rank00000.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +37,20 @@ def test_straight_run_trains_and_rotates_checkpoints(straight):
     assert {"step_seconds", "data_wait_fraction", "images_per_second"} <= set(metrics[0])
 
 
-def test_stop_and_resume_gives_the_same_losses(straight, cache, tmp_path):
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, cache) -> Path:
+    """A 2-rank run of the straight recipe stopped by max_train_steps 3: root/out (copy it to continue)
+    and root/run1. Both resume tests start from it."""
+    root = tmp_path_factory.mktemp("stopped")
+    train(train_recipe(root / "first.yaml", cache, root / "out", max_train_steps=3), root / "run1")
+    return root
+
+
+def test_stop_and_resume_gives_the_same_losses(straight, stopped, cache, tmp_path):
     _, expected = straight
     out = tmp_path / "out"
-    train(train_recipe(tmp_path / "first.yaml", cache, out, max_train_steps=3), tmp_path / "run1")
-    assert losses(tmp_path / "run1") == {s: expected[s] for s in (1, 2, 3)}
+    shutil.copytree(stopped / "out", out)
+    assert losses(stopped / "run1") == {s: expected[s] for s in (1, 2, 3)}
     proc = train(train_recipe(tmp_path / "second.yaml", cache, out), tmp_path / "run2")
     assert "resumed from" in proc.stdout + proc.stderr
     assert losses(tmp_path / "run2") == {s: expected[s] for s in (4, 5, 6)}, "CPU/gloo resume is exact"
@@ -87,15 +60,6 @@ def test_stop_and_resume_gives_the_same_losses(straight, cache, tmp_path):
         uninterrupted = export(root / "out", tmp_path / f"straight{flag}", *flag)
         assert resumed.keys() == uninterrupted.keys()
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"
-
-
-def export(checkpoint: Path, out: Path, *flags: str) -> dict[str, torch.Tensor]:
-    proc = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(checkpoint), "--out", str(out),
-                           "--dtype", "fp32", *flags], capture_output=True, text=True, cwd=PROJECT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel.from_pretrained(out).state_dict()
 
 
 def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight, cache, tmp_path):
@@ -110,14 +74,18 @@ def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight,
     assert not torch.equal(raw[key], pretrained[key]), "training changed the weights"
     assert not torch.equal(ema[key], raw[key]), "the EMA is its own set of weights"
     assert torch.equal(ema["pos_embed.pos_embed"], raw["pos_embed.pos_embed"])
+    from sd35dist.runtime.atomic_files import user_umask
+
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "raw").iterdir()}
+    assert set(modes.values()) == {0o666 & ~user_umask()}, f"others can read the export (not 0600): {modes}"
     again = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(root / "out"), "--out", str(tmp_path / "raw")],
                            capture_output=True, text=True, cwd=PROJECT)
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank_and_back(cache, tmp_path):
+def test_two_rank_checkpoint_resumes_on_one_rank_and_back(stopped, cache, tmp_path):
     out = tmp_path / "out"
-    train(train_recipe(tmp_path / "first.yaml", cache, out, max_train_steps=3), tmp_path / "run1")
+    shutil.copytree(stopped / "out", out)
     train(train_recipe(tmp_path / "second.yaml", cache, out), tmp_path / "run2", nproc=1)
     got = losses(tmp_path / "run2")
     assert sorted(got) == [4, 5, 6] and all(v == v for v in got.values())
@@ -128,9 +96,9 @@ def test_two_rank_checkpoint_resumes_on_one_rank_and_back(cache, tmp_path):
 
 
 def _children(pid: int) -> list[int]:
-    from launcher.job_control import _descendants
+    from launcher.local_process import descendants
 
-    return _descendants(pid)
+    return descendants(pid)
 
 
 def test_kill_during_checkpoint_write_keeps_latest_on_a_complete_checkpoint(cache, tmp_path):
@@ -207,7 +175,7 @@ def test_adamw_bf16_stop_and_resume_gives_the_same_losses_and_weights(cache, tmp
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"
 
 
-def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, cache, tmp_path):  # noqa: F811
+def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, cache, tmp_path):
     """3 (prompt, seed) pairs on 2 ranks, model and EMA weights side by side, next to the straight run."""
     from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
 
@@ -221,7 +189,7 @@ def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight,
     check_validation_run(tmp_path / "run", straight_losses, cache, states)
 
 
-def test_validation_in_bf16_renders_on_all_ranks_and_leaves_training_unchanged(cache, tmp_path):  # noqa: F811
+def test_validation_in_bf16_renders_on_all_ranks_and_leaves_training_unchanged(cache, tmp_path):
     """The default SD3.5 Large path: FSDP2 with bf16 compute. The rounds change no loss of a bf16 run,
     and the images match a 1-process bf16 render of the last checkpoint."""
     from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
@@ -236,7 +204,7 @@ def test_validation_in_bf16_renders_on_all_ranks_and_leaves_training_unchanged(c
                          {"model": read_weights(checkpoint)}, dtype=torch.bfloat16)
 
 
-def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path):  # noqa: F811
+def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path):
     """`sd35dist sweep --compare-guidance` over the straight run's checkpoints; `sd35dist sample` of a
     checkpoint on 2 ranks equals the sample of its export in one process, pixel for pixel."""
     import numpy as np
@@ -292,3 +260,49 @@ def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path)
     assert np.array_equal(samples["ckpt"], samples["export"])
     assert not np.array_equal(samples["ckpt"], samples["ema"]) and not np.array_equal(samples["ckpt"], samples["base"])
     assert sd35dist_main(["sample", str(tmp_path / "export"), *common, "--out", str(tmp_path / "x")]) == 2  # needs --model
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resuming_an_older_checkpoint_branches_only_into_a_new_directory(straight, cache, tmp_path):
+    """train.resume naming step 4 of an output dir whose newest is step 6: refused there (nothing
+    overwritten or rotated away), trained into a new output.dir exactly as the straight run did,
+    and a restart of that same run continues its branch instead of starting over from step 4."""
+    root, expected = straight
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    before = _tree(out)
+    four = CheckpointDir(out).path(4)
+    line = train_refused(train_recipe(tmp_path / "same.yaml", cache, out, resume=str(four)), tmp_path / "run0")
+    assert "train.resume" in line and "would overwrite step-00000006" in line and "new directory" in line, line
+    assert _tree(out) == before, "the newer branch and the named checkpoint are untouched"
+
+    branch = tmp_path / "branch"
+    recipe = train_recipe(tmp_path / "branch.yaml", cache, branch, resume=str(four), checkpointing_steps=2)
+    train(recipe, tmp_path / "run1")
+    assert losses(tmp_path / "run1") == {5: expected[5], 6: expected[6]}, "the branch trains on exactly"
+    assert CheckpointDir(branch).complete_steps() == [6] and _tree(out) == before
+    again = train(recipe, tmp_path / "run1")  # the same run restarted (torchrun restart, Slurm requeue)
+    assert f"resumed from {CheckpointDir(branch).path(6)}" in again.stdout + again.stderr
+    assert _tree(out) == before
+
+
+def test_a_crafted_dcp_metadata_given_as_resume_is_refused_without_running(straight, cache, tmp_path):
+    """DCP's .metadata is a pickle; one that names a callable is refused once, at start (exit 2: no
+    restart), and its code never runs — the same allow-list export uses."""
+    import pickle
+
+    root, _ = straight
+    crafted = tmp_path / "crafted"
+    shutil.copytree(CheckpointDir(root / "out").path(6), crafted)
+    sentinel = tmp_path / "code-ran"
+    (crafted / "dcp" / ".metadata").write_bytes(pickle.dumps(RunsCode(str(sentinel))))
+    line = train_refused(train_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", resume=str(crafted)),
+                         tmp_path / "run")
+    assert ".metadata: refused" in line and "io.open" in line, line
+    proc = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(crafted), "--out", str(tmp_path / "e")],
+                          capture_output=True, text=True, cwd=PROJECT, env=venv_env())
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and ".metadata" in proc.stderr
+    assert not sentinel.exists(), "the pickle's code ran"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -15,16 +14,15 @@ import pytest
 import torch
 import yaml
 
-from sd35dist.checkpoint.weights import read_weights
 from sd35dist.checkpoint.export import checkpoint_state
 from sd35dist.checkpoint.layout import CheckpointDir
+from sd35dist.checkpoint.weights import read_weights
 from sd35dist.config.recipe import Recipe
 from sd35dist.parallel.zero import deepspeed_config
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_train import cache, export, losses, train, train_recipe  # noqa: F401
+from tests.cli_runs import PROJECT, venv_env
+from tests.train_runs import RunsCode, export, losses, train, train_recipe, train_refused
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("deepspeed_on_cpu")]
 
 # Named override sets. The fp32 ones accumulate and clip (grad norms here are 0.5–0.9), and
 # are compared with an FSDP2 run of the same recipe; the bf16 ones are what SD3.5 runs use.
@@ -40,17 +38,7 @@ CASES = {
 PARALLEL_KEYS = ("offload_optimizer", "offload_params")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def deepspeed_on_cpu():
-    """DeepSpeed's CPU accelerator, and its C++ op builds cached where the Makefile keeps them."""
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "sd35dist" / "torch_extensions"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DS_ACCELERATOR", "cpu")
-        patch.setenv("TORCH_EXTENSIONS_DIR", extensions)
-        yield
-
-
-def zero_recipe(path: Path, cache: tuple[Path, Path], output: Path, strategy: str, **train) -> Path:  # noqa: F811
+def zero_recipe(path: Path, cache: tuple[Path, Path], output: Path, strategy: str, **train) -> Path:
     parallel = {key: train.pop(key) for key in PARALLEL_KEYS if key in train}
     train_recipe(path, cache, output, **train)
     recipe = yaml.safe_load(path.read_text())
@@ -60,7 +48,7 @@ def zero_recipe(path: Path, cache: tuple[Path, Path], output: Path, strategy: st
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def straight(request, tmp_path_factory, cache) -> tuple[str, Path, dict[int, float]]:  # noqa: F811
+def straight(request, tmp_path_factory, cache) -> tuple[str, Path, dict[int, float]]:
     root = tmp_path_factory.mktemp(request.param)
     train(zero_recipe(root / "r.yaml", cache, root / "out", checkpointing_steps=2, **CASES[request.param]), root / "run")
     return request.param, root, losses(root / "run")
@@ -79,7 +67,7 @@ def test_straight_run_trains_rotates_checkpoints_and_writes_its_config(straight)
     assert config["gradient_accumulation_steps"] == CASES[case].get("gradient_accumulation_steps", 1)
 
 
-def test_stop_and_resume_gives_the_same_losses_and_weights(straight, cache, tmp_path):  # noqa: F811
+def test_stop_and_resume_gives_the_same_losses_and_weights(straight, cache, tmp_path):
     case, root, expected = straight
     out = tmp_path / "out"
     train(zero_recipe(tmp_path / "first.yaml", cache, out, max_train_steps=3, **CASES[case]), tmp_path / "run1")
@@ -104,7 +92,7 @@ def final_state(output: Path, use_ema: bool) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory, cache) -> Path:  # noqa: F811
+def fsdp2_run(tmp_path_factory, cache) -> Path:
     """One FSDP2 run with the fp32 cases' recipe."""
     root = tmp_path_factory.mktemp("fsdp2")
     train(train_recipe(root / "r.yaml", cache, root / "out", checkpointing_steps=2, **COMPARABLE), root / "run")
@@ -129,7 +117,7 @@ def test_zero_trains_the_same_model_as_fsdp2(straight, request):
 
 
 @pytest.mark.parametrize("straight", ["zero3"], indirect=True)
-def test_resume_on_another_world_size_is_a_one_line_error(straight, cache, tmp_path):  # noqa: F811
+def test_resume_on_another_world_size_is_a_one_line_error(straight, cache, tmp_path):
     case, root, _ = straight
     shutil.copytree(root / "out", tmp_path / "out")
     recipe = zero_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", max_train_steps=8, **CASES[case])
@@ -171,7 +159,7 @@ def test_deepspeed_config_follows_the_recipe():
 
 
 @pytest.mark.parametrize("straight", ["zero3-bf16"], indirect=True)  # once on ZeRO-3, in bf16 (FSDP2: fp32)
-def test_zero3_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, cache, tmp_path):  # noqa: F811
+def test_zero3_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, cache, tmp_path):
     """ZeRO-3 gathers each block's weights in forward: every rank renders, placeholder round included (bf16)."""
     from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
 
@@ -187,7 +175,7 @@ def test_zero3_validation_renders_on_all_ranks_and_leaves_training_unchanged(str
 # Rides on the fp32 runs above: no training of its own.
 @pytest.mark.parametrize("straight", ["zero2", "zero3"], indirect=True)
 def test_single_file_export_of_every_strategy_loads_in_diffusers_equal_to_the_checkpoint(straight, cache, request,
-                                                                                        tmp_path):  # noqa: F811
+                                                                                        tmp_path):
     from diffusers import SD3Transformer2DModel
 
     from sd35dist.checkpoint.inspect import diff
@@ -217,3 +205,51 @@ def test_single_file_export_of_every_strategy_loads_in_diffusers_equal_to_the_ch
         # `inspect --diff` reads the 2-rank sharded checkpoint in this one process: every block moved.
         changes = diff(output, model_dir)[0]
         assert all(c.relative > 0 for c in changes if c.group.startswith("joint block")), strategy
+
+
+# Ride on the runs above: ZeRO-2 in bf16 and ZeRO-3 in fp32.
+@pytest.mark.parametrize("straight", ["zero2-bf16", "zero3"], indirect=True)
+def test_zero_checkpoints_load_through_the_allow_list_and_get_umask_modes(straight):
+    """Every pickle DeepSpeed wrote loads with torch.load(weights_only=True) and the three allow-listed
+    classes (the resume above went through the same loader), and every file of the checkpoint,
+    the EMA's safetensors (0600 from safetensors' writer) included, has the user's umask modes."""
+    from sd35dist.checkpoint.trusted_pickle import check_pickles, load_trusted
+    from sd35dist.runtime.atomic_files import user_umask
+
+    case, root, _ = straight
+    checkpoint = CheckpointDir(root / "out").latest()
+    files = sorted((checkpoint / "ds").glob("*.pt"))
+    assert len(files) >= 3
+    for path in files:
+        state = load_trusted(path, map_location="cpu")
+        assert isinstance(state, dict) and state.get("ds_version"), path
+    check_pickles(checkpoint)
+    wanted = 0o666 & ~user_umask()
+    for path in checkpoint.rglob("*"):
+        if path.is_file() and path.suffix != ".py":
+            assert path.stat().st_mode & 0o777 == wanted, f"{path.name}: {oct(path.stat().st_mode & 0o777)}"
+
+
+@pytest.mark.parametrize("straight", ["zero2-bf16"], indirect=True)
+def test_a_crafted_zero_checkpoint_runs_no_code(straight, cache, tmp_path):
+    """An optimizer-states file that names a callable: resume (train.resume), export, inspect and
+    sample each refuse it in one line naming the file, exit 2, and the code never runs."""
+    case, root, _ = straight
+    crafted = tmp_path / "crafted"
+    shutil.copytree(CheckpointDir(root / "out").latest(), crafted)
+    target = sorted((crafted / "ds").glob("*optim_states.pt"))[0]
+    sentinel = tmp_path / "code-ran"
+    torch.save({"optimizer_state_dict": RunsCode(str(sentinel))}, target)
+    recipe = zero_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", resume=str(crafted), **CASES[case])
+    line = train_refused(recipe, tmp_path / "run")
+    assert f"{target}: refused: it names io.open" in line, line
+    for command in (["export", str(crafted), "--out", str(tmp_path / "export")],
+                    ["inspect", str(crafted)],
+                    ["sample", str(crafted), "--prompt", "a fox", "--steps", "1", "--out", str(tmp_path / "sample")]):
+        proc = subprocess.run([sys.executable, "-m", "sd35dist", *command], capture_output=True, text=True,
+                              cwd=PROJECT, env=venv_env(), timeout=300)
+        assert proc.returncode == 2, (command, proc.stderr[-2000:])
+        assert proc.stderr.strip().splitlines() == [f"error: {target}: refused: it names io.open, which no DeepSpeed "
+                                                    "checkpoint holds (a crafted or foreign file; loading it could "
+                                                    "run code)"], (command, proc.stderr[-2000:])
+    assert not sentinel.exists(), "the pickle's code ran"

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd35dist.models.tiny_sd3 import build_tiny_sd3
 from sd35dist.models.transformer_build import (
     WEIGHTS_INDEX_NAME,
     CheckpointMismatch,
@@ -27,7 +26,7 @@ from sd35dist.models.transformer_build import (
     transformer_config,
 )
 from sd35dist.parallel.fsdp2_sharding import fsdp_mesh_shape
-from tests.conftest import PROJECT, venv_env
+from tests.cli_runs import PROJECT, venv_env
 from tests.dist_transformer_check import fixed_inputs, forward, sgd_step, tensor_sha256
 
 RUN_TIMEOUT_S = 180
@@ -41,8 +40,9 @@ SD35_LARGE_CONFIG = dict(
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_sd3(tmp_path_factory.mktemp("tiny") / "sd3", seed=0)
+def model_dir(tiny_model: Path) -> Path:
+    """The session's tiny SD3 (seed 0)."""
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

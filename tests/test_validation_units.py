@@ -24,7 +24,6 @@ from sd35dist.validation.during_training import save_round
 from sd35dist.validation.guidance import GuidanceSettings
 from sd35dist.validation.render import Renderer, rank_rounds, validation_pairs
 from sd35dist.validation.sampler import SampleSettings, latent_shape_of
-from tests.test_cache_build import tiny_model  # noqa: F401
 
 pytestmark = pytest.mark.unit
 
@@ -36,21 +35,6 @@ def test_pairs_split_over_ranks_with_placeholders_where_they_run_out():
         rounds = [rank_rounds(pairs, r, world) for r in range(world)]
         assert len({len(r) for r in rounds}) == 1  # the same number of forwards on every rank
         assert sorted(i for r in rounds for i in r if i is not None) == list(range(pairs))
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_model):  # noqa: F811
-    from diffusers import SD3Transformer2DModel
-
-    from sd35dist.models.prompt_encoding import encode_prompts
-    from sd35dist.models.sd3_components import load_text_encoders, load_vae
-
-    text = load_text_encoders(tiny_model)
-    embeds, pooled = encode_prompts(text, ["a red fox", "k4s4, a blue square"], 32)
-    negative, negative_pooled = encode_prompts(text, ["blurry"], 32)
-    embeddings = PromptEmbeddings(("a red fox", "k4s4, a blue square"), embeds, pooled, negative, negative_pooled)
-    transformer = SD3Transformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
-    return tiny_model, embeddings, transformer, load_vae(tiny_model)
 
 
 def test_images_equal_the_diffusers_pipeline_pixel_for_pixel(parts):

@@ -7,14 +7,16 @@ unpickler builds only what DCP's metadata is made of (its dataclasses, torch dty
 layouts, paths) and refuses anything else. Tensors are then read by DCP with
 `torch.load(weights_only=True)`.
 
-Resuming training still goes through DCP's own reader (its optimizer entries are pickled
-Python values): a checkpoint directory is trusted input, see docs/checkpoints.md.
+Resuming training reads through the same allow-listed reader, and `TrustedLoadPlanner` loads
+DCP's non-tensor entries (the optimizer's param groups: numbers, strings, tuples) with
+`torch.load(weights_only=True)` where DCP's default planner uses `weights_only=False`.
 """
 
 from __future__ import annotations
 
 import builtins
 import collections
+import io
 import pathlib
 import pickle
 from typing import Any
@@ -22,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
 
 
 class UnsafeMetadata(pickle.UnpicklingError):
@@ -78,3 +82,16 @@ class MetadataCheckedReader(dcp.FileSystemReader):
             metadata.storage_meta = dcp_metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class TrustedLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner with non-tensor entries unpickled by `torch.load(weights_only=True)`."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded

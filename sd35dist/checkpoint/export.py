@@ -13,18 +13,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
-from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE, CheckpointDir, CheckpointUnreadable
+from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE, TRANSFORMER_CONFIG, CheckpointDir, CheckpointUnreadable
 from sd35dist.checkpoint.lora_export import checkpoint_lora, export_lora
-from sd35dist.checkpoint.layout import TRANSFORMER_CONFIG
-from sd35dist.runtime.atomic_files import staged_directory
-from sd35dist.models.state_keys import key_mismatch
 from sd35dist.checkpoint.weights import read_weights
+from sd35dist.models.state_keys import key_mismatch
+from sd35dist.runtime.atomic_files import staged_directory
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 

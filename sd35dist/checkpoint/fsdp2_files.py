@@ -6,8 +6,8 @@ read offline, in one process without a process group, one transformer block at a
 (`DcpTensors`) — what export, inspect and the single-file export all use. The state holds
 `model.*` (the trainable weights and buffers), `optim.*` and, with EMA, `ema.*`.
 
-Offline reads go through dcp_reader's allow-listed metadata unpickler: export and inspect read
-checkpoints that may have come from elsewhere.
+Every read (resume, export, inspect) goes through dcp_reader's allow-listed metadata unpickler, and
+resume loads DCP's non-tensor entries with weights_only=True: a checkpoint may have come from elsewhere.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, UnsafeMetadata
+from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, TrustedLoadPlanner, UnsafeMetadata
 from sd35dist.checkpoint.layout import DCP_DIR, CheckpointUnreadable
 from sd35dist.checkpoint.tensor_sources import block_group
 from sd35dist.models.state_keys import plain_name
@@ -41,8 +41,9 @@ def save_async(state: dict[str, Any], checkpoint: Path, group: dist.ProcessGroup
 
 
 def load(state: dict[str, Any], checkpoint: Path) -> None:
-    """Fill `state` (this rank's shards, any world size) from the checkpoint, in place."""
-    dcp.load(state, checkpoint_id=str(checkpoint / DCP_DIR))
+    """Fill `state` (this rank's shards, any world size) from the checkpoint, in place. Its pickles
+    (the metadata, the optimizer's non-tensor values) are read through allow-lists, never run."""
+    dcp.load(state, storage_reader=MetadataCheckedReader(str(checkpoint / DCP_DIR)), planner=TrustedLoadPlanner())
 
 
 def read_lazy(checkpoint: Path, use_ema: bool = False) -> DcpTensors:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sd35dist.runtime.atomic_files import write_text_atomically
+from sd35dist.runtime.atomic_files import give_umask_modes, write_text_atomically
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -57,6 +57,11 @@ _NAME = re.compile(r"^step-(\d{8})$")
 
 class CheckpointNotFound(FileNotFoundError):
     """`resume:` names a checkpoint that is not there or not complete; the message says which."""
+
+
+class BranchConflict(ValueError):
+    """`resume:` names a checkpoint whose training would overwrite or rotate away newer checkpoints
+    of the output directory; the message says how to branch instead."""
 
 
 class CheckpointUnreadable(ValueError):
@@ -102,6 +107,7 @@ class CheckpointDir:
     def commit(self, step: int, info: dict[str, Any]) -> Path:
         """Mark complete, publish under the final name, then move `latest`."""
         partial = self.partial_path(step)
+        give_umask_modes(partial)  # others on the cluster read checkpoints; some writers leave 0600
         write_text_atomically(partial / COMPLETE, json.dumps({"step": step, "time": time.time(), **info}, indent=1))
         final = self.path(step)
         if final.exists():  # the same step saved again (e.g. a resumed run re-reached it)
@@ -146,12 +152,52 @@ class CheckpointDir:
         """`resume: latest | none | <path>` → a complete checkpoint directory, or None to start fresh."""
         if resume == "none":
             return None
-        if resume == "latest":
+        if not names_checkpoint(resume):
             return self.latest()
         path = Path(resume)
         if not (path / COMPLETE).is_file():
             raise CheckpointNotFound(f"train.resume: {resume} is not a complete checkpoint (no {COMPLETE} inside)")
         return path
+
+
+    def branch_start(self, named: Path, run_dir: str | None) -> Path:
+        """Where a run told to resume from `named` (a path in `resume:`) starts, or BranchConflict.
+
+        Its checkpoints land in this directory, so steps after `named`'s would replace newer ones
+        here and rotation would then remove `named`. It starts from `named` when this directory
+        holds nothing newer (it is empty, or `named` is its newest); from the newest when that
+        was written by this same run (`run_dir`) after starting from `named` — a restart or a
+        requeue; anything else is refused: a branch needs a directory of its own.
+        """
+        newest = self.latest()
+        if newest is None or newest.resolve() == named.resolve():
+            return named
+        if run_dir and read_info(newest).get(BRANCH) == branch_record(named, run_dir):
+            return newest
+        step = read_info(named).get("step")
+        newer = [checkpoint_name(s) for s in self.complete_steps() if step is None or s > step]
+        if named.resolve().parent == self.root.resolve():
+            harm = (f"training from it here would overwrite {', '.join(newer) or 'newer checkpoints'} and rotation "
+                    f"would then remove {named.name}")
+        else:
+            harm = (f"output.dir {self.root.parent} already holds checkpoints up to {newest.name} of another run, "
+                    "which training from it would mix with and rotate away")
+        raise BranchConflict(f"{named} is not the newest checkpoint of its output directory: {harm}; to branch from "
+                             "it, set output.dir to a new directory (the checkpoint is read from where it is), or "
+                             "set train.resume: latest to continue the newest")
+
+
+def names_checkpoint(resume: str) -> bool:
+    """Whether `resume:` names a checkpoint (a path) rather than `latest` or `none`."""
+    return resume not in ("latest", "none")
+
+
+BRANCH = "branch"
+"""COMPLETE's record of the checkpoint a run was told to resume from and the run (its run directory)."""
+
+
+def branch_record(named: Path, run_dir: str) -> dict[str, str]:
+    return {"from": str(named.resolve()), "run_dir": str(Path(run_dir).resolve())}
 
 
 def read_info(checkpoint: Path) -> dict[str, Any]:
@@ -162,5 +208,15 @@ def saved_recipe(checkpoint: Path) -> dict[str, Any]:
     """The recipe the checkpoint was trained with, as plain data ({} when it holds none)."""
     import yaml
 
+    from sd35dist.config.yaml_reader import load_yaml
+
     path = checkpoint / RECIPE_FILE
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise CheckpointUnreadable(f"{path}: not a recipe sd35dist wrote ({' '.join(str(err).split())})") from None
+    if data is not None and not isinstance(data, dict):
+        raise CheckpointUnreadable(f"{path}: not a recipe sd35dist wrote (a {type(data).__name__}, not a mapping)")
+    return data or {}

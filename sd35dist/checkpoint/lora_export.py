@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from sd35dist.checkpoint.layout import TRANSFORMER_CONFIG, read_info, saved_recipe
-from sd35dist.runtime.atomic_files import staged_directory
 from sd35dist.config.recipe import LoraSection
+from sd35dist.runtime.atomic_files import staged_directory
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 """The file name diffusers' load_lora_weights looks for in a directory."""

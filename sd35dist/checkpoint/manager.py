@@ -28,17 +28,23 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from sd35dist.checkpoint.layout import (
+    BRANCH,
     RECIPE_FILE,
     TRAINER_STATE,
     TRANSFORMER_CONFIG,
+    BranchConflict,
     CheckpointDir,
+    branch_record,
+    names_checkpoint,
     read_info,
     rng_file,
+    saved_recipe,
 )
 from sd35dist.checkpoint.recipe_match import as_current_schema, refused_changes, resume_refusal
+from sd35dist.checkpoint.trusted_pickle import check_pickles
+from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import Recipe, recipe_hash, recipe_yaml
 
 
@@ -71,13 +77,22 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def resume_checkpoint(recipe: Recipe, recipe_source: str = RECIPE_FILE) -> Path | None:
+def resume_checkpoint(recipe: Recipe, recipe_source: str = RECIPE_FILE, run_dir: Path | None = None) -> Path | None:
     """The checkpoint `train.resume` names (`latest`, `none` or a path), or None to start fresh.
 
+    A path older than the output directory's newest is refused (layout.CheckpointDir.branch_start),
+    unless this run (`run_dir`) already trained on from it: a restart continues from its newest.
     Cheap and done before the stream and the model are built, so a refused resume says so at once.
     """
-    checkpoint = CheckpointDir(recipe.output.dir).resolve(recipe.train.resume)
+    layout = CheckpointDir(recipe.output.dir)
+    checkpoint = layout.resolve(recipe.train.resume)
+    if checkpoint is not None and names_checkpoint(recipe.train.resume):
+        try:
+            checkpoint = layout.branch_start(checkpoint, str(run_dir) if run_dir else None)
+        except BranchConflict as err:
+            raise ConfigError(recipe_source, "train.resume", str(err)) from None
     if checkpoint is not None:
+        check_pickles(checkpoint)  # a crafted file is refused here, once: a mistake is never restarted
         check_recipe(checkpoint, recipe, recipe_source)
     return checkpoint
 
@@ -85,10 +100,10 @@ def resume_checkpoint(recipe: Recipe, recipe_source: str = RECIPE_FILE) -> Path 
 def check_recipe(checkpoint: Path, recipe: Recipe, recipe_source: str = RECIPE_FILE) -> None:
     """Refuse to resume a checkpoint trained with another model, data, optimizer or LoRA
     (recipe_match.py says which keys count), unless train.resume_allow_changes names them."""
-    saved_file = checkpoint / RECIPE_FILE
-    if not saved_file.is_file():
+    saved_data = saved_recipe(checkpoint)
+    if not saved_data:
         return  # written before checkpoints held their recipe: nothing to compare
-    saved = as_current_schema(yaml.safe_load(saved_file.read_text()) or {}, Recipe)
+    saved = as_current_schema(saved_data, Recipe)
     refused = refused_changes(saved, recipe.model_dump(mode="json"), recipe.train.resume_allow_changes)
     if refused:
         raise resume_refusal(recipe_source, checkpoint.name, refused)
@@ -106,11 +121,14 @@ class _PendingSave:
 
 class CheckpointManager:
     def __init__(self, recipe: Recipe, world: RankPlace, strategy: CheckpointedStrategy, parts: Mapping[str, Stateful],
-                 resume_from: Path | None) -> None:
+                 resume_from: Path | None, run_dir: Path | None = None) -> None:
         """`parts` are saved under their names in trainer_state.json; `resume_from` comes from `resume_checkpoint`."""
         self.recipe, self.world, self.strategy, self.parts = recipe, world, strategy, dict(parts)
         self.layout = CheckpointDir(recipe.output.dir)
         self.resume_from = resume_from
+        self.branch = (branch_record(Path(recipe.train.resume), str(run_dir))
+                       if run_dir is not None and names_checkpoint(recipe.train.resume) else None)
+        """Which named checkpoint this run started from, recorded in COMPLETE so a restart continues the branch."""
         self.last_save_s: float | None = None
         """Seconds the last synchronous save took (from the resumed checkpoint until this run saves)."""
         self.saved_step = -1
@@ -168,9 +186,9 @@ class CheckpointManager:
         (partial / TRAINER_STATE).write_text(json.dumps(pending.trainer_state))
         (partial / TRANSFORMER_CONFIG).write_text(json.dumps(dict(self.strategy.model.config)))
         (partial / RECIPE_FILE).write_text(recipe_yaml(self.recipe))
-        self.layout.commit(pending.step, {"world_size": self.world.world_size,
-                                          "strategy": self.recipe.parallel.strategy,
-                                          "recipe_sha256": recipe_hash(self.recipe)})
+        info = {"world_size": self.world.world_size, "strategy": self.recipe.parallel.strategy,
+                "recipe_sha256": recipe_hash(self.recipe)}
+        self.layout.commit(pending.step, {**info, BRANCH: self.branch} if self.branch else info)
         self.layout.rotate(self.recipe.train.checkpoints_total_limit)
 
     def resume(self) -> int:

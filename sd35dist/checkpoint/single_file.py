@@ -124,7 +124,7 @@ def modelspec_metadata(config: Mapping, *, title: str, base_model: str, step: in
         "modelspec.title": title,
         "modelspec.description": described + (", EMA weights" if ema else "") + ", exported by sd35dist",
         "modelspec.resolution": f"{pixels}x{pixels}",
-        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+        "modelspec.date": datetime.datetime.now(datetime.UTC).date().isoformat(),
         "sd35dist.base_model": base_model,
         "sd35dist.ema": "true" if ema else "false",
         "sd35dist.dtype": dtype,
@@ -156,9 +156,8 @@ def export_single_file(source_path: Path, out: Path, *, use_ema: bool = False, d
     The VAE comes from `vae_dir`, else the base model's `vae/` (the checkpoint's recipe names
     the base model; a transformer folder's sibling `vae/`). Returns the file's size.
     """
-    from sd35dist.checkpoint.layout import COMPLETE, CheckpointUnreadable, read_info, saved_recipe
-    from sd35dist.checkpoint.layout import TRANSFORMER_CONFIG
     from sd35dist.checkpoint.inspect import open_checkpoint
+    from sd35dist.checkpoint.layout import COMPLETE, TRANSFORMER_CONFIG, CheckpointUnreadable, read_info, saved_recipe
     from sd35dist.checkpoint.tensor_sources import SafetensorsFiles
 
     if out.exists():

@@ -50,7 +50,7 @@ class SafetensorsFiles:
                     self._specs[key] = (tuple(piece.get_shape()), _SAFETENSORS_DTYPES[piece.get_dtype()])
 
     @classmethod
-    def folder(cls, folder: Path) -> "SafetensorsFiles":
+    def folder(cls, folder: Path) -> SafetensorsFiles:
         """A diffusers model folder: its index's shards, or its one `*.safetensors`."""
         index = sorted(folder.glob("*.safetensors.index.json"))
         if index:
@@ -86,8 +86,7 @@ class OriginalLayoutView:
     text encoders) keep their own names."""
 
     def __init__(self, source: TensorSource) -> None:
-        from sd35dist.checkpoint.original_layout import (TRANSFORMER_PREFIX, config_from_original_keys,
-                                                         transformer_plan)
+        from sd35dist.checkpoint.original_layout import TRANSFORMER_PREFIX, config_from_original_keys, transformer_plan
 
         self.source = source
         original = source.specs()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from sd35dist.checkpoint.layout import DEEPSPEED_TAG, ZERO_EMA_FILES, CheckpointUnreadable, zero_ema_file
+from sd35dist.checkpoint.trusted_pickle import TrustedCheckpointReads, check_pickles
 
 EMA_LAYOUT_KEY = "sd35dist.ema_layout"
 """Metadata key of an EMA file: name → [start, numel, full shape] of each fragment it holds."""
@@ -42,7 +43,10 @@ def has_deepspeed_part(checkpoint: Path) -> bool:
 
 
 def load(engine: Any, checkpoint: Path, strict: bool) -> None:
-    """Load this rank's partition; `strict=False` when the checkpoint leaves a frozen base out."""
+    """Load this rank's partition; `strict=False` when the checkpoint leaves a frozen base out.
+    DeepSpeed reads with torch.load(weights_only=False): its reads go through the allow-list instead."""
+    if not isinstance(engine.checkpoint_engine, TrustedCheckpointReads):
+        engine.checkpoint_engine = TrustedCheckpointReads(engine.checkpoint_engine)
     path, _ = engine.load_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False,
                                      load_module_strict=strict)
     if path is None:
@@ -86,6 +90,7 @@ class ZeroTensors:
         import_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        check_pickles(checkpoint)  # DeepSpeed's offline reader unpickles with weights_only=False
         # Buffers (pos_embed) are in it too; a LoRA checkpoint holds no frozen base.
         self._lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG, lazy_mode=True)
         self._ema: dict[str, list[tuple[Path, int, int]]] = {}

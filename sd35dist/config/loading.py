@@ -6,7 +6,6 @@ Pure apart from reading the YAML file; knows nothing of torch so the launcher ca
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,6 +13,7 @@ import pydantic
 import yaml
 
 from sd35dist.config.credentials import first_credential
+from sd35dist.config.yaml_reader import YamlRefused, load_yaml
 
 ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
 
@@ -43,26 +43,6 @@ YamlTuple = pydantic.Strict(False)
 tuples. Only the container is lax; its items stay strict."""
 
 
-class ConfigYamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading numbers as YAML 1.2 does: 1e-4 is a float, not the string "1e-4"."""
-
-
-ConfigYamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+
-        |[-+]?\.[0-9_]+[eE][-+]?[0-9]+)$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def load_yaml(text: str) -> Any:
-    """YAML text → Python values, the way every config file and `--set` value is read."""
-    return yaml.load(text, Loader=ConfigYamlLoader)  # noqa: S506 — a SafeLoader subclass
-
-
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """Read a UTF-8 YAML file whose top level must be a mapping; any other content is a ConfigError."""
     source = path.name
@@ -81,6 +61,8 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         ) from None
     try:
         data = load_yaml(text)
+    except YamlRefused as exc:
+        raise ConfigError(source, exc.key or f"line {exc.line}", f"{exc.message} (line {exc.line})") from None
     except yaml.YAMLError as exc:
         where, what = _yaml_problem(exc, text)
         raise ConfigError(source, where, f"invalid YAML: {what}") from None
@@ -130,6 +112,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError("--set", text, "expected KEY.PATH=VALUE, e.g. slurm.nodes=2")
     try:
         value = load_yaml(raw) if raw.strip() else ""
+    except YamlRefused as exc:
+        raise ConfigError("--set", ".".join([*parts, exc.key] if exc.key else parts), exc.message) from None
     except yaml.YAMLError:
         value = raw
     return parts, value

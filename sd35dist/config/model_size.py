@@ -50,7 +50,7 @@ class TransformerShape:
     dual_layers: frozenset[int]
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "TransformerShape":
+    def from_config(cls, config: Mapping[str, Any]) -> TransformerShape:
         """Missing (or null) keys take diffusers' SD3Transformer2DModel defaults."""
         head_dim = int(_get(config, "attention_head_dim", 64))
         in_channels = int(_get(config, "in_channels", 16))

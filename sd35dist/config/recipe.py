@@ -85,7 +85,7 @@ class DatasetSection(StrictModel):
         return value
 
     @pydantic.model_validator(mode="after")
-    def _prompt(self) -> "DatasetSection":
+    def _prompt(self) -> DatasetSection:
         if self.caption_strategy == "instance_prompt" and not self.instance_prompt:
             raise ValueError("caption_strategy instance_prompt needs instance_prompt")
         return self
@@ -154,7 +154,7 @@ class DataSection(StrictModel):
         return value
 
     @pydantic.model_validator(mode="after")
-    def _unique_ids(self) -> "DataSection":
+    def _unique_ids(self) -> DataSection:
         ids = [d.id for d in self.datasets]
         if len(set(ids)) != len(ids):
             raise ValueError(f"dataset ids must be unique, got {ids}")
@@ -174,7 +174,7 @@ class ParallelSection(StrictModel):
     """ZeRO-3: keep the parameters in CPU memory between uses."""
 
     @pydantic.model_validator(mode="after")
-    def _offload(self) -> "ParallelSection":
+    def _offload(self) -> ParallelSection:
         if (self.offload_optimizer or self.offload_params) and self.strategy == "fsdp2":
             raise ValueError("offload_optimizer/offload_params need strategy zero2 or zero3")
         if self.offload_params and self.strategy != "zero3":
@@ -367,7 +367,7 @@ class TrainSection(StrictModel):
     """An adapter fine-tune (LoRA, LoKr, LoHa); absent: a full fine-tune (sd35dist/models/lora.py)."""
 
     @pydantic.model_validator(mode="after")
-    def _polynomial_end(self) -> "TrainSection":
+    def _polynomial_end(self) -> TrainSection:
         if self.lr_scheduler == "polynomial" and not self.lr_end < self.learning_rate:
             raise ValueError(f"lr_end {self.lr_end:g} must be below learning_rate {self.learning_rate:g} "
                              "(the polynomial schedule decays from one to the other)")
@@ -400,7 +400,7 @@ class Recipe(StrictModel):
     """Images rendered while training, by `sd35dist sample` and `sd35dist sweep` (config/validation_section.py)."""
 
     @pydantic.model_validator(mode="after")
-    def _optimizer_fits_strategy(self) -> "Recipe":
+    def _optimizer_fits_strategy(self) -> Recipe:
         if self.train.optimizer == "adamw_bf16" and self.parallel.strategy != "fsdp2":
             # DeepSpeed has no compensated or stochastically rounded bf16 Adam: its pure-bf16
             # mode drops every update below half a bf16 ulp (docs/numerics.md).

@@ -33,7 +33,6 @@ inter-node traffic.
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Mapping
 from typing import Any
 

@@ -42,7 +42,7 @@ class SkipLayerGuidanceSection(StrictModel):
     """Fraction of the steps before which SLG ends (strictly before stop × steps)."""
 
     @pydantic.model_validator(mode="after")
-    def _range(self) -> "SkipLayerGuidanceSection":
+    def _range(self) -> SkipLayerGuidanceSection:
         if any(layer < 0 for layer in self.layers):
             raise ValueError(f"layers {self.layers}: block indices are 0 or more")
         if len(set(self.layers)) != len(self.layers):
@@ -88,7 +88,7 @@ class ValidationSection(StrictModel):
         return value
 
     @pydantic.model_validator(mode="after")
-    def _one_source(self) -> "ValidationSection":
+    def _one_source(self) -> ValidationSection:
         if self.prompts and self.prompts_file:
             raise ValueError("give prompts or prompts_file, not both")
         if not self.seeds:

@@ -22,6 +22,7 @@ import torch
 
 from sd35dist.config.recipe import DatasetSection, Recipe
 from sd35dist.data.buckets import FitPlan, ImageRejected, bucket_name
+from sd35dist.data.cache_identity import IDENTITY_KEY, JOURNAL_DIR, dataset_identity
 from sd35dist.data.image_source import (
     PreparedImage,
     Rejected,
@@ -44,7 +45,6 @@ from sd35dist.data.storage import Store, sha256_hex
 
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 REPORT_NAME = "report.json"
-JOURNAL_DIR = "progress"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,12 +176,12 @@ def journal_path(rank: int, world_size: int) -> str:
     return f"{JOURNAL_DIR}/w{world_size:04d}-r{rank:05d}.json"
 
 
-def _load_journal(store: Store, path: str, fingerprint: str) -> dict[str, Any]:
+def _load_journal(store: Store, path: str, fingerprint: str, identity: dict[str, Any]) -> dict[str, Any]:
     if store.exists(path):
         journal = json.loads(store.read_bytes(path))
         if journal.get("fingerprint") == fingerprint:
             return journal
-    return {"fingerprint": fingerprint, "shards": {}, "planning_rejected": []}
+    return {"fingerprint": fingerprint, IDENTITY_KEY: identity, "shards": {}, "planning_rejected": []}
 
 
 def bucket_items(
@@ -235,7 +235,7 @@ def build_rank(
         "batch": data.cache_batch_size,
     }
     journal_file = journal_path(rank, world_size)
-    journal = _load_journal(store, journal_file, plan_fingerprint(plans, settings))
+    journal = _load_journal(store, journal_file, plan_fingerprint(plans, settings), dataset_identity(data))
     if not journal["planning_rejected"] and unplaced:
         for image in unplaced:
             outcome = prepare_image(image, datasets[image.dataset], buckets, data.storage_options, data.shuffle_seed)
@@ -356,6 +356,7 @@ def finish_cache(
         max_sequence_length=recipe.data.max_sequence_length,
         buckets=tuple(bucket_name(tuple(b)) for b in recipe.data.buckets),
         rejected=len(rejected),
+        dataset_identity=dataset_identity(recipe.data),
     )
     write_manifest(store, manifest)
     return manifest

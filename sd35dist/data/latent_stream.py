@@ -187,7 +187,8 @@ class LatentStream:
 
     def _start_segment(self) -> None:
         self._sequences = {
-            l.name: base_sequence(l, self.options.seed, self.epoch, self.options.block_shards) for l in self.layouts
+            layout.name: base_sequence(layout, self.options.seed, self.epoch, self.options.block_shards)
+            for layout in self.layouts
         }
         self._segment = plan_segment(self._remaining, self.world_size, self.options.batch_size, self.options.seed, self.epoch)
         self._step_in_segment, self._resume_step = self._resume_step, 0

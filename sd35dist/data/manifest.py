@@ -52,6 +52,8 @@ class ShardManifest:
     """Embeddings of the recipe's validation prompts and negative prompt (data/validation_prompts.py)."""
     validation_prompts_sha256: str | None = None
     """Hash of the prompt list those embeddings encode: a recipe with other prompts is told to re-cache."""
+    dataset_identity: dict[str, Any] | None = None
+    """The dataset list that built the cache (data/cache_identity.py); another list may not build into it."""
 
     @property
     def total_samples(self) -> int:
@@ -117,6 +119,7 @@ def parse_manifest(text: str, source: str = MANIFEST_NAME) -> ShardManifest:
             validation_prompts=(_entry(data["validation_prompts"], f"{source}: validation_prompts")
                                 if data.get("validation_prompts") else None),
             validation_prompts_sha256=data.get("validation_prompts_sha256"),
+            dataset_identity=dict(data["dataset_identity"]) if data.get("dataset_identity") else None,
         )
     except KeyError as missing:
         raise ManifestError(f"{source}: missing {missing}") from None

@@ -507,7 +507,7 @@ class ShardFetcher:
         """Load one shard into its slot and publish it (or its error)."""
         try:
             data, error = self._load(entry), None
-        except Exception as caught:
+        except Exception as caught:  # noqa: BLE001 — handed to the reader, who raises it (bugs included)
             data, error = None, caught
         with self._cond:
             slot.data, slot.error, slot.done = data, error, True

@@ -27,7 +27,6 @@ from sd35dist.config.credentials import first_credential
 from sd35dist.config.loading import ConfigError, validate_mapping
 from sd35dist.config.recipe import Recipe
 from sd35dist.importers.simpletuner_datasets import (
-    NAME_PATTERN,
     DatasetDefaults,
     bucket_side,
     buckets_for,
@@ -46,7 +45,12 @@ from sd35dist.importers.simpletuner_options import (
     OptionError,
     parse_value,
 )
-from sd35dist.importers.simpletuner_reading import EnvConfig, find_beside, read_backend, read_config, read_prompt_library
+from sd35dist.importers.simpletuner_reading import (
+    EnvConfig,
+    find_beside,
+    read_backend,
+    read_config,
+)
 from sd35dist.importers.simpletuner_settings import convert_settings
 from sd35dist.importers.simpletuner_unapplied import NOT_APPLIED
 from sd35dist.runtime.atomic_files import write_text_atomically

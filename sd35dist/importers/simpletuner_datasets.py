@@ -20,9 +20,9 @@ from sd35dist.config.recipe import DEFAULT_BUCKETS
 from sd35dist.importers.simpletuner_options import OptionError, parse_value
 from sd35dist.importers.simpletuner_unapplied import (
     DATASET_MAPPED,
-    DATASET_SOURCE_REASON,
     DATASET_NOT_APPLIED,
     DATASET_NOT_APPLIED_DEFAULTS,
+    DATASET_SOURCE_REASON,
 )
 
 NAME_PATTERN = re.compile(r"[^A-Za-z0-9._-]+")

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from sd35dist.config.loading import ConfigError, parse_override
 from sd35dist.config.recipe import Recipe
 from sd35dist.data.cache_builder import Encoders, RankResult, SampleShape, build_rank, finish_cache, write_empty_prompt
+from sd35dist.data.cache_identity import dataset_identity, foreign_cache
 from sd35dist.data.manifest import ManifestError, read_manifest
 from sd35dist.data.shard_format import shard_metadata
 from sd35dist.data.storage import Store, sha256_hex
@@ -47,6 +48,11 @@ def checked_recipe(recipe_file: Path) -> Recipe:
         raise ConfigError(recipe_file.name, "data.datasets", "no datasets to cache")
     check_pretrained(recipe, recipe_file.name, CACHE_INPUT_PARTS)
     check_dataset_sources(recipe.data, recipe_file.name)
+    store = Store(recipe.data.cache_url, recipe.data.storage_options)
+    problem = foreign_cache(store, dataset_identity(recipe.data))
+    if problem:
+        raise ConfigError(recipe_file.name, "data.cache_url", f"{store.url}: {problem}; nothing was written: choose "
+                          "another data.cache_url, or delete that cache to rebuild it there")
     return recipe
 
 

@@ -26,12 +26,12 @@ import fsspec
 import torch
 import torch.distributed as dist
 
-from sd35dist.runtime.atomic_files import write_text_atomically
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import is_url, load_recipe, looks_secret, recipe_hash, resolve_paths
 from sd35dist.jobs.rank_failure import write_line
 from sd35dist.jobs.save_probe import estimate_save
 from sd35dist.parallel.process_group import World, destroy, init_process_group_from_env
+from sd35dist.runtime.atomic_files import write_text_atomically
 from sd35dist.runtime.job_env import JobEnvironment
 
 PREFLIGHT_TIMEOUT_S = 300.0
@@ -289,7 +289,7 @@ def check_data(url: str, storage_options: Mapping[str, Any]) -> DataCheck:
             return DataCheck(shown, exists=False, reachable=True)
         missing = redact_url(fs.unstrip_protocol(parent or path)) if is_url(url) else (parent or path)
         return DataCheck(shown, exists=False, reachable=False, error=f"{missing} does not exist")
-    except Exception as exc:  # whatever storage raises (no route, auth, DNS) is the finding itself
+    except Exception as exc:  # noqa: BLE001 — whatever storage raises (no route, auth, DNS) is the finding itself
         return DataCheck(shown, exists=False, reachable=False, error=one_line(exc))
 
 
@@ -301,7 +301,7 @@ def check_output(directory: str, rank: int) -> OutputCheck:
         fs.pipe_file(probe, b"sd35dist preflight write probe\n")
         fs.rm_file(probe)
         return OutputCheck(redact_url(directory), writable=True)
-    except Exception as exc:  # permission, read-only mount, a file in the way: all mean "not writable"
+    except Exception as exc:  # noqa: BLE001 — permission, read-only mount, a file in the way: all mean "not writable"
         return OutputCheck(redact_url(directory), writable=False, error=one_line(exc))
 
 

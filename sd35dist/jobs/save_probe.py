@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from sd35dist.config.recipe import Recipe
-from sd35dist.runtime.save_budget import SaveEstimate, write_save_estimate
 from sd35dist.parallel.process_group import World
+from sd35dist.runtime.save_budget import SaveEstimate, write_save_estimate
 
 PROBE_BYTES = 32 * 2**20
 

@@ -87,14 +87,14 @@ def restart_policy(restarts: Restarts) -> Iterator[None]:
     torch_agent = launcher_api.LocalElasticAgent
 
     class NoRestartAfterMistake(torch_agent):  # type: ignore[misc,valid-type]
-        def _monitor_workers(self, worker_group):  # noqa: ANN001, ANN202 — torch's signature
+        def _monitor_workers(self, worker_group):
             result = super()._monitor_workers(worker_group)
             if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
                 if not restart_cures([failure.exitcode for failure in result.failures.values()]):
                     self._remaining_restarts = 0
             return result
 
-        def _restart_workers(self, worker_group):  # noqa: ANN001, ANN202
+        def _restart_workers(self, worker_group):
             restarts.used = worker_group.spec.max_restarts - self._remaining_restarts
             return super()._restart_workers(worker_group)
 
@@ -116,7 +116,7 @@ class Rendezvous:
     hosted_here: bool
 
 
-def multi_node_rendezvous(args) -> Rendezvous | None:  # noqa: ANN001 — torchrun's parsed arguments
+def multi_node_rendezvous(args) -> Rendezvous | None:  # torchrun's parsed arguments
     """The c10d rendezvous of a job across nodes; None for one node (standalone) or another backend."""
     from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname, parse_rendezvous_endpoint
     from torch.distributed.run import parse_min_max_nnodes

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from sd35dist.runtime.atomic_files import staged_directory
 from sd35dist.models.sd3_components import ModelDirectoryIncomplete, check_model_dir
+from sd35dist.runtime.atomic_files import staged_directory
 
 # The transformer is split into several files so tests walk the same index-json path as the
 # 8B checkpoint; the T5 encoder is sharded too, like SD3.5 Large's text_encoder_3.

@@ -40,13 +40,42 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
     write_bytes_atomically(path, text.encode("utf-8"))
 
 
+def user_umask() -> int:
+    """This process's umask, read without setting it (os.umask sets it, racing any writer thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_umask_modes(root: str | os.PathLike[str]) -> None:
+    """Give `root` and everything under it the modes a plain open() or mkdir() would: what the user's
+    umask allows. Some writers go through a private temporary file (safetensors' save_file leaves
+    0600), which on a shared cluster nobody else could read. Symbolic links are left alone."""
+    mask = user_umask()
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        # Directories and files the writer made executable (DeepSpeed's zero_to_fp32.py) keep x.
+        wanted = (0o777 if path.is_dir() or mode & 0o100 else 0o666) & ~mask
+        if mode & 0o777 != wanted:
+            os.chmod(path, wanted)
+
+
 @contextlib.contextmanager
 def staged_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty directory to fill; on success it is renamed to `final`, on error removed.
 
-    The staging directory gets the ordinary mode (umask applies; not mkdtemp's 0700, which would
-    stick to `final`). Renaming onto an existing non-empty `final` raises OSError; an empty one is
-    replaced.
+    The staging directory and everything in it get the ordinary modes (umask applies; not mkdtemp's
+    0700 or a library's 0600 temporary files, which would stick to `final`). Renaming onto an
+    existing non-empty `final` raises OSError; an empty one is replaced.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +83,7 @@ def staged_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
+        give_umask_modes(staging)
         os.rename(staging, final)
     finally:
         if staging.exists():

@@ -18,16 +18,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sd35dist.checkpoint.manager import CheckpointManager, resume_checkpoint
 from sd35dist.checkpoint.layout import RECIPE_FILE
+from sd35dist.checkpoint.manager import CheckpointManager, resume_checkpoint
+from sd35dist.config.model_flops import mfu, mmdit_train_flops_per_sample, peak_bf16_flops
 from sd35dist.config.recipe import Recipe
-from sd35dist.runtime.save_budget import SaveBudget
 from sd35dist.data.latent_stream import Batch, LatentStream, StreamOptions
 from sd35dist.data.shard_fetcher import RetryPolicy
 from sd35dist.data.stream_order import optimizer_steps_per_epoch
 from sd35dist.parallel.ema import ema_decay_at
 from sd35dist.parallel.process_group import World
 from sd35dist.parallel.strategy import TrainingStrategy, make_strategy
+from sd35dist.runtime.save_budget import SaveBudget
 from sd35dist.trainer.flow_matching import (
     FlowMatchSchedule,
     flow_matching_loss_sum_and_count,
@@ -37,7 +38,6 @@ from sd35dist.trainer.flow_matching import (
 )
 from sd35dist.trainer.lr_schedule import learning_rate_at
 from sd35dist.trainer.metrics import MetricsLog
-from sd35dist.config.model_flops import mfu, mmdit_train_flops_per_sample, peak_bf16_flops
 from sd35dist.trainer.preemption import PreemptionWatch, StopKind, save_fits
 from sd35dist.validation.during_training import TrainingValidation, write_run_report
 
@@ -82,14 +82,15 @@ class Trainer:
     def __init__(self, recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE_FILE) -> None:
         self.recipe, self.world, self.run_dir = recipe, world, run_dir
         # Before the stream and the model are built: a refused resume says so at once.
-        resume_from = resume_checkpoint(recipe, recipe_source)
+        resume_from = resume_checkpoint(recipe, recipe_source, run_dir)
         self.device = world.device
         self.stream = LatentStream(recipe.data.cache_url, rank=world.rank, world_size=world.world_size,
                                    options=stream_options(recipe), storage_options=recipe.data.storage_options)
         self.vae = self.stream.manifest.vae
         self.schedule = training_schedule(recipe)
         self.strategy: TrainingStrategy = make_strategy(recipe, world, recipe_source)
-        self.checkpoints = CheckpointManager(recipe, world, self.strategy, {"stream": self.stream}, resume_from)
+        self.checkpoints = CheckpointManager(recipe, world, self.strategy, {"stream": self.stream}, resume_from,
+                                             run_dir)
         self.step = 0
         self.total_steps = self._total_steps()
 

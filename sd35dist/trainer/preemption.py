@@ -31,8 +31,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-from sd35dist.runtime.run_files import PREEMPT_FILE
 from sd35dist.runtime.job_env import JobEnvironment
+from sd35dist.runtime.run_files import PREEMPT_FILE
 from sd35dist.runtime.slurm_query import accounting_states, controller_restarts
 
 REQUEUE_STATES = ("REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PREEMPTED", "NODE_FAIL")

@@ -21,7 +21,14 @@ import torch.distributed as dist
 
 from sd35dist.data.validation_prompts import PromptEmbeddings
 from sd35dist.runtime.job_env import JobEnvironment
-from sd35dist.validation.sampler import Forward, LatentShape, SampleSettings, decode_image, initial_noise, sample_latents
+from sd35dist.validation.sampler import (
+    Forward,
+    LatentShape,
+    SampleSettings,
+    decode_image,
+    initial_noise,
+    sample_latents,
+)
 
 
 @dataclasses.dataclass(frozen=True)

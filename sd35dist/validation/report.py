@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import io
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sd35dist.runtime.atomic_files import write_text_atomically
+from sd35dist.runtime.atomic_files import write_bytes_atomically, write_text_atomically
 
 REPORT_NAME = "report.html"
 PLOTS_DIR = "plots"
@@ -110,8 +111,10 @@ def write_plots(records: dict[int, dict[str, float]], out: Path) -> list[Path]:
         axes.grid(alpha=0.3)
         figure.tight_layout()
         path = out / f"{key}.png"
-        figure.savefig(path)
+        png = io.BytesIO()
+        figure.savefig(png, format="png")
         plt.close(figure)
+        write_bytes_atomically(path, png.getvalue())
         written.append(path)
     return written
 
@@ -172,18 +175,33 @@ def write_report(run_dir: Path, *earlier: Path, out: Path | None = None) -> Path
     return out / REPORT_NAME
 
 
+def _out_problem(out: Path, force: bool) -> str | None:
+    """Why `--out` may not be written: a file, or a report (or its plots) that only --force replaces."""
+    if out.exists() and not out.is_dir():
+        return "is a file: give a directory for report.html and plots/"
+    existing = [p for p in (out / REPORT_NAME, *(out / PLOTS_DIR / f"{key}.png" for key, _, _ in PLOTTED)) if p.exists()]
+    if existing and not force:
+        return f"{existing[0]} already exists: pass --force to replace the report, or choose another --out"
+    return None
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sd35dist report",
                                      description="plots and validation grids of a run as report.html")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="run directories (metrics-rank*.jsonl, validation/), oldest first when a run was resumed")
     parser.add_argument("--out", help="where report.html and plots/ go (default: the last RUN_DIR)")
+    parser.add_argument("--force", action="store_true", help="let --out replace an existing report.html and plots")
     args = parser.parse_args(argv)
     run_dirs = [Path(p) for p in args.run_dirs]
     for run_dir in run_dirs:
         if not run_dir.is_dir():
             print(f"error: {run_dir}: no such run directory", file=sys.stderr)
             return 2
+    problem = _out_problem(Path(args.out), args.force) if args.out else None
+    if problem:
+        print(f"error: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
     path = write_report(run_dirs[-1], *run_dirs[:-1], out=Path(args.out) if args.out else None)
     print(f"report {path} (plots in {path.parent / PLOTS_DIR})")
     return 0

@@ -67,14 +67,14 @@ def guidance_of(args: argparse.Namespace, kind: str | None = None) -> GuidanceSe
                             momentum=args.apg_momentum, norm_threshold=args.apg_norm_threshold, **skip_layers_of(args))
 
 
-def inference_device(world) -> torch.device:  # noqa: ANN001 — a World, or None in one process
+def inference_device(world) -> torch.device:  # world: a World, or None in one process
     """This rank's GPU under torchrun, the GPU in one process, else the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device(world.device) if world is not None else torch.device("cuda")
 
 
-def renderer_for(model: torch.nn.Module, base_model: Path, device: torch.device, world=None) -> Renderer:  # noqa: ANN001
+def renderer_for(model: torch.nn.Module, base_model: Path, device: torch.device, world=None) -> Renderer:
     """A renderer of `model` with the base model's VAE and scheduler; under torchrun (`world`) this rank's share."""
     from sd35dist.models.sd3_components import load_vae
 
@@ -109,9 +109,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the checkpoint's recipe, else 256)")
     parser.add_argument("--ema", action="store_true", help="a checkpoint's EMA weights")
     parser.add_argument("--out", type=Path, required=True, help="directory for the images and grid.png")
+    parser.add_argument("--force", action="store_true", help="let --out replace an earlier sample's images")
     guidance_arguments(parser)
     skip_layer_arguments(parser, "default: none")
     return parser
+
+
+def earlier_grid(out: Path, force: bool) -> str | None:
+    """Why `--out` may not be written: an earlier sample's or sweep's grid.png that only --force replaces."""
+    if (out / "grid.png").exists() and not force:
+        return f"--out {out}: holds an earlier grid.png: pass --force to replace it, or choose another --out"
+    return None
 
 
 def main(argv: list[str]) -> int:
@@ -121,6 +129,10 @@ def main(argv: list[str]) -> int:
         prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
     if not prompts:
         print("error: give --prompt or --prompts-file", file=sys.stderr)
+        return 2
+    problem = earlier_grid(args.out, args.force)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.skip_layers and args.scale == 1.0:
         print("error: --skip-layers needs --scale above 1: skip-layer guidance acts only with classifier-free "

@@ -8,10 +8,8 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 
-from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE
-from sd35dist.checkpoint.layout import RECIPE_FILE
+from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE, saved_recipe
 from sd35dist.config.recipe import Recipe
 
 
@@ -30,8 +28,8 @@ class LoadedTransformer:
 
 
 def checkpoint_recipe(checkpoint: Path) -> Recipe | None:
-    path = checkpoint / RECIPE_FILE
-    return Recipe.model_validate(yaml.safe_load(path.read_text())) if path.is_file() else None
+    saved = saved_recipe(checkpoint)
+    return Recipe.model_validate(saved) if saved else None
 
 
 def load_transformer(source: Path, *, use_ema: bool = False, dtype: torch.dtype = torch.float32) -> LoadedTransformer:

@@ -23,10 +23,16 @@ from sd35dist.config.recipe import Recipe, resolve_paths
 from sd35dist.data.manifest import read_manifest
 from sd35dist.data.storage import Store
 from sd35dist.data.validation_prompts import read_validation_prompts
-from sd35dist.validation.grid import labelled_grid
 from sd35dist.validation.during_training import sample_settings
+from sd35dist.validation.grid import labelled_grid
 from sd35dist.validation.render import launched_ranks, validation_pairs
-from sd35dist.validation.sample_command import inference_device, renderer_for, skip_layer_arguments, skip_layers_of
+from sd35dist.validation.sample_command import (
+    earlier_grid,
+    inference_device,
+    renderer_for,
+    skip_layer_arguments,
+    skip_layers_of,
+)
 from sd35dist.validation.sources import checkpoint_recipe, load_transformer
 
 SWEEP_DIR = "sweep"
@@ -41,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", type=Path, help="recipe whose validation section to render (default: the checkpoint's)")
     parser.add_argument("--ema", action="store_true", help="the checkpoints' EMA weights")
     parser.add_argument("--out", type=Path, help="where grid.png goes (default: OUTPUT_DIR/sweep)")
+    parser.add_argument("--force", action="store_true", help="let --out replace an earlier grid.png")
     parser.add_argument("--run-dir", type=Path, help="`submit --job sweep` passes its run directory (logs live there)")
     skip_layer_arguments(parser, "default: the recipe's validation.skip_layer_guidance; none: off")
     return parser
@@ -48,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    problem = earlier_grid(args.out, args.force) if args.out else None  # the default OUTPUT_DIR/sweep is ours
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     given = None
     if args.recipe:
         try:

@@ -1,0 +1,74 @@
+"""`sd35dist train` as the tests run it: a recipe over a cache, 2 gloo ranks under torchrun, the
+per-step losses a run logged, and an export read back through diffusers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from tests.cli_runs import PROJECT, venv_env
+
+
+def train_recipe(path: Path, cache: tuple[Path, Path], output: Path, **train) -> Path:
+    model, cache_dir = cache
+    settings = {"train_batch_size": 2, "max_train_steps": 6, "learning_rate": 1e-3, "mixed_precision": "fp32",
+                "gradient_checkpointing": True, "checkpointing_steps": 3, "checkpoints_total_limit": 2,
+                "caption_dropout_probability": 0.2, "ema": {"enabled": True, "decay": 0.9}, **train}
+    recipe = {"name": "t", "seed": 3, "model": {"pretrained": str(model)}, "data": {"cache_url": str(cache_dir)},
+              "parallel": {"strategy": "fsdp2"}, "train": settings, "logging": {"report_to": "none"},
+              "output": {"dir": str(output)}}
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def train(recipe: Path, run_dir: Path, nproc: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+         "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
+        capture_output=True, text=True, cwd=PROJECT, env={**(env or venv_env()), "OMP_NUM_THREADS": "1"}, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics-rank00000.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def export(checkpoint: Path, out: Path, *flags: str) -> dict[str, torch.Tensor]:
+    proc = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(checkpoint), "--out", str(out),
+                           "--dtype", "fp32", *flags], capture_output=True, text=True, cwd=PROJECT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel.from_pretrained(out).state_dict()
+
+
+def train_refused(recipe: Path, run_dir: Path) -> str:
+    """A run the ranks must refuse before training, started as a profile's script starts it (sd35dist
+    torchrun with restarts on): exit status 2, one `error:` line (returned), no restart."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sd35dist", "torchrun", "--standalone", "--nproc-per-node=2", "--max-restarts=3",
+         "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
+        capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), timeout=600)
+    everything = proc.stdout + proc.stderr
+    errors = [line for line in everything.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, everything[-4000:]
+    assert "Traceback" not in everything and "will restart worker group" not in everything, everything[-4000:]
+    return errors[0]
+
+
+class RunsCode:
+    """Unpickling this creates a file: the side effect a crafted checkpoint would have."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
