@@ -194,7 +194,7 @@ def test_fsdp2_lora_checkpoint_reloads_exactly_on_another_world_size(runs, tmp_p
 
 
 @pytest.mark.parametrize("runs", ["fsdp2"], indirect=True)
-def test_kohya_export_rebuilds_the_lora_delta_per_module(runs, cache, tmp_path):  # noqa: F811
+def test_kohya_export_rebuilds_the_lora_delta_per_module(runs, cache, tmp_path):
     """`--format kohya`: sd-scripts' module names, and each module's up · down · alpha / rank equals our
     B·A·α/r in the original layout (q, k, v concatenated, adaLN halves swapped), from the EMA adapters."""
     from safetensors.torch import load_file

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from sd35dist.checkpoint.layout import CheckpointDir
 from tests.conftest import PROJECT, venv_env

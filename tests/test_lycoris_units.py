@@ -19,8 +19,13 @@ from sd35dist.models.lora import inject_lora
 from sd35dist.models.lycoris import adapted_linears, lycoris_file_state
 from sd35dist.models.tiny_sd3 import TRANSFORMER_SIZES
 from sd35dist.models.transformer_build import build_on_meta
-from tests.comfy_lora_keys import (apply_like_comfy, comfy_sd3_unet_config, kohya_key_map, mmdit_lora_key_map,
-                                   swapped_targets)
+from tests.comfy_lora_keys import (
+    apply_like_comfy,
+    comfy_sd3_unet_config,
+    kohya_key_map,
+    mmdit_lora_key_map,
+    swapped_targets,
+)
 
 pytestmark = pytest.mark.unit
 lycoris = pytest.importorskip("lycoris")

@@ -203,9 +203,10 @@ def test_the_transformer_has_sd3s_head_width_so_comfyui_sizes_it_right(model_dir
     """ComfyUI reads an SD3 MMDiT's config off the single file: depth = x_embedder's width / 64, and
     its MMDiT has `depth` heads of 64 (comfy/model_detection.py, comfy/ldm/modules/diffusionmodules/
     mmdit.py). The tiny model must be that model, or its exports fail there on size mismatches."""
+    from safetensors import safe_open
+
     from sd35dist.checkpoint.original_layout import TRANSFORMER_PREFIX
     from sd35dist.checkpoint.single_file import export_single_file
-    from safetensors import safe_open
 
     out = tmp_path / "tiny.safetensors"
     export_single_file(model_dir / "transformer", out, use_ema=False, dtype="fp32", with_vae=False)

@@ -292,7 +292,7 @@ class LoraSection(StrictModel):
         return value
 
     @pydantic.model_validator(mode="after")
-    def _fits_type(self) -> "LoraSection":
+    def _fits_type(self) -> LoraSection:
         lycoris = self.type != "lora"
         if not lycoris:
             for key, unset in (("factor", -1), ("full_matrix", False), ("decompose_both", False), ("preset", None)):
