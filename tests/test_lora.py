@@ -20,31 +20,14 @@ import yaml
 
 from sd35dist.checkpoint.layout import CheckpointDir
 from tests.cli_runs import PROJECT, venv_env
-from tests.train_runs import losses, train, train_recipe
+from tests.kohya_lora_names import kohya_module_name, original_tensor, sd_scripts_lora_names
+from tests.lora_runs import LORA, export_adapters, lora_recipe, probe_inputs
+from tests.train_runs import losses, train
 
 pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("deepspeed_on_cpu")]
 
-LORA = {"rank": 4, "alpha": 8.0, "targets": "attention_ff"}
-# Accumulation and clipping as in full fine-tunes; 4 steps, a checkpoint every 2.
-SETTINGS = {"max_train_steps": 4, "checkpointing_steps": 2, "gradient_accumulation_steps": 2, "max_grad_norm": 0.05,
-            "lora": LORA}
 TOLERANCE = 1e-5
 """fp32 outputs of the diffusers-loaded LoRA vs the trained model: the same math in another order."""
-
-
-def lora_recipe(path: Path, cache: tuple[Path, Path], output: Path, strategy: str, **train) -> Path:
-    train_recipe(path, cache, output, **{**SETTINGS, **train})
-    recipe = yaml.safe_load(path.read_text())
-    recipe["parallel"]["strategy"] = strategy
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-def export(checkpoint: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(checkpoint), "--out", str(out), *flags],
-                          capture_output=True, text=True, cwd=PROJECT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 PRECISION = {"fsdp2": "bf16", "zero2": "fp32"}
@@ -95,14 +78,6 @@ def test_adapters_train_and_resume_exactly_from_adapter_only_checkpoints(runs, c
     assert all(not torch.equal(t, initial_a[k]) for k, t in zip([k for k in adapters if ".lora_A." in k], a))
 
 
-def probe_inputs(config) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return {"hidden_states": torch.randn(2, config.in_channels, 8, 8, generator=generator),
-            "timestep": torch.tensor([500.0, 100.0]),
-            "encoder_hidden_states": torch.randn(2, 12, config.joint_attention_dim, generator=generator),
-            "pooled_projections": torch.randn(2, config.pooled_projection_dim, generator=generator)}
-
-
 @torch.no_grad()
 def trained_model_output(model_dir: Path, adapters: dict[str, torch.Tensor], inputs: dict) -> torch.Tensor:
     """The trained model, built apart from the export: base + peft LoRA of the recipe + the checkpoint's adapters."""
@@ -128,8 +103,8 @@ def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(
     strategy, root = runs
     model_dir, _ = cache
     checkpoint = CheckpointDir(root / "straight").latest()
-    export(root / "straight", tmp_path / "lora", "--ema", "--dtype", "fp32")
-    export(root / "straight", tmp_path / "merged", "--ema", "--merge", "--dtype", "fp32")
+    export_adapters(root / "straight", tmp_path / "lora", "--ema", "--dtype", "fp32")
+    export_adapters(root / "straight", tmp_path / "merged", "--ema", "--merge", "--dtype", "fp32")
     file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
     with safe_open(str(file), framework="pt") as handle:
         metadata, lora = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
@@ -164,7 +139,7 @@ def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
 
     # A merged LoRA also ships as one SD3.5-layout file; unmerged it has no place there.
-    export(root / "straight", tmp_path / "merged.safetensors", "--ema", "--merge", "--format", "single-file",
+    export_adapters(root / "straight", tmp_path / "merged.safetensors", "--ema", "--merge", "--format", "single-file",
            "--dtype", "fp32")
     single = SD3Transformer2DModel.from_single_file(str(tmp_path / "merged.safetensors"), local_files_only=True,
                                                     config=str(model_dir / "transformer"), dtype=torch.float32)
@@ -201,11 +176,10 @@ def test_kohya_export_rebuilds_the_lora_delta_per_module(runs, cache, tmp_path):
 
     from sd35dist.checkpoint.export import checkpoint_state
     from sd35dist.checkpoint.original_layout import transformer_plan
-    from tests.test_lycoris_units import _original, sd_scripts_lora_names
 
     strategy, root = runs
     out = tmp_path / "kohya.safetensors"
-    export(root / "straight", out, "--format", "kohya", "--ema", "--dtype", "fp32")
+    export_adapters(root / "straight", out, "--format", "kohya", "--ema", "--dtype", "fp32")
     kohya = load_file(str(out))
     config = json.loads((cache[0] / "transformer" / "config.json").read_text())
     names = {k.split(".")[0] for k in kohya}
@@ -216,10 +190,10 @@ def test_kohya_export_rebuilds_the_lora_delta_per_module(runs, cache, tmp_path):
     compared = 0
     for tensor in transformer_plan(config, None):
         if tensor.name.endswith(".weight") and all(s in ours for s in tensor.sources):
-            name = "lora_unet_" + tensor.name.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_")
+            name = kohya_module_name(tensor)
             down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
             rebuilt = up @ down * (float(kohya[f"{name}.alpha"]) / down.shape[0])
-            assert torch.allclose(rebuilt, _original(tensor, ours), atol=1e-6), name
+            assert torch.allclose(rebuilt, original_tensor(tensor, ours), atol=1e-6), name
             compared += 1
     assert compared == len(names), "every kohya module is one of ours"
     assert kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"].shape[0] == 3 * LORA["rank"]

@@ -15,13 +15,11 @@ import pytest
 import torch
 
 from sd35dist.checkpoint.layout import CheckpointDir
-from tests.conftest import PROJECT, venv_env
-from tests.test_cache_build import tiny_model  # noqa: F401
-from tests.test_lora import export, lora_recipe, probe_inputs
-from tests.test_train import cache, losses, train, train_recipe  # noqa: F401
-from tests.test_train_zero import deepspeed_on_cpu  # noqa: F401  (autouse: DeepSpeed on CPU)
+from tests.cli_runs import PROJECT, venv_env
+from tests.lora_runs import export_adapters, lora_recipe, probe_inputs
+from tests.train_runs import losses, train
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("deepspeed_on_cpu")]
 
 ADAPTERS = {
     "fsdp2": ({"type": "lokr", "rank": 10000, "alpha": 1.0, "full_matrix": True,
@@ -33,7 +31,7 @@ ADAPTERS = {
 
 
 @pytest.fixture(scope="module", params=["fsdp2", "zero2"])
-def runs(request, tmp_path_factory, cache) -> tuple[str, Path]:  # noqa: F811
+def runs(request, tmp_path_factory, cache) -> tuple[str, Path]:
     strategy = request.param
     adapter, precision = ADAPTERS[strategy]
     root = tmp_path_factory.mktemp(f"lycoris-{strategy}")
@@ -45,7 +43,7 @@ def runs(request, tmp_path_factory, cache) -> tuple[str, Path]:  # noqa: F811
     return strategy, root
 
 
-def test_lycoris_trains_resumes_exactly_and_exports_what_lycoris_loads(runs, cache, tmp_path):  # noqa: F811
+def test_lycoris_trains_resumes_exactly_and_exports_what_lycoris_loads(runs, cache, tmp_path):
     from diffusers import SD3Transformer2DModel
     from lycoris import create_lycoris_from_weights
     from safetensors import safe_open
@@ -71,7 +69,7 @@ def test_lycoris_trains_resumes_exactly_and_exports_what_lycoris_loads(runs, cac
         "the halves LyCORIS starts at zero moved"
     assert all(t.dtype == torch.float32 for t in adapters.values()), "fp32 masters"
 
-    export(root / "straight", tmp_path / "lyco", "--ema", "--dtype", "fp32")
+    export_adapters(root / "straight", tmp_path / "lyco", "--ema", "--dtype", "fp32")
     file = tmp_path / "lyco" / "pytorch_lora_weights.safetensors"
     with safe_open(str(file), framework="pt") as handle:
         metadata, keys = handle.metadata(), list(handle.keys())
@@ -108,13 +106,13 @@ def test_lycoris_trains_resumes_exactly_and_exports_what_lycoris_loads(runs, cac
 
 
 @pytest.mark.parametrize("runs", ["fsdp2"], indirect=True)
-def test_merged_lycoris_equals_the_trained_model(runs, cache, tmp_path):  # noqa: F811
+def test_merged_lycoris_equals_the_trained_model(runs, cache, tmp_path):
     from diffusers import SD3Transformer2DModel
 
     strategy, root = runs
     model_dir, _ = cache
-    export(root / "straight", tmp_path / "merged", "--ema", "--merge", "--dtype", "fp32")
-    export(root / "straight", tmp_path / "lyco", "--ema", "--dtype", "fp32")
+    export_adapters(root / "straight", tmp_path / "merged", "--ema", "--merge", "--dtype", "fp32")
+    export_adapters(root / "straight", tmp_path / "lyco", "--ema", "--dtype", "fp32")
     merged = SD3Transformer2DModel.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     base = SD3Transformer2DModel.from_pretrained(model_dir / "transformer", dtype=torch.float32).eval()
     from lycoris import create_lycoris_from_weights

@@ -26,6 +26,7 @@ from tests.comfy_lora_keys import (
     mmdit_lora_key_map,
     swapped_targets,
 )
+from tests.kohya_lora_names import kohya_module_name, original_tensor, sd_scripts_lora_names
 
 pytestmark = pytest.mark.unit
 lycoris = pytest.importorskip("lycoris")
@@ -147,8 +148,8 @@ def test_our_lycoris_file_loads_in_lycoris_and_comfyui_as_trained(kind, tmp_path
     plan = transformer_plan(dict(model.config), None)
     for tensor in plan:
         name = "diffusion_model." + tensor.name.removeprefix("model.diffusion_model.")
-        mmdit[name] = _original(tensor, base_state)
-        tensor_merged = _original(tensor, merged)
+        mmdit[name] = original_tensor(tensor, base_state)
+        tensor_merged = original_tensor(tensor, merged)
         mmdit.setdefault("_merged", {})[name] = tensor_merged
     expected = mmdit.pop("_merged")
     unet = comfy_sd3_unet_config(dict(model.config))
@@ -178,33 +179,6 @@ def _merged(model: nn.Module) -> dict[str, torch.Tensor]:
     return merged.state_dict()
 
 
-def _original(tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-    sources = [state[s] for s in tensor.sources]
-    if tensor.op == "qkv":
-        return torch.cat(sources)
-    if tensor.op == "swap_halves":
-        half = sources[0].shape[0] // 2
-        return torch.cat([sources[0][half:], sources[0][:half]])
-    return sources[0]
-
-
-def sd_scripts_lora_names(config: dict) -> set[str]:
-    """The modules kohya's lora_sd3 finds in its MMDiT (networks/lora_sd3.py and library/sd3_models.py at
-    kohya-ss/sd-scripts 48d368f): the Linears of each SingleDiTBlock (x_block, context_block:
-    adaLN_modulation.1, attn.qkv, attn.proj, mlp.fc1, mlp.fc2, attn2.* in MMDiT-X blocks; the last
-    context block is pre_only: adaLN and qkv only) and the emb_dims filters' Linears."""
-    names = {"context_embedder", "t_embedder_mlp_0", "t_embedder_mlp_2", "y_embedder_mlp_0", "y_embedder_mlp_2",
-             "final_layer_adaLN_modulation_1", "final_layer_linear"}
-    layers, dual = config["num_layers"], set(config.get("dual_attention_layers") or ())
-    for i in range(layers):
-        for stream in ("x_block", "context_block"):
-            pre_only = stream == "context_block" and i == layers - 1
-            children = ["adaLN_modulation_1", "attn_qkv"] + ([] if pre_only else ["attn_proj", "mlp_fc1", "mlp_fc2"])
-            children += ["attn2_qkv", "attn2_proj"] if stream == "x_block" and i in dual else []
-            names |= {f"joint_blocks_{i}_{stream}_{child}" for child in children}
-    return {"lora_unet_" + name for name in names}
-
-
 def test_kohya_file_has_sd_scripts_names_and_rebuilds_our_delta_per_module():
     from sd35dist.checkpoint.kohya_export import kohya_lora_state
     from sd35dist.checkpoint.original_layout import transformer_plan
@@ -224,10 +198,10 @@ def test_kohya_file_has_sd_scripts_names_and_rebuilds_our_delta_per_module():
     for tensor in transformer_plan(config, None):
         if not tensor.name.endswith(".weight") or not all(s in ours for s in tensor.sources):
             continue
-        name = "lora_unet_" + tensor.name.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_")
+        name = kohya_module_name(tensor)
         down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
         rebuilt = up @ down * (float(kohya[f"{name}.alpha"]) / down.shape[0])
-        assert torch.allclose(rebuilt, _original(tensor, ours), atol=1e-5), name
+        assert torch.allclose(rebuilt, original_tensor(tensor, ours), atol=1e-5), name
     # ComfyUI reads the same file through its lora_unet_* names.
     mmdit = {"diffusion_model." + t.name.removeprefix("model.diffusion_model."): torch.zeros(1)
              for t in transformer_plan(config, None)}
