@@ -55,14 +55,32 @@ QKV = {"to_q": ("x_block", 0), "to_k": ("x_block", 1), "to_v": ("x_block", 2),
 
 
 def comfy_sd3_unet_config(transformer_config: dict) -> dict:
-    """What ComfyUI's model detection reads off an SD3 checkpoint: depth = x_embedder width / 64, blocks counted."""
-    hidden = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
-    return {"depth": hidden // 64, "num_blocks": transformer_config["num_layers"]}
+    """The MMDiT ComfyUI builds for an SD3 checkpoint: its model detection (comfy/model_detection.py at
+    d415a44) reads depth = x_embedder width / 64 and counts no blocks, and MMDiT (comfy/ldm/modules/
+    diffusionmodules/mmdit.py at 03925bd) makes `depth` heads of 64 and, with num_blocks unset,
+    `depth` joint blocks, the last one pre-only."""
+    depth = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"] // 64
+    return {"depth": depth, "num_blocks": depth, "hidden": 64 * depth}
+
+
+def comfy_sd3_loads(transformer_config: dict) -> list[str]:
+    """Why ComfyUI cannot load a diffusers SD3 transformer of this config as an MMDiT ([] when it can):
+    its MMDiT must have the checkpoint's width, head count and block count."""
+    unet = comfy_sd3_unet_config(transformer_config)
+    heads, width = transformer_config["num_attention_heads"], transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+    problems = []
+    if unet["hidden"] != width:
+        problems.append(f"width {width} is not a multiple of 64")
+    if heads != unet["depth"]:
+        problems.append(f"{heads} heads where ComfyUI makes {unet['depth']} (one per 64 of width)")
+    if transformer_config["num_layers"] != unet["num_blocks"]:
+        problems.append(f"{transformer_config['num_layers']} blocks where ComfyUI makes {unet['num_blocks']} (width / 64)")
+    return problems
 
 
 def mmdit_lora_key_map(unet_config: dict) -> dict[str, tuple[str, tuple[int, int] | None]]:
     """LoRA key (`transformer.<diffusers module>`) → (ComfyUI weight, (row offset, rows) of a fused qkv slice or None)."""
-    depth, blocks = unet_config["depth"], unet_config.get("num_blocks", unet_config["depth"])
+    depth, blocks = unet_config["depth"], unet_config["num_blocks"]
     offset = depth * 64
     key_map: dict[str, tuple[str, tuple[int, int] | None]] = {}
     for i in range(blocks):
@@ -125,8 +143,7 @@ def comfy_delta(lora: dict, key: str) -> torch.Tensor | None:
 
 def swapped_targets(unet_config: dict) -> set[str]:
     """Weights whose diffusers-named ΔW ComfyUI swaps in halves (utils.py swap_scale_shift): the final
-    adaLN, and the context adaLN of block `depth - 1` — ComfyUI's "last block" is width / 64 - 1, which
-    is the last block for SD3.5 (depth = blocks) but not for a narrower model."""
+    adaLN, and the context adaLN of block `depth - 1`, the last block."""
     last = unet_config["depth"] - 1
     return {"diffusion_model.final_layer.adaLN_modulation.1.weight",
             f"diffusion_model.joint_blocks.{last}.context_block.adaLN_modulation.1.weight"}
