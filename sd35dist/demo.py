@@ -90,8 +90,8 @@ demo finished in {time.perf_counter() - started:.0f} s
   change plot   {diff_png}
   sample image  {image}
 {lora}
-ComfyUI-ready (the tiny MMDiT has SD3's 64-wide heads; its VAE and text encoders are toy-sized, so use the
-file's diffusion model, not Load Checkpoint):
+ComfyUI-ready (the tiny MMDiT has SD3's shape: as many 64-wide heads as blocks; its VAE and text encoders
+are toy-sized, so load the diffusion model, not Load Checkpoint; docs/formats.md):
   ComfyUI/models/diffusion_models/ <- {single_file} (Load Diffusion Model)
   ComfyUI/models/loras/            <- {DEMO / 'export-lora' / 'pytorch_lora_weights.safetensors'} (LoraLoaderModelOnly)""")
     return 0
