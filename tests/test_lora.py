@@ -181,6 +181,7 @@ def test_kohya_export_rebuilds_the_lora_delta_per_module(runs, cache, tmp_path):
     out = tmp_path / "kohya.safetensors"
     export_adapters(root / "straight", out, "--format", "kohya", "--ema", "--dtype", "fp32")
     kohya = load_file(str(out))
+    assert out.stat().st_mode & 0o777 == 0o666 & ~os.umask(os.umask(0o022)), "the umask's modes, not save_file's 0600"
     config = json.loads((cache[0] / "transformer" / "config.json").read_text())
     names = {k.split(".")[0] for k in kohya}
     assert names and names <= sd_scripts_lora_names(config) and all(f"{n}.alpha" in kohya for n in names)

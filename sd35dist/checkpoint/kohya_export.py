@@ -95,7 +95,7 @@ def export_kohya(checkpoint: Path, out: Path, state: Mapping[str, torch.Tensor],
     """Write `out` (one safetensors file) atomically from a LoRA checkpoint's (plain-named) `state`."""
     from safetensors.torch import save_file
 
-    from sd35dist.runtime.atomic_files import temporary_name
+    from sd35dist.runtime.atomic_files import give_umask_modes, temporary_name
 
     config = json.loads((checkpoint / TRANSFORMER_CONFIG).read_text())
     tensors = kohya_lora_state(checkpoint_lora_pairs(state), section.alpha, config)
@@ -110,6 +110,7 @@ def export_kohya(checkpoint: Path, out: Path, state: Mapping[str, torch.Tensor],
     try:
         save_file({key: tensor.to(dtype) if key.endswith(".weight") else tensor for key, tensor in tensors.items()},
                   str(staging), metadata=metadata)
+        give_umask_modes(staging)  # save_file leaves 0600; others on the cluster read exports
         os.replace(staging, out)
     finally:
         staging.unlink(missing_ok=True)
