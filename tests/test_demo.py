@@ -35,6 +35,8 @@ def test_demo_runs_end_to_end(tmp_path):
     with Image.open(demo / "sample-lora.png") as image:
         assert image.size == (64, 64)
     assert "demo finished" in out
+    comfy = [line.split("<-")[1].split(" (")[0].strip() for line in out.splitlines() if "ComfyUI/models/" in line]
+    assert len(comfy) == 2 and all(Path(path).is_file() for path in comfy), "the ComfyUI-ready files it names exist"
     # The demo shows training: grids at the start, the stop and the end, one report, a falling loss.
     grids = [line.split()[-1] for line in out.splitlines() if line.strip().startswith("validation grid, step")]
     assert [Path(g).parent.name for g in grids] == ["step-000000", "step-000016", "step-000032"]
