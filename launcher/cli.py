@@ -20,7 +20,9 @@ from launcher.render import render_script
 from launcher.submission import prepare_run_dir, submit
 from sd35dist.checkpoint.layout import COMPLETE, BranchConflict, CheckpointDir, names_checkpoint
 from sd35dist.config import ConfigError, Recipe, load_recipe, recipe_yaml, resolve_paths
+from sd35dist.config.cli_args import CommandLineParser
 from sd35dist.config.commands import COMMANDS, SUBMIT, SUBMITTABLE_JOBS
+from sd35dist.config.input_checks import check_recipe_inputs
 from sd35dist.config.loading import dump_yaml
 from sd35dist.config.model_layout import check_pretrained
 from sd35dist.config.recipe import is_url
@@ -31,8 +33,9 @@ from sd35dist.runtime.slurm_query import kill_wait_s
 DEFAULT_RECIPE = "sd35dist.yaml"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sd35dist", description="SD3.5 fine-tunes on Slurm clusters")
+def argument_parser() -> argparse.ArgumentParser:
+    """The submit side's commands, one subparser each; a usage mistake is one line (cli_args)."""
+    parser = CommandLineParser(prog="sd35dist", description="SD3.5 fine-tunes on Slurm clusters")
     sub = parser.add_subparsers(dest="command", required=True)
     summaries = {c.name: c.summary for c in COMMANDS if c.kind is SUBMIT}
     p = sub.add_parser("submit", help=summaries["submit"])
@@ -96,8 +99,17 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[Profile, Path, Recipe, P
     profile_file = profile_path(args.profile)
     profile = load_profile(profile_file, profile_overrides)
     recipe_file = _recipe_path(args.recipe, profile, profile_file)
-    recipe = resolve_paths(load_recipe(recipe_file, recipe_overrides), Path.cwd())
+    recipe = resolve_paths(load_recipe(recipe_file, recipe_overrides), Path.cwd(), recipe_file.resolve().parent)
     return profile, profile_file, recipe, recipe_file
+
+
+def check_inputs(profile: Profile, recipe: Recipe, recipe_file: Path, job: str, *, model_dir: bool = True) -> list[str]:
+    """Refuse what the job's ranks would fail on (the model directory, the files the recipe names,
+    sizes and LoRA targets against the model's config); return notes on what this host cannot see."""
+    here = profile.scheduler == "local"
+    notes = [check_pretrained(recipe, job, visible_everywhere=here, recipe_file=recipe_file.name)] if model_dir else []
+    notes += check_recipe_inputs(recipe, job, recipe_file.name, visible_everywhere=here)
+    return [note for note in notes if note]
 
 
 def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, Path]:
@@ -123,9 +135,9 @@ def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, 
     )
     if hub.env:
         plan = dataclasses.replace(plan, env=(*plan.env, *hub.env.items()))
-    note = hub.note or check_pretrained(recipe, args.job, visible_everywhere=profile.scheduler == "local",
-                                        recipe_file=recipe_file.name)
-    if note:
+    # A Hub id not yet in the cache is downloaded by submit: its directory is checked once it is there.
+    notes = [hub.note] if hub.note else []
+    for note in notes + check_inputs(profile, recipe, recipe_file, args.job, model_dir=hub.note is None):
         print(note, file=sys.stderr)
     if args.job == "train":
         for line in save_budget_warnings(profile, recipe):
@@ -222,6 +234,8 @@ def _follow(record: dict[str, Any], out=sys.stdout, poll_s: float = 1.0) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     """`sd35dist plan`: memory, communication and step time per GPU; exit 2 when it cannot fit."""
     profile, profile_file, recipe, recipe_file = inputs_from_args(args)
+    # What the ranks would fail on; the model directory's layout is submit's (a plan may start from a config.json).
+    check_recipe_inputs(recipe, "train", recipe_file.name, visible_everywhere=profile.scheduler == "local")
     report = resource_report.build_report(profile, recipe, profile_file.stem, recipe_file.name)
     sys.stdout.write(resource_report.render_report(report))
     check_fit(profile, recipe, profile_file.name, recipe_file.name)
@@ -262,8 +276,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"follow with: sd35dist logs {record['job_id']} --follow")
         return 0
     state = _follow(record)
-    print(f"job {record['job_id']} ended: {state}")
-    return 0 if state == "COMPLETED" else 1
+    code = 0 if state == "COMPLETED" else (job_control.exit_code(record) or 1)
+    print(f"job {record['job_id']} ended: {state}" + (f" (exit status {code})" if code else ""))
+    return code
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -295,7 +310,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = argument_parser().parse_args(argv)
     handlers = {"submit": cmd_submit, "plan": cmd_plan, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}
     handler = handlers[args.command]
     try:

@@ -15,7 +15,7 @@ from typing import Any
 from launcher.local_process import ProcessIdentity, alive, descendants, is_running
 from launcher.submission import JOB_RECORD, state_dir
 from sd35dist.config import ConfigError
-from sd35dist.runtime.slurm_query import accounting_states, controller_restarts, slurm_output
+from sd35dist.runtime.slurm_query import accounting_exit_code, accounting_states, controller_restarts, slurm_output
 
 
 def find_record(ref: str) -> dict[str, Any]:
@@ -168,7 +168,22 @@ def local_state(record: dict[str, Any]) -> str:
             outcome = _PlainDataUnpickler(handle).load()
     except (pickle.UnpicklingError, EOFError):
         return "UNKNOWN"
-    return "COMPLETED" if isinstance(outcome, tuple) and outcome[:1] == ("success",) else "FAILED"
+    return "COMPLETED" if outcome == ("success", 0) else "FAILED"
+
+
+def exit_code(record: dict[str, Any]) -> int | None:
+    """The job's exit status once it has ended (a rank's 2 for a mistake), None when nobody recorded one."""
+    if record["scheduler"] == "slurm":
+        return accounting_exit_code(record["job_id"])
+    result = Path(record["submitit_folder"]) / f"{record['job_id']}_0_result.pkl"
+    try:
+        with result.open("rb") as handle:
+            outcome = _PlainDataUnpickler(handle).load()
+    except (OSError, pickle.UnpicklingError, EOFError):
+        return None
+    if isinstance(outcome, tuple) and len(outcome) == 2 and outcome[0] == "success" and isinstance(outcome[1], int):
+        return outcome[1]
+    return 1
 
 
 class _PlainDataUnpickler(pickle.Unpickler):

@@ -37,6 +37,8 @@ class NodeCommand:
     """What submitit's local executor runs: one bash command, output straight to the log.
 
     Holds only text from the plan (no secret values): submitit pickles it into the run directory.
+    Its result is the command's exit status, which job_control reads (0: COMPLETED, else FAILED):
+    an exception here would add submitit's traceback to a log whose ranks already said what failed.
     """
 
     command: str
@@ -46,10 +48,7 @@ class NodeCommand:
         # torchrun lives beside the interpreter submitit started, even when PATH lacks the venv.
         env = dict(os.environ)
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-        result = subprocess.run([bash, "-c", self.command], env=env, check=False)
-        if result.returncode:
-            raise RuntimeError(f"node command exited with status {result.returncode}: {self.command.splitlines()[0]}")
-        return 0
+        return subprocess.run([bash, "-c", self.command], env=env, check=False).returncode
 
 
 def prepare_run_dir(plan: JobPlan, recipe_yaml: str, profile_yaml: str) -> Path:

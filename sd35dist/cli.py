@@ -10,12 +10,13 @@ import argparse
 import importlib
 import sys
 
+from sd35dist.config.cli_args import CommandLineParser
 from sd35dist.config.commands import COMMANDS, RANK_JOB, SUBMIT, Command, command_table, find_command
 
 
-def _parser() -> argparse.ArgumentParser:
+def argument_parser() -> argparse.ArgumentParser:
     """`sd35dist --help`, and the options of the rank jobs (the other commands parse their own)."""
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="sd35dist",
         description="SD3.5 fine-tunes on Slurm clusters. `sd35dist <command> -h` shows a command's options.",
         epilog=command_table(),
@@ -40,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 def run_command(command: Command, argv: list[str]) -> int:
     """Call the command's entry with what its kind takes (sd35dist/config/commands.py)."""
     if command.kind is RANK_JOB:
-        args = _parser().parse_args(argv)  # before the import: `-h` or a usage error loads no torch
+        args = argument_parser().parse_args(argv)  # before the import: `-h` or a usage error loads no torch
         return _entry(command)(args)
     if command.kind is SUBMIT:
         return _entry(command)(argv)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = find_command(argv)
     if command is None:
-        _parser().parse_args(argv)  # prints help, or names the unknown command, and exits
+        argument_parser().parse_args(argv)  # prints help, or names the unknown command, and exits
         return 2
     return run_command(command, argv)
 

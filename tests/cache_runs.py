@@ -10,10 +10,10 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from sd35dist.data.demo_dataset import DEMO_BUCKETS, write_demo_dataset
 from sd35dist.data.manifest import read_manifest
 from sd35dist.data.shard_format import decode_shard
 from sd35dist.data.storage import Store
+from sd35dist.demo.dataset import DEMO_BUCKETS, write_demo_dataset
 from tests.cli_runs import PROJECT, venv_env
 
 

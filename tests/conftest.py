@@ -24,6 +24,21 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(TierRules(), "sd35dist-tiers")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs two pytest-xdist workers (--dist loadgroup). A module's tests stay on one worker
+    (its module-scoped fixtures, often one training run that several tests read, are built once), and
+    the Slurm tests, which share one cluster, form one group that goes first: they mostly wait on the
+    cluster, and the other worker fills those waits with the rest of the suite. The order is a pure
+    function of the collection, as xdist requires (every worker collects the same list)."""
+    slurm = [item for item in items if item.get_closest_marker("slurm") is not None]
+    rest = [item for item in items if item.get_closest_marker("slurm") is None]
+    for item in slurm:
+        item.add_marker(pytest.mark.xdist_group("slurm-cluster"))
+    for item in rest:
+        item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    items[:] = slurm + rest
+
+
 @pytest.fixture
 def project() -> Path:
     return PROJECT

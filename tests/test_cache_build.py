@@ -17,9 +17,9 @@ import torch
 import yaml
 from PIL import Image
 
-from sd35dist.data.demo_dataset import DEMO_BUCKETS, write_demo_dataset
 from sd35dist.data.manifest import read_manifest
 from sd35dist.data.storage import Store
+from sd35dist.demo.dataset import DEMO_BUCKETS, write_demo_dataset
 from tests.cache_runs import (
     cache_files,
     run_cache,

@@ -5,16 +5,14 @@ or norm-clipped gradient would."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.cli_runs import PROJECT, venv_env
+from tests.cli_runs import PROJECT, torch_extensions_dir, venv_env
 from tests.grad_clip_check import ADAM_EPSILON, LEARNING_RATE
 from tests.numerics_check import fixed_batch
 
@@ -65,8 +63,7 @@ def stepped(reference, tiny_model, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("clip")
     cases = [f"{s}:{m}:{reference['limits'][m]!r}:{p}" for s, m, p in CASES]
-    env = venv_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "sd35dist" / "torch_extensions")))
+    env = venv_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=torch_extensions_dir())
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
          "-m", "tests.grad_clip_check", str(tiny_model), str(out), *cases],

@@ -18,7 +18,6 @@ from PIL import Image
 from sd35dist.config import ConfigError, load_recipe
 from sd35dist.config.recipe import DatasetSection
 from sd35dist.data.buckets import ImageRejected, plan_fit
-from sd35dist.data.demo_dataset import DEMO_BUCKETS
 from sd35dist.data.image_source import (
     PreparedImage,
     Rejected,
@@ -28,6 +27,7 @@ from sd35dist.data.image_source import (
     read_image_size,
     to_rgb,
 )
+from sd35dist.demo.dataset import DEMO_BUCKETS
 
 pytestmark = pytest.mark.unit
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd35dist.data.demo_dataset import write_demo_dataset
 from sd35dist.data.latent_stream import LatentStream, StreamOptions, dropped_caption
 from sd35dist.data.manifest import read_manifest
 from sd35dist.data.shard_fetcher import RetryPolicy, ShardCorrupt
 from sd35dist.data.storage import Store
+from sd35dist.demo.dataset import write_demo_dataset
 from tests.cache_runs import run_cache, samples_by_key, write_recipe
 from tests.s3_server import S3Server
 from tests.shaping_proxy import ShapingProxy

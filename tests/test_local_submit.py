@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.cli_runs import SECRET, all_text_under, sd35dist, tiny_recipe, venv_env
 
@@ -95,3 +96,24 @@ def _processes_under(root: int, cmdline: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_a_failing_job_with_wait_is_its_line(tmp_path, tiny_model):
+    """A mistake the ranks meet (here: a cache that was never built) ends `submit --wait` with the
+    ranks' one line and the job's own exit status, 2 — no submitit traceback after it."""
+    env = venv_env(SD35DIST_STATE_DIR=str(tmp_path / "state"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "tiny", "model": {"pretrained": str(tiny_model)},
+                                      "data": {"cache_url": str(tmp_path / "no-cache"),
+                                               "datasets": [{"id": "d", "source": str(tmp_path)}]},
+                                      "output": {"dir": str(tmp_path / "out")}, "logging": {"report_to": "none"}}))
+    proc = sd35dist("submit", "--profile", "local", "--recipe", str(recipe), "--run-dir", str(tmp_path / "run"),
+                    "--wait", env=env, check=False)
+    everything = proc.stdout + proc.stderr
+    assert proc.returncode == 2, everything
+    assert "Traceback" not in everything and "RuntimeError" not in everything, everything
+    errors = [line for line in everything.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no manifest" in errors[0], everything
+    assert proc.stdout.rstrip().splitlines()[-1].endswith("ended: FAILED (exit status 2)"), proc.stdout
+    job_id = json.loads((tmp_path / "run" / "job.json").read_text())["job_id"]
+    assert f"{job_id} FAILED" in sd35dist("status", job_id, env=env).stdout

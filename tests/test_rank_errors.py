@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from launcher.profile import LaunchSection
 from sd35dist.cli import main as cli_main
 from sd35dist.config.loading import ConfigError
 from sd35dist.data.manifest import read_manifest
@@ -23,33 +22,8 @@ from sd35dist.jobs.rank_failure import report_before_group, report_failure, trac
 from sd35dist.jobs.torchrun import exit_status, failure_summary
 from tests.cache_runs import write_inputs, write_recipe
 from tests.cli_runs import PROJECT, venv_env
+from tests.rank_runs import assert_one_quiet_line, torchrun
 from tests.train_runs import train_recipe
-
-
-def torchrun(job: str, recipe: Path, run_dir: Path | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
-    """The job as a profile's script starts it: sd35dist's torchrun, one agent, `nproc` ranks, with
-    the profile's default restarts (a mistake must not be restarted)."""
-    cmd = [sys.executable, "-m", "sd35dist", "torchrun", "--standalone", f"--nproc-per-node={nproc}",
-           f"--max-restarts={LaunchSection().max_restarts}",
-           "-m", "sd35dist", job, "--recipe", str(recipe)] + (["--run-dir", str(run_dir)] if run_dir else [])
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"),
-                          timeout=300)
-
-
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    text = (proc.stdout + proc.stderr).replace("\r", "\n")
-    return [line for line in text.splitlines() if line.startswith("error:")]
-
-
-def assert_one_quiet_line(proc: subprocess.CompletedProcess) -> str:
-    everything = proc.stdout + proc.stderr
-    assert proc.returncode == 2, everything[-4000:]
-    lines = error_lines(proc)
-    assert len(lines) == 1, everything[-4000:]
-    assert "Traceback" not in everything and "[rank" not in everything, everything[-4000:]
-    assert "will restart worker group" not in everything, "a mistake is not restarted"
-    return lines[0]
-
 
 # ---- train: a shard gone or changed, every rank stops, one line names it --------------------------
 

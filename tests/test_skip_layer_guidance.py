@@ -14,7 +14,7 @@ import torch
 from sd35dist.config.validation_section import ValidationSection
 from sd35dist.validation.guidance import Guidance, GuidanceSettings
 from sd35dist.validation.render import Renderer, validation_pairs
-from sd35dist.validation.sample_command import _parser as sample_parser
+from sd35dist.validation.sample_command import argument_parser as sample_parser
 from sd35dist.validation.sample_command import guidance_of
 from sd35dist.validation.sampler import SampleSettings, latent_shape_of
 
@@ -90,7 +90,7 @@ def test_sample_flags_reach_the_guidance_settings():
 def test_the_recipe_section_and_the_sweep_flag_reach_the_sampler_settings():
     from sd35dist.config.recipe import Recipe
     from sd35dist.validation.during_training import sample_settings
-    from sd35dist.validation.sweep_command import _parser as sweep_parser
+    from sd35dist.validation.sweep_command import argument_parser as sweep_parser
 
     recipe = Recipe.model_validate({
         "name": "r", "model": {"pretrained": "/m"}, "data": {"cache_url": "/c"}, "output": {"dir": "/o"},

@@ -14,7 +14,7 @@ import torch
 from sd35dist.checkpoint.layout import CheckpointDir, read_info
 from sd35dist.checkpoint.weights import read_weights
 from tests.cli_runs import PROJECT, venv_env
-from tests.train_runs import RunsCode, export, losses, train, train_recipe, train_refused
+from tests.train_runs import RunsCode, export, learning_rates, losses, train, train_recipe, train_refused
 
 pytestmark = pytest.mark.dist
 
@@ -39,10 +39,13 @@ def test_straight_run_trains_and_rotates_checkpoints(straight):
 
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory, cache) -> Path:
-    """A 2-rank run of the straight recipe stopped by max_train_steps 3: root/out (copy it to continue)
-    and root/run1. Both resume tests start from it."""
+    """A 2-rank run of the straight recipe that train.stop_at_step ends at step 3, off the checkpoint
+    interval (it saves there): root/out (copy it to continue), root/run1 and its output in root/run1.log.
+    Both resume tests start from it."""
     root = tmp_path_factory.mktemp("stopped")
-    train(train_recipe(root / "first.yaml", cache, root / "out", max_train_steps=3), root / "run1")
+    first = train(train_recipe(root / "first.yaml", cache, root / "out", stop_at_step=3, checkpointing_steps=4),
+                  root / "run1")
+    (root / "run1.log").write_text(first.stdout + first.stderr)
     return root
 
 
@@ -50,7 +53,9 @@ def test_stop_and_resume_gives_the_same_losses(straight, stopped, cache, tmp_pat
     _, expected = straight
     out = tmp_path / "out"
     shutil.copytree(stopped / "out", out)
+    assert "stopped at step 3 (train.stop_at_step), saved; the schedule runs to step 6" in (stopped / "run1.log").read_text()
     assert losses(stopped / "run1") == {s: expected[s] for s in (1, 2, 3)}
+    assert CheckpointDir(stopped / "out").complete_steps() == [3]
     proc = train(train_recipe(tmp_path / "second.yaml", cache, out), tmp_path / "run2")
     assert "resumed from" in proc.stdout + proc.stderr
     assert losses(tmp_path / "run2") == {s: expected[s] for s in (4, 5, 6)}, "CPU/gloo resume is exact"
@@ -161,11 +166,13 @@ def test_adamw_bf16_stop_and_resume_gives_the_same_losses_and_weights(cache, tmp
     buffers and step counter go through the checkpoint, so resume is exact too."""
     from sd35dist.checkpoint.export import checkpoint_state
 
-    bf16 = {"optimizer": "adamw_bf16", "mixed_precision": "bf16", "max_train_steps": 4, "checkpointing_steps": 2}
+    bf16 = {"optimizer": "adamw_bf16", "mixed_precision": "bf16", "max_train_steps": 4, "checkpointing_steps": 2,
+            "lr_scheduler": "cosine", "lr_warmup_steps": 1}
     train(train_recipe(tmp_path / "straight.yaml", cache, tmp_path / "straight", **bf16), tmp_path / "run0")
-    expected = losses(tmp_path / "run0")
+    expected, expected_lr = losses(tmp_path / "run0"), learning_rates(tmp_path / "run0")
     out = tmp_path / "out"
-    train(train_recipe(tmp_path / "first.yaml", cache, out, **{**bf16, "max_train_steps": 2}), tmp_path / "run1")
+    train(train_recipe(tmp_path / "first.yaml", cache, out, **bf16, stop_at_step=2), tmp_path / "run1")
+    assert learning_rates(tmp_path / "run1") == {s: expected_lr[s] for s in (1, 2)}, "stop_at_step keeps the schedule"
     train(train_recipe(tmp_path / "second.yaml", cache, out, **bf16), tmp_path / "run2")
     assert losses(tmp_path / "run2") == {s: expected[s] for s in (3, 4)}
     for use_ema in (False, True):

@@ -70,7 +70,8 @@ def test_straight_run_trains_rotates_checkpoints_and_writes_its_config(straight)
 def test_stop_and_resume_gives_the_same_losses_and_weights(straight, cache, tmp_path):
     case, root, expected = straight
     out = tmp_path / "out"
-    train(zero_recipe(tmp_path / "first.yaml", cache, out, max_train_steps=3, **CASES[case]), tmp_path / "run1")
+    first = train(zero_recipe(tmp_path / "first.yaml", cache, out, stop_at_step=3, **CASES[case]), tmp_path / "run1")
+    assert "stopped at step 3 (train.stop_at_step)" in first.stdout + first.stderr
     assert losses(tmp_path / "run1") == {s: expected[s] for s in (1, 2, 3)}
     proc = train(zero_recipe(tmp_path / "second.yaml", cache, out, **CASES[case]), tmp_path / "run2")
     assert "resumed from" in proc.stdout + proc.stderr

@@ -41,6 +41,11 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
+def learning_rates(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics-rank00000.jsonl").read_text().splitlines()
+    return {r["step"]: r["lr"] for r in map(json.loads, lines)}
+
+
 def export(checkpoint: Path, out: Path, *flags: str) -> dict[str, torch.Tensor]:
     proc = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(checkpoint), "--out", str(out),
                            "--dtype", "fp32", *flags], capture_output=True, text=True, cwd=PROJECT)

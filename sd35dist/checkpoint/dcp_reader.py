@@ -84,6 +84,25 @@ class MetadataCheckedReader(dcp.FileSystemReader):
         return metadata
 
 
+def missing_storage(directory: pathlib.Path, metadata: dcp_metadata.Metadata) -> str | None:
+    """Why the files `metadata` points into cannot hold its tensors (one missing or cut short), or None.
+
+    Only sizes are compared: a checkpoint copied without a shard, or cut off by a full disk, is
+    found at once (`inspect` without reading a tensor) instead of when that tensor is read."""
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        name = str(info.relative_path)
+        needed[name] = max(needed.get(name, 0), int(info.offset) + int(info.length))
+    for name, end in sorted(needed.items()):
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size < end:
+            return f"{name} is truncated ({size} bytes; the metadata needs {end})"
+    return None
+
+
 class TrustedLoadPlanner(DefaultLoadPlanner):
     """DCP's default load planner with non-tensor entries unpickled by `torch.load(weights_only=True)`."""
 

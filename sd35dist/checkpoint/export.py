@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
+import os
 import tempfile
 from pathlib import Path
 
@@ -22,8 +22,9 @@ import torch
 from sd35dist.checkpoint.layout import CHECKPOINTS, COMPLETE, TRANSFORMER_CONFIG, CheckpointDir, CheckpointUnreadable
 from sd35dist.checkpoint.lora_export import checkpoint_lora, export_lora
 from sd35dist.checkpoint.weights import read_weights
+from sd35dist.config.cli_args import CommandLineParser, fail
 from sd35dist.models.state_keys import key_mismatch
-from sd35dist.runtime.atomic_files import staged_directory
+from sd35dist.runtime.atomic_files import staged_directory, unwritable_reason
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -85,8 +86,8 @@ def find_checkpoint(path: Path) -> Path:
     return latest
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sd35dist export", description=__doc__.splitlines()[0].strip("`"))
+def argument_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="sd35dist export", description=__doc__.splitlines()[0].strip("`"))
     parser.add_argument("checkpoint", type=Path, help="a checkpoint directory (…/checkpoints/step-N) or an output dir")
     parser.add_argument("--out", type=Path, required=True, help="the transformer directory (or single file) to write")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
@@ -100,11 +101,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--title", help="single-file: modelspec.title (default: the file's name)")
     parser.add_argument("--merge", action="store_true",
                         help="LoRA checkpoints: write the transformer with the LoRA fused in instead of the LoRA file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = argument_parser().parse_args(argv)
+    # Export reads local files only: a base model that moved must not turn into a Hub download.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.format != "single-file" and (args.dtype == "fp8_e4m3fn" or args.with_vae or args.vae or args.title):
-        print("error: --dtype fp8_e4m3fn, --with-vae, --vae and --title need --format single-file", file=sys.stderr)
-        return 2
+        return fail("--dtype fp8_e4m3fn, --with-vae, --vae and --title need --format single-file")
     try:
+        check_export_arguments(args)
         if args.format == "single-file":
             return _export_single_file(args)
         if args.format == "kohya":
@@ -117,10 +124,36 @@ def main(argv: list[str]) -> int:
         else:
             out = export_checkpoint(checkpoint, args.out, use_ema=args.ema, dtype=args.dtype)
     except (ExportError, CheckpointUnreadable) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err))
+    except OSError as err:  # the disk filled, the directory went away: the staged output is gone already
+        return fail(f"--out {args.out}: cannot write: {err.strerror or err}")
     print(f"exported {'EMA of ' if args.ema else ''}{checkpoint} → {out} ({args.dtype})")
     return 0
+
+
+def check_export_arguments(args: argparse.Namespace) -> None:
+    """What can be known before a tensor is read: the output can be created, --vae is a VAE."""
+    if args.out.exists():
+        raise ExportError(f"{args.out} already exists: choose another --out")
+    if args.format == "single-file" and not args.out.parent.is_dir():
+        raise ExportError(f"--out {args.out}: no such directory {args.out.parent}")
+    problem = unwritable_reason(args.out)
+    if problem:
+        raise ExportError(f"--out {args.out}: {problem}")
+    if args.vae is not None:
+        check_vae_dir(args.vae)
+
+
+def check_vae_dir(vae: Path) -> None:
+    """A diffusers VAE folder: config.json of an AutoencoderKL (not a transformer's, say) and its weights."""
+    try:
+        config = json.loads((vae / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise ExportError(f"--vae {vae}: no readable config.json: name a diffusers VAE folder (the base model's vae/)") from None
+    kind = config.get("_class_name") if isinstance(config, dict) else None
+    if kind != "AutoencoderKL":
+        raise ExportError(f"--vae {vae}: holds a {kind or 'model of unknown class'}, not a VAE (AutoencoderKL): "
+                          "name the base model's vae/ folder")
 
 
 def _export_single_file(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, TrustedLoadPlanner, UnsafeMetadata
+from sd35dist.checkpoint.dcp_reader import MetadataCheckedReader, TrustedLoadPlanner, UnsafeMetadata, missing_storage
 from sd35dist.checkpoint.layout import DCP_DIR, CheckpointUnreadable
 from sd35dist.checkpoint.tensor_sources import block_group
 from sd35dist.models.state_keys import plain_name
@@ -77,6 +77,9 @@ class DcpTensors:
             metadata = MetadataCheckedReader(str(directory)).read_metadata()
         except (UnsafeMetadata, pickle.UnpicklingError, EOFError) as err:
             raise CheckpointUnreadable(f"{directory / '.metadata'}: not readable as DCP metadata ({err})") from None
+        problem = missing_storage(directory, metadata)
+        if problem:  # found before a tensor is read: `inspect` says so without --diff
+            raise CheckpointUnreadable(f"{directory.parent}: broken checkpoint: {problem}")
         self._keys: dict[str, str] = {}
         self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for prefix in (part, "ema") if use_ema else (part,):

@@ -29,6 +29,7 @@ from sd35dist.checkpoint.layout import COMPLETE, CheckpointDir, CheckpointUnread
 from sd35dist.checkpoint.original_layout import TRANSFORMER_PREFIX, LayoutMismatch
 from sd35dist.checkpoint.tensor_sources import OriginalLayoutView, SafetensorsFiles, TensorSource
 from sd35dist.checkpoint.weights import open_weights
+from sd35dist.config.cli_args import CommandLineParser
 
 LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.")
 LORA_PREFIXES = ("base_model.model.", "transformer.", "unet.")
@@ -88,7 +89,12 @@ def open_path(path: Path, use_ema: bool = False) -> Opened:
     if (path / "model_index.json").is_file():
         path = path / "transformer"
     if (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            if not isinstance(config, dict):
+                raise ValueError(f"a {type(config).__name__}")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointUnreadable(f"{path / 'config.json'}: not a readable JSON config ({type(exc).__name__})") from None
         metadata = {key: json.dumps(value) for key, value in config.items()}
         return Opened(f"diffusers folder ({config.get('_class_name', 'model')}) {path}", SafetensorsFiles.folder(path),
                       metadata)
@@ -338,15 +344,25 @@ def diff_opened(opened: Opened, base_path: Path) -> tuple[list[BlockChange], lis
     return full_diff(opened.source, base.source)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sd35dist inspect", description=__doc__.splitlines()[0].strip("`"))
+def argument_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="sd35dist inspect", description=__doc__.splitlines()[0].strip("`"))
     parser.add_argument("path", type=Path, help="checkpoint, output dir, diffusers folder, single file or LoRA file")
     parser.add_argument("--ema", action="store_true", help="a checkpoint's EMA weights instead of the raw ones")
     parser.add_argument("--diff", type=Path, metavar="BASE", help="per-block relative change against BASE")
     parser.add_argument("--png", type=Path, help="the bar plot of --diff (default: ./<name>-diff.png)")
     parser.add_argument("--summary", action="store_true", help="group totals only, no key list")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = argument_parser().parse_args(argv)
     try:
+        if args.png is not None and args.diff is None:
+            raise CheckpointUnreadable(f"--png {args.png}: the bar plot is of --diff BASE: add it")
+        if args.png is not None and (args.png.is_dir() or not args.png.parent.is_dir()):
+            raise CheckpointUnreadable(f"--png {args.png}: name a file in an existing directory")
+        if args.diff is not None and not args.diff.exists():
+            raise CheckpointUnreadable(f"--diff {args.diff}: no such file or directory")
         opened = open_path(args.path, args.ema)
         print(f"{args.path}: {opened.kind}")
         for key, value in sorted(opened.metadata.items()):

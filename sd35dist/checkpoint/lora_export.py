@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sd35dist.checkpoint.layout import TRANSFORMER_CONFIG, read_info, saved_recipe
+from sd35dist.checkpoint.layout import TRANSFORMER_CONFIG, CheckpointUnreadable, read_info, saved_recipe
 from sd35dist.config.recipe import LoraSection
 from sd35dist.runtime.atomic_files import staged_directory
 
@@ -115,8 +115,12 @@ def merged_transformer(checkpoint: Path, section: LoraSection, adapters: dict[st
     from sd35dist.models.lora import inject_lora, is_adapter_key
 
     model_section = saved_recipe(checkpoint).get("model") or {}
-    base = Path(model_section["pretrained"]) / model_section.get("transformer_subfolder", "transformer")
-    model = SD3Transformer2DModel.from_pretrained(base, dtype=torch.float32)
+    base = Path(model_section.get("pretrained", "")) / model_section.get("transformer_subfolder", "transformer")
+    if not (base / "config.json").is_file():
+        # Never a Hub lookup: a moved base model is a local path that is gone, not a repository id.
+        raise CheckpointUnreadable(f"{checkpoint}: --merge needs the base transformer the LoRA was trained on, {base}, "
+                          "which is not there (moved?): put it back, or export the LoRA file without --merge")
+    model = SD3Transformer2DModel.from_pretrained(base, dtype=torch.float32, local_files_only=True)
     inject_lora(model, section, dtype=torch.float32)
     result = model.load_state_dict(adapters, strict=False)
     missing = [key for key in result.missing_keys if is_adapter_key(key)]

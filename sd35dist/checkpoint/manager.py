@@ -11,6 +11,9 @@ One checkpoint (layout.py says where it lives and how it is published atomically
   the resuming recipe before anything is built (recipe_match.py says which keys count);
 - `transformer_config.json`: the model's config, which export builds the diffusers model from.
 
+Weights that hold NaN or inf are never written (checkpoint/finite.py): `save` asks every rank's
+strategy first and raises NonFiniteTraining, so `latest` keeps naming the last sound checkpoint.
+
 Like torchtitan's CheckpointManager it holds the parts it saves; the training loop says only
 "this step is done" and asks `due`, `save`, `finish_save` and `resume`. Every rank calls
 every method at the same point; rank 0 alone publishes and rotates, after a barrier.
@@ -29,6 +32,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 import torch.distributed as dist
 
+from sd35dist.checkpoint.finite import NonFiniteTraining, weights_message
 from sd35dist.checkpoint.layout import (
     BRANCH,
     RECIPE_FILE,
@@ -57,6 +61,11 @@ class RankPlace(Protocol):
     @property
     def is_main(self) -> bool: ...
 
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's collectives run (the non-finite verdict is all-reduced there)."""
+        ...
+
 
 class CheckpointedStrategy(Protocol):
     """What the manager needs of a training strategy (parallel.strategy.TrainingStrategy is one):
@@ -68,6 +77,7 @@ class CheckpointedStrategy(Protocol):
     def save(self, directory: Path) -> None: ...
     def save_async(self, directory: Path) -> Future: ...
     def load(self, directory: Path) -> None: ...
+    def weights_finite(self) -> bool: ...
 
 
 class Stateful(Protocol):
@@ -149,6 +159,7 @@ class CheckpointManager:
         written in the background; it is published by `finish_save`, at the next save or at the end.
         """
         self.finish_save()
+        self._refuse_non_finite(step)
         started = time.monotonic()
         partial = self.layout.partial_path(step)
         if self.world.is_main:
@@ -164,6 +175,14 @@ class CheckpointManager:
             self._pending = _PendingSave(step, None, trainer_state, started)
             self.finish_save()
         return self.layout.path(step)
+
+    def _refuse_non_finite(self, step: int) -> None:
+        """Every rank asks its strategy; if any rank holds a NaN or inf weight, nothing is written."""
+        finite = torch.tensor([int(self.strategy.weights_finite())], dtype=torch.int64, device=self.world.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            latest = self.latest()
+            raise NonFiniteTraining(weights_message(step, latest.name if latest else None))
 
     def finish_save(self) -> None:
         """Wait for the checkpoint being written (if any), then publish it and rotate."""

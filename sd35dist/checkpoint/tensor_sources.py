@@ -12,10 +12,12 @@ a time, without a process group or a GPU:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -35,14 +37,12 @@ class SafetensorsFiles:
     """Tensors of one or more safetensors files (a diffusers folder's shards, or one file)."""
 
     def __init__(self, files: list[Path]) -> None:
-        from safetensors import safe_open
-
         self.files = files
         self._where: dict[str, Path] = {}
         self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.metadata: dict[str, str] = {}
         for path in files:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
+            with _opened(path) as handle:
                 self.metadata.update(handle.metadata() or {})
                 for key in handle.keys():
                     piece = handle.get_slice(key)
@@ -54,7 +54,10 @@ class SafetensorsFiles:
         """A diffusers model folder: its index's shards, or its one `*.safetensors`."""
         index = sorted(folder.glob("*.safetensors.index.json"))
         if index:
-            names = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+            try:
+                names = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise CheckpointUnreadable(f"{index[0]}: not a readable safetensors index") from None
             return cls([folder / name for name in names])
         files = sorted(folder.glob("*.safetensors"))
         if not files:
@@ -65,13 +68,27 @@ class SafetensorsFiles:
         return dict(self._specs)
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self._where[name]), framework="pt", device="cpu") as handle:
+        with _opened(self._where[name]) as handle:
             return handle.get_tensor(name)
 
 
 _SAFETENSORS_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """safe_open, with a file that is missing, empty, cut short or not safetensors at all as CheckpointUnreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise CheckpointUnreadable(f"{path}: missing (a shard of this model is not there)")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            yield handle
+    except (SafetensorError, OSError) as err:
+        size = path.stat().st_size
+        raise CheckpointUnreadable(f"{path}: not a readable safetensors file ({size} bytes: "
+                                   f"{' '.join(str(err).split())})") from None
 
 
 def block_group(name: str) -> str:

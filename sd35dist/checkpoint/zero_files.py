@@ -9,8 +9,11 @@ Offline reads (`ZeroTensors`, `read_full`) need no process group and no GPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -79,6 +82,17 @@ def read_full(checkpoint: Path, use_ema: bool = False) -> dict[str, torch.Tensor
     return {name: source.get(name) for name in source.specs()}
 
 
+@contextlib.contextmanager
+def deepspeed_files_read(checkpoint: Path) -> Iterator[None]:
+    """DeepSpeed reading a checkpoint whose files are missing or cut short fails in many ways (its own
+    ValueError, torch.load's RuntimeError, an EOF): each is CheckpointUnreadable naming the checkpoint."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as err:
+        raise CheckpointUnreadable(f"{checkpoint}: broken DeepSpeed checkpoint: {type(err).__name__}: "
+                                   f"{' '.join(str(err).split())[:300]}") from None
+
+
 class ZeroTensors:
     """The fp32 master weights (or, with `use_ema`, the EMA) of a DeepSpeed ZeRO-2/3 checkpoint, as
     a TensorSource: DeepSpeed's lazy reader (optimizer files memory-mapped; ZeRO-2's model-states
@@ -92,7 +106,8 @@ class ZeroTensors:
 
         check_pickles(checkpoint)  # DeepSpeed's offline reader unpickles with weights_only=False
         # Buffers (pos_embed) are in it too; a LoRA checkpoint holds no frozen base.
-        self._lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG, lazy_mode=True)
+        with deepspeed_files_read(checkpoint):
+            self._lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG, lazy_mode=True)
         self._ema: dict[str, list[tuple[Path, int, int]]] = {}
         self._ema_shapes: dict[str, tuple[int, ...]] = {}
         if use_ema:

@@ -9,7 +9,9 @@ Three kinds, each with one calling convention for its module's entry function:
 
 from __future__ import annotations
 
+import argparse
 import enum
+import importlib
 from dataclasses import dataclass
 
 
@@ -33,6 +35,9 @@ class Command:
     submittable: bool = False
     """Tools only: `sd35dist submit --job` may also run it on every rank; it then takes `--recipe R --run-dir D`
     (the frozen recipe and the run directory) in place of its own positional arguments."""
+    parser: str = "argument_parser"
+    """The function of `module` that returns the command's argparse parser (rank jobs: sd35dist.cli's;
+    submit side: launcher.cli's, whose subparser `words` names)."""
 
     @property
     def name(self) -> str:
@@ -58,6 +63,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(words=("steps",), kind=TOOL, module="sd35dist.jobs.steps",
             summary="optimizer steps per epoch and in total, per profile, from the cache's manifest"),
     Command(words=("cache", "inspect"), kind=TOOL, module="sd35dist.jobs.cache", entry="inspect_main",
+            parser="inspect_argument_parser",
             summary="summarise a cache from its manifest (--verify checks every shard's sha256)"),
     Command(words=("export",), kind=TOOL, module="sd35dist.checkpoint.export",
             summary="write a checkpoint's transformer as a diffusers directory (or one SD3.5 single file)"),
@@ -85,6 +91,16 @@ def find_command(argv: list[str]) -> Command | None:
     """The command `argv` starts with, the longest match first (`cache inspect` before `cache`)."""
     matches = [c for c in COMMANDS if tuple(argv[: len(c.words)]) == c.words]
     return max(matches, key=lambda c: len(c.words), default=None)
+
+
+def argument_parser(command: Command) -> argparse.ArgumentParser:
+    """The parser that reads `command`'s arguments (importing its module: a tool's imports torch)."""
+    module = "sd35dist.cli" if command.kind is RANK_JOB else command.module
+    parser = getattr(importlib.import_module(module), command.parser)()
+    if command.kind is TOOL:
+        return parser
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices[command.name]
 
 
 def command_table() -> str:

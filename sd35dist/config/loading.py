@@ -6,6 +6,7 @@ Pure apart from reading the YAML file; knows nothing of torch so the launcher ca
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,10 +33,11 @@ class StrictModel(pydantic.BaseModel):
     """Base of every config section: unknown keys are errors, and a value keeps the type YAML gave it.
 
     "3" is not an int, 2.0 not an int, "true" not a bool. An int is a float (learning_rate: 1),
-    and a YAML list is a tuple where a field declares one (`YamlTuple`).
+    and a YAML list is a tuple where a field declares one (`YamlTuple`). A float is finite: YAML's
+    .inf and .nan are refused everywhere (`learning_rate: .inf` would train to NaN).
     """
 
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 YamlTuple = pydantic.Strict(False)
@@ -157,13 +159,25 @@ def _describe_error(model_cls: type[pydantic.BaseModel], err: dict[str, Any]) ->
         return key, f"must be {sign} {bound}, got {given!r}"
     if kind.endswith("_parsing") or kind.endswith("_type"):
         wanted = kind.removesuffix("_parsing").removesuffix("_type").replace("_", " ")
+        if wanted == "float" and isinstance(given, str) and _not_finite(given):
+            return key, f"must be a finite number, got {given!r}"
         quoted = " (a quoted string: drop the quotes)" if isinstance(given, str) and wanted in NATIVE_YAML_TYPES else ""
         return key, f"expected {wanted}, got {given!r}{quoted}"
+    if kind == "finite_number":
+        return key, f"must be a finite number, got {given!r}"
     if kind == "literal_error":
         return key, f"must be one of {ctx.get('expected')}, got {given!r}"
     if kind == "value_error":
         return key, str(ctx.get("error", err["msg"]))
     return key, err["msg"][:1].lower() + err["msg"][1:]
+
+
+def _not_finite(text: str) -> bool:
+    """`inf`, `nan`, `-Infinity`: YAML reads them as strings (its own are .inf and .nan)."""
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _known_keys(model_cls: type[pydantic.BaseModel], loc: list[str]) -> list[str]:

@@ -322,6 +322,9 @@ class TrainSection(StrictModel):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_train_steps: int | None = Field(None, ge=1)
     """Optimizer steps; when None, num_train_epochs decides."""
+    stop_at_step: int | None = Field(None, ge=1)
+    """This submission ends after this step as at the end of a run (checkpoint, validation round, report)
+    while the learning-rate schedule keeps max_train_steps as its horizon; `resume: latest` continues."""
     num_train_epochs: int | None = Field(None, ge=1)
     learning_rate: float = Field(5e-5, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine", "polynomial"] = "constant"
@@ -409,6 +412,16 @@ class Recipe(StrictModel):
         if self.train.lora is not None and self.parallel.strategy == "zero3":
             # ZeRO-3 partitions every parameter, frozen or not; its checkpoints then hold the whole base model.
             raise _error_at(("train", "lora"), "zero3", "LoRA runs on strategy fsdp2 or zero2, not zero3")
+        weights = self.validation.weights
+        if weights != "model" and not self.train.ema.enabled:
+            raise _error_at(("validation", "weights"), weights,
+                            f"{weights} renders the EMA weights, but train.ema.enabled is false: "
+                            "set train.ema.enabled: true or use weights: model")
+        if weights != "model" and self.parallel.strategy != "fsdp2":
+            # ZeRO's EMA is kept as fragments of the fp32 master weights, not a model to render with.
+            raise _error_at(("validation", "weights"), weights,
+                            f"{weights} needs strategy fsdp2 (with {self.parallel.strategy} the EMA is not "
+                            "renderable while training): use weights: model")
         return self
 
 
@@ -437,8 +450,11 @@ def _absolute(path_or_url: str, base: Path) -> str:
     return str((base / os.path.expanduser(path_or_url)).resolve())
 
 
-def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
-    """Relative local paths → absolute against `base`, so a frozen recipe means the same anywhere."""
+def resolve_paths(recipe: Recipe, base: Path, recipe_dir: Path | None = None) -> Recipe:
+    """Relative local paths → absolute against `base` (the working directory), so a frozen recipe
+    means the same anywhere; `validation.prompts_file` is relative to `recipe_dir`, the recipe
+    file's directory (docs/validation.md), when it is given."""
+    prompts_base = base if recipe_dir is None else recipe_dir
     return recipe.model_copy(
         update={
             "model": recipe.model.model_copy(update={"pretrained": (
@@ -452,7 +468,7 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             ),
             "output": recipe.output.model_copy(update={"dir": _absolute(recipe.output.dir, base)}),
             "validation": recipe.validation.model_copy(update={"prompts_file": (
-                _absolute(recipe.validation.prompts_file, base) if recipe.validation.prompts_file else None)}),
+                _absolute(recipe.validation.prompts_file, prompts_base) if recipe.validation.prompts_file else None)}),
         }
     )
 

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import pydantic
 from pydantic import Field
 
+from sd35dist.config.cli_args import SEED_MAX
 from sd35dist.config.loading import StrictModel, YamlTuple
 
 
@@ -59,8 +60,8 @@ class ValidationSection(StrictModel):
     """Or a text file with one prompt per line (blank lines skipped); relative to the recipe's directory."""
     negative_prompt: str = ""
     """The unconditional prompt of guidance."""
-    seeds: list[int] = Field(default_factory=lambda: [0])
-    """One image per (prompt, seed, resolution); each has its own generator."""
+    seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] = Field(default_factory=lambda: [0])
+    """One image per (prompt, seed, resolution); each has its own generator (torch.Generator: 0 … 2^64-1)."""
     every_n_steps: int = Field(0, ge=0)
     """Render every this many optimizer steps, and after the last (0: never during training)."""
     at_start: bool = False
@@ -107,8 +108,33 @@ class ValidationSection(StrictModel):
         return self.enabled and (self.every_n_steps > 0 or self.at_start)
 
     def prompt_list(self) -> list[str]:
-        """The prompts, read from `prompts_file` when one is named."""
+        """The prompts, read from `prompts_file` when one is named (PromptsFileError says why it cannot be)."""
         if self.prompts_file is None:
             return list(self.prompts)
-        lines = Path(self.prompts_file).read_text(encoding="utf-8").splitlines()
-        return [line.strip() for line in lines if line.strip()]
+        return read_prompts_file(Path(self.prompts_file))
+
+
+class PromptsFileError(ValueError):
+    """A prompts file that is missing, unreadable, not UTF-8 or without a prompt; the message says which."""
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt per line of a UTF-8 text file, blank lines skipped; at least one prompt."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise PromptsFileError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise PromptsFileError(f"{path} is a directory, not a text file of prompts") from None
+    except OSError as exc:
+        raise PromptsFileError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise PromptsFileError(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}): "
+                               "save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise PromptsFileError(f"{path} holds no prompt: write one prompt per line")
+    return prompts

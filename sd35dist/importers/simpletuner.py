@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sd35dist.config.cli_args import CommandLineParser
 from sd35dist.config.credentials import first_credential
 from sd35dist.config.loading import ConfigError, validate_mapping
 from sd35dist.config.recipe import Recipe
@@ -234,14 +235,18 @@ def shown(value: Any) -> str:
     return value if value == HIDDEN else json.dumps(value, ensure_ascii=False)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sd35dist import simpletuner", description=__doc__.splitlines()[0].strip("`"))
+def argument_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="sd35dist import simpletuner", description=__doc__.splitlines()[0].strip("`"))
     parser.add_argument("config", type=Path, help="SimpleTuner's config.json or config.env")
     parser.add_argument("--backend", type=Path, help="its multidatabackend.json (default: the config's data_backend_config)")
     parser.add_argument("-o", "--out", type=Path, required=True, help="the recipe YAML to write")
     parser.add_argument("--allow-unknown", action="store_true",
                         help="import options SimpleTuner's parser does not know (typos?) by listing them, not refusing")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = argument_parser().parse_args(argv)
     try:
         if args.out.exists():
             raise ConfigError(str(args.out), "", "exists already: choose another -o or remove it")

@@ -11,15 +11,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sd35dist.config.cli_args import CommandLineParser, key_value
 from sd35dist.config.loading import ConfigError, parse_override
 from sd35dist.config.recipe import Recipe
 from sd35dist.data.cache_builder import Encoders, RankResult, SampleShape, build_rank, finish_cache, write_empty_prompt
 from sd35dist.data.cache_identity import dataset_identity, foreign_cache
 from sd35dist.data.manifest import ManifestError, read_manifest
+from sd35dist.data.shard_fetcher import is_transient
 from sd35dist.data.shard_format import shard_metadata
 from sd35dist.data.storage import Store, sha256_hex
 from sd35dist.jobs.rank_failure import rank_from_env, report_before_group, report_failure
-from sd35dist.jobs.rank_inputs import check_dataset_sources, check_pretrained, load_rank_recipe
+from sd35dist.jobs.rank_inputs import check_dataset_sources, check_pretrained, check_rank_inputs, load_rank_recipe
 from sd35dist.parallel.process_group import World, destroy, init_process_group_from_env
 
 # Ranks that finish their shards early wait here for the slowest; torchrun stops the job if
@@ -39,7 +41,7 @@ def _sample_shape(encoders: Encoders) -> SampleShape:
     )
 
 
-def checked_recipe(recipe_file: Path) -> Recipe:
+def checked_recipe(recipe_file: Path, run_dir: Path | None = None) -> Recipe:
     """The recipe, once its model directory and every dataset source are known to be there."""
     from sd35dist.models.sd3_components import CACHE_INPUT_PARTS
 
@@ -48,6 +50,7 @@ def checked_recipe(recipe_file: Path) -> Recipe:
         raise ConfigError(recipe_file.name, "data.datasets", "no datasets to cache")
     check_pretrained(recipe, recipe_file.name, CACHE_INPUT_PARTS)
     check_dataset_sources(recipe.data, recipe_file.name)
+    check_rank_inputs(recipe, "cache", recipe_file.name, run_dir)
     store = Store(recipe.data.cache_url, recipe.data.storage_options)
     problem = foreign_cache(store, dataset_identity(recipe.data))
     if problem:
@@ -109,6 +112,7 @@ def validation_only(recipe_file: Path) -> int:
 
     recipe = load_rank_recipe(recipe_file)
     check_pretrained(recipe, recipe_file.name, CACHE_INPUT_PARTS)
+    check_rank_inputs(recipe, "cache", recipe_file.name)
     if not recipe.validation.enabled:
         raise ConfigError(recipe_file.name, "validation.prompts", "no validation prompts to cache")
     store = Store(recipe.data.cache_url, recipe.data.storage_options)
@@ -150,11 +154,11 @@ def inspect(url: str, storage_options: dict[str, Any], verify: bool, out=sys.std
     return 1 if problems else 0
 
 
-def _inspect_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sd35dist cache inspect", description="print what a latent cache holds")
+def inspect_argument_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="sd35dist cache inspect", description="print what a latent cache holds")
     parser.add_argument("url", help="cache root: a path, file://… or s3://bucket/prefix")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000")
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", type=key_value,
+                        help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000 (the value is read as YAML)")
     parser.add_argument("--verify", action="store_true", help="read every shard and check its sha256")
     return parser
 
@@ -167,10 +171,10 @@ def main(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     try:
-        recipe = checked_recipe(Path(args.recipe))
+        recipe = checked_recipe(Path(args.recipe), Path(args.run_dir) if args.run_dir else None)
+        world = init_process_group_from_env(CACHE_COLLECTIVE_TIMEOUT_S)
     except ConfigError as err:
         return report_before_group(err, rank_from_env())
-    world = init_process_group_from_env(CACHE_COLLECTIVE_TIMEOUT_S)
     try:
         return build(recipe, world)
     except Exception as err:  # noqa: BLE001 — one line once for a mistake; a bug is re-raised
@@ -180,13 +184,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 def inspect_main(argv: list[str]) -> int:
-    args = _inspect_parser().parse_args(argv)
-    options = {}
-    for text in args.storage_option:
-        parts, value = parse_override(text)
-        options[".".join(parts)] = value
+    args = inspect_argument_parser().parse_args(argv)
     try:
+        options = {key: parse_override(f"value={value}")[1] for key, value in args.storage_option}
         return inspect(args.url, options, args.verify)
     except (ManifestError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if not (isinstance(err, OSError) or is_transient(err)):
+            raise
+        print(f"error: {args.url}: cannot read the cache: {type(err).__name__}: {' '.join(str(err).split())}",
+              file=sys.stderr)
         return 2

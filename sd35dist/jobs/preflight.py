@@ -326,7 +326,7 @@ def check_rank(world: World, recipe_path: Path, allreduce_got: int) -> RankCheck
     except ConfigError as exc:
         return RankCheck(**facts, recipe_hash=None, config_error=str(exc), data=None, output=None)
     digest = recipe_hash(recipe)
-    recipe = resolve_paths(recipe, Path.cwd())
+    recipe = resolve_paths(recipe, Path.cwd(), recipe_path.resolve().parent)
     return RankCheck(
         **facts,
         recipe_hash=digest,
@@ -419,15 +419,24 @@ def _checkpoint_save(world: World, recipe_path: Path, checks: list[Any]) -> dict
     """How long a checkpoint of the recipe takes to write (every rank probes output.dir at once)."""
     if not all(c.output is not None and c.output.writable for c in checks):
         return {"estimated": False, "reason": "output dir not writable or recipe not loaded"}
-    return estimate_save(world, resolve_paths(load_recipe(recipe_path), Path.cwd()))
+    return estimate_save(world, resolve_paths(load_recipe(recipe_path), Path.cwd(), recipe_path.resolve().parent))
 
 
 def main(args: Any) -> int:
     started = time.monotonic()
     try:
+        # Mistakes in the command itself, before the process group: the report needs both.
+        if not Path(args.recipe).is_file():
+            raise ConfigError(str(args.recipe), "", "recipe file not found")
+        run_dir = Path(args.run_dir)
+        for candidate in (run_dir, *run_dir.parents):
+            if candidate.exists():
+                if not candidate.is_dir():
+                    raise ConfigError("--run-dir", str(run_dir), f"{candidate} is a file: name a directory")
+                break
         world = init_process_group_from_env(PREFLIGHT_TIMEOUT_S)
     except ConfigError as exc:
-        print(f"preflight: {exc}", file=sys.stderr)
+        print(f"error: preflight: {exc}", file=sys.stderr)
         return 2
     except (RuntimeError, ValueError, OSError) as exc:
         job = JobEnvironment.read()

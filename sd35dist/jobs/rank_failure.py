@@ -28,11 +28,14 @@ from pathlib import Path
 from typing import TextIO
 
 from sd35dist.checkpoint.export import ExportError
+from sd35dist.checkpoint.finite import NonFiniteTraining
 from sd35dist.checkpoint.layout import CheckpointNotFound, CheckpointUnreadable
 from sd35dist.config.loading import ConfigError
+from sd35dist.config.validation_section import PromptsFileError
 from sd35dist.data.manifest import ManifestError
 from sd35dist.data.shard_fetcher import ShardCorrupt, ShardUnavailable
 from sd35dist.jobs.torchrun import MISTAKE_EXIT
+from sd35dist.models.lora import LoraTargetError
 from sd35dist.models.sd3_components import ModelDirectoryIncomplete
 from sd35dist.models.transformer_build import CheckpointMismatch
 from sd35dist.runtime.job_env import JobEnvironment
@@ -43,7 +46,7 @@ RANK0_SPEAKS_WITHIN_S = 30.0
 
 MISTAKES: tuple[type[BaseException], ...] = (
     ConfigError, CheckpointNotFound, CheckpointUnreadable, ExportError, ManifestError, ShardCorrupt, ShardUnavailable,
-    ModelDirectoryIncomplete, CheckpointMismatch,
+    ModelDirectoryIncomplete, CheckpointMismatch, NonFiniteTraining, LoraTargetError, PromptsFileError,
 )
 """Errors whose message tells the user what to fix: one line and exit 2, never a traceback."""
 

@@ -11,14 +11,29 @@ from pathlib import Path
 from typing import Any
 
 from sd35dist.config.hub_ids import hub_id_of
+from sd35dist.config.input_checks import check_recipe_inputs
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import DataSection, ModelSection, Recipe, load_recipe, resolve_paths
 from sd35dist.models.sd3_components import ModelDirectoryIncomplete, check_model_dir
 
 
 def load_rank_recipe(path: Path) -> Recipe:
-    """The recipe with relative paths made absolute against the working directory."""
-    return resolve_paths(load_recipe(path), Path.cwd())
+    """The recipe with relative paths made absolute against the working directory (a prompts
+    file against the recipe's directory); a frozen recipe's paths are absolute already."""
+    return resolve_paths(load_recipe(path), Path.cwd(), path.resolve().parent)
+
+
+def check_rank_inputs(recipe: Recipe, job: str, source: str, run_dir: Path | None = None) -> None:
+    """What submit checks (config/input_checks.py), again on the rank for scripts submitted with plain
+    sbatch: prompts file, output directory, sizes and LoRA targets against the model's config; and
+    the run directory the job writes its logs and reports into."""
+    check_recipe_inputs(recipe, job, source, visible_everywhere=True)
+    if run_dir is not None:
+        for candidate in (run_dir, *run_dir.parents):
+            if candidate.exists():
+                if not candidate.is_dir():
+                    raise ConfigError("--run-dir", str(run_dir), f"{candidate} is a file: name a directory")
+                break
 
 
 def train_model_parts(model: ModelSection) -> tuple[str, ...]:

@@ -177,13 +177,24 @@ def leave_mistake_mark(env: Mapping[str, str] | None = None) -> None:
             pass  # the status is a courtesy; the one-line error is already in the log
 
 
+def argument_parser():
+    """torchrun's own parser (torch.distributed.run), answering a usage mistake in one line."""
+    from torch.distributed.run import get_args_parser
+
+    from sd35dist.config.cli_args import one_line_errors
+
+    parser = one_line_errors(get_args_parser())
+    parser.prog = "sd35dist torchrun"
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     import socket
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.run import run
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = argument_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.max_restarts > 0:
         # A fresh rendezvous store per worker attempt, hosted by that attempt's rank 0: the agents'
         # shared store keeps a dead attempt's keys, and the per-attempt prefix that would hide them

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from sd35dist.config.loading import ConfigError
 from sd35dist.jobs.rank_failure import rank_from_env, report_before_group, report_failure
-from sd35dist.jobs.rank_inputs import check_pretrained, load_rank_recipe, train_model_parts
+from sd35dist.jobs.rank_inputs import check_pretrained, check_rank_inputs, load_rank_recipe, train_model_parts
 from sd35dist.parallel.process_group import destroy, init_process_group_from_env
 from sd35dist.trainer.loop import run
 
@@ -25,11 +25,15 @@ def main(args: Any) -> int:
     try:
         recipe = load_rank_recipe(recipe_file)
         check_pretrained(recipe, recipe_file.name, train_model_parts(recipe.model))
+        run_dir = Path(args.run_dir or recipe.output.dir)
+        check_rank_inputs(recipe, "train", recipe_file.name, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        world = init_process_group_from_env(COLLECTIVE_TIMEOUT_S)
     except ConfigError as err:
         return report_before_group(err, rank_from_env())
-    run_dir = Path(args.run_dir or recipe.output.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    world = init_process_group_from_env(COLLECTIVE_TIMEOUT_S)
+    except OSError as err:  # the run directory cannot be created (permissions, a read-only mount)
+        return report_before_group(ConfigError("--run-dir", str(args.run_dir or recipe.output.dir),
+                                               f"cannot be created: {err.strerror or err}"), rank_from_env())
     try:
         code = run(recipe, world, run_dir, recipe_file.name)
         # Leave together: gloo can abort a rank that destroys its group while a peer still works.

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from sd35dist.checkpoint import fsdp2_files
+from sd35dist.checkpoint.finite import all_finite
 from sd35dist.config.recipe import Recipe
 from sd35dist.models.lora import trainable_parameters
 from sd35dist.models.state_keys import plain_name
@@ -118,6 +119,11 @@ class FSDP2Strategy:
     def update_ema(self, decay: float) -> None:
         if self.ema is not None:
             self.ema.update(self.trainable, decay)
+
+    def weights_finite(self) -> bool:
+        """Whether this rank's shards of the trained weights (and of their EMA) are all finite."""
+        shadows = self.ema.shadow.values() if self.ema is not None else ()
+        return all_finite([*(p for _, p in self.trainable), *shadows])
 
     # ---- checkpoints ----------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sd35dist.checkpoint import zero_files
+from sd35dist.checkpoint.finite import all_finite
 from sd35dist.checkpoint.layout import DEEPSPEED_CONFIG, read_info
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.recipe import Recipe
@@ -228,6 +229,11 @@ class ZeroStrategy:
     def update_ema(self, decay: float) -> None:
         if self.ema is not None:
             self.ema.update(self._named_master_fragments(), decay)
+
+    def weights_finite(self) -> bool:
+        """Whether this rank's master-weight fragments (what a checkpoint saves) and their EMA are finite."""
+        shadows = self.ema.shadow.values() if self.ema is not None else ()
+        return all_finite([*(t for _, t in self._named_master_fragments()), *shadows])
 
     def save(self, directory: Path) -> None:
         """Every rank writes its ZeRO partition (DeepSpeed's format) and its EMA fragments."""

@@ -11,6 +11,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,3 +89,23 @@ def staged_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def unwritable_reason(target: str | os.PathLike[str]) -> str | None:
+    """Why `target` (a file or directory to be created) cannot be written here, or None.
+
+    The nearest existing ancestor must be a directory in which a file can really be created: a probe
+    file is made and removed, since permission bits say nothing for root or on a read-only mount."""
+    target = Path(target)
+    for folder in (target.parent, *target.parent.parents):
+        if folder.exists():
+            break
+    if not folder.is_dir():
+        return f"{folder} is a file, not a directory"
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".sd35dist-probe-", dir=folder)
+    except OSError as exc:
+        return f"{folder} is not writable ({exc.strerror or exc})"
+    os.close(handle)
+    os.unlink(probe)
+    return None

@@ -28,6 +28,16 @@ def accounting_states(job_id: str) -> list[str]:
     return [row.strip() for row in out.splitlines() if row.strip()]
 
 
+def accounting_exit_code(job_id: str) -> int | None:
+    """The batch script's exit status of the job's last run (sacct's ExitCode `2:0`); None without accounting."""
+    out = slurm_output(["sacct", "-n", "-X", "-P", "-D", "-j", job_id, "-o", "ExitCode"]) or ""
+    rows = [row.strip() for row in out.splitlines() if row.strip()]
+    code, _, signal = rows[-1].partition(":") if rows else ("", "", "")
+    if not code.isdigit():
+        return None
+    return int(code) if int(code) or not signal.isdigit() or not int(signal) else 128 + int(signal)
+
+
 def controller_restarts(job_id: str) -> int | None:
     """scontrol's Restarts counter of the job (None once slurmctld has forgotten it)."""
     for word in (slurm_output(["scontrol", "show", "job", "-o", job_id]) or "").split():

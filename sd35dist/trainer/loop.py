@@ -18,8 +18,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sd35dist.checkpoint.finite import NonFiniteTraining, finite_non_negative, loss_message
 from sd35dist.checkpoint.layout import RECIPE_FILE
 from sd35dist.checkpoint.manager import CheckpointManager, resume_checkpoint
+from sd35dist.config.input_checks import check_cache_buckets
 from sd35dist.config.model_flops import mfu, mmdit_train_flops_per_sample, peak_bf16_flops
 from sd35dist.config.recipe import Recipe
 from sd35dist.data.latent_stream import Batch, LatentStream, StreamOptions
@@ -87,12 +89,16 @@ class Trainer:
         self.stream = LatentStream(recipe.data.cache_url, rank=world.rank, world_size=world.world_size,
                                    options=stream_options(recipe), storage_options=recipe.data.storage_options)
         self.vae = self.stream.manifest.vae
+        check_cache_buckets(list(self.stream.manifest.samples_per_bucket()), recipe, recipe_source)
         self.schedule = training_schedule(recipe)
         self.strategy: TrainingStrategy = make_strategy(recipe, world, recipe_source)
         self.checkpoints = CheckpointManager(recipe, world, self.strategy, {"stream": self.stream}, resume_from,
                                              run_dir)
         self.step = 0
         self.total_steps = self._total_steps()
+        """The schedule's horizon: the learning rate reaches its end here."""
+        self.last_step = min(self.total_steps, recipe.train.stop_at_step or self.total_steps)
+        """Where this submission ends: total_steps, or train.stop_at_step when it comes first."""
 
     def _total_steps(self) -> int:
         train = self.recipe.train
@@ -156,17 +162,25 @@ class Trainer:
             width, height = (int(v) for v in batch.bucket.split("x"))
             rank_flops += batch.size * mmdit_train_flops_per_sample(
                 self.strategy.model.config, height, width, inputs["encoder_hidden_states"].shape[1])
+        totals = torch.stack([loss_sum, samples])
+        dist.all_reduce(totals)  # before the step: a NaN loss stops the run before it reaches the weights
+        loss = float(totals[0] / totals[1])
+        self._stop_unless_finite(loss, "loss")
         lr = recipe_learning_rate(train, self.step, self.total_steps)
         grad_norm = self.strategy.step(lr, train.max_grad_norm)
+        self._stop_unless_finite(grad_norm, "gradient norm")
         self.step += 1
         decay = ema_decay_at(self.step, decay=train.ema.decay, start_step=train.ema.start_step,
                              update_interval=train.ema.update_interval)
         if decay is not None:
             self.strategy.update_ema(decay)
-        totals = torch.stack([loss_sum, samples])
-        dist.all_reduce(totals)
-        return {"loss": float(totals[0] / totals[1]), "lr": lr, "grad_norm": grad_norm, "samples": float(totals[1]),
-                "rank_flops": rank_flops}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "samples": float(totals[1]), "rank_flops": rank_flops}
+
+    def _stop_unless_finite(self, value: float, what: str) -> None:
+        """Every rank sees the same global loss and gradient norm, so all stop here together."""
+        if not finite_non_negative(value):
+            latest = self.checkpoints.latest()
+            raise NonFiniteTraining(loss_message(self.step + 1, what, value, latest.name if latest else None))
 
     def resume(self) -> Path | None:
         """Continue from the checkpoint `train.resume` names, if any; returns it."""
@@ -182,10 +196,13 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
     if logging.report_to == "wandb":
         wandb_settings = {"mode": logging.wandb_mode, "project": logging.tracker_project_name,
                           "name": logging.tracker_run_name or run_dir.name, "resume": "allow"}
-    metrics = MetricsLog(run_dir, world, total_steps=trainer.total_steps, start_step=trainer.step,
+    metrics = MetricsLog(run_dir, world, total_steps=trainer.last_step, start_step=trainer.step,
                          wandb_settings=wandb_settings)
     restart = world.job.slurm_restart_count
-    metrics.note(f"train: step {trainer.step}/{trainer.total_steps}, world {world.world_size}, "
+    stops_early = ""
+    if trainer.last_step < trainer.total_steps:
+        stops_early = f" (stop_at_step: this submission ends at {trainer.last_step})"
+    metrics.note(f"train: step {trainer.step}/{trainer.total_steps}{stops_early}, world {world.world_size}, "
                  f"{recipe.parallel.strategy}, resumed from {resumed or 'nothing'}, SLURM_RESTART_COUNT={restart}")
     checkpoints = trainer.checkpoints
     budget = SaveBudget.for_this_job(recipe.output.dir, checkpoints.last_save_s, world.job) if world.is_main else None
@@ -200,7 +217,7 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
     stop = StopKind.NONE
     saved = False
     try:
-        while trainer.step < trainer.total_steps:
+        while trainer.step < trainer.last_step:
             started = time.perf_counter()
             wait_before = trainer.stream.stats().get("wait_seconds", 0.0)
             values = trainer.train_step(batches)
@@ -215,21 +232,25 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
             if stop is not StopKind.NONE:
                 metrics.note(stop_and_save(trainer, stop, watch, budget))
                 return 0
-            saved = checkpoints.due(trainer.step, trainer.total_steps)
+            saved = checkpoints.due(trainer.step, trainer.last_step)
             if saved:
                 path = checkpoints.save(trainer.step)
                 metrics.note(f"checkpoint {path}")
                 if budget is not None and budget.measured(checkpoints.last_save_s, seconds, trainer.step):
                     for line in budget.warnings(step_s=seconds):
                         metrics.note(f"warning: {line}")
-            if validation is not None and validation.due(trainer.step, trainer.total_steps):
+            if validation is not None and validation.due(trainer.step, trainer.last_step):
                 validation.run_round(trainer.step, metrics)
             if saved and world.is_main:  # after the round, so the report shows its grid
                 write_run_report(run_dir, metrics)
         checkpoints.finish_save()
         if world.is_main and not saved:  # a final checkpoint has just written it
             write_run_report(run_dir, metrics)
-        metrics.note(f"done: {trainer.step} steps")
+        if trainer.step < trainer.total_steps:
+            metrics.note(f"stopped at step {trainer.step} (train.stop_at_step), saved; the schedule runs to step "
+                         f"{trainer.total_steps}: submit again and `resume: latest` continues")
+        else:
+            metrics.note(f"done: {trainer.step} steps")
         return 0
     finally:
         if stop in (StopKind.NONE, StopKind.TIME_LIMIT):

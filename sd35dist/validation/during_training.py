@@ -98,11 +98,7 @@ class TrainingValidation:
     def __init__(self, recipe: Recipe, trainer: Any, run_dir: Path, recipe_file: str) -> None:
         from sd35dist.models.sd3_components import load_vae
 
-        section = recipe.validation
-        if section.weights != "model" and (not recipe.train.ema.enabled or recipe.parallel.strategy != "fsdp2"):
-            raise ConfigError(recipe_file, "validation.weights",
-                              f"{section.weights} needs train.ema.enabled and strategy fsdp2 (ZeRO's EMA is kept as "
-                              "master-weight fragments); use weights: model")
+        section = recipe.validation  # the schema ties weights: ema|both to an FSDP2 EMA (config/recipe.py)
         blocks = int(trainer.strategy.model.config.num_layers)
         if section.skip_layer_guidance is not None and max(section.skip_layer_guidance.layers) >= blocks:
             raise ConfigError(recipe_file, "validation.skip_layer_guidance.layers",

@@ -13,12 +13,12 @@ import base64
 import html
 import io
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sd35dist.runtime.atomic_files import write_bytes_atomically, write_text_atomically
+from sd35dist.config.cli_args import CommandLineParser, fail
+from sd35dist.runtime.atomic_files import unwritable_reason, write_bytes_atomically, write_text_atomically
 
 REPORT_NAME = "report.html"
 PLOTS_DIR = "plots"
@@ -52,11 +52,13 @@ def read_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
     steps: dict[int, dict[str, float]] = {}
     waits: dict[int, float] = {}
     for path in sorted(run_dir.glob("metrics-rank*.jsonl")):
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():  # a damaged line is skipped below
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
+            if not _is_step_record(record):
+                continue  # not a line the metrics log writes
             step = int(record["step"])
             waits[step] = max(waits.get(step, 0.0), float(record.get("data_wait_fraction", 0.0)))
             if record.get("rank", 0) == 0:
@@ -64,6 +66,14 @@ def read_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
     for step, record in steps.items():
         record["data_wait_fraction"] = waits[step]
     return dict(sorted(steps.items()))
+
+
+def _is_step_record(record: Any) -> bool:
+    """A line of MetricsLog: a mapping with an integer step and numbers where numbers go."""
+    if not isinstance(record, dict) or type(record.get("step")) is not int:
+        return False
+    numbers = [record.get(key) for key, _, _ in PLOTTED if key in record] + [record.get("data_wait_fraction", 0.0)]
+    return all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in numbers)
 
 
 def read_runs(run_dirs: Sequence[Path]) -> dict[int, dict[str, float]]:
@@ -77,7 +87,7 @@ def read_runs(run_dirs: Sequence[Path]) -> dict[int, dict[str, float]]:
 
 def loss_summary(records: dict[int, dict[str, float]]) -> tuple[float, float, int] | None:
     """(first, last) value of the loss's moving average and its window; None without metrics."""
-    losses = [r["loss"] for r in records.values()]
+    losses = [r["loss"] for r in records.values() if "loss" in r]
     if not losses:
         return None
     window = default_window(len(losses))
@@ -140,7 +150,7 @@ def render_html(run_dirs: Sequence[Path], records: dict[int, dict[str, float]], 
     rows: list[tuple[str, Any]] = [("run directory", ", ".join(map(str, run_dirs))), ("steps logged", len(records))]
     if records:
         last = records[max(records)]
-        rows += [("last step", max(records)), ("last loss", f"{last['loss']:.4f}")]
+        rows += [("last step", max(records)), ("last loss", f"{last.get('loss', float('nan')):.4f}")]
         summary = loss_summary(records)
         if summary:
             rows.append((f"loss moving average ({summary[2]} steps), first → last", f"{summary[0]:.4f} → {summary[1]:.4f}"))
@@ -182,26 +192,33 @@ def _out_problem(out: Path, force: bool) -> str | None:
     existing = [p for p in (out / REPORT_NAME, *(out / PLOTS_DIR / f"{key}.png" for key, _, _ in PLOTTED)) if p.exists()]
     if existing and not force:
         return f"{existing[0]} already exists: pass --force to replace the report, or choose another --out"
-    return None
+    return unwritable_reason(out / REPORT_NAME)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sd35dist report",
-                                     description="plots and validation grids of a run as report.html")
+def argument_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="sd35dist report", description="plots and validation grids of a run as report.html")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="run directories (metrics-rank*.jsonl, validation/), oldest first when a run was resumed")
     parser.add_argument("--out", help="where report.html and plots/ go (default: the last RUN_DIR)")
     parser.add_argument("--force", action="store_true", help="let --out replace an existing report.html and plots")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = argument_parser().parse_args(argv)
     run_dirs = [Path(p) for p in args.run_dirs]
     for run_dir in run_dirs:
         if not run_dir.is_dir():
-            print(f"error: {run_dir}: no such run directory", file=sys.stderr)
-            return 2
-    problem = _out_problem(Path(args.out), args.force) if args.out else None
+            return fail(f"{run_dir}: no such run directory")
+    if not read_runs(run_dirs) and not validation_grids(run_dirs):
+        return fail(f"{', '.join(map(str, run_dirs))}: no training metrics (metrics-rank*.jsonl lines) and no "
+                    "validation grids: not a run directory of sd35dist train")
+    if args.out:
+        problem = _out_problem(Path(args.out), args.force)
+    else:
+        problem = unwritable_reason(run_dirs[-1] / REPORT_NAME)
     if problem:
-        print(f"error: --out {args.out}: {problem}", file=sys.stderr)
-        return 2
+        return fail(f"--out {args.out or run_dirs[-1]}: {problem}")
     path = write_report(run_dirs[-1], *run_dirs[:-1], out=Path(args.out) if args.out else None)
     print(f"report {path} (plots in {path.parent / PLOTS_DIR})")
     return 0

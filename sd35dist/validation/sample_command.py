@@ -11,34 +11,58 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 from pathlib import Path
 
 import torch
 
+from sd35dist.config.cli_args import (
+    CommandLineParser,
+    bounded_float,
+    bounded_int,
+    fail,
+    finite_float,
+    fraction,
+    image_side,
+    non_negative_float,
+    positive_int,
+    seed,
+)
+from sd35dist.config.input_checks import size_problem
+from sd35dist.config.validation_section import PromptsFileError, read_prompts_file
 from sd35dist.data.validation_prompts import PromptEmbeddings, encode_validation_prompts
 from sd35dist.validation.during_training import save_round
 from sd35dist.validation.guidance import GuidanceSettings
 from sd35dist.validation.render import Renderer, launched_ranks, validation_pairs
 from sd35dist.validation.sampler import SampleSettings, latent_shape_of
-from sd35dist.validation.sources import SourceError, load_transformer
+from sd35dist.validation.sources import (
+    SourceError,
+    base_model_of,
+    check_base_model,
+    check_has_ema,
+    load_transformer,
+    source_config,
+    vae_scale_of,
+)
 
 
 def guidance_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=28, help="inference steps (default 28)")
+    """The sampler's options, with the bounds of the recipe's validation section (config/validation_section.py)."""
+    parser.add_argument("--steps", type=positive_int, default=28, help="inference steps (default 28)")
     parser.add_argument("--guidance", choices=("cfg", "apg"), default="cfg")
-    parser.add_argument("--scale", type=float, default=4.0, help="guidance scale (default 4.0)")
-    parser.add_argument("--apg-eta", type=float, default=0.0)
-    parser.add_argument("--apg-momentum", type=float, default=-0.5)
-    parser.add_argument("--apg-norm-threshold", type=float, default=15.0)
+    parser.add_argument("--scale", type=bounded_float(1.0, what="a guidance scale"), default=4.0,
+                        help="guidance scale, ≥ 1 (default 4.0)")
+    parser.add_argument("--apg-eta", type=non_negative_float, default=0.0)
+    parser.add_argument("--apg-momentum", type=finite_float, default=-0.5)
+    parser.add_argument("--apg-norm-threshold", type=non_negative_float, default=15.0)
 
 
 def skip_layer_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
     parser.add_argument("--skip-layers", type=layer_list, metavar="N,N,…",
                         help=f"skip-layer guidance: blocks left out of a third forward, e.g. 7,8,9 ({default_help})")
-    parser.add_argument("--skip-scale", type=float, default=2.8, help="skip-layer guidance scale (default 2.8)")
-    parser.add_argument("--skip-start", type=float, default=0.01, help="fraction of the steps it starts after (0.01)")
-    parser.add_argument("--skip-stop", type=float, default=0.2, help="fraction of the steps it stops before (0.2)")
+    parser.add_argument("--skip-scale", type=non_negative_float, default=2.8, help="skip-layer guidance scale (default 2.8)")
+    parser.add_argument("--skip-start", type=fraction, default=0.01, help="fraction of the steps it starts after (0.01)")
+    parser.add_argument("--skip-stop", type=fraction, default=0.2, help="fraction of the steps it stops before (0.2)")
 
 
 def layer_list(text: str) -> tuple[int, ...]:
@@ -94,19 +118,20 @@ def renderer_for(model: torch.nn.Module, base_model: Path, device: torch.device,
                     device=device, rank=rank, world_size=world_size)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sd35dist sample", description=__doc__.splitlines()[0].strip("`"))
+def argument_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="sd35dist sample", description=__doc__.splitlines()[0].strip("`"))
     parser.add_argument("source", type=Path,
                         help="a checkpoint, an output dir (its latest), an export dir or the base model")
     parser.add_argument("--model", type=Path,
                         help="base model directory (VAE, text encoders); default: the checkpoint's recipe")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
-    parser.add_argument("--prompts-file", type=Path, help="one prompt per line")
+    parser.add_argument("--prompts-file", type=Path, help="one prompt per line (UTF-8)")
     parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--seed", type=int, action="append", help="a seed (repeat for more; default 0)")
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the checkpoint's recipe, else 256)")
+    parser.add_argument("--seed", type=seed, action="append", help="a seed, 0 … 2^64-1 (repeat for more; default 0)")
+    parser.add_argument("--width", type=image_side, default=1024, help="a multiple of 16 the model's position embedding covers")
+    parser.add_argument("--height", type=image_side, default=1024)
+    parser.add_argument("--max-sequence-length", type=bounded_int(1, 512, what="a T5 token count"),
+                        help="T5 tokens, 1 … 512 (default: the checkpoint's recipe, else 256)")
     parser.add_argument("--ema", action="store_true", help="a checkpoint's EMA weights")
     parser.add_argument("--out", type=Path, required=True, help="directory for the images and grid.png")
     parser.add_argument("--force", action="store_true", help="let --out replace an earlier sample's images")
@@ -123,45 +148,64 @@ def earlier_grid(out: Path, force: bool) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = argument_parser().parse_args(argv)
     prompts = list(args.prompt)
-    if args.prompts_file:
-        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
-    if not prompts:
-        print("error: give --prompt or --prompts-file", file=sys.stderr)
-        return 2
-    problem = earlier_grid(args.out, args.force)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    if args.skip_layers and args.scale == 1.0:
-        print("error: --skip-layers needs --scale above 1: skip-layer guidance acts only with classifier-free "
-              "guidance", file=sys.stderr)
-        return 2
-    if args.width % 16 or args.height % 16:
-        print(f"error: --width/--height {args.width}x{args.height}: multiples of 16 needed", file=sys.stderr)
-        return 2
+    try:
+        if args.prompts_file:
+            try:
+                prompts += read_prompts_file(args.prompts_file)
+            except PromptsFileError as err:
+                raise SourceError(f"--prompts-file: {err}") from None
+        if not prompts:
+            raise SourceError("give --prompt or --prompts-file")
+        if args.skip_layers and args.scale == 1.0:
+            raise SourceError("--skip-layers needs --scale above 1: skip-layer guidance acts only with classifier-free "
+                              "guidance")
+        if args.skip_start >= args.skip_stop:
+            raise SourceError(f"--skip-start {args.skip_start:g} must be below --skip-stop {args.skip_stop:g}")
+        check_out_dir(args.out)
+        problem = earlier_grid(args.out, args.force)
+        if problem:
+            raise SourceError(problem)
+        # Everything the render needs, checked before a weight is read or an image allocated.
+        config = source_config(args.source)
+        blocks = int(config.get("num_layers") or 0)
+        if args.skip_layers and blocks and max(args.skip_layers) >= blocks:
+            raise SourceError(f"--skip-layers {','.join(map(str, args.skip_layers))}: {args.source} has blocks "
+                              f"0–{blocks - 1}")
+        if args.ema:
+            check_has_ema(args.source)
+        base = args.model or base_model_of(args.source)
+        if base is None:
+            raise SourceError(f"{args.source} does not say which base model it belongs to: add --model DIR")
+        check_base_model(base, "--model" if args.model else "the checkpoint's model.pretrained")
+        problem = size_problem(args.width, args.height, config, vae_scale_of(base))
+        if problem:
+            raise SourceError(f"--width/--height {problem}")
+    except SourceError as err:
+        return fail(str(err))
     with launched_ranks() as world:
-        return _sample(args, prompts, world)
+        return _sample(args, prompts, base, world)
 
 
-def _sample(args: argparse.Namespace, prompts: list[str], world) -> int:
+def check_out_dir(out: Path) -> None:
+    """The output directory is one (or can be made): not a file, not under a file, writable."""
+    for candidate in (out, *out.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise SourceError(f"--out {out}: {candidate} is a file: name a directory")
+            if not os.access(candidate, os.W_OK):
+                raise SourceError(f"--out {out}: {candidate} is not writable: choose another directory")
+            return
+
+
+def _sample(args: argparse.Namespace, prompts: list[str], base: Path, world) -> int:
     device = inference_device(world)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         loaded = load_transformer(args.source, use_ema=args.ema, dtype=dtype)
     except (SourceError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    blocks = int(loaded.model.config.num_layers)
-    if args.skip_layers and max(args.skip_layers) >= blocks:
-        print(f"error: --skip-layers {','.join(map(str, args.skip_layers))}: {loaded.label} has blocks 0–{blocks - 1}",
-              file=sys.stderr)
-        return 2
-    base = args.model or loaded.base_model
-    if base is None:
-        print(f"error: {args.source} does not say which base model it belongs to: add --model DIR", file=sys.stderr)
-        return 2
+        return fail(str(err))
     length = args.max_sequence_length or (loaded.recipe.data.max_sequence_length if loaded.recipe else 256)
     embeddings = _encode(base, prompts, args.negative_prompt, length, device)
     renderer = renderer_for(loaded.model, base, device, world)

@@ -6,7 +6,6 @@ aspect ratios so they spread over the buckets. Nothing is downloaded.
 
 from __future__ import annotations
 
-import argparse
 import random
 from pathlib import Path
 
@@ -53,16 +52,3 @@ def write_demo_dataset(directory: Path, count: int = 12, seed: int = 0, trigger:
         paths.append(path)
     return paths
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="write a small generated image dataset")
-    parser.add_argument("directory", type=Path)
-    parser.add_argument("--count", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    write_demo_dataset(args.directory, args.count, args.seed)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

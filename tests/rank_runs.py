@@ -1,0 +1,37 @@
+"""A job's ranks as a profile's script starts them (sd35dist's torchrun with the profile's default
+restarts), and what a user sees when they stop on a mistake: one `error:` line, exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from launcher.profile import LaunchSection
+from tests.cli_runs import PROJECT, venv_env
+
+
+def torchrun(job: str, recipe: Path, run_dir: Path | None = None, nproc: int = 2,
+             timeout: float = 300) -> subprocess.CompletedProcess:
+    """The job as a profile's script starts it: sd35dist's torchrun, one agent, `nproc` ranks, with
+    the profile's default restarts (a mistake must not be restarted)."""
+    cmd = [sys.executable, "-m", "sd35dist", "torchrun", "--standalone", f"--nproc-per-node={nproc}",
+           f"--max-restarts={LaunchSection().max_restarts}",
+           "-m", "sd35dist", job, "--recipe", str(recipe)] + (["--run-dir", str(run_dir)] if run_dir else [])
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"),
+                          timeout=timeout)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    text = (proc.stdout + proc.stderr).replace("\r", "\n")
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def assert_one_quiet_line(proc: subprocess.CompletedProcess) -> str:
+    everything = proc.stdout + proc.stderr
+    assert proc.returncode == 2, everything[-4000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1, everything[-4000:]
+    assert "Traceback" not in everything and "[rank" not in everything, everything[-4000:]
+    assert "will restart worker group" not in everything, "a mistake is not restarted"
+    return lines[0]
