@@ -43,6 +43,22 @@ def run_check(model_dir: Path, out: Path, *cases: str) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
+def three_block_model(tiny_model: Path, out: Path) -> Path:
+    """A copy of the tiny model folder whose transformer has three like blocks (no dual attention): fp8 keeps
+    the first and last blocks bf16, so the middle one is the block whose Linears run in fp8."""
+    import shutil
+
+    from diffusers import SD3Transformer2DModel
+
+    from sd35dist.models.tiny_sd3 import TRANSFORMER_SIZES
+
+    shutil.copytree(tiny_model, out, ignore=shutil.ignore_patterns("transformer"))
+    torch.manual_seed(0)
+    SD3Transformer2DModel(**{**TRANSFORMER_SIZES, "num_layers": 3, "dual_attention_layers": ()}).save_pretrained(
+        out / "transformer")
+    return out
+
+
 def recipe_for(model_dir: Path, out_dir: Path, strategy: str, precision: str, fp8: str, compile_backend: str):
     from sd35dist.config.recipe import Recipe
 

@@ -138,7 +138,7 @@ BAD: dict[str, dict[str, list[Bad]]] = {
         "apg_momentum": [bad("--apg-momentum", "inf", says="must be a finite number")],
         "apg_norm_threshold": [bad("--apg-norm-threshold=-1", says="must be ≥ 0")],
         "skip_layers": [bad("--skip-layers", "7,x", says="expected block numbers"),
-                        bad("--skip-layers", "2,9", says="has blocks 0–3"),
+                        bad("--skip-layers", "2,9", says="has blocks 0–1"),
                         bad("--skip-layers", "1", "--scale", "1", says="--skip-layers needs --scale above 1")],
         "skip_scale": [bad("--skip-scale=-1", says="must be ≥ 0")],
         "skip_start": [bad("--skip-start", "2", says="must be between 0.0 and 1.0"),

@@ -145,3 +145,5 @@ def test_demo_runs_end_to_end_as_the_readme_says(tmp_path):
     assert (demo / "export" / "tiny-sd3-ft.safetensors").is_file() and "‖Δ‖/‖W_base‖" in out
     assert (demo / "export" / "change-by-block.png").read_bytes()[:4] == b"\x89PNG"
     assert "demo finished" in out
+    comfy = [line.split("<-")[1].split(" (")[0].strip() for line in out.splitlines() if "ComfyUI/models/" in line]
+    assert len(comfy) == 2 and all((tmp_path / path).is_file() for path in comfy), "the ComfyUI-ready files it names exist"

@@ -8,12 +8,9 @@ and fp8 is run by tests/test_gpu_check.py; inductor's kernels by tests/test_comp
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-import torch
 
-from tests.fast_path_check import run_check
+from tests.fast_path_check import run_check, three_block_model
 
 pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("deepspeed_on_cpu")]
 
@@ -34,18 +31,10 @@ FP8 = [f"fsdp2:bf16:{recipe}:off" for recipe in ("tensorwise", "rowwise")]
 
 @pytest.fixture(scope="module")
 def result(tiny_model, tmp_path_factory) -> dict:
-    """Every case on the tiny model with three like blocks instead of four (block 0 without dual attention):
-    three block graphs to trace per case; fp8 still swaps the middle block's Linears."""
-    from diffusers import SD3Transformer2DModel
-
-    from sd35dist.models.tiny_sd3 import TRANSFORMER_SIZES
-
+    """Every case on the tiny model with three like blocks: three block graphs to trace per case, and fp8
+    swaps the middle block's Linears."""
     root = tmp_path_factory.mktemp("fast-path")
-    model_dir = root / "tiny-sd3-3"
-    shutil.copytree(tiny_model, model_dir, ignore=shutil.ignore_patterns("transformer"))
-    torch.manual_seed(0)
-    SD3Transformer2DModel(**{**TRANSFORMER_SIZES, "num_layers": 3, "dual_attention_layers": ()}).save_pretrained(
-        model_dir / "transformer")
+    model_dir = three_block_model(tiny_model, root / "tiny-sd3-3")
     return run_check(model_dir, root / "out", EAGER, *COMPILED, BF16, *FP8)
 
 

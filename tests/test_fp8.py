@@ -12,6 +12,7 @@ import torch
 
 from sd35dist.checkpoint.layout import CheckpointDir
 from sd35dist.cli import main as sd35dist_main
+from tests.fast_path_check import three_block_model
 from tests.train_runs import losses, train, train_recipe
 
 pytestmark = pytest.mark.dist
@@ -27,6 +28,8 @@ def test_fp8_run_validates_resumes_exactly_and_exports_plain_weights(cache, tmp_
     from sd35dist.checkpoint.export import checkpoint_state
     from tests.validation_check import cache_validation_prompts, with_validation
 
+    # The tiny model with three blocks: fp8 keeps the first and last in bf16, the middle one runs in fp8.
+    cache = (three_block_model(cache[0], tmp_path / "tiny-sd3-3"), cache[1])
     # Straight fp8 run, with validation rounds at the start and at step 3 (the sharded fp8 model renders);
     # checkpoints at steps 2 and 3.
     straight = tmp_path / "straight"

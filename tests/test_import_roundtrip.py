@@ -63,10 +63,10 @@ def test_every_real_sd3_config_imports_validates_and_dry_runs(config, backend, d
     assert len(recipe.data.datasets) == datasets and recipe.model.pretrained.startswith("stabilityai/")
     assert recipe.train.lora is not None and recipe.train.lora.targets in ("attention_image", ["to_q", "to_k"])
     # The tiny model stands in for SD3.5 Large: its position embedding covers 512 pixels a side, not SimpleTuner's
-    # 1024, and it has 4 blocks, not the guide's skip-layer blocks 7-9 (submit checks both against the model).
+    # 1024, and it has 2 blocks, not the guide's skip-layer blocks 7-9 (submit checks both against the model).
     tiny = ["--set", "validation.resolutions=[[512, 512]]"]
     if recipe.validation.skip_layer_guidance is not None:
-        tiny += ["--set", "validation.skip_layer_guidance.layers=[1, 2]"]
+        tiny += ["--set", "validation.skip_layer_guidance.layers=[0, 1]"]
     extra = tiny + ([] if datasets else ["--set", f"data.datasets=[{{id: images, source: {tmp_path}}}]"])
     if not datasets:
         code, _, err = dry_run(out, hf_home, tmp_path, capsys, *tiny)

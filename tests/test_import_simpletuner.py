@@ -151,7 +151,7 @@ def test_family_controlnet_lycoris_and_optimizers_are_refused(capsys, tmp_path):
     cases = [({"model_type": "lora"}, "--model_family: missing"), ({"model_family": "hidream"}, "hidream: sd35dist trains"),
              ({"model_family": "flux", "model_flavour": "kontext"}, "flux: sd35dist trains"),
              ({**SD3, "controlnet": True}, "--controlnet: true: ControlNet training is not offered"),
-             ({**SD3, "lora_type": "lycoris"}, "--lora_type: lycoris"), ({**SD3, "optimizer": "prodigy"}, "prodigy")]
+             ({**SD3, "lora_type": "lycoris"}, "--lycoris_config: config/lycoris_config.json: no such file"), ({**SD3, "optimizer": "prodigy"}, "prodigy")]
     for options, expected in cases:
         (tmp_path / "config.json").write_text(json.dumps(options))
         code, _, err = run_import(capsys, tmp_path / "config.json", tmp_path / "r.yaml")

@@ -16,8 +16,8 @@ from sd35dist.cli import main as cli_main
 
 pytestmark = pytest.mark.unit
 
-MLP_KEY = "transformer_blocks.2.ff.net.0.proj.weight"
-LORA_TARGET = "transformer_blocks.1.attn.to_q"
+MLP_KEY = "transformer_blocks.1.ff.net.0.proj.weight"
+LORA_TARGET = "transformer_blocks.0.attn.to_q"
 
 
 def inspect(capsys, *argv: str) -> tuple[int, str, str]:
@@ -32,7 +32,7 @@ def block_norm_sq(state: dict[str, torch.Tensor], block: str) -> float:
 
 @pytest.fixture(scope="module")
 def fine_tuned(tiny_model, tmp_path_factory):
-    """A copy of the tiny transformer with one MLP weight of joint block 2 moved, in two formats."""
+    """A copy of the tiny transformer with one MLP weight of joint block 1 moved, in two formats."""
     from diffusers import SD3Transformer2DModel
 
     root = tmp_path_factory.mktemp("inspect")
@@ -64,15 +64,15 @@ def test_inspect_lists_keys_by_block_with_shapes_dtypes_counts_and_metadata(fine
 
 def test_diff_shows_the_block_training_moved_across_formats(fine_tuned, tiny_model, capsys, tmp_path):
     root, base, tuned = fine_tuned
-    want = math.sqrt(float((tuned[MLP_KEY] - base[MLP_KEY]).double().square().sum()) / block_norm_sq(base, "joint block 2"))
+    want = math.sqrt(float((tuned[MLP_KEY] - base[MLP_KEY]).double().square().sum()) / block_norm_sq(base, "joint block 1"))
     for path in (root / "tuned", root / "tuned.safetensors"):  # diffusers folder and single file, against the pipeline dir
         changes = {c.group: c.relative for c in diff(path, tiny_model)[0]}
-        assert changes["joint block 2"] == pytest.approx(want, rel=1e-9)
-        assert all(value == 0 for group, value in changes.items() if group != "joint block 2")
+        assert changes["joint block 1"] == pytest.approx(want, rel=1e-9)
+        assert all(value == 0 for group, value in changes.items() if group != "joint block 1")
     png = tmp_path / "diff.png"
     code, out, err = inspect(capsys, str(root / "tuned.safetensors"), "--diff", str(tiny_model), "--png", str(png), "--summary")
     assert code == 0, err
-    row = next(line for line in out.splitlines() if line.startswith("joint block 2 "))
+    row = next(line for line in out.splitlines() if line.startswith("joint block 1 "))
     assert f"{want:.3e}" in row
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -82,7 +82,8 @@ def test_lora_diff_is_the_effective_delta_w(tiny_model, tmp_path, capsys):
 
     torch.manual_seed(0)
     rank, alpha = 4, 8.0
-    down, up = torch.randn(rank, 32), torch.randn(32, rank) * 0.01
+    width = json.loads((tiny_model / "transformer" / "config.json").read_text())["caption_projection_dim"]
+    down, up = torch.randn(rank, width), torch.randn(width, rank) * 0.01
     save_file({f"transformer.{LORA_TARGET}.lora_A.weight": down, f"transformer.{LORA_TARGET}.lora_B.weight": up},
               str(tmp_path / "lora.safetensors"),
               metadata={"lora_adapter_metadata": json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha})})
@@ -91,13 +92,13 @@ def test_lora_diff_is_the_effective_delta_w(tiny_model, tmp_path, capsys):
         with safe_open(str(shard), framework="pt") as handle:
             base.update({k: handle.get_tensor(k) for k in handle.keys()})
     delta = (up.double() @ down.double()) * alpha / rank
-    want = math.sqrt(float(delta.square().sum()) / block_norm_sq(base, "joint block 1"))
+    want = math.sqrt(float(delta.square().sum()) / block_norm_sq(base, "joint block 0"))
     changes, notes = diff(tmp_path / "lora.safetensors", tiny_model)
-    assert {c.group: c.relative for c in changes}["joint block 1"] == pytest.approx(want, rel=1e-9)
-    assert sum(c.delta_sq for c in changes if c.group != "joint block 1") == 0
+    assert {c.group: c.relative for c in changes}["joint block 0"] == pytest.approx(want, rel=1e-9)
+    assert sum(c.delta_sq for c in changes if c.group != "joint block 0") == 0
     assert "lora_adapter_metadata" in notes[0]
     code, out, _ = inspect(capsys, str(tmp_path / "lora.safetensors"))
-    assert code == 0 and "LoRA file" in out and "joint block 1: 2 tensors" in out
+    assert code == 0 and "LoRA file" in out and "joint block 0: 2 tensors" in out
 
 
 def test_bad_paths_are_one_line_with_exit_2(tiny_model, tmp_path, capsys):

@@ -20,31 +20,14 @@ import yaml
 
 from sd35dist.checkpoint.layout import CheckpointDir
 from tests.cli_runs import PROJECT, venv_env
-from tests.train_runs import losses, train, train_recipe
+from tests.kohya_lora_names import kohya_module_name, original_tensor, sd_scripts_lora_names
+from tests.lora_runs import LORA, export_adapters, lora_recipe, probe_inputs
+from tests.train_runs import losses, train
 
 pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("deepspeed_on_cpu")]
 
-LORA = {"rank": 4, "alpha": 8.0, "targets": "attention_ff"}
-# Accumulation and clipping as in full fine-tunes; 4 steps, a checkpoint every 2.
-SETTINGS = {"max_train_steps": 4, "checkpointing_steps": 2, "gradient_accumulation_steps": 2, "max_grad_norm": 0.05,
-            "lora": LORA}
 TOLERANCE = 1e-5
 """fp32 outputs of the diffusers-loaded LoRA vs the trained model: the same math in another order."""
-
-
-def lora_recipe(path: Path, cache: tuple[Path, Path], output: Path, strategy: str, **train) -> Path:
-    train_recipe(path, cache, output, **{**SETTINGS, **train})
-    recipe = yaml.safe_load(path.read_text())
-    recipe["parallel"]["strategy"] = strategy
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-def export(checkpoint: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(checkpoint), "--out", str(out), *flags],
-                          capture_output=True, text=True, cwd=PROJECT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 PRECISION = {"fsdp2": "bf16", "zero2": "fp32"}
@@ -88,19 +71,11 @@ def test_adapters_train_and_resume_exactly_from_adapter_only_checkpoints(runs, c
     assert not any(k.endswith("to_q.weight") for k in straight), "no base weights in a LoRA checkpoint"
     still = [k for k in adapters if ".lora_B." in k and straight[k].abs().max() == 0]
     # The last block drops its context stream's output, so its context queries get no gradient.
-    assert still == ["transformer_blocks.3.attn.add_q_proj.lora_B.default.weight"], "every other B moved from zero"
+    assert still == ["transformer_blocks.1.attn.add_q_proj.lora_B.default.weight"], "every other B moved from zero"
     assert all(straight[k].dtype == torch.float32 for k in adapters), f"fp32 masters in {PRECISION[strategy]} compute"
     a = [straight[k] for k in adapters if ".lora_A." in k]
     assert all(not torch.equal(t, t.bfloat16().float()) for t in a), "the masters keep what bf16 would round away"
     assert all(not torch.equal(t, initial_a[k]) for k, t in zip([k for k in adapters if ".lora_A." in k], a))
-
-
-def probe_inputs(config) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return {"hidden_states": torch.randn(2, config.in_channels, 8, 8, generator=generator),
-            "timestep": torch.tensor([500.0, 100.0]),
-            "encoder_hidden_states": torch.randn(2, 12, config.joint_attention_dim, generator=generator),
-            "pooled_projections": torch.randn(2, config.pooled_projection_dim, generator=generator)}
 
 
 @torch.no_grad()
@@ -123,13 +98,13 @@ def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(
     from safetensors import safe_open
 
     from sd35dist.checkpoint.export import checkpoint_state
-    from tests.comfy_lora_keys import mmdit_lora_key_map, unloaded_keys
+    from tests.comfy_lora_keys import comfy_sd3_unet_config, mmdit_lora_key_map, qkv_slice_mismatches, unloaded_keys
 
     strategy, root = runs
     model_dir, _ = cache
     checkpoint = CheckpointDir(root / "straight").latest()
-    export(root / "straight", tmp_path / "lora", "--ema", "--dtype", "fp32")
-    export(root / "straight", tmp_path / "merged", "--ema", "--merge", "--dtype", "fp32")
+    export_adapters(root / "straight", tmp_path / "lora", "--ema", "--dtype", "fp32")
+    export_adapters(root / "straight", tmp_path / "merged", "--ema", "--merge", "--dtype", "fp32")
     file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
     with safe_open(str(file), framework="pt") as handle:
         metadata, lora = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
@@ -138,11 +113,11 @@ def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(
     assert json.loads(metadata["sd35dist.base_model"]) == str(model_dir)
     assert json.loads(metadata["sd35dist.recipe_sha256"]) == json.loads((checkpoint / "COMPLETE").read_text())["recipe_sha256"]
 
-    # ComfyUI sizes SD3 from its width (64 per layer); the tiny model is narrower, so map it by its
-    # layer count (test_lora_units.py checks the qkv slices at SD3.5 Large's shape).
-    layers = json.loads((model_dir / "transformer" / "config.json").read_text())["num_layers"]
-    key_map = mmdit_lora_key_map({"depth": layers, "num_blocks": layers})
+    # ComfyUI builds SD3 from its width (width/64 heads of 64 and as many blocks); the tiny model is that model.
+    unet = comfy_sd3_unet_config(json.loads((model_dir / "transformer" / "config.json").read_text()))
+    key_map = mmdit_lora_key_map(unet)
     assert unloaded_keys(lora, key_map) == [], "ComfyUI's SD3 key map reaches every tensor"
+    assert qkv_slice_mismatches(lora, key_map) == [], "to_q/k/v fill their slice of ComfyUI's fused qkv"
 
     pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     inputs = probe_inputs(pipe.transformer.config)
@@ -164,7 +139,7 @@ def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
 
     # A merged LoRA also ships as one SD3.5-layout file; unmerged it has no place there.
-    export(root / "straight", tmp_path / "merged.safetensors", "--ema", "--merge", "--format", "single-file",
+    export_adapters(root / "straight", tmp_path / "merged.safetensors", "--ema", "--merge", "--format", "single-file",
            "--dtype", "fp32")
     single = SD3Transformer2DModel.from_single_file(str(tmp_path / "merged.safetensors"), local_files_only=True,
                                                     config=str(model_dir / "transformer"), dtype=torch.float32)
@@ -191,3 +166,35 @@ def test_fsdp2_lora_checkpoint_reloads_exactly_on_another_world_size(runs, tmp_p
         again = read_part(tmp_path / "again", part)
         assert written.keys() == again.keys() and written
         assert all(torch.equal(written[k], again[k]) for k in written), f"{part}: 2 ranks → 1 rank → saved alike"
+
+
+@pytest.mark.parametrize("runs", ["fsdp2"], indirect=True)
+def test_kohya_export_rebuilds_the_lora_delta_per_module(runs, cache, tmp_path):
+    """`--format kohya`: sd-scripts' module names, and each module's up · down · alpha / rank equals our
+    B·A·α/r in the original layout (q, k, v concatenated, adaLN halves swapped), from the EMA adapters."""
+    from safetensors.torch import load_file
+
+    from sd35dist.checkpoint.export import checkpoint_state
+    from sd35dist.checkpoint.original_layout import transformer_plan
+
+    strategy, root = runs
+    out = tmp_path / "kohya.safetensors"
+    export_adapters(root / "straight", out, "--format", "kohya", "--ema", "--dtype", "fp32")
+    kohya = load_file(str(out))
+    assert out.stat().st_mode & 0o777 == 0o666 & ~os.umask(os.umask(0o022)), "the umask's modes, not save_file's 0600"
+    config = json.loads((cache[0] / "transformer" / "config.json").read_text())
+    names = {k.split(".")[0] for k in kohya}
+    assert names and names <= sd_scripts_lora_names(config) and all(f"{n}.alpha" in kohya for n in names)
+    state = checkpoint_state(CheckpointDir(root / "straight").latest(), True)
+    pairs = {k.split(".lora_A.")[0]: (v, state[k.replace(".lora_A.", ".lora_B.")]) for k, v in state.items() if ".lora_A." in k}
+    ours = {m + ".weight": b @ a * (LORA["alpha"] / LORA["rank"]) for m, (a, b) in pairs.items()}
+    compared = 0
+    for tensor in transformer_plan(config, None):
+        if tensor.name.endswith(".weight") and all(s in ours for s in tensor.sources):
+            name = kohya_module_name(tensor)
+            down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
+            rebuilt = up @ down * (float(kohya[f"{name}.alpha"]) / down.shape[0])
+            assert torch.allclose(rebuilt, original_tensor(tensor, ours), atol=1e-6), name
+            compared += 1
+    assert compared == len(names), "every kohya module is one of ours"
+    assert kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"].shape[0] == 3 * LORA["rank"]

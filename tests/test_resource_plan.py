@@ -161,6 +161,27 @@ def test_the_lora_count_equals_peft_on_the_meta_model(targets):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("lora", [
+    {"type": "lokr", "rank": 10000, "alpha": 1, "full_matrix": True,
+     "preset": {"target_module": ["Attention", "FeedForward"], "module_algo_map": {"FeedForward": {"factor": 8}}}},
+    {"type": "lokr", "rank": 2, "factor": 4, "targets": "attention_ff"},
+    {"type": "loha", "rank": 4, "preset": {"target_module": ["JointTransformerBlock"], "target_name": ["proj_out"]}}])
+def test_the_lycoris_count_equals_the_layers_built_on_the_meta_model(lora):
+    """The plan's LoKr/LoHa count (no torch, SD3's classes by module name) against the adapters built."""
+    from sd35dist.config.model_size import adapter_parameters
+    from sd35dist.config.recipe import LoraSection
+    from sd35dist.models.lora import inject_lora
+    from sd35dist.models.tiny_sd3 import TRANSFORMER_SIZES
+    from sd35dist.models.transformer_build import build_on_meta
+
+    section = LoraSection(**lora)
+    model = build_on_meta(dict(TRANSFORMER_SIZES))
+    inject_lora(model, section, dtype=torch.float32, seed=0)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    assert adapter_parameters(dict(TRANSFORMER_SIZES), section) == adapters > 0
+
+
+@pytest.mark.unit
 def test_a_lora_recipe_is_planned_as_a_frozen_base_and_sharded_adapters():
     # SD3.5 Large's counts as peft gives them on the meta model (benchmarks/lora_params.py, docs/benchmarks.md).
     assert lora_parameters(SD35_LARGE_CONFIG, LORA_PRESET_MODULES["attention"], 16) == 23_580_672

@@ -21,7 +21,7 @@ from sd35dist.validation.sampler import SampleSettings, latent_shape_of
 pytestmark = pytest.mark.unit
 
 STEPS = 6
-SLG = {"skip_layers": (1, 2), "skip_scale": 2.8, "skip_start": 0.01, "skip_stop": 0.5}  # steps 1 and 2 of 6
+SLG = {"skip_layers": (0,), "skip_scale": 2.8, "skip_start": 0.01, "skip_stop": 0.5}  # steps 1 and 2 of 6
 
 
 def test_slg_equals_the_pipeline_changes_the_image_and_skips_the_named_blocks(parts):
@@ -47,9 +47,9 @@ def test_slg_equals_the_pipeline_changes_the_image_and_skips_the_named_blocks(pa
     guided = renderer.render(pairs, embeddings, SampleSettings(steps=STEPS, guidance=GuidanceSettings(scale=4.5, **SLG)))
     for hook in hooks:
         hook.remove()
-    assert calls == [None, None, [1, 2], None, [1, 2], None, None, None], "a third forward at steps 1 and 2 only"
+    assert calls == [None, None, [0], None, [0], None, None, None], "a third forward at steps 1 and 2 only"
     ran = {i: block_runs[i] - runs_before[i] for i in block_runs}
-    assert ran == {0: STEPS + 2, 1: STEPS, 2: STEPS, 3: STEPS + 2}, "blocks 1 and 2 sit out the skip-layer forwards"
+    assert ran == {0: STEPS, 1: STEPS + 2}, "block 0 sits out the skip-layer forwards"
     assert not np.array_equal(plain[0], guided[0]), "SLG changes the image"
 
     pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, transformer=transformer, vae=vae, local_files_only=True)
@@ -58,7 +58,7 @@ def test_slg_equals_the_pipeline_changes_the_image_and_skips_the_named_blocks(pa
                     negative_prompt_embeds=embeddings.negative_prompt_embeds,
                     negative_pooled_prompt_embeds=embeddings.negative_pooled_prompt_embeds,
                     width=64, height=48, num_inference_steps=STEPS, guidance_scale=4.5,
-                    skip_guidance_layers=[1, 2], skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.01,
+                    skip_guidance_layers=[0], skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.01,
                     skip_layer_guidance_stop=0.5, generator=torch.Generator().manual_seed(7)).images[0]
     assert np.array_equal(guided[0], np.asarray(expected))
 

@@ -172,7 +172,8 @@ def test_build_is_deterministic_and_idempotent(model_dir: Path, tmp_path: Path, 
     assert {p: p.stat().st_mtime_ns for p in model_dir.rglob("*")} == before
 
     other_seed = build_tiny_sd3(tmp_path / "seed1", seed=1)
-    shard = "transformer/diffusion_pytorch_model-00001-of-00004.safetensors"
+    index = json.loads((model_dir / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shard = Path("transformer") / index["weight_map"]["transformer_blocks.0.attn.to_q.weight"]  # seeded weights
     assert (other_seed / shard).read_bytes() != (model_dir / shard).read_bytes()
     identity, other_identity = encoder_identity(model_dir), encoder_identity(other_seed)
     assert identity["text_encoder_3"]["weights_sha256"] != other_identity["text_encoder_3"]["weights_sha256"]
@@ -197,3 +198,28 @@ def test_encoder_identity_records_classes_and_hashes(model_dir: Path) -> None:
     assert identity["vae"]["config_sha256"] == vae_config_sha
     assert identity["text_encoder"]["weights_sha256"] != identity["text_encoder_2"]["weights_sha256"]
     json.dumps(identity)  # goes into a JSON manifest as is
+
+
+def test_the_transformer_is_the_mmdit_comfyui_builds_for_it(model_dir: Path, tmp_path: Path) -> None:
+    """ComfyUI builds an SD3 MMDiT from the single file's x_embedder width alone: depth = width / 64,
+    `depth` heads of 64 and `depth` joint blocks (comfy/model_detection.py d415a44, comfy/ldm/modules/
+    diffusionmodules/mmdit.py 03925bd). The tiny model must be that model, or its exports fail there
+    on size mismatches and leftover blocks."""
+    from safetensors import safe_open
+
+    from sd35dist.checkpoint.original_layout import TRANSFORMER_PREFIX
+    from sd35dist.checkpoint.single_file import export_single_file
+    from tests.comfy_lora_keys import comfy_sd3_loads, comfy_sd3_unet_config
+
+    out = tmp_path / "tiny.safetensors"
+    export_single_file(model_dir / "transformer", out, use_ema=False, dtype="fp32", with_vae=False)
+    with safe_open(str(out), framework="pt") as handle:
+        width = handle.get_slice(TRANSFORMER_PREFIX + "x_embedder.proj.weight").get_shape()[0]
+        qkv = handle.get_slice(TRANSFORMER_PREFIX + "joint_blocks.0.x_block.attn.qkv.weight").get_shape()
+        blocks = {int(k.split(".")[3]) for k in handle.keys() if ".joint_blocks." in k}
+        pre_only = not any(k.startswith(f"{TRANSFORMER_PREFIX}joint_blocks.{max(blocks)}.context_block.mlp") for k in handle.keys())
+    config = json.loads((model_dir / "transformer" / "config.json").read_text())
+    unet = comfy_sd3_unet_config(config)
+    assert width == 64 * unet["depth"] and sorted(blocks) == list(range(unet["num_blocks"])), "ComfyUI's block count"
+    assert qkv == [3 * width, width] and pre_only, "its fused qkv and its pre-only last block"
+    assert comfy_sd3_loads(config) == [] and comfy_sd3_loads({**config, "num_layers": 4})  # the rule can fail

@@ -130,7 +130,7 @@ def test_pos_embed_is_recomputed_when_the_checkpoint_lacks_it(model_dir: Path, r
 @pytest.mark.parametrize(
     "edit, expected",
     [
-        (dict(drop="transformer_blocks.2.attn.to_q.weight"), "1 model keys not in the checkpoint (transformer_blocks.2.attn.to_q.weight)"),
+        (dict(drop="transformer_blocks.1.attn.to_q.weight"), "1 model keys not in the checkpoint (transformer_blocks.1.attn.to_q.weight)"),
         (dict(add="lora_unet.extra"), "1 checkpoint keys the model does not have (lora_unet.extra)"),
     ],
     ids=["missing", "unexpected"],

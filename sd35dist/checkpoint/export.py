@@ -4,7 +4,8 @@ loads — from an FSDP2 (torch.distributed.checkpoint) or ZeRO (DeepSpeed) check
 process, without GPUs or a process group. The format of the strategy the checkpoint records reads its weights
 (checkpoint/weights.py); this module checks them against the model and writes the directory.
 
-`--format single-file` writes one safetensors in Stability's SD3.5 layout instead (single_file.py).
+`--format single-file` writes one safetensors in Stability's SD3.5 layout instead (single_file.py);
+`--format kohya` a LoRA checkpoint's adapters as kohya's sd-scripts loads them (kohya_export.py).
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
     parser.add_argument("--dtype", choices=[*sorted(DTYPES), "fp8_e4m3fn"], default="bf16",
                         help="fp8_e4m3fn (single-file only): linear weights in fp8 for inference, the rest bf16")
-    parser.add_argument("--format", choices=("diffusers", "single-file"), default="diffusers",
-                        help="single-file: one safetensors in Stability's SD3.5 layout (ComfyUI, Forge, model hubs)")
+    parser.add_argument("--format", choices=("diffusers", "single-file", "kohya"), default="diffusers",
+                        help="single-file: one safetensors in Stability's SD3.5 layout (ComfyUI, Forge, model hubs); "
+                             "kohya: a LoRA file as kohya's sd-scripts names it (fused qkv), --out FILE")
     parser.add_argument("--with-vae", action="store_true", help="single-file: add the base model's VAE")
     parser.add_argument("--vae", type=Path, help="single-file: the diffusers VAE folder to add (default: the base model's vae/)")
     parser.add_argument("--title", help="single-file: modelspec.title (default: the file's name)")
@@ -106,12 +108,14 @@ def main(argv: list[str]) -> int:
     args = argument_parser().parse_args(argv)
     # Export reads local files only: a base model that moved must not turn into a Hub download.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.format == "diffusers" and (args.dtype == "fp8_e4m3fn" or args.with_vae or args.vae or args.title):
+    if args.format != "single-file" and (args.dtype == "fp8_e4m3fn" or args.with_vae or args.vae or args.title):
         return fail("--dtype fp8_e4m3fn, --with-vae, --vae and --title need --format single-file")
     try:
         check_export_arguments(args)
         if args.format == "single-file":
             return _export_single_file(args)
+        if args.format == "kohya":
+            return _export_kohya(args)
         checkpoint = find_checkpoint(args.checkpoint)
         if checkpoint_lora(checkpoint) is not None:  # a LoRA checkpoint: sd35dist/checkpoint/lora_export.py
             out = export_lora_checkpoint(checkpoint, args.out, use_ema=args.ema, dtype=args.dtype, merge=args.merge)
@@ -170,4 +174,27 @@ def _export_single_file(args: argparse.Namespace) -> int:
                                   with_vae=args.with_vae or args.vae is not None, vae_dir=args.vae, title=args.title)
     print(f"exported {'EMA of ' if args.ema else ''}{source} → {args.out} "
           f"(single file, SD3.5 layout, {args.dtype}, {size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _export_kohya(args: argparse.Namespace) -> int:
+    from sd35dist.checkpoint.kohya_export import export_kohya
+
+    checkpoint = find_checkpoint(args.checkpoint)
+    section = checkpoint_lora(checkpoint)
+    if section is None:
+        raise ExportError(f"{checkpoint}: --format kohya writes a LoRA; this checkpoint is a full fine-tune "
+                          "(--format single-file writes its weights for ComfyUI and kohya's tools)")
+    if section.type != "lora":
+        raise ExportError(f"{checkpoint}: a {section.type} (LyCORIS) checkpoint has no kohya LoRA form (sd-scripts' "
+                          "lora_sd3 loads LoRA only): export it without --format, LyCORIS's file, which ComfyUI loads")
+    if args.merge:
+        raise ExportError("--merge writes a transformer, not a kohya LoRA: drop --merge or --format kohya")
+    if args.out.exists():
+        raise ExportError(f"{args.out} already exists: choose another --out")
+    if not args.out.parent.is_dir():
+        raise ExportError(f"{args.out.parent}: no such directory for --out")
+    state = checkpoint_state(checkpoint, args.ema)
+    export_kohya(checkpoint, args.out, state, section, dtype=DTYPES[args.dtype])
+    print(f"exported {'EMA of ' if args.ema else ''}{checkpoint} → {args.out} (kohya sd-scripts LoRA, {args.dtype})")
     return 0

@@ -6,7 +6,8 @@ file. Keys are printed grouped by block (joint block N: attention / MLP / adaLN 
 shapes, dtypes, parameter counts, and the metadata the format carries.
 
 `--diff BASE` gives each block's relative weight change ‖Δ‖/‖W_base‖ (Frobenius norms over
-the block's tensors) as a table and a bar plot; for a LoRA, Δ is the effective ΔW = B·A·α/r.
+the block's tensors) as a table and a bar plot; for a LoRA, Δ is the effective ΔW = B·A·α/r, for a
+LyCORIS file (LoKr, LoHa) the ΔW its loaders apply (models/lycoris.py `delta_weight`).
 Everything is read one tensor at a time (tensor_sources.py): no process group, no GPU, and
 memory bounded by the largest tensor, whatever the checkpoint's size or sharding.
 """
@@ -32,6 +33,9 @@ from sd35dist.config.cli_args import CommandLineParser
 
 LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.")
 LORA_PREFIXES = ("base_model.model.", "transformer.", "unet.")
+LYCORIS_MARKERS = (".lokr_w", ".hada_w")
+FLAT_PREFIXES = ("lycoris_", "lora_unet_")
+"""Module paths with `_` for `.` (LyCORIS's and kohya's names): grouped by their block number."""
 METADATA_SHOWN = 120  # characters of a metadata value printed
 
 
@@ -56,6 +60,10 @@ def _is_lora(keys: Iterable[str]) -> bool:
     return any(marker in key for key in keys for marker in LORA_MARKERS)
 
 
+def _is_lycoris(keys: Iterable[str]) -> bool:
+    return any(marker in key for key in keys for marker in LYCORIS_MARKERS)
+
+
 def open_path(path: Path, use_ema: bool = False) -> Opened:
     """Detect what `path` is and open it lazily; CheckpointUnreadable says why not."""
     if path.is_file():
@@ -65,6 +73,8 @@ def open_path(path: Path, use_ema: bool = False) -> Opened:
         keys = source.specs()
         if _is_lora(keys):
             return Opened("LoRA file", source, source.metadata)
+        if _is_lycoris(keys):
+            return Opened("LyCORIS file", source, source.metadata)
         if any(key.startswith(TRANSFORMER_PREFIX) for key in keys):
             return Opened("single file (Stability's SD3.5 layout)", OriginalLayoutView(source), source.metadata, source)
         return Opened("safetensors file", source, source.metadata)
@@ -93,7 +103,8 @@ def open_path(path: Path, use_ema: bool = False) -> Opened:
 
 # ---- grouping ------------------------------------------------------------------------------
 
-_BLOCK = re.compile(r"^(?:transformer_blocks|joint_blocks)\.(\d+)\.(.*)$")
+_BLOCK = re.compile(r"^(?:transformer_blocks|joint_blocks)[._](\d+)[._](.*)$")
+_NORM = re.compile(r"(^|[._])(norm_q|norm_k|norm_added_q|norm_added_k|ln_q|ln_k)($|[._])")
 _EMBEDDERS = ("pos_embed", "context_embedder", "time_text_embed", "x_embedder", "t_embedder", "y_embedder")
 
 
@@ -111,19 +122,23 @@ def block_of(key: str) -> tuple[str, str]:
     """(group, part): ("joint block 3", "attention"), ("embedders", "pos_embed"), ("vae", "decoder") …"""
     key = lora_module(key) if _is_lora([key]) or key.endswith(".alpha") else key
     key = key.removeprefix(TRANSFORMER_PREFIX)
+    for prefix in FLAT_PREFIXES:
+        key = key.removeprefix(prefix)
     match = _BLOCK.match(key)
     if match:
         number, rest = int(match.group(1)), match.group(2)
-        if re.search(r"(norm_q|norm_k|norm_added_q|norm_added_k|ln_q|ln_k)\b", rest):
+        flat = rest.replace(".", "_")
+        if _NORM.search(rest):
             part = "norm"
-        elif rest.startswith(("norm1", "x_block.adaLN", "context_block.adaLN")):
+        elif flat.startswith(("norm1", "x_block_adaLN", "context_block_adaLN")):
             part = "adaLN"
-        elif rest.startswith(("ff", "x_block.mlp", "context_block.mlp")):
+        elif flat.startswith(("ff", "x_block_mlp", "context_block_mlp")):
             part = "MLP"
         else:
             part = "attention"
         return f"joint block {number}", part
     head = key.split(".")[0]
+    head = next((e for e in (*_EMBEDDERS, "norm_out", "proj_out", "final_layer") if key.startswith(e + "_")), head)
     if head in _EMBEDDERS:
         return "embedders", head
     if head in ("norm_out", "proj_out", "final_layer"):
@@ -265,6 +280,39 @@ def lora_diff(source: SafetensorsFiles, metadata: Mapping[str, str], base: Tenso
     return sorted(changes.values(), key=lambda c: group_order(c.group)), [origin]
 
 
+def lycoris_diff(source: SafetensorsFiles, base: TensorSource) -> tuple[list[BlockChange], list[str]]:
+    """Per-block ‖ΔW‖² of a LyCORIS file (`lycoris_<module>.lokr_w1 …`, `.alpha`) against the base's ‖W‖²."""
+    from sd35dist.models.lycoris import delta_weight, split_key
+
+    theirs = base.specs()
+    # LyCORIS names a module by its path with "_" for "."; the base's names say where the dots were.
+    by_flat = {"lycoris_" + key.removesuffix(".weight").replace(".", "_"): key
+               for key in theirs if key.endswith(".weight")}
+    modules: dict[str, dict[str, str]] = {}
+    alphas: dict[str, str] = {}
+    for key in source.specs():
+        if key.endswith(".alpha"):
+            alphas[key.removesuffix(".alpha")] = key
+        elif (parts := split_key(key)) is not None:
+            modules.setdefault(parts[0], {})[parts[1]] = key
+    deltas: dict[str, tuple[dict[str, str], str | None]] = {}
+    for module, roles in modules.items():
+        if module not in by_flat:
+            raise CheckpointUnreadable(f"LyCORIS module {module}: the base has no such weight")
+        deltas[by_flat[module]] = (roles, alphas.get(module))
+    changes: dict[str, BlockChange] = {}
+    for key in sorted(theirs):
+        reference = base.get(key)
+        delta = None
+        if key in deltas:
+            roles, alpha_key = deltas[key]
+            alpha = float(source.get(alpha_key)) if alpha_key else None
+            delta = delta_weight({role: source.get(k) for role, k in roles.items()}, alpha, tuple(reference.shape))
+        _add(changes, key, delta, reference)
+    return sorted(changes.values(), key=lambda c: group_order(c.group)), [
+        "ΔW as LyCORIS and ComfyUI apply it: LoKr kron(w1, w2), LoHa (w1_a·w1_b)⊙(w2_a·w2_b), scaled by .alpha / rank"]
+
+
 def diff_table(changes: list[BlockChange]) -> list[str]:
     lines = [f"{'block':<16}{'tensors':>8}{'‖Δ‖':>12}{'‖W_base‖':>12}{'‖Δ‖/‖W_base‖':>15}"]
     for change in changes:
@@ -285,11 +333,14 @@ def diff(path: Path, base_path: Path, use_ema: bool = False) -> tuple[list[Block
 def diff_opened(opened: Opened, base_path: Path) -> tuple[list[BlockChange], list[str]]:
     """`diff` of a file or checkpoint already opened (inspect prints it first)."""
     base = open_path(base_path)
-    if base.kind == "LoRA file":
-        raise CheckpointUnreadable(f"{base_path}: a LoRA cannot be the base; diff the LoRA against its base model")
+    if base.kind in ("LoRA file", "LyCORIS file"):
+        raise CheckpointUnreadable(f"{base_path}: an adapter cannot be the base; diff the adapter against its base model")
     if opened.kind == "LoRA file":
         assert isinstance(opened.source, SafetensorsFiles)
         return lora_diff(opened.source, opened.metadata, base.source)
+    if opened.kind == "LyCORIS file":
+        assert isinstance(opened.source, SafetensorsFiles)
+        return lycoris_diff(opened.source, base.source)
     return full_diff(opened.source, base.source)
 
 

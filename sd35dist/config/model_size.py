@@ -9,6 +9,7 @@ the meta-built model for the tiny and the SD3.5 Large configs, parameter for par
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -139,6 +140,52 @@ def lora_parameters(config: Mapping[str, Any], modules: Sequence[str] | None, ra
     `names_module`); None: every Linear."""
     return sum(rank * (fan_in + fan_out) for name, fan_in, fan_out in linear_layers(config)
                if modules is None or any(names_module(name, m) for m in modules))
+
+
+SD3_MODULE_CLASSES: tuple[tuple[str, str], ...] = (
+    (r"transformer_blocks\.\d+\.attn2?\.", "Attention"),
+    (r"transformer_blocks\.\d+\.ff(_context)?\.", "FeedForward"),
+    (r"transformer_blocks\.\d+\.norm1(_context)?\.", "AdaLayerNormZero"),
+    (r"transformer_blocks\.\d+\.", "JointTransformerBlock"),
+    (r"time_text_embed\.", "CombinedTimestepTextProjEmbeddings"),
+    (r"norm_out\.", "AdaLayerNormContinuous"),
+)
+"""Which of diffusers' SD3 module classes hold a Linear, by its name (innermost first), for LyCORIS's
+class presets. The last block's norm1_context is an AdaLayerNormContinuous; presets that tell them
+apart are not planned (adapted_linears on the model is what trains)."""
+
+
+def adapter_parameters(config: Mapping[str, Any], section: Any) -> int:
+    """Adapter parameters of a recipe's `train.lora` (LoRA, LoKr, LoHa) on the transformer `config`."""
+    from sd35dist.config.adapter_layout import adapter_layout
+
+    if section.type == "lora":
+        return lora_parameters(config, section.target_modules(), section.rank)
+    total = 0
+    for name, fan_in, fan_out in linear_layers(config):
+        options = _lycoris_options(name, section)
+        if options is None:
+            continue
+        algo = options.get("algo") or section.type
+        total += adapter_layout(algo, fan_in, fan_out, rank=options.get("dim") or section.rank,
+                                alpha=options.get("alpha") or section.alpha,
+                                factor=options.get("factor", section.factor), decompose_both=section.decompose_both,
+                                full_matrix=section.full_matrix).parameters
+    return total
+
+
+def _lycoris_options(name: str, section: Any) -> dict | None:
+    """The module_algo_map options a Linear gets from a LyCORIS preset (None: not adapted)."""
+    if section.preset is None:
+        wanted = section.target_modules()
+        return {} if wanted is None or any(names_module(name, t) for t in wanted) else None
+    preset = section.preset
+    classes = [cls for pattern, cls in SD3_MODULE_CLASSES if re.match(pattern, name)] + ["Linear"]
+    algo_map = {cls: options.model_dump(exclude_none=True) for cls, options in preset.module_algo_map.items()}
+    targeted = set(preset.target_module) | set(algo_map)
+    if not any(cls in targeted for cls in classes) and not any(re.match(p, name) for p in preset.target_name):
+        return None
+    return next((algo_map[cls] for cls in classes if cls in algo_map), {})
 
 
 def image_tokens(config: Mapping[str, Any], width: int, height: int) -> int:

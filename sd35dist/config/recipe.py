@@ -255,22 +255,74 @@ def lora_target_modules(targets: str | list[str]) -> tuple[str, ...] | None:
     return LORA_PRESET_MODULES[targets] if isinstance(targets, str) else tuple(targets)
 
 
-class LoraSection(StrictModel):
-    """A LoRA fine-tune (peft's LoraConfig): the base transformer stays frozen, only the adapters train."""
+LoraType = Literal["lora", "lokr", "loha"]
+LORA_TYPES: tuple[str, ...] = get_args(LoraType)
+LycorisAlgo = Literal["lokr", "loha"]
 
+
+class LycorisModuleOptions(StrictModel):
+    """One entry of LyCORIS's module_algo_map: what the Linears inside modules of that class get."""
+
+    algo: LycorisAlgo | None = None
+    """lokr or loha for these modules; None: train.lora.type."""
+    factor: int | None = None
+    """lokr's Kronecker factor for these modules; None: train.lora.factor."""
+    dim: int | None = Field(None, ge=1)
+    """Their rank (LyCORIS's dim); None: train.lora.rank."""
+    alpha: float | None = Field(None, gt=0)
+    """Their alpha; None: train.lora.alpha."""
+
+
+class LycorisPreset(StrictModel):
+    """LyCORIS's apply_preset (the `apply_preset` of SimpleTuner's lycoris_config): modules chosen by class.
+
+    Every Linear inside a module whose class is named in target_module (or module_algo_map) is
+    adapted, as LycorisNetwork does; target_name adds single modules by name (a regular expression
+    matched from the start, LyCORIS's default), exclude_name leaves modules out."""
+
+    target_module: list[str] = Field(default_factory=list)
+    """Class names, e.g. [Attention, FeedForward] (diffusers' classes in the SD3 transformer)."""
+    target_name: list[str] = Field(default_factory=list)
+    """Module names or patterns (re.match), e.g. [norm_out.linear]."""
+    module_algo_map: dict[str, LycorisModuleOptions] = Field(default_factory=dict)
+    """Class name → algo, factor, dim or alpha for the Linears inside modules of that class."""
+    exclude_name: list[str] = Field(default_factory=list)
+    """Module names or patterns (re.match) never adapted."""
+
+
+class LoraSection(StrictModel):
+    """An adapter fine-tune: the base transformer stays frozen, only the adapters train.
+
+    type lora is peft's LoRA; lokr and loha are LyCORIS's Kronecker and Hadamard products (what
+    SimpleTuner's `lora_type: lycoris` trains), built as peft's LoKr/LoHa layers with LyCORIS's
+    initialisation and scale (sd35dist/models/lycoris.py)."""
+
+    type: LoraType = "lora"
+    """lora (peft LoRA, exported in diffusers' format) | lokr | loha (LyCORIS, exported in LyCORIS's format)."""
     rank: int = Field(16, ge=1)
-    """r: the adapters' inner dimension."""
+    """r: the adapters' inner dimension (LyCORIS's linear_dim)."""
     alpha: float = Field(16.0, gt=0)
-    """lora_alpha: the update is scaled by alpha / rank."""
+    """lora_alpha (LyCORIS's linear_alpha): the update is scaled by alpha / rank (a LoKr whose two
+    Kronecker factors are both whole matrices is scaled by 1, as LyCORIS does)."""
     dropout: float = Field(0.0, ge=0, lt=1)
-    """lora_dropout on the adapters' input."""
+    """lora_dropout on the adapters' input (type lora only: LyCORIS's LoKr/LoHa have none)."""
     init: Literal["default", "gaussian"] = "default"
     """peft's init_lora_weights: default (A Kaiming-uniform, B zero) or gaussian (A normal, std 1/rank).
-    Inits that rewrite the base weights or need data (pissa, olora, loftq, eva, corda) are not offered."""
+    Inits that rewrite the base weights or need data (pissa, olora, loftq, eva, corda) are not offered.
+    lokr/loha start as LyCORIS starts them (type lora only)."""
     targets: LoraPreset | list[str] = "attention"
     """attention: joint-attention projections of both streams; attention_image: the image stream's
     to_q/to_k/to_v/to_out.0 only (SimpleTuner's SD3 default); attention_ff: attention and the MLPs;
     all_linear: every Linear; or a list of module names (peft target_modules: a name or its suffix)."""
+    factor: int = -1
+    """lokr: the Kronecker factor (LyCORIS's factor): each weight is kron(w1, w2) with w1 about
+    factor × factor; -1: the most balanced split."""
+    full_matrix: bool = False
+    """lokr: keep both Kronecker factors whole matrices whatever the rank (LyCORIS's full_matrix)."""
+    decompose_both: bool = False
+    """lokr: factor the smaller Kronecker factor into a rank-r product too (LyCORIS's decompose_both)."""
+    preset: LycorisPreset | None = None
+    """lokr/loha: choose modules by class as LyCORIS's apply_preset does (targets then stays at its default)."""
 
     def target_modules(self) -> tuple[str, ...] | None:
         """The peft target_modules the targets stand for; None: every Linear (all_linear)."""
@@ -282,6 +334,30 @@ class LoraSection(StrictModel):
         if isinstance(value, list) and not value:
             raise ValueError(f"an empty list trains nothing: name modules or a preset ({', '.join(LORA_TARGET_PRESETS)})")
         return value
+
+    @pydantic.model_validator(mode="after")
+    def _fits_type(self) -> LoraSection:
+        lycoris = self.type != "lora"
+        if not lycoris:
+            for key, unset in (("factor", -1), ("full_matrix", False), ("decompose_both", False), ("preset", None)):
+                if getattr(self, key) != unset:
+                    raise ValueError(f"{key} is a LyCORIS option: set type lokr or loha, or remove {key}")
+            return self
+        if self.dropout:
+            raise ValueError(f"type {self.type}: LyCORIS's LoKr/LoHa have no input dropout; set dropout 0")
+        if self.init != "default":
+            raise ValueError(f"type {self.type}: adapters start as LyCORIS starts them; remove init")
+        if self.type == "loha" and (self.factor != -1 or self.full_matrix or self.decompose_both):
+            raise ValueError("factor, full_matrix and decompose_both are lokr options; remove them for type loha")
+        if self.factor == 0 or self.factor < -1:
+            raise ValueError(f"factor {self.factor}: a positive Kronecker factor, or -1 for the most balanced split")
+        if self.preset is not None:
+            # The default stays in frozen recipes (every field is written out), so only another value conflicts.
+            if self.targets != LoraSection.model_fields["targets"].default:
+                raise ValueError("targets and preset both choose modules: keep one")
+            if not (self.preset.target_module or self.preset.target_name or self.preset.module_algo_map):
+                raise ValueError("preset names no modules: give target_module, target_name or module_algo_map")
+        return self
 
 
 class TrainSection(StrictModel):
@@ -349,7 +425,7 @@ class TrainSection(StrictModel):
     resume_allow_changes: list[str] = Field(default_factory=list)
     """Keys (model.pretrained), sections (data) or `*` whose change since the checkpoint's recipe resume accepts."""
     lora: LoraSection | None = None
-    """A LoRA fine-tune; absent: a full fine-tune (sd35dist/models/lora.py)."""
+    """An adapter fine-tune (LoRA, LoKr, LoHa); absent: a full fine-tune (sd35dist/models/lora.py)."""
 
     @pydantic.field_validator("gradient_checkpointing")
     @classmethod

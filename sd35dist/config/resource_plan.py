@@ -41,7 +41,7 @@ from typing import Any
 from sd35dist.config.activation_policy import CheckpointingPolicy, candidate_policies, parse_policy
 from sd35dist.config.mesh_layout import MeshLayout
 from sd35dist.config.model_flops import mmdit_train_flops_per_sample
-from sd35dist.config.model_size import TransformerSize, image_tokens, lora_parameters, transformer_size
+from sd35dist.config.model_size import TransformerSize, adapter_parameters, image_tokens, transformer_size
 from sd35dist.config.recipe import Recipe
 
 GIB = 1024**3
@@ -153,7 +153,7 @@ def workload_from_recipe(recipe: Recipe, config: Mapping[str, Any], *, on_gpus: 
         tokens=largest_bucket(recipe, config)[2],
         activation_checkpointing=parse_policy(train.gradient_checkpointing) or CheckpointingPolicy("full"),
         ema=train.ema.enabled, offload_optimizer=parallel.offload_optimizer, offload_params=parallel.offload_params,
-        trainable=None if train.lora is None else lora_parameters(config, train.lora.target_modules(), train.lora.rank),
+        trainable=None if train.lora is None else adapter_parameters(config, train.lora),
         fp8=train.fp8,
     )
 

@@ -164,5 +164,9 @@ demo finished in {time.perf_counter() - started:.0f} s
   report        {shown(DEMO / 'report' / 'report.html')}
   LoRA          {shown(DEMO / 'output-lora' / 'checkpoints')} (adapters only)
   LoRA export   {shown(DEMO / 'export-lora' / 'pytorch_lora_weights.safetensors')} (diffusers, ComfyUI)
-  LoRA sample   {shown(lora_sample)}""")
+  LoRA sample   {shown(lora_sample)}
+ComfyUI-ready (the tiny MMDiT has SD3's shape: as many 64-wide heads as blocks; its VAE and text encoders
+are toy-sized, so load the diffusion model, not Load Checkpoint; docs/formats.md):
+  ComfyUI/models/diffusion_models/ <- {shown(single_file)} (Load Diffusion Model)
+  ComfyUI/models/loras/            <- {shown(DEMO / 'export-lora' / 'pytorch_lora_weights.safetensors')} (LoraLoaderModelOnly)""")
     return 0

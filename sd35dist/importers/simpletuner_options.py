@@ -101,7 +101,12 @@ MAPPED: dict[str, Mapped] = {
     "lora_alpha": Mapped("float", None, "`train.lora.alpha` (unset: = rank)"),
     "lora_dropout": Mapped("float", 0.1, "`train.lora.dropout`"),
     "lora_init_type": Mapped("str", "default", "`train.lora.init` (default, gaussian)"),
-    "lora_type": Mapped("str", "standard", "— (standard peft LoRA only; lycoris is listed)"),
+    "lora_type": Mapped("str", "standard", "`train.lora.type` (standard: `lora`; lycoris: the lycoris_config's algo, `lokr` or `loha`)"),
+    "lycoris_config": Mapped(
+        "str", "config/lycoris_config.json",
+        "`train.lora` type, rank, alpha, factor, full_matrix, decompose_both, preset "
+        "(the JSON file's algo, linear_dim, linear_alpha, factor …, apply_preset)",
+    ),
     "peft_lora_target_modules": Mapped("list", None, "`train.lora.targets` (unset: `attention_image`, SimpleTuner's SD3 default)"),
     # validation
     "validation_prompt": Mapped("str", None, "`validation.prompts`"),

@@ -63,7 +63,7 @@ def convert_settings(values: dict[str, Any], out: Any, source: str, config_path:
     _model(options, out, source, config_path.parent if config_path else None)
     _training(options, out, source)
     _schedule(options, out)
-    _lora(options, out, source)
+    _lora(options, out, source, config_path)
     _logging(options, out)
     _validation(options, out, source, config_path)
     return DatasetSettings(
@@ -210,16 +210,22 @@ def _schedule(o: _Options, out: Any) -> None:
         out.put(train + ("lr_power",), o["lr_power"], o.comment("lr_power"))
 
 
-def _lora(o: _Options, out: Any, source: str) -> None:
-    lora_keys = ("lora_rank", "lora_alpha", "lora_dropout", "lora_init_type", "lora_type", "peft_lora_target_modules")
+def _lora(o: _Options, out: Any, source: str, config_path: Path | None) -> None:
+    lora_keys = ("lora_rank", "lora_alpha", "lora_dropout", "lora_init_type", "lora_type", "peft_lora_target_modules",
+                 "lycoris_config")
     if o["model_type"] != "lora":
         for key in lora_keys:
             if o.given(key):
                 out.skip(key, o[key], "model_type is full: LoRA options have no effect")
         return
-    if o["lora_type"] != "standard":
-        raise ConfigError(source, "--lora_type", f"{o['lora_type']}: LyCORIS adapters are not offered; train.lora "
-                                                 "trains a standard peft LoRA (lora_type standard)")
+    lora_type = str(o["lora_type"]).lower()
+    if lora_type == "lycoris":
+        _lycoris(o, out, source, config_path)
+        return
+    if lora_type != "standard":
+        raise ConfigError(source, "--lora_type", f"{o['lora_type']}: expected standard (a peft LoRA) or lycoris")
+    if o.given("lycoris_config"):
+        out.skip("lycoris_config", o["lycoris_config"], "lora_type is standard: the LyCORIS config has no effect")
     lora = ("train", "lora")
     rank = o["lora_rank"]
     out.put(lora + ("rank",), rank, o.comment("lora_rank"))
@@ -234,6 +240,26 @@ def _lora(o: _Options, out: Any, source: str) -> None:
     targets = o["peft_lora_target_modules"]
     out.put(lora + ("targets",), [str(t) for t in targets] if targets else "attention_image",
             None if targets else "SimpleTuner's SD3 default targets: to_q, to_k, to_v, to_out.0 of the image stream")
+
+
+def _lycoris(o: _Options, out: Any, source: str, config_path: Path | None) -> None:
+    from sd35dist.importers.simpletuner_lycoris import lycoris_section, read_lycoris_config
+
+    named = o["lycoris_config"]
+    if not named:
+        raise ConfigError(source, "--lycoris_config", "missing: lora_type lycoris needs the LyCORIS JSON file")
+    path = find_beside(str(named), config_path) if config_path else (Path(named) if Path(named).is_file() else None)
+    if path is None:
+        raise ConfigError(source, "--lycoris_config", f"{named}: no such file (looked as given and beside the config)")
+    section = lycoris_section(read_lycoris_config(path, path.name), path.name, out.skip)
+    for key in ("lora_rank", "lora_alpha", "lora_init_type", "peft_lora_target_modules"):
+        if o.given(key):
+            out.skip(key, o[key], "lora_type lycoris: the lycoris_config decides the adapters")
+    if o["lora_dropout"]:
+        out.skip("lora_dropout", o["lora_dropout"], "lora_type lycoris: LyCORIS's LoKr/LoHa have no input dropout")
+    for key, value in section.items():
+        out.put(("train", "lora", key), value)
+    out.note(("train", "lora"), f"SimpleTuner's lora_type lycoris, from {path.name} (algo {section['type']})")
 
 
 def _logging(o: _Options, out: Any) -> None:

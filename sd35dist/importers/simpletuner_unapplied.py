@@ -18,7 +18,7 @@ _OBJECTIVE = "a training objective or regulariser not offered: the loss is SD3's
 _TIMESTEPS = "a timestep schedule not offered: σ is drawn logit-normal (train.logit_mean/logit_std) or uniform, shifted by train.flow_shift"
 _TEXT_ENCODERS = "the text encoders are frozen and run once, by `sd35dist cache`"
 _OPTIMIZER = "an optimizer setting not offered: AdamW (train.optimizer adamw or adamw_bf16) with the recipe's betas, eps and decay"
-_ADAPTER = "an adapter kind not offered: train.lora trains a plain peft LoRA"
+_ADAPTER = "an adapter feature not offered: train.lora trains a peft LoRA or a LyCORIS LoKr/LoHa from scratch"
 _CONTROLNET = "ControlNet training is not offered by sd35dist"
 _VALIDATION = "a validation setting not offered: validation renders its prompts × seeds × resolutions with cfg or apg (and SLG)"
 _EVALUATION = "no evaluation metrics here: validation renders images"
@@ -154,7 +154,7 @@ _GROUPS: dict[str, str] = {
         fuse_optimizer prodigy_steps lr_num_cycles lr_scale lr_scale_sqrt gradient_precision
     """,
     _ADAPTER: """
-        lycoris_config init_lokr_norm init_lora init_lora_ema init_lora_step singlora_ramp_up_steps slider_lora_target
+        init_lokr_norm init_lora init_lora_ema init_lora_step singlora_ramp_up_steps slider_lora_target
         assistant_lora_inference_strength assistant_lora_path assistant_lora_strength disable_assistant_lora
         validation_lycoris_strength
     """,

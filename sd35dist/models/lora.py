@@ -70,6 +70,13 @@ def inject_lora(model: nn.Module, section: LoraSection | None, *, dtype: torch.d
     """
     if section is None:
         return {}
+    if section.type != "lora":  # LyCORIS's LoKr/LoHa: sd35dist/models/lycoris.py
+        from sd35dist.models.lycoris import LycorisTargetError, inject_lycoris
+
+        try:
+            return inject_lycoris(model, section, dtype=dtype, seed=seed)
+        except LycorisTargetError as err:
+            raise LoraTargetError(str(err)) from None
     from peft import inject_adapter_in_model
 
     config = lora_config(section, target_modules(model, section.targets))
@@ -128,7 +135,8 @@ def _seed(seed: int, layer: str) -> int:
 
 
 def is_adapter_key(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
+    """A LoRA (`.lora_A.`, `.lora_B.`) or LyCORIS (`.lokr_*`, `.hada_*`) adapter tensor."""
+    return ".lora_A." in name or ".lora_B." in name or ".lokr_w" in name or ".hada_w" in name
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -30,16 +30,20 @@ T5_MAX_LENGTH = 512
 
 # The sizes obey SD3's wiring: CLIP-L + CLIP-G hidden sizes (8 + 16) fit into the T5 width
 # (32 = joint_attention_dim), and their projections (24 + 40) add up to pooled_projection_dim.
+# SD3's shape at depth 2: ComfyUI builds an SD3 MMDiT from its width alone — depth = width / 64,
+# `depth` heads of 64 and `depth` blocks (comfy/model_detection.py, MMDiT's num_blocks default in
+# comfy/ldm/modules/diffusionmodules/mmdit.py) — so the tiny model has as many 64-wide heads as
+# blocks, as SD3.5 Large (38 × 38) does, and its exports open there.
 TRANSFORMER_SIZES = dict(
     sample_size=32,
     patch_size=2,
     in_channels=16,
     out_channels=16,
-    num_layers=4,
-    attention_head_dim=8,
-    num_attention_heads=4,
+    num_layers=2,
+    attention_head_dim=64,
+    num_attention_heads=2,
     joint_attention_dim=32,
-    caption_projection_dim=32,
+    caption_projection_dim=128,
     pooled_projection_dim=64,
     pos_embed_max_size=32,
     qk_norm="rms_norm",
