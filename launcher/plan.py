@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from launcher.gpu_env import EnvSetting, gpu_environment
 from launcher.profile import PROFILE_KEYS, Profile
 from sd35dist.config import ConfigError, Recipe, parse_override
 from sd35dist.config.commands import SUBMITTABLE_JOBS
@@ -41,6 +42,8 @@ class JobPlan:
     setup_lines: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
     """Non-secret variables exported before launch."""
+    gpu_env: tuple[EnvSetting, ...] = ()
+    """The GPU environment (launcher/gpu_env.py), exported after `env`, each with why; none that `env` sets."""
     secret_names: tuple[str, ...]
     """Variables passed by name from the submitting environment; their values are never written."""
     rdzv_port: int
@@ -84,6 +87,10 @@ def check_fit(profile: Profile, recipe: Recipe, profile_file: str, recipe_file: 
             f"{degree} must divide the world size {profile.world_size} of profile {profile_file}",
         )
     refuse_zero3_across_gpu_nodes(recipe.parallel.strategy, profile.nodes, profile.gpus_per_node, recipe_file)
+    hardware = profile.hardware.resolved()
+    if recipe.train.fp8 != "none" and hardware is not None and not hardware.fp8:
+        raise ConfigError(recipe_file, "train.fp8", f"profile {profile_file} declares {hardware.name} GPUs, which have "
+                          "no FP8 tensor cores; set fp8: none (or use an H100/H200 profile)")
     if profile.gpus_per_node and profile.procs_per_node > profile.gpus_per_node:
         raise ConfigError(
             profile_file,
@@ -197,6 +204,8 @@ def build_plan(
         directives=_directives(profile, job_name, log_dir) if profile.scheduler == "slurm" else (),
         setup_lines=tuple(setup),
         env=_env(profile, run_dir),
+        gpu_env=tuple(s for s in gpu_environment(profile.gpu_env, has_gpus=profile.gpus_per_node > 0)
+                      if s.name not in profile.env.values),
         secret_names=tuple(profile.env.passthrough),
         rdzv_port=profile.launch.rdzv_port,
         rdzv_port_span=profile.launch.rdzv_port_span,

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import Field
 
+from launcher.gpu_env import GpuEnvSection
 from sd35dist.config.loading import ConfigError, StrictModel, load_mapping, validate_mapping
 from sd35dist.config.resource_plan import GPU_PRESETS, Hardware
 
@@ -147,10 +148,11 @@ class SetupSection(StrictModel):
 class HardwareSection(StrictModel):
     """The GPU and links `sd35dist plan` and submit's fit check compute with (sd35dist/config/resource_plan.py)."""
 
-    gpu: Literal["h100", "h200"] | None = None
+    gpu: Literal["h100", "h200", "a100"] | None = None
     """A preset for every value below: h100 (SXM 80 GB: 79.6 GiB, 989 TFLOP/s bf16, 60% of it reached,
-    NVLink 360 GB/s, 50 GB/s NIC per GPU) or h200 (the same with 140.4 GiB). None: no GPU declared,
-    so no fit check and no step time."""
+    NVLink 360 GB/s, 50 GB/s NIC per GPU, FP8), h200 (the same with 140.4 GiB) or a100 (SXM 80 GB:
+    79.2 GiB, 312 TFLOP/s, NVLink 240 GB/s, 25 GB/s NIC, no FP8). None: no GPU declared, so no fit
+    check, no step time and no FP8 check."""
     memory_gib: float | None = Field(None, gt=0)
     peak_bf16_tflops: float | None = Field(None, gt=0)
     matmul_efficiency: float | None = Field(None, gt=0, le=1)
@@ -159,13 +161,16 @@ class HardwareSection(StrictModel):
     """Collective bandwidth per GPU inside a node, GB/s."""
     inter_node_gb_s: float | None = Field(None, gt=0)
     """Network bandwidth per GPU between nodes, GB/s (400 Gb/s = 50)."""
+    fp8: bool | None = None
+    """Whether the GPU has FP8 tensor cores (train.fp8 is refused without); a preset says it."""
 
     def resolved(self) -> Hardware | None:
         """The preset with this section's values over it; None when neither a preset nor every value is given."""
         values = {k: v for k, v in self.model_dump().items() if k != "gpu" and v is not None}
         if self.gpu is not None:
             return Hardware(**{**GPU_PRESETS[self.gpu].__dict__, **values})
-        if len(values) == len(Hardware.__dataclass_fields__) - 1:
+        # Every value but the name (and fp8, which defaults to yes) makes a custom GPU.
+        if len(set(values) - {"fp8"}) == len(Hardware.__dataclass_fields__) - 2:
             return Hardware(name="custom", **values)
         return None
 
@@ -178,6 +183,8 @@ class Profile(StrictModel):
     env: EnvSection = Field(default_factory=EnvSection)
     setup: SetupSection = Field(default_factory=SetupSection)
     hardware: HardwareSection = Field(default_factory=HardwareSection)
+    gpu_env: GpuEnvSection = Field(default_factory=GpuEnvSection)
+    """Variables large GPU jobs need (allocator, NCCL timeouts and error handling), exported with why."""
     hf_home: str | None = None
     """Where Hugging Face ids in model.pretrained are downloaded (HF_HOME: its hub/ is the cache), on
     storage every node sees; default: the submitting shell's HF_HOME, else ~/.cache/huggingface."""

@@ -25,6 +25,10 @@ def shell_word(text: str) -> str:
     return f'"{escaped}"'
 
 
+def _value(value: str) -> str:
+    return shell_word(value) if "$" in value else shlex.quote(value)
+
+
 def launch_command(plan: JobPlan) -> str:
     """The torchrun command line, one option per line."""
     words = [shell_word(w) for w in plan.launch_argv]
@@ -50,7 +54,11 @@ def setup_block(plan: JobPlan) -> list[str]:
         out.append("# setup from the profile")
         out += list(plan.setup_lines)
     out.append("# environment (non-secret values from the profile)")
-    out += [f"export {name}={shell_word(value) if '$' in value else shlex.quote(value)}" for name, value in plan.env]
+    out += [f"export {name}={_value(value)}" for name, value in plan.env]
+    if plan.gpu_env:
+        out.append("# GPU environment (the profile's gpu_env:, docs/gpu.md), each with why")
+        for setting in plan.gpu_env:
+            out += [f"# {setting.why}", f"export {setting.name}={_value(setting.value)}"]
     if plan.secret_names:
         out.append("# secrets: passed by name from the submitting environment; values are never written here")
         out += [

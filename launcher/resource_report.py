@@ -16,20 +16,24 @@ from typing import Any
 from launcher.plan import mesh_layout
 from launcher.profile import Profile
 from sd35dist.config import ConfigError, Recipe
+from sd35dist.config.activation_policy import parse_policy
 from sd35dist.config.mesh_layout import MeshLayout
 from sd35dist.config.model_size import SD35_LARGE_CONFIG, TransformerSize, transformer_size
 from sd35dist.config.resource_plan import (
     GIB,
     PEAK_TOLERANCE,
     TEXT_TOKENS_CLIP,
+    CheckpointingChoice,
     Hardware,
     MemoryPlan,
     StepTime,
     Traffic,
     Workload,
+    choose_checkpointing,
     fit_advice,
     largest_bucket,
     memory_plan,
+    recomputed_share,
     step_time,
     traffic_table,
     train_flops_per_sample,
@@ -67,6 +71,10 @@ class ResourceReport:
     """One per traffic row, when hardware is declared."""
     runs: str
     """The traffic row of the mesh that runs (fsdp, hsdp, zero2, zero3)."""
+    checkpointing: CheckpointingChoice
+    """The activation checkpointing policy planned: the recipe's, or `auto`'s choice for the declared GPU."""
+    checkpointing_source: str
+    """recipe | auto (chosen for the GPU) | auto (no GPU declared: full)"""
 
     @property
     def fits(self) -> bool:
@@ -79,19 +87,30 @@ def build_report(profile: Profile, recipe: Recipe, profile_name: str, recipe_fil
     mesh = mesh_layout(profile, recipe, recipe_file)
     hardware = profile.hardware.resolved()
     work = workload_from_recipe(recipe, config, on_gpus=profile.gpus_per_node > 0)
-    other = dataclasses.replace(work, activation_checkpointing=not work.activation_checkpointing)
+    width, height, tokens = largest_bucket(recipe, config)
+    flops = train_flops_per_sample(config, width, height, TEXT_TOKENS_CLIP + recipe.data.max_sequence_length)
+    auto = parse_policy(recipe.train.gradient_checkpointing) is None
+    if auto and hardware is not None:
+        choice = choose_checkpointing(size, work, mesh, hardware.memory_gib, flops)
+        ac_source = "auto, chosen for the GPU"
+    else:
+        plan = memory_plan(size, work, mesh)
+        choice = CheckpointingChoice(work.policy, plan, recomputed_share(work.policy, size, work.tokens, flops),
+                                     hardware is None or plan.peak_gib <= hardware.memory_gib)
+        ac_source = "auto: no GPU declared, so every block" if auto else "recipe"
+    work = dataclasses.replace(work, activation_checkpointing=choice.policy)
+    other = dataclasses.replace(work, activation_checkpointing=work.policy.kind != "full")
     table = tuple(traffic_table(size.total, world_size=mesh.world_size, nodes=mesh.nodes,
                                 compute_bytes=work.compute_bytes, trainable=work.trainable))
-    width, height, tokens = largest_bucket(recipe, config)
     times: tuple[StepTime, ...] = ()
     if hardware is not None:
-        flops = train_flops_per_sample(config, width, height, TEXT_TOKENS_CLIP + recipe.data.max_sequence_length)
         times = tuple(step_time(flops, hardware, row, batch=work.batch, micro_steps=work.gradient_accumulation,
-                                activation_checkpointing=work.activation_checkpointing) for row in table)
+                                activation_checkpointing=True, recomputed_flops_per_sample=choice.recomputed_share * flops)
+                      for row in table)
     runs = {"fsdp2": "hsdp" if mesh.is_hsdp else "fsdp"}.get(work.strategy, work.strategy)
     return ResourceReport(profile_name, recipe.name, recipe_file, source, size, mesh, work, (width, height, tokens),
                           hardware, profile.gpus_per_node, memory_plan(size, work, mesh), memory_plan(size, other, mesh),
-                          table, times, runs)
+                          table, times, runs, choice, ac_source)
 
 
 def refuse_if_too_big(report: ResourceReport) -> None:
@@ -113,7 +132,8 @@ def render_report(report: ResourceReport) -> str:
     work, mesh, hw = report.work, report.mesh, report.hardware
     width, height, tokens = report.bucket
     gpus = f"{mesh.nodes} node(s) × {mesh.world_size // mesh.nodes} {'× ' + hw.name if hw else 'ranks'}"
-    ac = "per-block activation checkpointing" if work.activation_checkpointing else "no activation checkpointing"
+    layers = len(report.size.blocks)
+    ac = f"activation checkpointing {work.policy.name}"
     lines = [
         f"plan: recipe {report.recipe_name} on profile {report.profile_name} ({gpus}, {mesh.world_size} ranks)",
         f"model: {report.size.total / 1e9:.3f}e9 parameters ({report.size.total:,}) from {report.model_source}"
@@ -122,13 +142,17 @@ def render_report(report: ResourceReport) -> str:
         f"work: batch {work.batch} per GPU × {work.gradient_accumulation} micro-step(s) at the largest bucket "
         f"{width}x{height} ({tokens} tokens), {ac}, optimizer {work.optimizer_impl} "
         f"({work.master_bytes} B master weights, {work.state_bytes} B optimizer state per parameter)",
+        f"activation checkpointing ({report.checkpointing_source}): {work.policy.describe(layers)}; recomputes "
+        f"{report.checkpointing.recomputed_share:.1%} of a step's model FLOPs; peak "
+        f"{report.checkpointing.plan.peak_gib:.1f} GiB (set train.gradient_checkpointing to force one: true, false, "
+        "every_N, attention, mlp)",
         "",
         "memory per GPU                                     GiB",
     ]
     lines += [f"  {name:<48}{value / GIB:7.2f}" for name, value in report.memory.rows if value]
     budget = f" of {hw.memory_gib:g} ({hw.name}): {'fits' if report.fits else 'DOES NOT FIT'}" if hw else " (no GPU declared)"
     lines.append(f"  {'peak (' + report.memory.phase + ')':<48}{report.memory.peak_gib:7.2f}{budget}")
-    other = "without" if work.activation_checkpointing else "with"
+    other = "with" if work.policy.kind != "full" else "without"
     lines.append(f"  {'peak ' + other + ' per-block checkpointing':<48}{report.memory_other_ac.peak_gib:7.2f}")
     lines.append(f"  (the model holds to measured H100 peaks within ±{PEAK_TOLERANCE:.0%}; docs/benchmarks.md)")
     lines += ["", "communication per GPU per optimizer step    inside node GB  across nodes GB"

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, get_args
 import pydantic
 from pydantic import Field
 
+from sd35dist.config.activation_policy import parse_policy
 from sd35dist.config.credentials import first_credential, looks_secret  # noqa: F401 (preflight redacts with it)
 from sd35dist.config.hub_ids import hub_id_of
 from sd35dist.config.loading import StrictModel, YamlTuple, dump_yaml, load_model
@@ -389,9 +390,23 @@ class TrainSection(StrictModel):
     grad_clip_method: Literal["norm", "value"] = "norm"
     """norm: scale all gradients so their global L2 norm is at most max_grad_norm; value: clamp each
     gradient element to ±max_grad_norm (SimpleTuner's default), after the gradients are reduced."""
-    gradient_checkpointing: bool = True
-    compile_blocks: bool = False
-    """torch.compile each transformer block."""
+    gradient_checkpointing: bool | str = "auto"
+    """Activation checkpointing (sd35dist/config/activation_policy.py): true (every block), false, every_N
+    (every N-th block), attention or mlp (that part of every block), or auto: on a GPU the policy with the
+    least recomputation whose predicted peak fits its memory (what `sd35dist plan` prints); without a GPU, true."""
+    compile_blocks: bool | Literal["auto"] = "auto"
+    """torch.compile each transformer block (the sequence length dynamic: no recompile per aspect bucket);
+    auto: on with CUDA, off on CPU."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """torch.compile's backend for compile_blocks. inductor generates fused kernels (the speed); aot_eager
+    traces forward and backward as inductor does but runs torch's own kernels, eager only captures graphs:
+    the ways to tell a numerical difference that compile makes from one inductor's kernels make (and the
+    CPU tests' quick compile)."""
+    fp8: Literal["none", "tensorwise", "rowwise"] = "none"
+    """FP8 matmuls in the transformer blocks' Linears (torchao float8 training; fsdp2 only): tensorwise (one
+    scale per tensor; FSDP2 all-gathers the weights in fp8) or rowwise (one scale per row: more accurate,
+    bf16 all-gathers). The first and last blocks, the embedders and the output head stay bf16. Needs a GPU
+    with FP8 (H100/H200: the profile's hardware.gpu); on CPU it runs torchao's emulation (tests)."""
     weighting_scheme: Literal["logit_normal", "mode", "cosmap", "uniform", "none"] = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -411,6 +426,12 @@ class TrainSection(StrictModel):
     """Keys (model.pretrained), sections (data) or `*` whose change since the checkpoint's recipe resume accepts."""
     lora: LoraSection | None = None
     """An adapter fine-tune (LoRA, LoKr, LoHa); absent: a full fine-tune (sd35dist/models/lora.py)."""
+
+    @pydantic.field_validator("gradient_checkpointing")
+    @classmethod
+    def _checkpointing(cls, value: bool | str) -> bool | str:
+        parse_policy(value)
+        return value
 
     @pydantic.model_validator(mode="after")
     def _polynomial_end(self) -> TrainSection:
@@ -452,6 +473,12 @@ class Recipe(StrictModel):
             # mode drops every update below half a bf16 ulp (docs/numerics.md).
             raise _error_at(("train", "optimizer"), "adamw_bf16",
                             f"adamw_bf16 runs on strategy fsdp2 only; with {self.parallel.strategy} use adamw")
+        if self.train.fp8 != "none" and self.parallel.strategy != "fsdp2":
+            # torchao's float8 training composes with FSDP2 (fp8 all-gather); DeepSpeed's partitioning is untested with it.
+            raise _error_at(("train", "fp8"), self.train.fp8,
+                            f"fp8 runs on strategy fsdp2 only; with {self.parallel.strategy} use fp8: none")
+        if self.train.fp8 != "none" and self.train.lora is not None:
+            raise _error_at(("train", "fp8"), self.train.fp8, "fp8 trains full fine-tunes; with train.lora use fp8: none")
         if self.train.lora is not None and self.parallel.strategy == "zero3":
             # ZeRO-3 partitions every parameter, frozen or not; its checkpoints then hold the whole base model.
             raise _error_at(("train", "lora"), "zero3", "LoRA runs on strategy fsdp2 or zero2, not zero3")

@@ -13,8 +13,10 @@ On top: allocator fragmentation (HEADROOM_FRACTION) and a fixed reserve (CUDA/NC
 
 Activations, in bf16 elements of the hidden size d per token (image + text tokens):
 per-block activation checkpointing keeps only each block's inputs (1·d) and recomputes
-one block at a time (BLOCK_WORKING_D); without it every block keeps BLOCK_ACTIVATION_D.
-These constants are calibrated on two H100 measurements of SD3.5 Large (1024 px, batch 4,
+one block at a time (BLOCK_WORKING_D); without it every block keeps BLOCK_ACTIVATION_D;
+selective policies (every N-th block, attention or MLPs only) keep what
+sd35dist/config/activation_policy.py counts, and `choose_checkpointing` picks the one with the
+least recomputation that fits. These constants are calibrated on two H100 measurements of SD3.5 Large (1024 px, batch 4,
 per-block checkpointing, pure-bf16 weights and AdamW states on one GPU): 76.2 GiB with
 eager foreach AdamW, 67.2 GiB with per-block compile and fused AdamW; a unit test holds
 the model to both within PEAK_TOLERANCE.
@@ -36,15 +38,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from sd35dist.config.activation_policy import CheckpointingPolicy, candidate_policies, parse_policy
 from sd35dist.config.mesh_layout import MeshLayout
 from sd35dist.config.model_flops import mmdit_train_flops_per_sample
-from sd35dist.config.model_size import TransformerSize, adapter_parameters, image_tokens
+from sd35dist.config.model_size import TransformerSize, adapter_parameters, image_tokens, transformer_size
 from sd35dist.config.recipe import Recipe
 
 GIB = 1024**3
-BLOCK_ACTIVATION_D = 24
-"""bf16 values of width d one JointTransformerBlock keeps per token for backward (q, k, v,
-normed q/k, attention out, MLP 4d in and 4d after GELU, norms, residuals)."""
 BLOCK_WORKING_D = 32
 """One block recomputed in backward plus its gradient temporaries, per token."""
 HEADROOM_FRACTION = 0.01
@@ -73,6 +73,8 @@ class Hardware:
     """Collective bus bandwidth per GPU inside a node (NVLink), GB/s."""
     inter_node_gb_s: float
     """Network bandwidth per GPU between nodes (one NIC per GPU), GB/s."""
+    fp8: bool = True
+    """Whether the GPU has FP8 tensor cores (Hopper, Ada, Blackwell: yes; A100: no)."""
 
 
 GPU_PRESETS: dict[str, Hardware] = {
@@ -83,6 +85,9 @@ GPU_PRESETS: dict[str, Hardware] = {
     # H200 SXM 141 GB: H100's compute and links, more and faster memory.
     "h200": Hardware(name="h200", memory_gib=140.4, peak_bf16_tflops=989.0, matmul_efficiency=0.6,
                      intra_node_gb_s=360.0, inter_node_gb_s=50.0),
+    # A100 SXM 80 GB: 312 TFLOP/s dense bf16, NVLink 3 at 300 GB/s per direction, no FP8.
+    "a100": Hardware(name="a100", memory_gib=79.2, peak_bf16_tflops=312.0, matmul_efficiency=0.6,
+                     intra_node_gb_s=240.0, inter_node_gb_s=25.0, fp8=False),
 }
 
 
@@ -103,13 +108,23 @@ class Workload:
     gradient_accumulation: int
     tokens: int
     """Image + text tokens of one sample at the largest bucket."""
-    activation_checkpointing: bool
+    activation_checkpointing: bool | CheckpointingPolicy
+    """True: every block; False: none; or a selective policy (activation_policy.py)."""
     ema: bool
     offload_optimizer: bool = False
     offload_params: bool = False
     trainable: int | None = None
     """LoRA: the adapter parameters, the only ones with gradients, fp32 masters and optimizer state
     (the base is frozen in the compute dtype); None: a full fine-tune, every parameter trains."""
+    fp8: str = "none"
+    """train.fp8: tensorwise all-gathers the blocks' Linear weights in fp8 (1 B); torchao keeps the
+    bf16 inputs for backward, so activations count as without fp8."""
+
+    @property
+    def policy(self) -> CheckpointingPolicy:
+        if isinstance(self.activation_checkpointing, CheckpointingPolicy):
+            return self.activation_checkpointing
+        return CheckpointingPolicy("full" if self.activation_checkpointing else "none")
 
 
 def largest_bucket(recipe: Recipe, config: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -120,7 +135,8 @@ def largest_bucket(recipe: Recipe, config: Mapping[str, Any]) -> tuple[int, int,
 
 
 def workload_from_recipe(recipe: Recipe, config: Mapping[str, Any], *, on_gpus: bool) -> Workload:
-    """The Workload the recipe trains: dtypes and optimizer as sd35dist/parallel/optimizer.py picks them."""
+    """The Workload the recipe trains: dtypes and optimizer as sd35dist/parallel/optimizer.py picks them.
+    `gradient_checkpointing: auto` is planned as full per-block checkpointing; `choose_checkpointing` resolves it."""
     train, parallel = recipe.train, recipe.parallel
     bf16_masters = train.optimizer == "adamw_bf16"
     master = 2 if bf16_masters else 4
@@ -134,9 +150,11 @@ def workload_from_recipe(recipe: Recipe, config: Mapping[str, Any], *, on_gpus: 
         strategy=parallel.strategy, master_bytes=master, state_bytes=6 if bf16_masters else 8,
         compute_bytes=2 if train.mixed_precision == "bf16" else master, optimizer_impl=impl,
         batch=train.train_batch_size, gradient_accumulation=train.gradient_accumulation_steps,
-        tokens=largest_bucket(recipe, config)[2], activation_checkpointing=train.gradient_checkpointing,
+        tokens=largest_bucket(recipe, config)[2],
+        activation_checkpointing=parse_policy(train.gradient_checkpointing) or CheckpointingPolicy("full"),
         ema=train.ema.enabled, offload_optimizer=parallel.offload_optimizer, offload_params=parallel.offload_params,
         trainable=None if train.lora is None else adapter_parameters(config, train.lora),
+        fp8=train.fp8,
     )
 
 
@@ -167,7 +185,8 @@ def memory_plan(size: TransformerSize, work: Workload, mesh: MeshLayout) -> Memo
         rows.append(("weights (sharded master)", p * work.master_bytes / shards))
         if shards > 1 or cb != work.master_bytes:
             # The root stays gathered through forward; one block computes while the next is prefetched.
-            rows.append(("weights gathered for compute", (size.root + 2 * size.largest_block) * cb))
+            block_bytes = 1 if work.fp8 == "tensorwise" else cb  # torchao's fp8 all-gather of the Linear weights
+            rows.append(("weights gathered for compute", size.root * cb + 2 * size.largest_block * block_bytes))
         rows.append(("gradients (sharded)", p * work.master_bytes / shards))
         if shards > 1:
             rows.append(("gradient reduce buffer (one block, fp32)", size.largest_block * (cb + 4)))
@@ -188,9 +207,9 @@ def memory_plan(size: TransformerSize, work: Workload, mesh: MeshLayout) -> Memo
     state = sum(b for _, b in rows)
 
     per_block_token = d * cb * work.batch * work.tokens
-    kept_d = 1 if work.activation_checkpointing else BLOCK_ACTIVATION_D
-    activations = (f"activations kept ({'block inputs' if work.activation_checkpointing else 'every block'})",
-                   layers * kept_d * per_block_token)
+    policy = work.policy
+    kept = {"full": "block inputs", "none": "every block"}.get(policy.kind, f"checkpointing {policy.name}")
+    activations = (f"activations kept ({kept})", policy.kept_d(layers) * per_block_token)
     working = ("one block's backward working set", BLOCK_WORKING_D * per_block_token)
     gathered = sum(b for name, b in rows if "gathered" in name or "buffer" in name or "buckets" in name)
     temporaries = 0.0
@@ -277,11 +296,16 @@ class StepTime:
 
 
 def step_time(train_flops_per_sample: float, hardware: Hardware, link: Traffic, *, batch: int,
-              activation_checkpointing: bool, micro_steps: int = 1) -> StepTime:
-    """Optimizer-step time from the declared peak and links; MFU counts model FLOPs only (no recompute)."""
+              activation_checkpointing: bool, micro_steps: int = 1, recomputed_flops_per_sample: float | None = None
+              ) -> StepTime:
+    """Optimizer-step time from the declared peak and links; MFU counts model FLOPs only (no recompute).
+    `recomputed_flops_per_sample` (a selective policy's recomputation) replaces the bool's full or none."""
     model_flops = train_flops_per_sample * batch
-    # Per-block checkpointing runs every block's forward twice: 4/3 of the model FLOPs.
-    hardware_flops = model_flops * (4 / 3 if activation_checkpointing else 1)
+    if recomputed_flops_per_sample is None:
+        # Per-block checkpointing runs every block's forward twice: 4/3 of the model FLOPs.
+        hardware_flops = model_flops * (4 / 3 if activation_checkpointing else 1)
+    else:
+        hardware_flops = model_flops + recomputed_flops_per_sample * batch
     peak = hardware.peak_bf16_tflops * 1e12
     compute = micro_steps * hardware_flops / (peak * hardware.matmul_efficiency)
     intra = micro_steps * link.intra_bytes / (hardware.intra_node_gb_s * 1e9)
@@ -307,8 +331,9 @@ def fit_advice(size: TransformerSize, work: Workload, mesh: MeshLayout, plan: Me
     kept = next(b for name, b in plan.rows if name.startswith("activations kept"))
     state = sum(b for name, b in plan.rows if "sharded" in name or "whole" in name or name.startswith("EMA"))
     budget = memory_gib * GIB
-    if not work.activation_checkpointing and kept > 0.25 * budget:
-        return "train.gradient_checkpointing", f"set it to true (keeps {kept / GIB:.1f} GiB of activations now)"
+    if work.policy.kind != "full" and kept > 0.25 * budget:
+        return "train.gradient_checkpointing", (f"set it to auto or true (keeps {kept / GIB:.1f} GiB of activations "
+                                                f"now with {work.policy.name})")
     if state > 0.6 * budget:
         if work.strategy == "zero2":
             return "parallel.strategy", "use fsdp2 or zero3: zero2 keeps whole bf16 weights on every GPU"
@@ -328,3 +353,52 @@ def train_flops_per_sample(config: Mapping[str, Any], width: int, height: int, t
     """Model FLOPs of training on one sample (sd35dist/config/model_flops.py's count; torch-free)."""
 
     return mmdit_train_flops_per_sample(config, height, width, text_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointingChoice:
+    """The activation checkpointing policy `auto` resolves to, and what it costs."""
+
+    policy: CheckpointingPolicy
+    plan: MemoryPlan
+    recomputed_share: float
+    """Recomputed forward FLOPs over the model FLOPs of a training step (full per-block: about 1/3)."""
+    fits: bool
+
+
+def recomputed_share(policy: CheckpointingPolicy, size: TransformerSize, tokens: int, train_flops: float) -> float:
+    """The policy's recomputed FLOPs per sample over the model FLOPs of training one sample."""
+    return policy.recomputed_flops(size.hidden_size, tokens, len(size.blocks)) / train_flops if train_flops else 0.0
+
+
+def choose_checkpointing(size: TransformerSize, work: Workload, mesh: MeshLayout, memory_gib: float,
+                         train_flops: float) -> CheckpointingChoice:
+    """The policy with the least recomputation whose predicted peak fits `memory_gib` (ties: the smaller
+    peak); full per-block checkpointing, marked as not fitting, when none does."""
+    layers = len(size.blocks)
+    options = []
+    for policy in candidate_policies(layers):
+        plan = memory_plan(size, dataclasses.replace(work, activation_checkpointing=policy), mesh)
+        options.append((policy.recomputed_flops(size.hidden_size, work.tokens, layers), plan.peak_bytes, policy, plan))
+    options.sort(key=lambda o: (o[0], o[1]))
+    for _, peak, policy, plan in options:
+        if peak <= memory_gib * GIB:
+            return CheckpointingChoice(policy, plan, recomputed_share(policy, size, work.tokens, train_flops), True)
+    full = CheckpointingPolicy("full")
+    plan = memory_plan(size, dataclasses.replace(work, activation_checkpointing=full), mesh)
+    return CheckpointingChoice(full, plan, recomputed_share(full, size, work.tokens, train_flops), False)
+
+
+def resolve_checkpointing(recipe: Recipe, config: Mapping[str, Any], mesh: MeshLayout,
+                          memory_gib: float | None) -> CheckpointingPolicy:
+    """The policy a rank applies: the recipe's, or for `auto` `choose_checkpointing`'s on a GPU of
+    `memory_gib` (None, no GPU: full per-block checkpointing, the safe choice)."""
+    forced = parse_policy(recipe.train.gradient_checkpointing)
+    if forced is not None:
+        return forced
+    if memory_gib is None:
+        return CheckpointingPolicy("full")
+    width, height, _ = largest_bucket(recipe, config)
+    flops = train_flops_per_sample(config, width, height, TEXT_TOKENS_CLIP + recipe.data.max_sequence_length)
+    work = workload_from_recipe(recipe, config, on_gpus=True)
+    return choose_checkpointing(transformer_size(config), work, mesh, memory_gib, flops).policy

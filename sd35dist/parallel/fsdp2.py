@@ -26,6 +26,8 @@ from sd35dist.checkpoint.finite import all_finite
 from sd35dist.config.recipe import Recipe
 from sd35dist.models.lora import trainable_parameters
 from sd35dist.models.state_keys import plain_name
+from sd35dist.models.transformer_build import transformer_config
+from sd35dist.parallel.compute_path import ComputeSettings, compute_settings, refresh_fp8_scales
 from sd35dist.parallel.ema import ShardedEMA
 from sd35dist.parallel.fsdp2_sharding import fsdp_mesh, load_transformer, mesh_layout_for, parallelize_fsdp2
 from sd35dist.parallel.optimizer import make_optimizer, master_and_compute_dtypes
@@ -42,12 +44,15 @@ class FSDP2Strategy:
 
     name = "fsdp2"
     supports_async = True
+    compute: ComputeSettings
 
     def __init__(self, recipe: Recipe, world: World, recipe_file: str = "recipe") -> None:
         """The pretrained transformer of `recipe.model`, built on meta, sharded, then loaded shard by shard."""
         master, compute = master_and_compute_dtypes(recipe)
         layout = mesh_layout_for(recipe, world, recipe_file)
         replicas = layout.replicas
+        config = transformer_config(Path(recipe.model.pretrained), recipe.model.transformer_subfolder)
+        self.compute = compute_settings(recipe, config, layout, world.device, recipe_file)
         model = load_transformer(
             Path(recipe.model.pretrained),
             world=world,
@@ -56,30 +61,36 @@ class FSDP2Strategy:
             dtype=master,
             param_dtype=compute,
             reduce_dtype=torch.float32,
-            activation_checkpointing=recipe.train.gradient_checkpointing,
-            compile_blocks=recipe.train.compile_blocks,
+            activation_checkpointing=self.compute.policy,
+            compile_blocks=self.compute.compile_blocks,
+            compile_backend=self.compute.compile_backend,
+            fp8=self.compute.fp8,
             lora=recipe.train.lora,
             seed=recipe.seed,
         )
         self._adopt(model, recipe, world)
         if world.is_main:
             print(f"{layout.describe()}; {recipe.train.optimizer}, compute {compute}, "
-                  f"master weights {master}", flush=True)
+                  f"master weights {master}; {self.compute.describe(len(model.transformer_blocks))}", flush=True)
 
     @classmethod
     def from_model(cls, model: nn.Module, recipe: Recipe, world: World, recipe_file: str = "recipe") -> FSDP2Strategy:
         """The strategy around a model already in memory (a random init, say): sharded as the recipe says."""
         _, compute = master_and_compute_dtypes(recipe)
-        replicas = mesh_layout_for(recipe, world, recipe_file).replicas
+        layout = mesh_layout_for(recipe, world, recipe_file)
+        settings = compute_settings(recipe, dict(model.config), layout, world.device, recipe_file)
         parallelize_fsdp2(
             model,
-            mesh=fsdp_mesh(world.world_size, replicas, world.device.type),
+            mesh=fsdp_mesh(world.world_size, layout.replicas, world.device.type),
             param_dtype=compute,
             reduce_dtype=torch.float32,
-            activation_checkpointing=recipe.train.gradient_checkpointing,
-            compile_blocks=recipe.train.compile_blocks,
+            activation_checkpointing=settings.policy,
+            compile_blocks=settings.compile_blocks,
+            fp8=settings.fp8,
+            compile_backend=settings.compile_backend,
         )
         strategy = cls.__new__(cls)
+        strategy.compute = settings
         strategy._adopt(model, recipe, world)
         return strategy
 
@@ -114,6 +125,7 @@ class FSDP2Strategy:
                     param.grad.clamp_(-max_grad_norm, max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        refresh_fp8_scales(self.model, self.compute)
         return float(norm)
 
     def update_ema(self, decay: float) -> None:

@@ -1,6 +1,6 @@
-"""FSDP2 sharding of the SD3 MMDiT: activation checkpointing → compile → fully_shard per block → root.
+"""FSDP2 sharding of the SD3 MMDiT: FP8 → activation checkpointing → compile → fully_shard per block → root.
 
-The torchtitan order. Everything here runs on a meta-built model (see
+The torchtitan order (the first three: sd35dist/parallel/compute_path.py). Everything here runs on a meta-built model (see
 `sd35dist.models.transformer_build`): sharding is decided before any storage exists, and
 `materialize_and_load` then gives each rank only its shard.
 
@@ -23,10 +23,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from sd35dist.config.activation_policy import CheckpointingPolicy
 from sd35dist.config.mesh_layout import MeshLayout, resolve_mesh
 from sd35dist.config.recipe import LoraSection, Recipe
 from sd35dist.models.lora import inject_lora
 from sd35dist.models.transformer_build import FP32_INPUTS, build_on_meta, materialize_and_load, transformer_config
+from sd35dist.parallel.compute_path import prepare_blocks
 from sd35dist.parallel.process_group import World
 
 SHARD_DIM_NAME = "dp_shard"
@@ -55,27 +57,28 @@ def parallelize_fsdp2(
     mesh: DeviceMesh | None = None,
     param_dtype: torch.dtype = torch.bfloat16,
     reduce_dtype: torch.dtype = torch.float32,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | CheckpointingPolicy = False,
     compile_blocks: bool = False,
+    fp8: str = "none",
     reshard_after_forward: bool = True,
+    compile_backend: str = "inductor",
 ) -> nn.Module:
-    """Wrap `model.transformer_blocks` in place and shard the model; returns the same model.
+    """Prepare `model.transformer_blocks` in place (compute_path.prepare_blocks) and shard the model;
+    returns the same model.
 
     param_dtype is what forward/backward compute in (parameters are all-gathered in it);
     the sharded master weights keep the dtype the model was built with. reduce_dtype is
-    the gradient reduce-scatter dtype.
+    the gradient reduce-scatter dtype. activation_checkpointing: True (every block), False, or a policy.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if mesh is None:
         mesh = fsdp_mesh(dist.get_world_size())
     blocks = model.transformer_blocks
-    if activation_checkpointing:
-        # LoRA dropout draws random masks: the recomputed forward must draw the same ones.
-        dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in blocks.modules())
-        apply_activation_checkpointing(blocks, preserve_rng_state=dropout)
-    if compile_blocks:
-        compile_each_block(blocks)
+    policy = (activation_checkpointing if isinstance(activation_checkpointing, CheckpointingPolicy)
+              else CheckpointingPolicy("full" if activation_checkpointing else "none"))
+    prepare_blocks(model, policy=policy, compile_blocks=compile_blocks, fp8=fp8,
+                   device=torch.device(mesh.device_type), fsdp_all_gather=True, compile_backend=compile_backend)
 
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     last = len(blocks) - 1
@@ -103,21 +106,6 @@ def cast_inputs_except(dtype: torch.dtype, keep: tuple[str, ...]):
     return hook
 
 
-def apply_activation_checkpointing(blocks: nn.ModuleList, preserve_rng_state: bool = False) -> None:
-    """Recompute each block's activations in backward instead of storing them (full AC, per block)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    for index, block in enumerate(blocks):
-        # preserve_rng_state=False unless asked: SD3 blocks have no dropout, and saving RNG state costs a sync on GPU.
-        blocks[index] = checkpoint_wrapper(block, preserve_rng_state=preserve_rng_state)
-
-
-def compile_each_block(blocks: nn.ModuleList) -> None:
-    """torch.compile every block in place (keys and module paths unchanged, unlike torch.compile(module))."""
-    for block in blocks:
-        block.compile()
-
-
 def load_transformer(
     model_dir: Path,
     *,
@@ -127,8 +115,10 @@ def load_transformer(
     dtype: torch.dtype = torch.float32,
     param_dtype: torch.dtype = torch.bfloat16,
     reduce_dtype: torch.dtype = torch.float32,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | CheckpointingPolicy = False,
     compile_blocks: bool = False,
+    compile_backend: str = "inductor",
+    fp8: str = "none",
     reshard_after_forward: bool = True,
     lora: LoraSection | None = None,
     seed: int = 0,
@@ -150,6 +140,8 @@ def load_transformer(
         reduce_dtype=reduce_dtype,
         activation_checkpointing=activation_checkpointing,
         compile_blocks=compile_blocks,
+        compile_backend=compile_backend,
+        fp8=fp8,
         reshard_after_forward=reshard_after_forward,
     )
     return materialize_and_load(model, model_dir, subfolder, device=world.device, dtype=base_dtype, initial=initial)

@@ -69,12 +69,13 @@ def init_process_group_from_env(timeout_s: float, env: Mapping[str, str] | None 
     """Initialise the default process group for this rank and return where it sits.
 
     `timeout_s` bounds every collective as well as the rendezvous, so a rank that died or
-    hangs turns into an error on its peers instead of a job that waits forever.
+    hangs turns into an error on its peers instead of a job that waits forever; the profile's
+    gpu_env.collective_timeout_s (SD35DIST_COLLECTIVE_TIMEOUT_S), when the job script sets it, replaces it.
     """
     job = JobEnvironment.read(env)
     backend = pick_backend(torch.cuda.is_available())
     world = world_from_job(job, backend)
-    timeout = timedelta(seconds=timeout_s)
+    timeout = timedelta(seconds=collective_timeout_s(job, timeout_s))
     device_id = None
     if backend == "nccl":
         torch.cuda.set_device(world.local_rank)
@@ -90,6 +91,11 @@ def init_process_group_from_env(timeout_s: float, env: Mapping[str, str] | None 
             backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, device_id=device_id
         )
     return world
+
+
+def collective_timeout_s(job: JobEnvironment, default_s: float) -> float:
+    """The profile's collective timeout when the job script exported one, else the job's own default."""
+    return job.collective_timeout_s if job.collective_timeout_s is not None else default_s
 
 
 def attempt_store(place: TorchrunPlace, timeout: timedelta) -> dist.Store:

@@ -44,7 +44,9 @@ from sd35dist.models.transformer_build import (
     materialize_and_load,
     transformer_config,
 )
+from sd35dist.parallel.compute_path import compute_settings, prepare_blocks
 from sd35dist.parallel.ema import ShardedEMA
+from sd35dist.parallel.fsdp2_sharding import mesh_layout_for
 from sd35dist.parallel.optimizer import make_optimizer, master_and_compute_dtypes
 from sd35dist.parallel.process_group import World
 from sd35dist.runtime.job_env import torchrun_variables_for
@@ -155,8 +157,13 @@ class ZeroStrategy:
             # Adopt the process group the trainer already made (deepspeed.comm wraps it; no MPI discovery).
             deepspeed.init_distributed(dist_backend=world.backend, dist_init_required=False)
         model = self._build(deepspeed, model_dir, config, compute, master)
-        if recipe.train.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
+        layout = mesh_layout_for(recipe, world, recipe_file)
+        self.compute = compute_settings(recipe, config, layout, world.device, recipe_file)
+        # Checkpointing and compile as under FSDP2 (module names unchanged, so DeepSpeed's checkpoints keep them).
+        prepare_blocks(model, policy=self.compute.policy, compile_blocks=self.compute.compile_blocks, fp8="none",
+                       device=world.device, fsdp_all_gather=False, compile_backend=self.compute.compile_backend)
+        if world.is_main:
+            print(f"{recipe.parallel.strategy}: {self.compute.describe(len(model.transformer_blocks))}", flush=True)
         model.train()
         optimizer = self._optimizer(deepspeed, model)
         # DeepSpeed reads the torchrun variables itself; a plain one-process `python` start has them only here.

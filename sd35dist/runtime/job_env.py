@@ -26,6 +26,8 @@ RDZV_HOST_VAR = "SD35DIST_RDZV_HOST"
 """The first node of the allocation: the c10d rendezvous endpoint's host."""
 RDZV_PORT_VAR = "SD35DIST_RDZV_PORT"
 """The rendezvous port, per job (two jobs sharing a node must not share it)."""
+COLLECTIVE_TIMEOUT_VAR = "SD35DIST_COLLECTIVE_TIMEOUT_S"
+"""Seconds a collective may wait for a peer (the profile's gpu_env.collective_timeout_s); unset: the job's own."""
 STATE_DIR_VAR = "SD35DIST_STATE_DIR"
 """Where the submit host keeps job id → run directory records (default ~/.local/state/sd35dist)."""
 
@@ -36,7 +38,7 @@ SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURMD_NODENAME")
 TORCHELASTIC_VARIABLES = ("TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE")
 """torchrun's agent's own variables: the restart attempt and whether the agent hosts the store."""
 READ_HERE = TORCHRUN_VARIABLES + ("LOCAL_WORLD_SIZE",) + SLURM_VARIABLES + TORCHELASTIC_VARIABLES + (
-    RUN_DIR_VAR, SIGNAL_GRACE_VAR, STATE_DIR_VAR)
+    RUN_DIR_VAR, SIGNAL_GRACE_VAR, STATE_DIR_VAR, COLLECTIVE_TIMEOUT_VAR)
 """Every variable this module owns; the hygiene test refuses a read of one anywhere else."""
 
 
@@ -76,6 +78,8 @@ class JobEnvironment:
     run_dir: str | None
     """The run directory the job script exported (None for a hand-started process)."""
     signal_grace_s: float | None
+    collective_timeout_s: float | None = None
+    """The profile's collective timeout (SD35DIST_COLLECTIVE_TIMEOUT_S); None: each job's own default."""
     node: str
     """Slurm's name for this node (SLURMD_NODENAME: what sacct and scontrol show), else the hostname."""
 
@@ -88,8 +92,10 @@ class JobEnvironment:
         if job_id:
             slurm = SlurmPlace(job_id=job_id, restart_count=_count(env, "SLURM_RESTART_COUNT"))
         grace = env.get(SIGNAL_GRACE_VAR, "").strip()
+        timeout = env.get(COLLECTIVE_TIMEOUT_VAR, "").strip()
         return cls(torchrun=_torchrun_place(env), slurm=slurm, run_dir=env.get(RUN_DIR_VAR) or None,
                    signal_grace_s=_number(SIGNAL_GRACE_VAR, grace) if grace else None,
+                   collective_timeout_s=_number(COLLECTIVE_TIMEOUT_VAR, timeout) if timeout else None,
                    node=env.get("SLURMD_NODENAME") or socket.gethostname())
 
     @property

@@ -27,11 +27,23 @@ source "$HOME/venvs/sd35dist/bin/activate"
 export NCCL_SOCKET_IFNAME=ib0
 export GLOO_SOCKET_IFNAME=ib0
 export OMP_NUM_THREADS=12
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export NCCL_IB_DISABLE=0
 export HF_HUB_OFFLINE=1
 export SD35DIST_RUN_DIR=/shared/runs/golden-run
 export SD35DIST_SIGNAL_GRACE_S=300
+# GPU environment (the profile's gpu_env:, docs/gpu.md), each with why
+# activation shapes change with every aspect bucket: growable segments instead of cached blocks per shape, so fragmentation cannot run a job that fits out of memory
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+# a collective waits at most this long for a peer (the first step compiles and loads weights for minutes: longer than torch's 10-minute default)
+export SD35DIST_COLLECTIVE_TIMEOUT_S=1800
+# a failed or timed-out NCCL collective ends the rank, so torchrun restarts the workers (launch.max_restarts) instead of the job hanging until its time limit
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=3
+# on a timeout each rank dumps its last collectives (torch's flight recorder) ...
+export TORCH_NCCL_DUMP_ON_TIMEOUT=1
+# ... into the run's logs, one file per rank: which rank was stuck in which collective
+export TORCH_FR_DUMP_TEMP_FILE="$SD35DIST_RUN_DIR/logs/nccl-trace-rank"
+# NCCL's own warnings (a link down, a fallback to sockets) reach the job log
+export NCCL_DEBUG=WARN
 # secrets: passed by name from the submitting environment; values are never written here
 [ -n "${AWS_ACCESS_KEY_ID:-}" ] || echo "sd35dist: warning: AWS_ACCESS_KEY_ID is not set in the job environment" >&2
 [ -n "${AWS_SECRET_ACCESS_KEY:-}" ] || echo "sd35dist: warning: AWS_SECRET_ACCESS_KEY is not set in the job environment" >&2
