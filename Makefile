@@ -31,7 +31,7 @@ check: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q -m unit --durations=10 $(ARGS)
 
 test: test-deps lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=60 $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 --durations=60 $(ARGS)
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .

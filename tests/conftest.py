@@ -24,19 +24,32 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(TierRules(), "sd35dist-tiers")
 
 
+SLURM_TEST_FILES = "tests/test_slurm"
+"""Where the Slurm tests live (tests/tiers.py refuses a slurm test elsewhere): xdist's scheduler sees
+only node ids, so the file name is what sends them to one worker."""
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`make test` runs two pytest-xdist workers. A module's tests stay on one worker (its module-scoped
+    fixtures, often one training run that several tests read, are built once), and the Slurm tests,
+    which share one cluster on fixed ports, are one unit. (xdist's own `loadgroup` marks are lost on
+    pytest 9, whose node ids it can no longer rewrite.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesAndOneSlurmCluster(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "slurm-cluster" if path.startswith(SLURM_TEST_FILES) else path
+
+    return ModulesAndOneSlurmCluster(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`make test` runs two pytest-xdist workers (--dist loadgroup). A module's tests stay on one worker
-    (its module-scoped fixtures, often one training run that several tests read, are built once), and
-    the Slurm tests, which share one cluster, form one group that goes first: they mostly wait on the
-    cluster, and the other worker fills those waits with the rest of the suite. The order is a pure
-    function of the collection, as xdist requires (every worker collects the same list)."""
+    """The Slurm tests go first: they mostly wait on the cluster, and the other worker fills those
+    waits with the rest of the suite. A pure function of the collection, as xdist requires (every
+    worker collects the same list)."""
     slurm = [item for item in items if item.get_closest_marker("slurm") is not None]
-    rest = [item for item in items if item.get_closest_marker("slurm") is None]
-    for item in slurm:
-        item.add_marker(pytest.mark.xdist_group("slurm-cluster"))
-    for item in rest:
-        item.add_marker(pytest.mark.xdist_group(item.path.stem))
-    items[:] = slurm + rest
+    items[:] = slurm + [item for item in items if item.get_closest_marker("slurm") is None]
 
 
 @pytest.fixture

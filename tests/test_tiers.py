@@ -176,6 +176,10 @@ def test_marked_slurm_without_the_cluster():
 @pytest.mark.dist
 def test_uses_the_s3_server_unmarked(s3_server):
     pass
+
+@pytest.mark.slurm
+def test_a_cluster_test_outside_the_slurm_files(slurm_env):
+    pass
 """)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
@@ -183,6 +187,7 @@ def test_uses_the_s3_server_unmarked(s3_server):
     assert "test_uses_the_cluster_unmarked: a test uses the slurm_env fixture exactly when it is marked slurm" in errors
     assert "test_marked_slurm_without_the_cluster: a test uses the slurm_env fixture exactly when" in errors
     assert "test_uses_the_s3_server_unmarked: uses the s3_server fixture, so it is marked s3" in errors
+    assert "test_a_cluster_test_outside_the_slurm_files: a slurm test lives in a tests/test_slurm*.py file" in errors
 
 
 @pytest.mark.unit

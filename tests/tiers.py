@@ -90,6 +90,9 @@ class TierRules:
             fixtures = set(getattr(item, "fixturenames", ()))
             if ("slurm" in tiers) != ("slurm_env" in fixtures):
                 problems.append(f"{item.nodeid}: a test uses the slurm_env fixture exactly when it is marked slurm")
+            if "slurm" in tiers and not item.path.name.startswith("test_slurm"):
+                problems.append(f"{item.nodeid}: a slurm test lives in a tests/test_slurm*.py file "
+                                f"(make test's scheduler sends those files to the one worker with the cluster)")
             if "s3_server" in fixtures and "s3" not in tiers:
                 problems.append(f"{item.nodeid}: uses the s3_server fixture, so it is marked s3")
             if "gpu" in tiers:
