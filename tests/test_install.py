@@ -48,7 +48,7 @@ def test_check_is_lint_and_the_unit_tier_without_system_packages_and_test_lints_
     assert "requirements-test.txt" in check
     assert check.index("ruff check .") < check.index("pytest -q -m unit"), "lint first, then the unit tier"
     test = planned("test")
-    assert test.index("ruff check .") < test.index("pytest -q --durations"), "CI (make test) lints too"
+    assert test.index("ruff check .") < test.index("pytest -q -n 2 --durations"), "CI (make test) lints too"
     assert "-m " not in test.split("pytest -q", 1)[1].splitlines()[0], "make test runs every tier"
 
 
