@@ -28,18 +28,9 @@ SHAPES = [(8, 8), (6, 10)]
 
 def run_check(model_dir: Path, out: Path, *cases: str) -> dict:
     """This driver on 2 gloo ranks (DeepSpeed on its CPU accelerator); rank 0's result.json."""
-    import subprocess
-    import sys
+    from tests.rank_runs import run_driver
 
-    from tests.cli_runs import PROJECT, torch_extensions_dir, venv_env
-
-    env = venv_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=torch_extensions_dir())
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "tests.fast_path_check", str(model_dir), str(out), *cases],
-        capture_output=True, text=True, cwd=PROJECT, env=env, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_driver("tests.fast_path_check", str(model_dir), str(out), *cases, timeout=900)
     return json.loads((out / "result.json").read_text())
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -32,15 +30,9 @@ TEXT_TOKENS = 7
 
 def run_check(mode: str, model_dir: Path, out: Path, *args: str) -> dict:
     """This driver in MODE on 2 gloo ranks (DeepSpeed on its CPU accelerator); rank 0's result.json."""
-    from tests.cli_runs import PROJECT, torch_extensions_dir, venv_env
+    from tests.rank_runs import run_driver
 
-    env = venv_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=torch_extensions_dir())
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "tests.numerics_check", mode, str(model_dir), str(out), *args],
-        capture_output=True, text=True, cwd=PROJECT, env=env, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_driver("tests.numerics_check", mode, str(model_dir), str(out), *args, timeout=600)
     return json.loads((out / "result.json").read_text())
 
 

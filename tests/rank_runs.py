@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from launcher.profile import LaunchSection
-from tests.cli_runs import PROJECT, venv_env
+from tests.cli_runs import PROJECT, torch_extensions_dir, venv_env
 
 
 def torchrun(job: str, recipe: Path, run_dir: Path | None = None, nproc: int = 2,
@@ -20,6 +20,19 @@ def torchrun(job: str, recipe: Path, run_dir: Path | None = None, nproc: int = 2
            "-m", "sd35dist", job, "--recipe", str(recipe)] + (["--run-dir", str(run_dir)] if run_dir else [])
     return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"),
                           timeout=timeout)
+
+
+def run_driver(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """A test driver (tests/*_check.py, run as `module`) on 2 gloo ranks under plain torchrun, with
+    DeepSpeed on its CPU accelerator and its ops built in the venv's own folder; a failed run fails
+    the test with the tail of its output."""
+    env = venv_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=torch_extensions_dir())
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", module, *args],
+        capture_output=True, text=True, cwd=PROJECT, env=env, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:

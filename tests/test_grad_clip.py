@@ -5,16 +5,13 @@ or norm-clipped gradient would."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.cli_runs import PROJECT, torch_extensions_dir, venv_env
 from tests.grad_clip_check import ADAM_EPSILON, LEARNING_RATE
 from tests.numerics_check import fixed_batch
+from tests.rank_runs import run_driver
 
 pytestmark = pytest.mark.dist
 
@@ -63,13 +60,7 @@ def stepped(reference, tiny_model, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("clip")
     cases = [f"{s}:{m}:{reference['limits'][m]!r}:{p}" for s, m, p in CASES]
-    env = venv_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=torch_extensions_dir())
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "tests.grad_clip_check", str(tiny_model), str(out), *cases],
-        capture_output=True, text=True, cwd=PROJECT, env=env, timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_driver("tests.grad_clip_check", str(tiny_model), str(out), *cases, timeout=1200)
     return {case: load_file(out / "-".join(case) / "weights.safetensors") for case in CASES}
 
 
