@@ -108,8 +108,10 @@ def test_cache_job_builds_across_both_nodes(slurm_env, tiny_model, tmp_path):
     assert "ended: COMPLETED" in proc.stdout, proc.stdout + proc.stderr
     manifest = read_manifest(Store(str(tmp_path / "cache")))
     assert manifest.total_samples == 25 and manifest.rejected == 5
-    journals = sorted(p.name for p in (tmp_path / "cache" / "progress").iterdir())
-    assert journals == ["w0002-r00000.json", "w0002-r00001.json"], "each node's rank built its share"
+    journals = [json.loads(p.read_text()) for p in sorted((tmp_path / "cache" / "progress").iterdir())]
+    assert len(journals) == 2 and all(j["complete"] for j in journals), journals
+    assert sorted(j["built_by"]["node"] for j in journals) == ["n1", "n2"], "each node built one of the two input shards"
+    assert sorted(j["built_by"]["rank"] for j in journals) == [0, 1], journals
 
 
 @pytest.mark.s3

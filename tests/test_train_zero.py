@@ -246,7 +246,8 @@ def test_a_crafted_zero_checkpoint_runs_no_code(straight, cache, tmp_path):
     assert f"{target}: refused: it names io.open" in line, line
     for command in (["export", str(crafted), "--out", str(tmp_path / "export")],
                     ["inspect", str(crafted)],
-                    ["sample", str(crafted), "--prompt", "a fox", "--steps", "1", "--out", str(tmp_path / "sample")]):
+                    ["sample", str(crafted), "--prompt", "a fox", "--steps", "1", "--width", "64", "--height", "64",
+                     "--out", str(tmp_path / "sample")]):
         proc = subprocess.run([sys.executable, "-m", "sd35dist", *command], capture_output=True, text=True,
                               cwd=PROJECT, env=venv_env(), timeout=300)
         assert proc.returncode == 2, (command, proc.stderr[-2000:])

@@ -214,7 +214,11 @@ def test_data_parallel_step_with_activation_checkpointing_matches_one_process(
     stepped = load_file(fsdp2_run / "stepped.safetensors")
     want = model.state_dict()
     assert sorted(stepped) == sorted(want)
-    changed = [key for key in want if not torch.equal(want[key], reference.state_dict()[key])]
-    assert len(changed) > 100, "the SGD step should move almost every parameter"
+    unchanged = sorted(key for key in want if torch.equal(want[key], reference.state_dict()[key]))
+    # Only what gets no gradient in SD3 may stay: the fixed position table (a buffer) and the last
+    # block's context-query path, whose output that block (context_pre_only) discards.
+    last = f"transformer_blocks.{model.config.num_layers - 1}.attn"
+    assert unchanged == ["pos_embed.pos_embed", f"{last}.add_q_proj.bias", f"{last}.add_q_proj.weight",
+                         f"{last}.norm_added_q.weight"], "the SGD step should move every trained parameter"
     for key in want:
         torch.testing.assert_close(stepped[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -234,8 +236,9 @@ def build_rank(
     data = recipe.data
     listing = lambda dataset: list_images(dataset, data.storage_options)  # noqa: E731
     shards = list_input_shards(data, rank, world_size, gather, listing)
+    built_by = {"rank": rank, "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname()}
     for shard in assign(shards, rank, world_size):
-        build_input_shard(shard, recipe, store, encoders, shape, on_images)
+        build_input_shard(shard, recipe, store, encoders, shape, on_images, built_by)
     return shards
 
 
@@ -246,8 +249,11 @@ def read_journals(store: Store, shards: Sequence[InputShard]) -> Iterator[dict[s
 
 
 def build_input_shard(shard: InputShard, recipe: Recipe, store: Store, encoders: Encoders, shape: SampleShape,
-                      on_images: Callable[[int], None]) -> dict[str, Any]:
-    """Every output shard of one input shard, stored and journaled; returns the journal."""
+                      on_images: Callable[[int], None], built_by: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every output shard of one input shard, stored and journaled; returns the journal.
+
+    `built_by` (rank and node) goes into the journal so a user can tell which node built, or
+    stalled on, an input shard."""
     data = recipe.data
     dataset = next(d for d in data.datasets if d.id == shard.dataset)
     datasets = {dataset.id: dataset}
@@ -287,7 +293,7 @@ def build_input_shard(shard: InputShard, recipe: Recipe, store: Store, encoders:
         journal["shards"][plan.path] = entry
         store.write_bytes(journal_file, json.dumps(journal).encode())
         on_images(images_in_plan)
-    journal.update(complete=True, images=len(images) + len(refused))
+    journal.update(complete=True, images=len(images) + len(refused), built_by=built_by or {})
     store.write_bytes(journal_file, json.dumps(journal).encode())
     return journal
 

@@ -15,7 +15,6 @@ import dataclasses
 from typing import Literal
 
 import torch
-from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,8 +43,11 @@ class Guidance:
 
     def __init__(self, settings: GuidanceSettings) -> None:
         self.settings = settings
-        with_momentum = settings.kind == "apg" and settings.momentum is not None
-        self._momentum = MomentumBuffer(settings.momentum) if with_momentum else None
+        self._momentum = None
+        if settings.kind == "apg" and settings.momentum is not None:
+            from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer  # see _apg
+
+            self._momentum = MomentumBuffer(settings.momentum)
 
     @property
     def needs_uncond(self) -> bool:
@@ -68,5 +70,13 @@ class Guidance:
             return v_uncond + s.scale * (v_cond - v_uncond)
         # Flow matching: x_t = (1 - sigma) x0 + sigma * noise and v = noise - x0, so x0 = x_t - sigma * v.
         x0_cond, x0_uncond = latents - sigma * v_cond, latents - sigma * v_uncond
-        x0 = normalized_guidance(x0_cond, x0_uncond, s.scale, self._momentum, s.eta, s.norm_threshold)
+        x0 = _apg(x0_cond, x0_uncond, s.scale, self._momentum, s.eta, s.norm_threshold)
         return (latents - x0) / sigma
+
+
+def _apg(*args):
+    # Imported here, not at the top: diffusers.guiders pulls in peft and transformers (~3 s of every
+    # training rank's start), and only APG validation uses it.
+    from diffusers.guiders.adaptive_projected_guidance import normalized_guidance
+
+    return normalized_guidance(*args)
