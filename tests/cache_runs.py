@@ -88,3 +88,21 @@ def cache_files(cache: Path) -> dict[str, bytes]:
     manifest = read_manifest(store)
     names = ["manifest.json", "report.json", manifest.empty_prompt.path, *(s.path for s in manifest.shards)]
     return {name: store.read_bytes(name) for name in names}
+
+
+def run_cache_in_process(recipe: Path) -> str:
+    """`sd35dist cache` on one rank through the CLI's entry in this process (a one-process group on an
+    in-memory store, as a rank without torchrun has), on one CPU thread as run_cache's child: the same
+    bytes without the child's imports. Its stdout."""
+    import torch
+
+    from tests.cli_runs import sd35dist_in_process
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, stdout, stderr = sd35dist_in_process("cache", "--recipe", str(recipe))
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout

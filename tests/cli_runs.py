@@ -74,3 +74,21 @@ def all_text_under(*roots: Path) -> str:
             if path.is_file():
                 chunks.append(path.read_bytes().decode(errors="replace"))
     return "\n".join(chunks)
+
+
+def sd35dist_in_process(*args: str) -> tuple[int, str, str]:
+    """`sd35dist ARGS` through the CLI's own entry in this process: (exit status, stdout, stderr). For a
+    command a test module also runs as a child process at least once: the same code without the child's
+    ~7 s of imports. HF_HUB_OFFLINE, which export and sample set for their process, is put back after."""
+    import contextlib
+    import io
+
+    import pytest
+
+    from sd35dist.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.setenv("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "1"))
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()

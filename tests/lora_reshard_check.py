@@ -1,4 +1,5 @@
-"""Driver for the FSDP2 LoRA world-size test; every rank runs it under torchrun (gloo on CPU).
+"""Driver for the FSDP2 LoRA world-size test: tests/test_lora.py calls `main` in its own process (world size
+1: a one-process group on an in-memory store); under torchrun (gloo on CPU) it runs on any world size:
 
     python -m torch.distributed.run --standalone --nproc-per-node=1 \\
         -m tests.lora_reshard_check RECIPE CHECKPOINT OUT_DIR

@@ -1,6 +1,6 @@
 """Adapter fine-tunes as the tests run them (tests/test_lora.py, tests/test_lycoris.py): a 4-step
-recipe with a checkpoint every 2 and the strategy named, `sd35dist export` of a run as a child
-process, and the transformer inputs every output comparison feeds."""
+recipe with a checkpoint every 2 and the strategy named, `sd35dist export` of a run in this process
+(and once per test module as a child process), and the transformer inputs every output comparison feeds."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from tests.cli_runs import PROJECT
+from tests.cli_runs import PROJECT, sd35dist_in_process
 from tests.train_runs import train_recipe
 
 LORA = {"rank": 4, "alpha": 8.0, "targets": "attention_ff"}
@@ -28,8 +28,16 @@ def lora_recipe(path: Path, cache: tuple[Path, Path], output: Path, strategy: st
     return path
 
 
-def export_adapters(checkpoint: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
-    """`sd35dist export CHECKPOINT --out OUT FLAGS…`, which must succeed."""
+def export_adapters(checkpoint: Path, out: Path, *flags: str) -> str:
+    """`sd35dist export CHECKPOINT --out OUT FLAGS…` through the CLI's entry in this process, which must
+    succeed; its stdout."""
+    code, stdout, stderr = sd35dist_in_process("export", str(checkpoint), "--out", str(out), *flags)
+    assert code == 0, stderr[-3000:]
+    return stdout
+
+
+def export_adapters_cli(checkpoint: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    """`sd35dist export CHECKPOINT --out OUT FLAGS…` as a child process, as typed in a shell, which must succeed."""
     proc = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(checkpoint), "--out", str(out), *flags],
                           capture_output=True, text=True, cwd=PROJECT)
     assert proc.returncode == 0, proc.stderr[-3000:]

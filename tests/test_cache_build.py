@@ -1,4 +1,6 @@
-"""`sd35dist cache` end to end on the tiny SD3: real processes, real files, real torchrun."""
+"""`sd35dist cache` end to end on the tiny SD3: real processes, real files, real torchrun. The module's
+build, a killed build, one refusal and one inspect run as child processes, as typed; other builds and
+inspections go through the CLI's entry in this process (the same job code, a one-rank group of its own)."""
 
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ from sd35dist.demo.dataset import DEMO_BUCKETS, write_demo_dataset
 from tests.cache_runs import (
     cache_files,
     run_cache,
+    run_cache_in_process,
     samples_by_key,
     write_inputs,
     write_recipe,
 )
-from tests.cli_runs import PROJECT, venv_env
+from tests.cli_runs import PROJECT, sd35dist_in_process, venv_env
 
 pytestmark = pytest.mark.dist
 
@@ -116,13 +119,6 @@ def test_repeats_get_shuffled_caption_variants(built):
     assert samples["exact/fits.png#0"]["record"].caption == "k4s4"
 
 
-def test_rebuild_is_byte_identical(built, tmp_path, tiny_model):
-    root, inputs, _, _ = built
-    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model, inputs, str(tmp_path / "cache"))
-    run_cache(recipe)
-    assert cache_files(tmp_path / "cache") == cache_files(root / "cache")
-
-
 def test_a_cache_of_another_dataset_list_is_never_overwritten(built, tmp_path, tiny_model):
     """`sd35dist cache` into a cache_url that holds another dataset list's cache is refused in one line
     naming what differs, before anything is written; the same list builds (resumes) into it as before."""
@@ -136,19 +132,24 @@ def test_a_cache_of_another_dataset_list_is_never_overwritten(built, tmp_path, t
             {"id": "exact", "source": str(inputs["exact"]), "caption_strategy": "instance_prompt",
              "instance_prompt": "k4s4", "crop": False}]),
     }
-    for differs, recipe in others.items():
-        proc = subprocess.run([sys.executable, "-m", "sd35dist", "cache", "--recipe", str(recipe)],
-                              capture_output=True, text=True, cwd=PROJECT, env=venv_env(), timeout=300)
-        assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
-        assert proc.stderr.strip().splitlines() == [
+    for child, (differs, recipe) in zip((True, False), others.items()):
+        if child:  # as typed
+            proc = subprocess.run([sys.executable, "-m", "sd35dist", "cache", "--recipe", str(recipe)],
+                                  capture_output=True, text=True, cwd=PROJECT, env=venv_env(), timeout=300)
+            status, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+        else:  # the CLI's entry in this process: the same job code
+            status, stdout, stderr = sd35dist_in_process("cache", "--recipe", str(recipe))
+        assert status == 2 and stdout == "", stderr[-2000:]
+        assert stderr.strip().splitlines() == [
             f"error: {recipe.name}: data.cache_url: {cache}: it was built from another dataset list (differs in "
             f"{differs}); nothing was written: choose another data.cache_url, or delete that cache to rebuild it there"]
     assert {p: p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()} == before
-    run_cache(write_recipe(tmp_path / "same.yaml", tiny_model, inputs, str(cache)))
+    run_cache_in_process(write_recipe(tmp_path / "same.yaml", tiny_model, inputs, str(cache)))
     assert cache_files(cache) == cache_files(root / "cache")
 
 
-def test_two_ranks_build_the_same_bytes_as_one(built, tmp_path, tiny_model):
+def test_a_rebuild_on_two_ranks_is_byte_identical_to_the_one_rank_build(built, tmp_path, tiny_model):
+    """A second build of the same recipe gives the same bytes, also on another rank count."""
     root, inputs, _, _ = built
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model, inputs, str(tmp_path / "cache"))
     run_cache(recipe, nproc=2)
@@ -162,7 +163,7 @@ def test_resume_after_kill_gives_identical_shards(tmp_path, tiny_model):
     (images / "exact").mkdir()
     kwargs = {"shard_target_mb": 0.001, "cache_batch_size": 1}
     straight = write_recipe(tmp_path / "straight.yaml", tiny_model, inputs, str(tmp_path / "straight"), **kwargs)
-    run_cache(straight)
+    run_cache_in_process(straight)
 
     resumed = write_recipe(tmp_path / "resumed.yaml", tiny_model, inputs, str(tmp_path / "resumed"), **kwargs)
     proc = subprocess.Popen([sys.executable, "-m", "sd35dist", "cache", "--recipe", str(resumed)],
@@ -179,7 +180,7 @@ def test_resume_after_kill_gives_identical_shards(tmp_path, tiny_model):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
     assert not (tmp_path / "resumed" / "manifest.json").exists(), "no manifest before the build completes"
-    run_cache(resumed)
+    run_cache_in_process(resumed)
     assert cache_files(tmp_path / "resumed") == cache_files(tmp_path / "straight")
 
 
@@ -195,12 +196,10 @@ def test_inspect_reports_contents_and_corruption(built, tmp_path):
     blob = bytearray((cache / shard).read_bytes())
     blob[-1] ^= 0xFF
     (cache / shard).write_bytes(bytes(blob))
-    bad = subprocess.run([sys.executable, "-m", "sd35dist", "cache", "inspect", str(cache), "--verify"],
-                         capture_output=True, text=True, cwd=PROJECT)
-    assert bad.returncode == 1 and f"{shard}: sha256/size mismatch" in bad.stdout
-    missing = subprocess.run([sys.executable, "-m", "sd35dist", "cache", "inspect", str(tmp_path / "nothing")],
-                             capture_output=True, text=True, cwd=PROJECT)
-    assert missing.returncode == 2 and "no manifest" in missing.stderr
+    status, stdout, _ = sd35dist_in_process("cache", "inspect", str(cache), "--verify")
+    assert status == 1 and f"{shard}: sha256/size mismatch" in stdout
+    status, _, stderr = sd35dist_in_process("cache", "inspect", str(tmp_path / "nothing"))
+    assert status == 2 and "no manifest" in stderr
 
 
 def write_viewer_pairs(directory: Path) -> None:
@@ -238,7 +237,7 @@ def test_the_cache_holds_images_as_a_viewer_shows_them(tmp_path, tiny_model):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"name": "viewer", "model": {"pretrained": str(tiny_model)}, "data": data,
                                       "output": {"dir": str(tmp_path / "out")}}))
-    run_cache(recipe)
+    run_cache_in_process(recipe)
     samples = samples_by_key(tmp_path / "cache")
     for shown, plain in (("rotated", "upright"), ("grey16", "grey8"), ("cutout", "flat")):
         a, b = samples[f"photos/{shown}.png#0"], samples[f"photos/{plain}.png#0"]

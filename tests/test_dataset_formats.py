@@ -26,9 +26,9 @@ from sd35dist.data.storage import Store
 from sd35dist.demo.dataset import DEMO_BUCKETS, write_demo_dataset
 from sd35dist.demo.formats import demo_samples, write_parquet, write_webdataset
 from sd35dist.trainer.loop import stream_options
-from tests.cache_runs import cache_files, run_cache, samples_by_key
-from tests.cli_runs import PROJECT, torch_extensions_dir, venv_env
-from tests.train_runs import losses, train
+from tests.cache_runs import cache_files, run_cache, run_cache_in_process, samples_by_key
+from tests.cli_runs import PROJECT, sd35dist_in_process, torch_extensions_dir, venv_env
+from tests.train_runs import losses, train, train_in_one_group
 
 WDS_PATTERN = "shard-{00000..00003}.tar"
 
@@ -103,7 +103,7 @@ EXPECTED_SAMPLES = {"photos": 6, "laion": 14, "hf": 20}  # hf: repeats 2
 def test_formats_build_the_same_bytes_on_one_and_two_ranks_and_report_bad_samples(built, tmp_path, tiny_model, inputs):
     two, proc = built
     one = format_recipe(tmp_path / "recipe.yaml", tiny_model, inputs, str(tmp_path / "cache"))
-    run_cache(one)
+    run_cache_in_process(one)
     assert cache_files(tmp_path / "cache") == cache_files(two / "cache"), "output depends on the input shard alone"
     manifest = read_manifest(Store(str(two / "cache")))
     assert {d: sum(b.values()) for d, b in manifest.samples_per_dataset().items()} == EXPECTED_SAMPLES
@@ -130,13 +130,12 @@ def test_formats_build_the_same_bytes_on_one_and_two_ranks_and_report_bad_sample
     assert "too small" in reasons[("hf", "part-00002.parquet/3")]
     assert "40 samples" in proc.stdout and "7 images rejected" in proc.stdout
 
-    shown = subprocess.run([sys.executable, "-m", "sd35dist", "cache", "inspect", str(two / "cache")],
-                           capture_output=True, text=True, cwd=PROJECT)
-    assert shown.returncode == 0, shown.stderr
+    status, shown, err = sd35dist_in_process("cache", "inspect", str(two / "cache"))
+    assert status == 0, err
     per_dataset = manifest.samples_per_dataset()
     for dataset, count in EXPECTED_SAMPLES.items():
         buckets = ", ".join(f"{b} {n}" for b, n in per_dataset[dataset].items())
-        assert f"dataset {dataset}: {count} samples ({buckets})" in shown.stdout
+        assert f"dataset {dataset}: {count} samples ({buckets})" in shown
 
 
 def _epoch(streams: list[LatentStream], steps: int | None = None) -> list[list[tuple[str, str, list[str]]]]:
@@ -199,7 +198,9 @@ def test_the_stream_mixes_datasets_by_probability_and_resumes_exactly(built):
 
 @pytest.mark.dist
 def test_train_on_the_mixed_cache_two_steps_then_resume_to_the_end_of_the_epoch(built, tmp_path):
-    """FSDP2 in fp32 here; the S3 test below trains ZeRO-2 in bf16."""
+    """FSDP2 in fp32 here: an epoch straight, then 2 steps and `resume: latest` to the end of the epoch, the
+    three runs in one torchrun (tests/train_runs_check.py); the S3 test below trains ZeRO-2 in bf16 through
+    `sd35dist train`, one torchrun a run."""
     two, _ = built
     recipe = yaml.safe_load((two / "recipe.yaml").read_text())
 
@@ -211,37 +212,31 @@ def test_train_on_the_mixed_cache_two_steps_then_resume_to_the_end_of_the_epoch(
         return path
 
     epoch = {"max_train_steps": None, "num_train_epochs": 1}
-    straight = train(variant("straight", tmp_path / "straight", **epoch), tmp_path / "run-straight")
+    output = train_in_one_group((variant("straight", tmp_path / "straight", **epoch), tmp_path / "run-straight"),
+                                (variant("first", tmp_path / "out"), tmp_path / "run1"),
+                                (variant("second", tmp_path / "out", **epoch), tmp_path / "run2"))
     expected = losses(tmp_path / "run-straight")
-    train(variant("first", tmp_path / "out"), tmp_path / "run1")
     assert sorted(losses(tmp_path / "run1")) == [1, 2]
-    resumed = train(variant("second", tmp_path / "out", **epoch), tmp_path / "run2")
     got = losses(tmp_path / "run2")
     assert min(got) == 3 and got == {s: v for s, v in expected.items() if s >= 3}, "the weighted stream resumes exactly"
-    line = next(line for line in straight.stdout.splitlines() if "epoch 0 mix" in line)
+    line = next(line for line in output[tmp_path / "run-straight"].splitlines() if "epoch 0 mix" in line)
     assert "laion 14 (35.0%" in line and "hf 20 (50.0%" in line and "photos 6 (15.0%" in line
-    assert line in resumed.stdout.splitlines(), "the resumed run reports the same realised mix for the epoch"
+    assert "resumed from" in output[tmp_path / "run2"] and "resumed from nothing" not in output[tmp_path / "run2"]
+    assert line in output[tmp_path / "run2"].splitlines(), "the resumed run reports the same realised mix for the epoch"
     records = [json.loads(r) for r in (tmp_path / "run2" / "metrics-rank00000.jsonl").read_text().splitlines()]
     [mix] = [r["epoch_mix"] for r in records if "epoch_mix" in r]
     assert mix["samples"] == EXPECTED_SAMPLES
 
 
 @pytest.mark.dist
-def test_a_killed_build_resumes_on_another_rank_count_without_redoing_finished_input_shards(tmp_path, tiny_model):
-    write_webdataset(tmp_path / "tars", demo_samples(16, 7), per_shard=2)
-    data = {"cache_url": "", "buckets": DEMO_BUCKETS, "shard_target_mb": 0.005, "cache_batch_size": 1,
-            "cache_dtype": "fp32", "max_sequence_length": 32,
-            "datasets": [{"id": "laion", "source": str(tmp_path / "tars"), "format": "webdataset"}]}
-
-    def recipe(name: str) -> Path:
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({"name": name, "model": {"pretrained": str(tiny_model)},
-                                        "data": {**data, "cache_url": str(tmp_path / name)},
-                                        "output": {"dir": str(tmp_path / "out")}}))
-        return path
-
-    run_cache(recipe("straight"), nproc=2)
-    proc = subprocess.Popen([sys.executable, "-m", "sd35dist", "cache", "--recipe", str(recipe("resumed"))],
+def test_a_killed_build_resumes_on_another_rank_count_without_redoing_finished_input_shards(built, tmp_path,
+                                                                                           tiny_model, inputs):
+    """One rank builds the mixed cache and is killed after two input shards; two ranks finish it, leaving those
+    shards' files alone: the same bytes as the fixture's straight build on two ranks."""
+    two, _ = built
+    recipe = format_recipe(tmp_path / "recipe.yaml", tiny_model, inputs, str(tmp_path / "resumed"))
+    every_input_shard = len(list((two / "cache" / "progress").glob("*.json")))
+    proc = subprocess.Popen([sys.executable, "-m", "sd35dist", "cache", "--recipe", str(recipe)],
                             cwd=PROJECT, env={**venv_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     progress = tmp_path / "resumed" / "progress"
@@ -267,29 +262,36 @@ def test_a_killed_build_resumes_on_another_rank_count_without_redoing_finished_i
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
     done = complete()
-    assert 2 <= len(done) < 8 and not (tmp_path / "resumed" / "manifest.json").exists()
+    assert 2 <= len(done) < every_input_shard and not (tmp_path / "resumed" / "manifest.json").exists()
     finished = {path: os.stat(tmp_path / "resumed" / path) for journal in done for path in journal["shards"]}
-    run_cache(recipe("resumed"), nproc=2)
+    assert finished, "the finished input shards wrote output shards"
+    run_cache(recipe, nproc=2)
     for path, before in finished.items():
         after = os.stat(tmp_path / "resumed" / path)
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), f"{path} was written again"
-    assert cache_files(tmp_path / "resumed") == cache_files(tmp_path / "straight")
+    assert cache_files(tmp_path / "resumed") == cache_files(two / "cache")
 
 
 @pytest.mark.process
 def test_bad_input_is_one_line_naming_the_dataset_and_key_and_exit_2(tmp_path, tiny_model, inputs):
-    def cache(dataset: dict) -> subprocess.CompletedProcess:
+    """The first mistake through `sd35dist cache` as typed (a child process), the others through the CLI's
+    entry in this process: the same job code, each run a one-rank group of its own."""
+    def cache(dataset: dict, child: bool = False) -> tuple[int, str]:
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump({"name": "bad", "model": {"pretrained": str(tiny_model)},
                                         "data": {"cache_url": str(tmp_path / "cache"), "datasets": [dataset]},
                                         "output": {"dir": str(tmp_path / "out")}}))
-        return subprocess.run([sys.executable, "-m", "sd35dist", "cache", "--recipe", str(path)],
+        if not child:
+            status, _, stderr = sd35dist_in_process("cache", "--recipe", str(path))
+            return status, stderr
+        proc = subprocess.run([sys.executable, "-m", "sd35dist", "cache", "--recipe", str(path)],
                               capture_output=True, text=True, cwd=PROJECT, env={**venv_env(), "OMP_NUM_THREADS": "1"})
+        return proc.returncode, proc.stderr
 
     (tmp_path / "tars").mkdir()
     (tmp_path / "tars" / "a.tar").write_bytes((inputs / "laion" / "shard-00000.tar").read_bytes())
     (tmp_path / "tars" / "b.tar").write_bytes(b"<html>403 Forbidden</html>" * 30)
-    not_tar = cache({"id": "laion", "source": str(tmp_path / "tars"), "format": "webdataset"})
+    not_tar = cache({"id": "laion", "source": str(tmp_path / "tars"), "format": "webdataset"}, child=True)
     no_column = cache({"id": "hf", "source": str(inputs / "hf"), "format": "parquet", "caption_column": "text"})
     weightless = cache({"id": "photos", "source": str(inputs / "photos"), "probability": 0})
     expected = [
@@ -298,10 +300,10 @@ def test_bad_input_is_one_line_naming_the_dataset_and_key_and_exit_2(tmp_path, t
                     "has no column 'text' (its columns: key, image, caption, width, height)"),
         (weightless, "error: recipe.yaml: data.datasets.0.probability: dataset photos: must be a finite weight > 0"),
     ]
-    for proc, start in expected:
-        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(start), proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr
+    for (status, stderr), start in expected:
+        lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert status == 2 and len(lines) == 1 and lines[0].startswith(start), stderr[-2000:]
+        assert "Traceback" not in stderr
     assert not (tmp_path / "cache" / "manifest.json").exists()
 
 
@@ -344,9 +346,11 @@ def test_formats_on_the_s3_protocol_server_cache_train_zero2_and_resume(s3_serve
 
 @pytest.mark.dist
 def test_the_scale_benchmark_runs_at_toy_size_and_deletes_its_data(tmp_path, tiny_model):
-    """benchmarks/dataset_formats.py (docs/benchmarks.md runs it at 10k and 100k images) on 16 images."""
+    """benchmarks/dataset_formats.py (docs/benchmarks.md runs it at 10k and 100k images on 2 ranks) on 16
+    images and one rank: the script's code whatever the rank count (its torchrun takes --nproc-per-node)."""
     proc = subprocess.run([sys.executable, "benchmarks/dataset_formats.py", "--images", "16", "--per-shard", "8",
-                           "--formats", "webdataset,parquet", "--model", str(tiny_model), "--root", str(tmp_path)],
+                           "--formats", "webdataset,parquet", "--ranks", "1", "--model", str(tiny_model),
+                           "--root", str(tmp_path)],
                           capture_output=True, text=True, cwd=PROJECT, env=venv_env(), timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = proc.stdout.split("| images | format |", 1)[1]

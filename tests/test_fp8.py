@@ -1,4 +1,5 @@
-"""`train.fp8` through `sd35dist train` on 2 CPU ranks (FSDP2, gloo), with torchao's float8 emulation:
+"""`train.fp8` through the training job on 2 CPU ranks (FSDP2, gloo; a straight run and a branch in one
+torchrun: tests/train_runs_check.py), with torchao's float8 emulation:
 validation rounds render, a branch from a mid-run checkpoint resumes exactly, checkpoints hold the fp32
 masters only and exports are in the asked dtype with the plain diffusers keys.
 
@@ -11,9 +12,9 @@ import pytest
 import torch
 
 from sd35dist.checkpoint.layout import CheckpointDir
-from sd35dist.cli import main as sd35dist_main
+from tests.cli_runs import sd35dist_in_process
 from tests.fast_path_check import three_block_model
-from tests.train_runs import losses, train, train_recipe
+from tests.train_runs import losses, train_in_one_group, train_recipe
 
 pytestmark = pytest.mark.dist
 
@@ -32,20 +33,19 @@ def test_fp8_run_validates_resumes_exactly_and_exports_plain_weights(cache, tmp_
     cache = (three_block_model(cache[0], tmp_path / "tiny-sd3-3"), cache[1])
     # Straight fp8 run, with validation rounds at the start and at step 3 (the sharded fp8 model renders);
     # checkpoints at steps 2 and 3.
+    # Then a branch from step 2's checkpoint into a new directory; both runs in one torchrun.
     straight = tmp_path / "straight"
     recipe = train_recipe(tmp_path / "fp8.yaml", cache, straight, **FP8)
     cache_validation_prompts(recipe)
-    proc = train(with_validation(recipe), tmp_path / "run-fp8")
-    assert "fp8: tensorwise" in proc.stdout, proc.stdout[-2000:]
+    middle = CheckpointDir(straight).path(2)
+    branch = train_recipe(tmp_path / "branch.yaml", cache, tmp_path / "branch", **{**FP8, "resume": str(middle)})
+    output = train_in_one_group((with_validation(recipe), tmp_path / "run-fp8"), (branch, tmp_path / "run-branch"))
+    assert "fp8: tensorwise" in output[tmp_path / "run-fp8"], output[tmp_path / "run-fp8"][-2000:]
     reference = losses(tmp_path / "run-fp8")
     assert sorted(reference) == [1, 2, 3]
     assert len(list((tmp_path / "run-fp8" / "validation").iterdir())) >= 2
 
-    # A branch from step 2's checkpoint into a new directory: the same step-3 loss and the same final
-    # weights and EMA (fp8 scales are recomputed, not stored).
-    middle = CheckpointDir(straight).path(2)
-    branch = train_recipe(tmp_path / "branch.yaml", cache, tmp_path / "branch", **{**FP8, "resume": str(middle)})
-    train(branch, tmp_path / "run-branch")
+    # The branch: the same step-3 loss and the same final weights and EMA (fp8 scales are recomputed, not stored).
     assert losses(tmp_path / "run-branch") == {3: reference[3]}
     for use_ema in (False, True):
         resumed = checkpoint_state(CheckpointDir(tmp_path / "branch").latest(), use_ema)
@@ -58,7 +58,7 @@ def test_fp8_run_validates_resumes_exactly_and_exports_plain_weights(cache, tmp_
     plain = SD3Transformer2DModel.from_pretrained(cache[0], subfolder="transformer").state_dict()
     for dtype, flag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         out = tmp_path / f"export-{flag}"
-        assert sd35dist_main(["export", str(tmp_path / "branch"), "--out", str(out), "--dtype", flag]) == 0
+        assert sd35dist_in_process("export", str(tmp_path / "branch"), "--out", str(out), "--dtype", flag)[0] == 0
         files = {}
         for path in out.glob("*.safetensors"):
             files.update(load_file(path))

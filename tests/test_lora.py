@@ -2,16 +2,15 @@
 train and the base stays put, checkpoints hold only the adapters, resume is exact (and FSDP2
 resumes on another world size), and the exports load in diffusers (and map onto ComfyUI).
 
-One straight run and one stopped-and-resumed run per strategy (module-scoped fixtures) serve
-every assert; the bf16 run checks adapters move in bf16 compute.
+One straight run and one run resumed from its step-2 checkpoint per strategy, all four in one torchrun
+(a module-scoped fixture), serve every assert; the bf16 run checks adapters move in bf16 compute. Exports run through the CLI's
+entry in this process, the kohya one as a child process (`sd35dist export` as typed).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,10 @@ import torch
 import yaml
 
 from sd35dist.checkpoint.layout import CheckpointDir
-from tests.cli_runs import PROJECT, venv_env
+from tests.cli_runs import sd35dist_in_process
 from tests.kohya_lora_names import kohya_module_name, original_tensor, sd_scripts_lora_names
-from tests.lora_runs import LORA, export_adapters, lora_recipe, probe_inputs
-from tests.train_runs import losses, train
+from tests.lora_runs import LORA, export_adapters, export_adapters_cli, lora_recipe, probe_inputs
+from tests.train_runs import losses, train_in_one_group
 
 pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("deepspeed_on_cpu")]
 
@@ -34,18 +33,28 @@ PRECISION = {"fsdp2": "bf16", "zero2": "fp32"}
 """FSDP2 in bf16 compute (a bf16 frozen base and fp32 adapters in one FSDP group), ZeRO-2 in fp32."""
 
 
-@pytest.fixture(scope="module", params=["fsdp2", "zero2"])
-def runs(request, tmp_path_factory, cache) -> tuple[str, Path]:
-    """A straight 4-step run (root/straight, checkpoints at 2 and 4) and a run resumed from its
-    step-2 checkpoint to step 4 (root/resumed): 2N straight against N + resume N."""
-    strategy = request.param
-    root = tmp_path_factory.mktemp(f"lora-{strategy}")
-    precision = PRECISION[strategy]
-    train(lora_recipe(root / "straight.yaml", cache, root / "straight", strategy, mixed_precision=precision), root / "run0")
-    halfway = str(CheckpointDir(root / "straight").path(2))
-    train(lora_recipe(root / "resume.yaml", cache, root / "resumed", strategy, mixed_precision=precision,
-                      resume=halfway), root / "run2")
-    return strategy, root
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache) -> Path:
+    """Per strategy, a straight 4-step run (<strategy>/straight, checkpoints at 2 and 4) and a run resumed
+    from its step-2 checkpoint to step 4 (<strategy>/resumed): 2N straight against N + resume N. All four
+    in one torchrun (tests/train_runs_check.py), each as `sd35dist train` runs it on a rank."""
+    root = tmp_path_factory.mktemp("lora")
+    runs = []
+    for strategy, precision in PRECISION.items():
+        (root / strategy).mkdir()
+        here = root / strategy
+        halfway = str(CheckpointDir(here / "straight").path(2))
+        runs += [(lora_recipe(here / "straight.yaml", cache, here / "straight", strategy, mixed_precision=precision),
+                  here / "run0"),
+                 (lora_recipe(here / "resume.yaml", cache, here / "resumed", strategy, mixed_precision=precision,
+                              resume=halfway), here / "run2")]
+    train_in_one_group(*runs)
+    return root
+
+
+@pytest.fixture(scope="module", params=list(PRECISION))
+def runs(request, trained) -> tuple[str, Path]:
+    return request.param, trained / request.param
 
 
 def test_adapters_train_and_resume_exactly_from_adapter_only_checkpoints(runs, cache):
@@ -144,23 +153,20 @@ def test_the_lora_file_loads_in_diffusers_and_comfyui_and_merges_like_fuse_lora(
     single = SD3Transformer2DModel.from_single_file(str(tmp_path / "merged.safetensors"), local_files_only=True,
                                                     config=str(model_dir / "transformer"), dtype=torch.float32)
     assert all(torch.equal(single.state_dict()[k], merged[k]) for k in merged), "single file = merged folder"
-    refused = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(root / "straight"), "--format",
-                              "single-file", "--out", str(tmp_path / "x.safetensors")],
-                             capture_output=True, text=True, cwd=PROJECT, env=venv_env())
-    assert refused.returncode == 2 and "add --merge" in refused.stderr and not (tmp_path / "x.safetensors").exists()
+    status, _, refused = sd35dist_in_process("export", str(root / "straight"), "--format", "single-file", "--out",
+                                             str(tmp_path / "x.safetensors"))
+    assert status == 2 and "add --merge" in refused and not (tmp_path / "x.safetensors").exists()
 
 
 @pytest.mark.parametrize("runs", ["fsdp2"], indirect=True)  # ZeRO resumes on its own world size only
 def test_fsdp2_lora_checkpoint_reloads_exactly_on_another_world_size(runs, tmp_path):
     from sd35dist.checkpoint.fsdp2_files import read_part
+    from tests.lora_reshard_check import main as reshard
 
     strategy, root = runs
     checkpoint = CheckpointDir(root / "straight").latest()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-                           "-m", "tests.lora_reshard_check", str(root / "straight.yaml"), str(checkpoint),
-                           str(tmp_path / "again")], capture_output=True, text=True, cwd=PROJECT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # World size 1 in this process (a one-process group on an in-memory store): what a resume there loads.
+    assert reshard(str(root / "straight.yaml"), str(checkpoint), str(tmp_path / "again")) == 0
     for part in ("model", "optim", "ema"):
         written = read_part(checkpoint, part)
         again = read_part(tmp_path / "again", part)
@@ -179,7 +185,7 @@ def test_kohya_export_rebuilds_the_lora_delta_per_module(runs, cache, tmp_path):
 
     strategy, root = runs
     out = tmp_path / "kohya.safetensors"
-    export_adapters(root / "straight", out, "--format", "kohya", "--ema", "--dtype", "fp32")
+    export_adapters_cli(root / "straight", out, "--format", "kohya", "--ema", "--dtype", "fp32")  # the module's child export
     kohya = load_file(str(out))
     assert out.stat().st_mode & 0o777 == 0o666 & ~os.umask(os.umask(0o022)), "the umask's modes, not save_file's 0600"
     config = json.loads((cache[0] / "transformer" / "config.json").read_text())

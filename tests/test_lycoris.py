@@ -2,22 +2,21 @@
 (LoKr with SimpleTuner's example preset) and zero2 in fp32 (LoHa). The adapters train, checkpoints
 hold only them, resume is exact (EMA too), and the export is LyCORIS's file: lycoris-lora loads it
 and reproduces the trained model, `inspect --diff` shows its ΔW per block, a kohya export of it is
-refused in one line. One straight and one resumed run per strategy serve every assert."""
+refused in one line. One straight and one resumed run per strategy, all in one torchrun, serve every assert; export and inspect
+run through the CLI's entry in this process, the merged export as a child process (`sd35dist export`)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from sd35dist.checkpoint.layout import CheckpointDir
-from tests.cli_runs import PROJECT, venv_env
-from tests.lora_runs import export_adapters, lora_recipe, probe_inputs
-from tests.train_runs import losses, train
+from tests.cli_runs import sd35dist_in_process
+from tests.lora_runs import export_adapters, export_adapters_cli, lora_recipe, probe_inputs
+from tests.train_runs import losses, train_in_one_group
 
 pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("deepspeed_on_cpu")]
 
@@ -30,17 +29,27 @@ ADAPTERS = {
 """fsdp2: SimpleTuner's lycoris_config example (whole-matrix LoKr) in bf16 compute; zero2: a LoHa in fp32."""
 
 
-@pytest.fixture(scope="module", params=["fsdp2", "zero2"])
-def runs(request, tmp_path_factory, cache) -> tuple[str, Path]:
-    strategy = request.param
-    adapter, precision = ADAPTERS[strategy]
-    root = tmp_path_factory.mktemp(f"lycoris-{strategy}")
-    train(lora_recipe(root / "straight.yaml", cache, root / "straight", strategy, mixed_precision=precision,
-                      lora=adapter), root / "run0")
-    halfway = str(CheckpointDir(root / "straight").path(2))
-    train(lora_recipe(root / "resume.yaml", cache, root / "resumed", strategy, mixed_precision=precision,
-                      lora=adapter, resume=halfway), root / "run2")
-    return strategy, root
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache) -> Path:
+    """Per strategy, a straight 4-step run and a run resumed from its step-2 checkpoint; all four in one
+    torchrun (tests/train_runs_check.py), each as `sd35dist train` runs it on a rank."""
+    root = tmp_path_factory.mktemp("lycoris")
+    runs = []
+    for strategy, (adapter, precision) in ADAPTERS.items():
+        (root / strategy).mkdir()
+        here = root / strategy
+        halfway = str(CheckpointDir(here / "straight").path(2))
+        runs += [(lora_recipe(here / "straight.yaml", cache, here / "straight", strategy, mixed_precision=precision,
+                              lora=adapter), here / "run0"),
+                 (lora_recipe(here / "resume.yaml", cache, here / "resumed", strategy, mixed_precision=precision,
+                              lora=adapter, resume=halfway), here / "run2")]
+    train_in_one_group(*runs)
+    return root
+
+
+@pytest.fixture(scope="module", params=list(ADAPTERS))
+def runs(request, trained) -> tuple[str, Path]:
+    return request.param, trained / request.param
 
 
 def test_lycoris_trains_resumes_exactly_and_exports_what_lycoris_loads(runs, cache, tmp_path):
@@ -91,17 +100,15 @@ def test_lycoris_trains_resumes_exactly_and_exports_what_lycoris_loads(runs, cac
     assert torch.allclose(theirs, ours, atol=1e-5, rtol=0), (theirs - ours).abs().max()
     assert (ours - before).abs().max() > 1e-3, "the adapters change the outputs"
 
-    inspect = subprocess.run([sys.executable, "-m", "sd35dist", "inspect", str(file), "--summary", "--diff",
-                              str(model_dir), "--png", str(tmp_path / "d.png")], capture_output=True, text=True,
-                             cwd=PROJECT, env=venv_env())
-    assert inspect.returncode == 0, inspect.stderr
-    table = inspect.stdout.split("change against", 1)[1].splitlines()
+    status, shown, err = sd35dist_in_process("inspect", str(file), "--summary", "--diff", str(model_dir), "--png",
+                                             str(tmp_path / "d.png"))
+    assert status == 0, err
+    table = shown.split("change against", 1)[1].splitlines()
     rows = {" ".join(line.split()[:3]): line.split() for line in table if line.startswith("joint block")}
-    assert len(rows) == 2 and all(float(row[-1]) > 0 for row in rows.values()), inspect.stdout
-    refused = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(root / "straight"), "--format", "kohya",
-                              "--out", str(tmp_path / "k.safetensors")], capture_output=True, text=True, cwd=PROJECT,
-                             env=venv_env())
-    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "no kohya LoRA form" in refused.stderr
+    assert len(rows) == 2 and all(float(row[-1]) > 0 for row in rows.values()), shown
+    status, _, refused = sd35dist_in_process("export", str(root / "straight"), "--format", "kohya", "--out",
+                                             str(tmp_path / "k.safetensors"))
+    assert status == 2 and refused.count("\n") == 1 and "no kohya LoRA form" in refused
     assert not (tmp_path / "k.safetensors").exists()
 
 
@@ -111,7 +118,7 @@ def test_merged_lycoris_equals_the_trained_model(runs, cache, tmp_path):
 
     strategy, root = runs
     model_dir, _ = cache
-    export_adapters(root / "straight", tmp_path / "merged", "--ema", "--merge", "--dtype", "fp32")
+    export_adapters_cli(root / "straight", tmp_path / "merged", "--ema", "--merge", "--dtype", "fp32")  # as typed
     export_adapters(root / "straight", tmp_path / "lyco", "--ema", "--dtype", "fp32")
     merged = SD3Transformer2DModel.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     base = SD3Transformer2DModel.from_pretrained(model_dir / "transformer", dtype=torch.float32).eval()

@@ -36,6 +36,23 @@ def train(recipe: Path, run_dir: Path, nproc: int = 2, env: dict[str, str] | Non
     return proc
 
 
+def train_in_one_group(*runs: tuple[Path, Path], timeout: float = 900) -> dict[Path, str]:
+    """Several runs, (recipe, run directory) each, one after another on 2 gloo ranks in ONE torchrun
+    (tests/train_runs_check.py; DeepSpeed on its CPU accelerator): a later run may resume from an earlier
+    one's checkpoint, and the N runs cost one start-up instead of N. Rank 0's output of each run, by run
+    directory. A module keeps `train` (the CLI, a torchrun of its own) where it tests the command itself."""
+    from tests.rank_runs import run_driver
+    from tests.train_runs_check import RUN_MARK
+
+    proc = run_driver("tests.train_runs_check", *(str(p) for run in runs for p in run), timeout=timeout)
+    outputs: dict[Path, str] = {}
+    for chunk in proc.stdout.split(RUN_MARK)[1:]:
+        run_dir, _, text = chunk.partition("\n")
+        outputs[Path(run_dir.strip())] = text
+    assert list(outputs) == [run_dir for _, run_dir in runs], proc.stdout[-3000:]
+    return outputs
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     lines = (run_dir / "metrics-rank00000.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
