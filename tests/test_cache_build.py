@@ -4,6 +4,7 @@ inspections go through the CLI's entry in this process (the same job code, a one
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -196,8 +197,12 @@ def test_inspect_reports_contents_and_corruption(built, tmp_path):
     blob = bytearray((cache / shard).read_bytes())
     blob[-1] ^= 0xFF
     (cache / shard).write_bytes(bytes(blob))
-    status, stdout, _ = sd35dist_in_process("cache", "inspect", str(cache), "--verify")
-    assert status == 1 and f"{shard}: sha256/size mismatch" in stdout
+    from sd35dist.jobs.cache import inspect as inspect_cache
+
+    # The command's printer in this process (its `out` is bound to the stdout of import time: passed here).
+    shown = io.StringIO()
+    assert inspect_cache(str(cache), {}, verify=True, out=shown) == 1
+    assert f"{shard}: sha256/size mismatch" in shown.getvalue()
     status, _, stderr = sd35dist_in_process("cache", "inspect", str(tmp_path / "nothing"))
     assert status == 2 and "no manifest" in stderr
 

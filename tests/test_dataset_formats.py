@@ -130,8 +130,11 @@ def test_formats_build_the_same_bytes_on_one_and_two_ranks_and_report_bad_sample
     assert "too small" in reasons[("hf", "part-00002.parquet/3")]
     assert "40 samples" in proc.stdout and "7 images rejected" in proc.stdout
 
-    status, shown, err = sd35dist_in_process("cache", "inspect", str(two / "cache"))
-    assert status == 0, err
+    from sd35dist.jobs.cache import inspect as inspect_cache
+
+    shown = io.StringIO()  # `sd35dist cache inspect`'s printer (tests/test_cache_build.py runs the command)
+    assert inspect_cache(str(two / "cache"), {}, verify=False, out=shown) == 0
+    shown = shown.getvalue()
     per_dataset = manifest.samples_per_dataset()
     for dataset, count in EXPECTED_SAMPLES.items():
         buckets = ", ".join(f"{b} {n}" for b, n in per_dataset[dataset].items())
