@@ -56,10 +56,13 @@ def settings(**extra):
             "ema": {"enabled": False}, **extra}
 
 
-def test_the_preempt_file_saves_at_a_step_boundary_and_resume_continues(cache, tmp_path):
+def test_the_preempt_file_saves_at_a_step_boundary_and_a_save_longer_than_the_grace_is_warned(cache, tmp_path):
+    """One run for two things a user sees: the PREEMPT file, written while training runs, stops it at a step
+    boundary with that step saved; and with a signal grace (0.001 s) shorter than a save, the first timed
+    save (step 2) warns once and records its measured time for the next submission."""
     out = tmp_path / "out"
-    recipe = train_recipe(tmp_path / "r.yaml", cache, out, **settings())
-    proc = start_training(recipe, tmp_path / "run")
+    recipe = train_recipe(tmp_path / "r.yaml", cache, out, **settings(checkpointing_steps=2))
+    proc = start_training(recipe, tmp_path / "run", env=venv_env(SD35DIST_SIGNAL_GRACE_S="0.001"))
     wait_for_steps(tmp_path / "run", 3, proc)
     (tmp_path / "run" / "PREEMPT").write_text("")
     output, _ = proc.communicate(timeout=300)
@@ -69,6 +72,14 @@ def test_the_preempt_file_saves_at_a_step_boundary_and_resume_continues(cache, t
     step = int(stopped[0].split("saved step ")[1].split(";")[0])
     assert 3 <= step < 200 and CheckpointDir(out).latest() == CheckpointDir(out).path(step)
     assert max(losses(tmp_path / "run")) == step, "no step runs after the save"
+
+    warnings = [line for line in output.splitlines()
+                if "slurm.signal_grace_s (0.001 s) is shorter than a checkpoint save plus a step" in line]
+    assert len(warnings) == 1, "warned once, after the first save was timed"
+    estimate = read_save_estimate(str(out))
+    assert estimate is not None and estimate.save_s > 0 and estimate.step_s > 0
+    assert estimate.source.startswith("measured at step")
+    assert json.loads((out / SAVE_ESTIMATE_FILE).read_text())["save_s"] == estimate.save_s
 
 
 def test_sigterm_outside_slurm_is_a_cancel_that_saves_when_it_can(cache, tmp_path):
@@ -84,19 +95,6 @@ def test_sigterm_outside_slurm_is_a_cancel_that_saves_when_it_can(cache, tmp_pat
     assert "requeue" not in output.lower()
     latest = CheckpointDir(out).latest()
     assert latest is not None and (latest / "COMPLETE").exists()
-
-
-def test_a_save_longer_than_the_grace_is_warned_and_measured(cache, tmp_path):
-    out = tmp_path / "out"
-    recipe = train_recipe(tmp_path / "r.yaml", cache, out, **settings(max_train_steps=4, checkpointing_steps=2))
-    proc = train(recipe, tmp_path / "run", env=venv_env(SD35DIST_SIGNAL_GRACE_S="0.001"))
-    warnings = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines()
-                if "slurm.signal_grace_s (0.001 s) is shorter than a checkpoint save plus a step" in line]
-    assert len(warnings) == 1, "warned once, after the first save was timed"
-    estimate = read_save_estimate(str(out))
-    assert estimate is not None and estimate.save_s > 0 and estimate.step_s > 0
-    assert estimate.source.startswith("measured at step")
-    assert json.loads((out / SAVE_ESTIMATE_FILE).read_text())["save_s"] == estimate.save_s
 
 
 def test_a_stop_requested_while_validation_renders_is_honoured_at_the_next_step_boundary(cache, tmp_path):

@@ -1,4 +1,10 @@
-"""`sd35dist train` on the tiny SD3 with 2 CPU ranks (gloo): exact resume, rotation, resharding."""
+"""`sd35dist train` on the tiny SD3 with 2 CPU ranks (gloo): exact resume, rotation, resharding.
+
+Each torchrun launch costs ~15 s of CPU (imports, set-up, teardown) against ~4 s of training, so one run
+serves several tests: the module's straight run is the reference the others compare with, and it also
+writes its checkpoints in the background and renders validation rounds (proved to change nothing by the
+stop/resume chain, which runs the same recipe without either).
+"""
 
 from __future__ import annotations
 
@@ -11,19 +17,60 @@ from pathlib import Path
 import pytest
 import torch
 
+from sd35dist.checkpoint.export import checkpoint_state
 from sd35dist.checkpoint.layout import CheckpointDir, read_info
 from sd35dist.checkpoint.weights import read_weights
+from sd35dist.cli import main as sd35dist_main
 from tests.cli_runs import PROJECT, venv_env
 from tests.train_runs import RunsCode, export, learning_rates, losses, train, train_recipe, train_refused
 
 pytestmark = pytest.mark.dist
 
 
+FP32 = {"checkpointing_steps": 2, "lr_scheduler": "cosine"}
+"""The fp32 recipe of this module's reference run and of the stop/resume chain next to it: 6 steps, EMA on,
+a checkpoint every 2 steps (the newest two kept: 4, 6), a learning rate that changes every step."""
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, cache) -> tuple[Path, dict[int, float]]:
+    """The module's uninterrupted reference run (2 ranks, fp32): root/out, root/run and its per-step losses.
+    It writes its checkpoints in the background (train.async_checkpointing) and renders validation rounds
+    (3 (prompt, seed) pairs on 2 ranks, model and EMA side by side); the `chain` below runs the same
+    recipe with both off, so comparing the two proves that neither changes training."""
+    from tests.validation_check import cache_validation_prompts, with_validation
+
     root = tmp_path_factory.mktemp("straight")
-    train(train_recipe(root / "r.yaml", cache, root / "out", checkpointing_steps=2), root / "run")
+    recipe = train_recipe(root / "r.yaml", cache, root / "out", **FP32, async_checkpointing=True)
+    cache_validation_prompts(recipe)
+    train(with_validation(recipe, weights="both"), root / "run")
     return root, losses(root / "run")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, cache) -> Path:
+    """The straight recipe without validation, checkpoints written synchronously, as two submissions:
+    train.stop_at_step ends the first at step 3, off the checkpoint interval (it saves there: root/out keeps
+    that state), and `resume: latest` continues a copy of it (root/resumed) to step 6. Runs root/run1,
+    root/run2, their output in root/run1.log and root/run2.log."""
+    root = tmp_path_factory.mktemp("chain")
+    first = train(train_recipe(root / "first.yaml", cache, root / "out", **FP32, stop_at_step=3), root / "run1")
+    (root / "run1.log").write_text(first.stdout + first.stderr)
+    shutil.copytree(root / "out", root / "resumed")
+    second = train(train_recipe(root / "second.yaml", cache, root / "resumed", **FP32), root / "run2")
+    (root / "run2.log").write_text(second.stdout + second.stderr)
+    return root
+
+
+def chain_losses(chain: Path) -> dict[int, float]:
+    return {**losses(chain / "run1"), **losses(chain / "run2")}
+
+
+def assert_same_weights_and_ema(checkpoint: Path, reference: Path) -> None:
+    for use_ema in (False, True):
+        got, expected = checkpoint_state(checkpoint, use_ema), checkpoint_state(reference, use_ema)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in got), f"final weights equal (EMA: {use_ema})"
 
 
 def test_straight_run_trains_and_rotates_checkpoints(straight):
@@ -37,43 +84,49 @@ def test_straight_run_trains_and_rotates_checkpoints(straight):
     assert {"step_seconds", "data_wait_fraction", "images_per_second"} <= set(metrics[0])
 
 
-@pytest.fixture(scope="module")
-def stopped(tmp_path_factory, cache) -> Path:
-    """A 2-rank run of the straight recipe that train.stop_at_step ends at step 3, off the checkpoint
-    interval (it saves there): root/out (copy it to continue), root/run1 and its output in root/run1.log.
-    Both resume tests start from it."""
-    root = tmp_path_factory.mktemp("stopped")
-    first = train(train_recipe(root / "first.yaml", cache, root / "out", stop_at_step=3, checkpointing_steps=4),
-                  root / "run1")
-    (root / "run1.log").write_text(first.stdout + first.stderr)
-    return root
+def test_stop_and_resume_gives_the_same_losses(straight, chain):
+    root, expected = straight
+    assert "stopped at step 3 (train.stop_at_step), saved; the schedule runs to step 6" in (chain / "run1.log").read_text()
+    assert losses(chain / "run1") == {s: expected[s] for s in (1, 2, 3)}
+    assert learning_rates(chain / "run1") == {s: learning_rates(root / "run")[s] for s in (1, 2, 3)}, \
+        "stop_at_step keeps the schedule's horizon"
+    assert CheckpointDir(chain / "out").complete_steps() == [3]
+    assert "resumed from" in (chain / "run2.log").read_text()
+    assert losses(chain / "run2") == {s: expected[s] for s in (4, 5, 6)}, "CPU/gloo resume is exact"
+    assert_same_weights_and_ema(CheckpointDir(chain / "resumed").latest(), CheckpointDir(root / "out").path(6))
 
 
-def test_stop_and_resume_gives_the_same_losses(straight, stopped, cache, tmp_path):
-    _, expected = straight
-    out = tmp_path / "out"
-    shutil.copytree(stopped / "out", out)
-    assert "stopped at step 3 (train.stop_at_step), saved; the schedule runs to step 6" in (stopped / "run1.log").read_text()
-    assert losses(stopped / "run1") == {s: expected[s] for s in (1, 2, 3)}
-    assert CheckpointDir(stopped / "out").complete_steps() == [3]
-    proc = train(train_recipe(tmp_path / "second.yaml", cache, out), tmp_path / "run2")
-    assert "resumed from" in proc.stdout + proc.stderr
-    assert losses(tmp_path / "run2") == {s: expected[s] for s in (4, 5, 6)}, "CPU/gloo resume is exact"
+def test_async_checkpointing_publishes_the_same_checkpoints(straight, chain):
+    """The straight run wrote in the background: the same checkpoints, bit for bit, as the chain's synchronous
+    saves, none left half-written; test_resuming_an_older_checkpoint... resumes one of them exactly."""
+    root, expected = straight
+    assert chain_losses(chain) == expected, "writing in the background changes nothing in training"
+    ckpts = CheckpointDir(root / "out")
+    assert ckpts.complete_steps() == [4, 6] and not list(ckpts.root.glob("*.partial"))
+    assert_same_weights_and_ema(ckpts.path(6), CheckpointDir(chain / "resumed").path(6))
+
+
+def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, chain, cache):
+    """3 (prompt, seed) pairs on 2 ranks, model and EMA weights side by side; the same losses as the chain,
+    which ran without validation."""
+    from tests.validation_check import check_validation_run
+
     root, _ = straight
-    for flag in ([], ["--ema"]):
-        resumed = export(out, tmp_path / f"resumed{flag}", *flag)
-        uninterrupted = export(root / "out", tmp_path / f"straight{flag}", *flag)
-        assert resumed.keys() == uninterrupted.keys()
-        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"
+    checkpoint = CheckpointDir(root / "out").path(6)
+    states = {"model": read_weights(checkpoint), "ema": read_weights(checkpoint, use_ema=True)}
+    check_validation_run(root / "run", chain_losses(chain), cache, states)
 
 
-def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight, cache, tmp_path):
+def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight, cache, tmp_path, capsys):
+    """Through the CLI once (a child process, as typed); the EMA export and the refusal in this process."""
+    from diffusers import SD3Transformer2DModel
+
     root, _ = straight
     model_dir, _ = cache
     raw = export(root / "out", tmp_path / "raw")
-    ema = export(CheckpointDir(root / "out").path(6), tmp_path / "ema", "--ema")
-    from diffusers import SD3Transformer2DModel
-
+    assert sd35dist_main(["export", str(CheckpointDir(root / "out").path(6)), "--out", str(tmp_path / "ema"),
+                          "--dtype", "fp32", "--ema"]) == 0
+    ema = SD3Transformer2DModel.from_pretrained(tmp_path / "ema").state_dict()
     pretrained = SD3Transformer2DModel.from_pretrained(model_dir / "transformer").state_dict()
     key = "transformer_blocks.0.attn.to_q.weight"
     assert not torch.equal(raw[key], pretrained[key]), "training changed the weights"
@@ -83,21 +136,9 @@ def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight,
 
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "raw").iterdir()}
     assert set(modes.values()) == {0o666 & ~user_umask()}, f"others can read the export (not 0600): {modes}"
-    again = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(root / "out"), "--out", str(tmp_path / "raw")],
-                           capture_output=True, text=True, cwd=PROJECT)
-    assert again.returncode == 2 and "already exists" in again.stderr
-
-
-def test_two_rank_checkpoint_resumes_on_one_rank_and_back(stopped, cache, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(stopped / "out", out)
-    train(train_recipe(tmp_path / "second.yaml", cache, out), tmp_path / "run2", nproc=1)
-    got = losses(tmp_path / "run2")
-    assert sorted(got) == [4, 5, 6] and all(v == v for v in got.values())
-    assert read_info(CheckpointDir(out).latest())["world_size"] == 1
-    train(train_recipe(tmp_path / "third.yaml", cache, out, max_train_steps=9), tmp_path / "run3")  # and back
-    assert sorted(losses(tmp_path / "run3")) == [7, 8, 9]
-    assert read_info(CheckpointDir(out).latest())["world_size"] == 2
+    capsys.readouterr()
+    assert sd35dist_main(["export", str(root / "out"), "--out", str(tmp_path / "raw")]) == 2
+    assert "already exists" in capsys.readouterr().err
 
 
 def _children(pid: int) -> list[int]:
@@ -142,58 +183,30 @@ def test_kill_during_checkpoint_write_keeps_latest_on_a_complete_checkpoint(cach
     latest = ckpts.latest()
     assert latest is not None and (latest / "COMPLETE").is_file()
     assert latest.name < killed_at.name[: -len(".partial")], "the interrupted checkpoint is not published"
-    train(recipe, tmp_path / "run2")
-    assert ckpts.latest().name == "step-00000040"
+    # Resume finishes the run; two steps past the interrupted one are enough to write that step again and rotate.
+    end = int(killed_at.name[5:13]) + 2
+    resumed = train(train_recipe(tmp_path / "r2.yaml", cache, out, max_train_steps=end, checkpointing_steps=1,
+                                 checkpoints_total_limit=3), tmp_path / "run2")
+    assert f"resumed from {latest}" in resumed.stdout + resumed.stderr
+    assert ckpts.latest().name == f"step-{end:08d}"
     assert not list((out / "checkpoints").glob("*.partial")), "rotation cleared the stale partial checkpoint"
 
 
-def test_async_checkpointing_publishes_the_same_checkpoints_and_resumes(straight, cache, tmp_path):
-    root, expected = straight
-    out = tmp_path / "out"
-    train(train_recipe(tmp_path / "r.yaml", cache, out, checkpointing_steps=2, async_checkpointing=True), tmp_path / "run")
-    assert losses(tmp_path / "run") == expected, "writing in the background changes nothing in training"
-    ckpts = CheckpointDir(out)
-    assert ckpts.complete_steps() == [4, 6] and not list(ckpts.root.glob("*.partial"))
-    written, reference = export(out, tmp_path / "async-export"), export(root / "out", tmp_path / "sync-export")
-    assert written.keys() == reference.keys() and all(torch.equal(written[k], reference[k]) for k in written)
-    train(train_recipe(tmp_path / "r2.yaml", cache, out, max_train_steps=8, checkpointing_steps=2,
-                       async_checkpointing=True), tmp_path / "run2")
-    assert sorted(losses(tmp_path / "run2")) == [7, 8]
-
-
-def test_adamw_bf16_stop_and_resume_gives_the_same_losses_and_weights(cache, tmp_path):
-    """Kahan-summed bf16 AdamW (torch-optimi) in bf16 compute: its moments, compensation
-    buffers and step counter go through the checkpoint, so resume is exact too."""
-    from sd35dist.checkpoint.export import checkpoint_state
-
+def test_adamw_bf16_resume_gives_the_same_losses_and_weights(cache, tmp_path):
+    """Kahan-summed bf16 AdamW (torch-optimi) in bf16 compute: its moments, compensation buffers and step
+    counter go through the checkpoint, so resume is exact too. The straight run keeps its step-2 checkpoint;
+    a copy of it resumed into a new output dir (`train.resume: <dir>/checkpoints/step-2`) trains steps 3-4
+    with the losses, learning rates and final weights (and EMA) of the straight run."""
     bf16 = {"optimizer": "adamw_bf16", "mixed_precision": "bf16", "max_train_steps": 4, "checkpointing_steps": 2,
             "lr_scheduler": "cosine", "lr_warmup_steps": 1}
     train(train_recipe(tmp_path / "straight.yaml", cache, tmp_path / "straight", **bf16), tmp_path / "run0")
     expected, expected_lr = losses(tmp_path / "run0"), learning_rates(tmp_path / "run0")
     out = tmp_path / "out"
-    train(train_recipe(tmp_path / "first.yaml", cache, out, **bf16, stop_at_step=2), tmp_path / "run1")
-    assert learning_rates(tmp_path / "run1") == {s: expected_lr[s] for s in (1, 2)}, "stop_at_step keeps the schedule"
-    train(train_recipe(tmp_path / "second.yaml", cache, out, **bf16), tmp_path / "run2")
+    kept = CheckpointDir(tmp_path / "straight").path(2)
+    train(train_recipe(tmp_path / "second.yaml", cache, out, **bf16, resume=str(kept)), tmp_path / "run2")
     assert losses(tmp_path / "run2") == {s: expected[s] for s in (3, 4)}
-    for use_ema in (False, True):
-        resumed = checkpoint_state(CheckpointDir(out).latest(), use_ema)
-        uninterrupted = checkpoint_state(CheckpointDir(tmp_path / "straight").latest(), use_ema)
-        assert resumed.keys() == uninterrupted.keys()
-        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"
-
-
-def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, cache, tmp_path):
-    """3 (prompt, seed) pairs on 2 ranks, model and EMA weights side by side, next to the straight run."""
-    from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
-
-    root, straight_losses = straight
-    recipe = train_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", checkpointing_steps=2)
-    cache_validation_prompts(recipe)
-    train(with_validation(recipe, weights="both"), tmp_path / "run")
-    final = max(straight_losses)
-    checkpoint = next((tmp_path / "out" / "checkpoints").glob(f"*{final}"))
-    states = {"model": read_weights(checkpoint), "ema": read_weights(checkpoint, use_ema=True)}
-    check_validation_run(tmp_path / "run", straight_losses, cache, states)
+    assert learning_rates(tmp_path / "run2") == {s: expected_lr[s] for s in (3, 4)}, "the schedule continues"
+    assert_same_weights_and_ema(CheckpointDir(out).latest(), CheckpointDir(tmp_path / "straight").latest())
 
 
 def test_validation_in_bf16_renders_on_all_ranks_and_leaves_training_unchanged(cache, tmp_path):
@@ -218,7 +231,6 @@ def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path)
     from PIL import Image
 
     from sd35dist.checkpoint.export import export_checkpoint
-    from sd35dist.cli import main as sd35dist_main
     from tests.validation_check import PROMPTS, cache_validation_prompts
 
     root, _ = straight
@@ -275,8 +287,9 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 def test_resuming_an_older_checkpoint_branches_only_into_a_new_directory(straight, cache, tmp_path):
     """train.resume naming step 4 of an output dir whose newest is step 6: refused there (nothing
-    overwritten or rotated away), trained into a new output.dir exactly as the straight run did,
-    and a restart of that same run continues its branch instead of starting over from step 4."""
+    overwritten or rotated away), trained into a new output.dir exactly as the straight run did (from its
+    checkpoint written in the background), and a restart of that same run continues its branch instead of
+    starting over from step 4 — here on 1 rank (DCP reshards the 2-rank checkpoint), then back on 2."""
     root, expected = straight
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
@@ -286,17 +299,26 @@ def test_resuming_an_older_checkpoint_branches_only_into_a_new_directory(straigh
     assert "train.resume" in line and "would overwrite step-00000006" in line and "new directory" in line, line
     assert _tree(out) == before, "the newer branch and the named checkpoint are untouched"
 
-    branch = tmp_path / "branch"
-    recipe = train_recipe(tmp_path / "branch.yaml", cache, branch, resume=str(four), checkpointing_steps=2)
-    train(recipe, tmp_path / "run1")
-    assert losses(tmp_path / "run1") == {5: expected[5], 6: expected[6]}, "the branch trains on exactly"
-    assert CheckpointDir(branch).complete_steps() == [6] and _tree(out) == before
-    again = train(recipe, tmp_path / "run1")  # the same run restarted (torchrun restart, Slurm requeue)
-    assert f"resumed from {CheckpointDir(branch).path(6)}" in again.stdout + again.stderr
+    branch, run = tmp_path / "branch", tmp_path / "run1"
+    ckpts = CheckpointDir(branch)
+    train(train_recipe(tmp_path / "branch.yaml", cache, branch, **FP32, resume=str(four)), run)
+    assert losses(run) == {5: expected[5], 6: expected[6]}, "the branch trains on exactly"
+    assert ckpts.complete_steps() == [6] and _tree(out) == before
+    # The same run restarted (torchrun restart, Slurm requeue), on one rank and with two more steps to go.
+    again = train(train_recipe(tmp_path / "branch.yaml", cache, branch, **FP32, resume=str(four), max_train_steps=8),
+                  run, nproc=1)
+    assert f"resumed from {ckpts.path(6)}" in again.stdout + again.stderr
+    assert sorted(losses(run)) == [5, 6, 7, 8] and all(v == v for v in losses(run).values())
+    assert read_info(ckpts.latest())["world_size"] == 1 and ckpts.latest() == ckpts.path(8)
+    back = train(train_recipe(tmp_path / "branch.yaml", cache, branch, **FP32, resume=str(four), max_train_steps=10),
+                 run)  # and back to 2 ranks
+    assert f"resumed from {ckpts.path(8)}" in back.stdout + back.stderr
+    assert sorted(losses(run)) == [5, 6, 7, 8, 9, 10]
+    assert read_info(ckpts.latest())["world_size"] == 2 and ckpts.latest() == ckpts.path(10)
     assert _tree(out) == before
 
 
-def test_a_crafted_dcp_metadata_given_as_resume_is_refused_without_running(straight, cache, tmp_path):
+def test_a_crafted_dcp_metadata_given_as_resume_is_refused_without_running(straight, cache, tmp_path, capsys):
     """DCP's .metadata is a pickle; one that names a callable is refused once, at start (exit 2: no
     restart), and its code never runs — the same allow-list export uses."""
     import pickle
@@ -309,7 +331,8 @@ def test_a_crafted_dcp_metadata_given_as_resume_is_refused_without_running(strai
     line = train_refused(train_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", resume=str(crafted)),
                          tmp_path / "run")
     assert ".metadata: refused" in line and "io.open" in line, line
-    proc = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(crafted), "--out", str(tmp_path / "e")],
-                          capture_output=True, text=True, cwd=PROJECT, env=venv_env())
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and ".metadata" in proc.stderr
+    capsys.readouterr()
+    assert sd35dist_main(["export", str(crafted), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and ".metadata" in err
     assert not sentinel.exists(), "the pickle's code ran"
