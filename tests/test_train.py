@@ -19,8 +19,11 @@ import torch
 
 from sd35dist.checkpoint.export import checkpoint_state
 from sd35dist.checkpoint.layout import CheckpointDir, read_info
+from sd35dist.checkpoint.manager import resume_checkpoint
 from sd35dist.checkpoint.weights import read_weights
 from sd35dist.cli import main as sd35dist_main
+from sd35dist.config.loading import ConfigError
+from sd35dist.jobs.rank_inputs import load_rank_recipe
 from tests.cli_runs import PROJECT, venv_env
 from tests.train_runs import RunsCode, export, learning_rates, losses, train, train_recipe, train_refused
 
@@ -50,11 +53,12 @@ def straight(tmp_path_factory, cache) -> tuple[Path, dict[int, float]]:
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, cache) -> Path:
     """The straight recipe without validation, checkpoints written synchronously, as two submissions:
-    train.stop_at_step ends the first at step 3, off the checkpoint interval (it saves there: root/out keeps
-    that state), and `resume: latest` continues a copy of it (root/resumed) to step 6. Runs root/run1,
+    train.stop_at_step ends the first at step 3, off its checkpoint interval of 4 (it saves there: root/out
+    keeps that state), and `resume: latest` continues a copy of it (root/resumed) to step 6. Runs root/run1,
     root/run2, their output in root/run1.log and root/run2.log."""
     root = tmp_path_factory.mktemp("chain")
-    first = train(train_recipe(root / "first.yaml", cache, root / "out", **FP32, stop_at_step=3), root / "run1")
+    first = train(train_recipe(root / "first.yaml", cache, root / "out", **{**FP32, "checkpointing_steps": 4},
+                               stop_at_step=3), root / "run1")
     (root / "run1.log").write_text(first.stdout + first.stderr)
     shutil.copytree(root / "out", root / "resumed")
     second = train(train_recipe(root / "second.yaml", cache, root / "resumed", **FP32), root / "run2")
@@ -192,41 +196,35 @@ def test_kill_during_checkpoint_write_keeps_latest_on_a_complete_checkpoint(cach
     assert not list((out / "checkpoints").glob("*.partial")), "rotation cleared the stale partial checkpoint"
 
 
-def test_adamw_bf16_resume_gives_the_same_losses_and_weights(cache, tmp_path):
-    """Kahan-summed bf16 AdamW (torch-optimi) in bf16 compute: its moments, compensation buffers and step
-    counter go through the checkpoint, so resume is exact too. The straight run keeps its step-2 checkpoint;
-    a copy of it resumed into a new output dir (`train.resume: <dir>/checkpoints/step-2`) trains steps 3-4
-    with the losses, learning rates and final weights (and EMA) of the straight run."""
-    bf16 = {"optimizer": "adamw_bf16", "mixed_precision": "bf16", "max_train_steps": 4, "checkpointing_steps": 2,
-            "lr_scheduler": "cosine", "lr_warmup_steps": 1}
-    train(train_recipe(tmp_path / "straight.yaml", cache, tmp_path / "straight", **bf16), tmp_path / "run0")
-    expected, expected_lr = losses(tmp_path / "run0"), learning_rates(tmp_path / "run0")
-    out = tmp_path / "out"
-    kept = CheckpointDir(tmp_path / "straight").path(2)
-    train(train_recipe(tmp_path / "second.yaml", cache, out, **bf16, resume=str(kept)), tmp_path / "run2")
-    assert losses(tmp_path / "run2") == {s: expected[s] for s in (3, 4)}
-    assert learning_rates(tmp_path / "run2") == {s: expected_lr[s] for s in (3, 4)}, "the schedule continues"
-    assert_same_weights_and_ema(CheckpointDir(out).latest(), CheckpointDir(tmp_path / "straight").latest())
-
-
-def test_validation_in_bf16_renders_on_all_ranks_and_leaves_training_unchanged(cache, tmp_path):
-    """The default SD3.5 Large path: FSDP2 with bf16 compute. The rounds change no loss of a bf16 run,
-    and the images match a 1-process bf16 render of the last checkpoint."""
+def test_bf16_adamw_bf16_validation_and_stop_and_resume(cache, tmp_path):
+    """bf16 compute with Kahan-summed bf16 AdamW (torch-optimi), three runs. A straight run renders validation
+    rounds on 2 ranks; the images match a 1-process bf16 render of its last checkpoint. The same recipe without
+    validation as two submissions (train.stop_at_step 3, then `resume: latest`) gives the straight run's
+    losses, learning rates and final weights (and EMA) bit for bit: the rounds change nothing in training, and
+    the optimizer's moments, compensation buffers and step counter go through the checkpoint."""
     from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
 
-    bf16 = {"mixed_precision": "bf16", "checkpointing_steps": 2, "ema": {"enabled": False}}
-    train(train_recipe(tmp_path / "straight.yaml", cache, tmp_path / "straight", **bf16), tmp_path / "run0")
-    recipe = train_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", **bf16)
+    bf16 = {"optimizer": "adamw_bf16", "mixed_precision": "bf16", "checkpointing_steps": 2, "lr_scheduler": "cosine",
+            "lr_warmup_steps": 1}
+    recipe = train_recipe(tmp_path / "straight.yaml", cache, tmp_path / "straight", **bf16)
     cache_validation_prompts(recipe)
-    train(with_validation(recipe), tmp_path / "run")
-    checkpoint = CheckpointDir(tmp_path / "out").latest()
-    check_validation_run(tmp_path / "run", losses(tmp_path / "run0"), cache,
-                         {"model": read_weights(checkpoint)}, dtype=torch.bfloat16)
+    train(with_validation(recipe), tmp_path / "run0")
+    expected, expected_lr = losses(tmp_path / "run0"), learning_rates(tmp_path / "run0")
+    out = tmp_path / "out"
+    train(train_recipe(tmp_path / "first.yaml", cache, out, **bf16, stop_at_step=3), tmp_path / "run1")
+    assert learning_rates(tmp_path / "run1") == {s: expected_lr[s] for s in (1, 2, 3)}, "stop_at_step keeps the schedule"
+    train(train_recipe(tmp_path / "second.yaml", cache, out, **bf16), tmp_path / "run2")
+    chain = {**losses(tmp_path / "run1"), **losses(tmp_path / "run2")}
+    assert sorted(losses(tmp_path / "run2")) == [4, 5, 6] and chain == expected, "exact resume, validation changes nothing"
+    assert learning_rates(tmp_path / "run2") == {s: expected_lr[s] for s in (4, 5, 6)}
+    straight_final = CheckpointDir(tmp_path / "straight").latest()
+    assert_same_weights_and_ema(CheckpointDir(out).latest(), straight_final)
+    check_validation_run(tmp_path / "run0", chain, cache, {"model": read_weights(straight_final)}, dtype=torch.bfloat16)
 
 
 def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path):
-    """`sd35dist sweep --compare-guidance` over the straight run's checkpoints; `sd35dist sample` of a
-    checkpoint on 2 ranks equals the sample of its export in one process, pixel for pixel."""
+    """`sd35dist sweep --compare-guidance` over the straight run's checkpoints, on 2 ranks as in one process;
+    `sd35dist sample` of a checkpoint equals the sample of its export, pixel for pixel."""
     import numpy as np
     from PIL import Image
 
@@ -264,16 +262,11 @@ def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path)
     common = ["--prompt", "a red fox", "--seed", "1", "--seed", "2", "--steps", "3", "--width", "32", "--height", "32",
               "--max-sequence-length", "32"]
     samples = {}
-    # The checkpoint on 2 ranks (one image each), the rest in this process.
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "sd35dist", "sample", str(checkpoint), *common, "--out", str(tmp_path / "ckpt")],
-                          capture_output=True, text=True, cwd=PROJECT, env={**venv_env(), "OMP_NUM_THREADS": "1"},
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for name, source in (("ckpt", None), ("export", [str(tmp_path / "export"), "--model", str(cache[0])]),
+    # In this process: `sample` splits its images over ranks with the sweep's code (sample_command.renderer_for,
+    # render.launched_ranks), which the 2-rank sweep above proves pixel for pixel.
+    for name, source in (("ckpt", [str(checkpoint)]), ("export", [str(tmp_path / "export"), "--model", str(cache[0])]),
                          ("ema", [str(checkpoint), "--ema"]), ("base", [str(cache[0])])):
-        if source is not None:
-            assert sd35dist_main(["sample", *source, *common, "--out", str(tmp_path / name)]) == 0
+        assert sd35dist_main(["sample", *source, *common, "--out", str(tmp_path / name)]) == 0
         samples[name] = np.asarray(Image.open(tmp_path / name / "sample-p00-seed1-32x32.png"))
         assert (tmp_path / name / "sample-p00-seed2-32x32.png").is_file() and (tmp_path / name / "grid.png").is_file()
     assert np.array_equal(samples["ckpt"], samples["export"])
@@ -295,8 +288,14 @@ def test_resuming_an_older_checkpoint_branches_only_into_a_new_directory(straigh
     shutil.copytree(root / "out", out)
     before = _tree(out)
     four = CheckpointDir(out).path(4)
-    line = train_refused(train_recipe(tmp_path / "same.yaml", cache, out, resume=str(four)), tmp_path / "run0")
-    assert "train.resume" in line and "would overwrite step-00000006" in line and "new directory" in line, line
+    # The check every rank makes first thing (before the stream, the model or a save); a refusal of it ends the
+    # ranks as one line, exit status 2, no restart: the crafted-metadata test below runs that through torchrun.
+    same = load_rank_recipe(train_recipe(tmp_path / "same.yaml", cache, out, resume=str(four)))
+    with pytest.raises(ConfigError) as refused:
+        resume_checkpoint(same, "same.yaml", tmp_path / "run0")
+    line = str(refused.value)
+    assert line.startswith("same.yaml: train.resume: ") and "would overwrite step-00000006" in line, line
+    assert "new directory" in line and "\n" not in line, line
     assert _tree(out) == before, "the newer branch and the named checkpoint are untouched"
 
     branch, run = tmp_path / "branch", tmp_path / "run1"
@@ -331,6 +330,7 @@ def test_a_crafted_dcp_metadata_given_as_resume_is_refused_without_running(strai
     line = train_refused(train_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", resume=str(crafted)),
                          tmp_path / "run")
     assert ".metadata: refused" in line and "io.open" in line, line
+    assert not (tmp_path / "out").exists(), "refused before anything was written"
     capsys.readouterr()
     assert sd35dist_main(["export", str(crafted), "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
