@@ -3,7 +3,8 @@
 Each torchrun launch costs ~15 s of CPU (imports, set-up, teardown) against ~4 s of training, so one run
 serves several tests: the module's straight run is the reference the others compare with, and it also
 writes its checkpoints in the background and renders validation rounds (proved to change nothing by the
-stop/resume chain, which runs the same recipe without either).
+crash/resume chain, which runs the same recipe without either); the branch test resumes the straight
+run's checkpoints on 2, then 1, then 2 ranks.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.dist
 
 
 FP32 = {"checkpointing_steps": 2, "lr_scheduler": "cosine"}
-"""The fp32 recipe of this module's reference run and of the stop/resume chain next to it: 6 steps, EMA on,
+"""The fp32 recipe of this module's reference run and of the runs compared with it: 6 steps, EMA on,
 a checkpoint every 2 steps (the newest two kept: 4, 6), a learning rate that changes every step."""
 
 
@@ -50,24 +52,69 @@ def straight(tmp_path_factory, cache) -> tuple[Path, dict[int, float]]:
     return root, losses(root / "run")
 
 
+@dataclass(frozen=True)
+class Chain:
+    """The straight recipe without validation, checkpoints written synchronously after every step (the newest
+    three kept), as two submissions: one rank of the first (root/run1) is killed (SIGKILL) while the checkpoint
+    of step 3 or later is being written (`killed`, its .partial directory); `resume: latest` continues
+    the same output dir (root/out) from `latest_after_kill` to step 6 (root/run2, its output in `resumed_output`)."""
+
+    root: Path
+    killed: Path
+    latest_after_kill: Path | None
+    latest_was_complete: bool
+    first_exit: int
+    resumed_output: str
+
+
+def kill_a_rank_while_a_checkpoint_is_written(recipe: Path, out: Path, run_dir: Path) -> tuple[Path, int]:
+    """Start 2 ranks on `recipe` and kill -9 one of them while the checkpoint of step 3 or later is being
+    written; returns that checkpoint's .partial directory and torchrun's exit status. A kill that lands after
+    the checkpoint was published is tried again from scratch (at most 3 times)."""
+    import os
+    import signal
+    import time
+
+    from launcher.local_process import descendants
+
+    for _attempt in range(3):
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        killed_at = None
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+             "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
+            cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            partial = sorted((out / "checkpoints").glob("step-*.partial")) if (out / "checkpoints").is_dir() else []
+            if partial and int(partial[-1].name[5:13]) >= 3:
+                workers = [p for p in descendants(proc.pid)
+                           if b"sd35dist" in Path(f"/proc/{p}/cmdline").read_bytes() and p != proc.pid]
+                os.kill(workers[-1], signal.SIGKILL)
+                killed_at = partial[-1]
+                break
+            time.sleep(0.002)
+        proc.wait(timeout=120)
+        if killed_at is not None and killed_at.exists():
+            return killed_at, proc.returncode  # the kill landed while that checkpoint was being written
+    raise AssertionError("could not kill a rank while a checkpoint was being written")
+
+
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, cache) -> Path:
-    """The straight recipe without validation, checkpoints written synchronously, as two submissions:
-    train.stop_at_step ends the first at step 3, off its checkpoint interval of 4 (it saves there: root/out
-    keeps that state), and `resume: latest` continues a copy of it (root/resumed) to step 6. Runs root/run1,
-    root/run2, their output in root/run1.log and root/run2.log."""
+def chain(tmp_path_factory, cache) -> Chain:
     root = tmp_path_factory.mktemp("chain")
-    first = train(train_recipe(root / "first.yaml", cache, root / "out", **{**FP32, "checkpointing_steps": 4},
-                               stop_at_step=3), root / "run1")
-    (root / "run1.log").write_text(first.stdout + first.stderr)
-    shutil.copytree(root / "out", root / "resumed")
-    second = train(train_recipe(root / "second.yaml", cache, root / "resumed", **FP32), root / "run2")
-    (root / "run2.log").write_text(second.stdout + second.stderr)
-    return root
+    recipe = train_recipe(root / "r.yaml", cache, root / "out", **{**FP32, "checkpointing_steps": 1},
+                          checkpoints_total_limit=3)
+    killed, first_exit = kill_a_rank_while_a_checkpoint_is_written(recipe, root / "out", root / "run1")
+    latest = CheckpointDir(root / "out").latest()
+    latest_was_complete = latest is not None and (latest / "COMPLETE").is_file()
+    resumed = train(recipe, root / "run2")
+    return Chain(root, killed, latest, latest_was_complete, first_exit, resumed.stdout + resumed.stderr)
 
 
-def chain_losses(chain: Path) -> dict[int, float]:
-    return {**losses(chain / "run1"), **losses(chain / "run2")}
+def chain_losses(chain: Chain) -> dict[int, float]:
+    return {**losses(chain.root / "run1"), **losses(chain.root / "run2")}
 
 
 def assert_same_weights_and_ema(checkpoint: Path, reference: Path) -> None:
@@ -88,26 +135,38 @@ def test_straight_run_trains_and_rotates_checkpoints(straight):
     assert {"step_seconds", "data_wait_fraction", "images_per_second"} <= set(metrics[0])
 
 
-def test_stop_and_resume_gives_the_same_losses(straight, chain):
+def test_kill_during_checkpoint_write_keeps_latest_on_a_complete_checkpoint(chain):
+    """kill -9 of one rank while a checkpoint is being written: `latest` still names a complete
+    checkpoint, the half-written one is never published, and resume finishes the run."""
+    assert chain.first_exit != 0
+    assert chain.latest_after_kill is not None and chain.latest_was_complete
+    assert chain.latest_after_kill.name < chain.killed.name[: -len(".partial")], "the interrupted checkpoint is not published"
+    assert f"resumed from {chain.latest_after_kill}" in chain.resumed_output
+    ckpts = CheckpointDir(chain.root / "out")
+    assert ckpts.latest().name == "step-00000006" and ckpts.complete_steps() == [4, 5, 6]
+    assert not list(ckpts.root.glob("*.partial")), "rotation cleared the stale partial checkpoint"
+
+
+def test_resume_after_a_crash_gives_the_same_losses_and_weights(straight, chain):
+    """The chain's two submissions, next to the uninterrupted run: every step's loss and the final weights and
+    EMA equal, bit for bit (CPU/gloo resume is exact). The true `stop_at_step` → `resume: latest` submission
+    pair is the bf16 test's."""
     root, expected = straight
-    assert "stopped at step 3 (train.stop_at_step), saved; the schedule runs to step 6" in (chain / "run1.log").read_text()
-    assert losses(chain / "run1") == {s: expected[s] for s in (1, 2, 3)}
-    assert learning_rates(chain / "run1") == {s: learning_rates(root / "run")[s] for s in (1, 2, 3)}, \
-        "stop_at_step keeps the schedule's horizon"
-    assert CheckpointDir(chain / "out").complete_steps() == [3]
-    assert "resumed from" in (chain / "run2.log").read_text()
-    assert losses(chain / "run2") == {s: expected[s] for s in (4, 5, 6)}, "CPU/gloo resume is exact"
-    assert_same_weights_and_ema(CheckpointDir(chain / "resumed").latest(), CheckpointDir(root / "out").path(6))
+    first, second = losses(chain.root / "run1"), losses(chain.root / "run2")
+    resumed_at = int(chain.latest_after_kill.name[5:13])
+    assert sorted(second) == list(range(resumed_at + 1, 7)) and min(first) == 1 and max(first) >= resumed_at
+    assert first == {s: expected[s] for s in first} and second == {s: expected[s] for s in second}
+    assert_same_weights_and_ema(CheckpointDir(chain.root / "out").path(6), CheckpointDir(root / "out").path(6))
 
 
 def test_async_checkpointing_publishes_the_same_checkpoints(straight, chain):
     """The straight run wrote in the background: the same checkpoints, bit for bit, as the chain's synchronous
-    saves, none left half-written; test_resuming_an_older_checkpoint... resumes one of them exactly."""
+    saves, none left half-written; the branch test resumes one of them exactly."""
     root, expected = straight
     assert chain_losses(chain) == expected, "writing in the background changes nothing in training"
     ckpts = CheckpointDir(root / "out")
     assert ckpts.complete_steps() == [4, 6] and not list(ckpts.root.glob("*.partial"))
-    assert_same_weights_and_ema(ckpts.path(6), CheckpointDir(chain / "resumed").path(6))
+    assert_same_weights_and_ema(ckpts.path(6), CheckpointDir(chain.root / "out").path(6))
 
 
 def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, chain, cache):
@@ -145,79 +204,33 @@ def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight,
     assert "already exists" in capsys.readouterr().err
 
 
-def _children(pid: int) -> list[int]:
-    from launcher.local_process import descendants
-
-    return descendants(pid)
-
-
-def test_kill_during_checkpoint_write_keeps_latest_on_a_complete_checkpoint(cache, tmp_path):
-    """kill -9 of one rank while a checkpoint is being written: `latest` still names a complete
-    checkpoint, the half-written one is never published, and resume finishes the run."""
-    import os
-    import signal
-    import time
-
-    out = tmp_path / "out"
-    recipe = train_recipe(tmp_path / "r.yaml", cache, out, max_train_steps=40, checkpointing_steps=1,
-                          checkpoints_total_limit=3)
-    killed_at = None
-    for _attempt in range(3):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-             "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(tmp_path / "run")],
-            cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            partial = sorted((out / "checkpoints").glob("step-*.partial")) if (out / "checkpoints").is_dir() else []
-            if partial and int(partial[-1].name[5:13]) >= 3:
-                workers = [p for p in _children(proc.pid)
-                           if b"sd35dist" in Path(f"/proc/{p}/cmdline").read_bytes() and p != proc.pid]
-                os.kill(workers[-1], signal.SIGKILL)
-                killed_at = partial[-1]
-                break
-            time.sleep(0.002)
-        proc.wait(timeout=120)
-        if killed_at is not None and killed_at.exists():
-            break  # the kill landed while that checkpoint was being written
-        killed_at = None
-    assert killed_at is not None, "could not kill a rank while a checkpoint was being written"
-    assert proc.returncode != 0
-    ckpts = CheckpointDir(out)
-    latest = ckpts.latest()
-    assert latest is not None and (latest / "COMPLETE").is_file()
-    assert latest.name < killed_at.name[: -len(".partial")], "the interrupted checkpoint is not published"
-    # Resume finishes the run; two steps past the interrupted one are enough to write that step again and rotate.
-    end = int(killed_at.name[5:13]) + 2
-    resumed = train(train_recipe(tmp_path / "r2.yaml", cache, out, max_train_steps=end, checkpointing_steps=1,
-                                 checkpoints_total_limit=3), tmp_path / "run2")
-    assert f"resumed from {latest}" in resumed.stdout + resumed.stderr
-    assert ckpts.latest().name == f"step-{end:08d}"
-    assert not list((out / "checkpoints").glob("*.partial")), "rotation cleared the stale partial checkpoint"
-
-
 def test_bf16_adamw_bf16_validation_and_stop_and_resume(cache, tmp_path):
-    """bf16 compute with Kahan-summed bf16 AdamW (torch-optimi), three runs. A straight run renders validation
-    rounds on 2 ranks; the images match a 1-process bf16 render of its last checkpoint. The same recipe without
-    validation as two submissions (train.stop_at_step 3, then `resume: latest`) gives the straight run's
-    losses, learning rates and final weights (and EMA) bit for bit: the rounds change nothing in training, and
-    the optimizer's moments, compensation buffers and step counter go through the checkpoint."""
+    """bf16 compute with Kahan-summed bf16 AdamW (torch-optimi), three runs of 3 steps. A straight run renders
+    validation rounds on 2 ranks (at the start and at step 3); the images match a 1-process bf16 render of its
+    last checkpoint. The same recipe without validation as two submissions (train.stop_at_step 1, off the
+    checkpoint interval, then `resume: latest`) gives the straight run's losses, learning rates and final
+    weights (and EMA) bit for bit: the rounds change nothing in training, stop_at_step keeps the schedule,
+    and the optimizer's moments, compensation buffers and step counter go through the checkpoint."""
     from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
 
-    bf16 = {"optimizer": "adamw_bf16", "mixed_precision": "bf16", "checkpointing_steps": 2, "lr_scheduler": "cosine",
-            "lr_warmup_steps": 1}
+    bf16 = {"optimizer": "adamw_bf16", "mixed_precision": "bf16", "max_train_steps": 3, "checkpointing_steps": 2,
+            "lr_scheduler": "cosine"}
     recipe = train_recipe(tmp_path / "straight.yaml", cache, tmp_path / "straight", **bf16)
     cache_validation_prompts(recipe)
     train(with_validation(recipe), tmp_path / "run0")
     expected, expected_lr = losses(tmp_path / "run0"), learning_rates(tmp_path / "run0")
     out = tmp_path / "out"
-    train(train_recipe(tmp_path / "first.yaml", cache, out, **bf16, stop_at_step=3), tmp_path / "run1")
-    assert learning_rates(tmp_path / "run1") == {s: expected_lr[s] for s in (1, 2, 3)}, "stop_at_step keeps the schedule"
-    train(train_recipe(tmp_path / "second.yaml", cache, out, **bf16), tmp_path / "run2")
+    first = train(train_recipe(tmp_path / "first.yaml", cache, out, **bf16, stop_at_step=1), tmp_path / "run1")
+    assert "stopped at step 1 (train.stop_at_step), saved; the schedule runs to step 3" in first.stdout + first.stderr
+    assert CheckpointDir(out).complete_steps() == [1]
+    assert learning_rates(tmp_path / "run1") == {1: expected_lr[1]}, "stop_at_step keeps the schedule's horizon"
+    second = train(train_recipe(tmp_path / "second.yaml", cache, out, **bf16), tmp_path / "run2")
+    assert f"resumed from {CheckpointDir(out).path(1)}" in second.stdout + second.stderr
     chain = {**losses(tmp_path / "run1"), **losses(tmp_path / "run2")}
-    assert sorted(losses(tmp_path / "run2")) == [4, 5, 6] and chain == expected, "exact resume, validation changes nothing"
-    assert learning_rates(tmp_path / "run2") == {s: expected_lr[s] for s in (4, 5, 6)}
+    assert sorted(losses(tmp_path / "run2")) == [2, 3] and chain == expected, "exact resume, validation changes nothing"
+    assert learning_rates(tmp_path / "run2") == {s: expected_lr[s] for s in (2, 3)}
     straight_final = CheckpointDir(tmp_path / "straight").latest()
+    assert straight_final.name == "step-00000003"
     assert_same_weights_and_ema(CheckpointDir(out).latest(), straight_final)
     check_validation_run(tmp_path / "run0", chain, cache, {"model": read_weights(straight_final)}, dtype=torch.bfloat16)
 
