@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import job_control, resource_report
+from launcher.hub_datasets import resolve_hub_datasets
 from launcher.hub_models import resolve_hub_model
 from launcher.plan import JobPlan, build_plan, check_fit, split_overrides
 from launcher.profile import Profile, load_profile, profile_path
@@ -120,9 +121,10 @@ def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, 
         refuse_resume_branch(recipe, recipe_file.name)
     if args.output:
         refuse_output_file(Path(args.output), args.force, (recipe_file, profile_file))
-    hub = resolve_hub_model(recipe, args.job, profile.hf_home, recipe_file.name,
-                            download=not (args.dry_run and not args.output))
-    recipe = hub.recipe
+    download = not (args.dry_run and not args.output)
+    hub = resolve_hub_model(recipe, args.job, profile.hf_home, recipe_file.name, download=download)
+    hub_data = resolve_hub_datasets(hub.recipe, args.job, profile.hf_home, recipe_file.name, download=download)
+    recipe = hub_data.recipe
     run_dir = _run_dir(args.run_dir, profile, recipe, args.job)
     plan = build_plan(
         profile=profile,
@@ -133,10 +135,11 @@ def plan_from_args(args: argparse.Namespace) -> tuple[JobPlan, Profile, Recipe, 
         profile_file=profile_file.name,
         recipe_file=recipe_file.name,
     )
-    if hub.env:
-        plan = dataclasses.replace(plan, env=(*plan.env, *hub.env.items()))
+    hub_env = {**hub.env, **hub_data.env}
+    if hub_env:
+        plan = dataclasses.replace(plan, env=(*plan.env, *hub_env.items()))
     # A Hub id not yet in the cache is downloaded by submit: its directory is checked once it is there.
-    notes = [hub.note] if hub.note else []
+    notes = [note for note in (hub.note, hub_data.note) if note]
     for note in notes + check_inputs(profile, recipe, recipe_file, args.job, model_dir=hub.note is None):
         print(note, file=sys.stderr)
     if args.job == "train":

@@ -14,10 +14,10 @@ No torch here: huggingface_hub only, imported when an id is met.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.hub_access import HubRequest, hub_cache_dir, hub_endpoint, hub_errors
 from sd35dist.config.hub_ids import HubId, hub_id_of
 from sd35dist.config.loading import ConfigError
 from sd35dist.config.model_layout import MODEL_INDEX, job_parts, missing_in_model_dir
@@ -35,12 +35,6 @@ def allow_patterns(job: str, transformer_subfolder: str = "transformer") -> list
     """The files of the repository `job` needs (huggingface_hub's allow_patterns)."""
     folders = [transformer_subfolder if f == "transformer" else f for f in JOB_FOLDERS.get(job, ())]
     return [MODEL_INDEX, *(f"{folder}/*" for folder in folders)] if folders else []
-
-
-def hub_cache_dir(hf_home: str | None) -> Path:
-    """The hub cache (HF_HOME/hub) of the profile's hf_home, else of this shell's HF_HOME."""
-    home = hf_home or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-    return Path(os.path.expandvars(home)).expanduser().resolve() / "hub"
 
 
 @dataclass(frozen=True)
@@ -97,34 +91,12 @@ def _cached_snapshot(hub_id: HubId, cache: Path, patterns: list[str], parts: dic
 
 def _download(hub_id: HubId, cache: Path, patterns: list[str], recipe_file: str) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
-    token_hint = "export HF_TOKEN (a read token) in this shell (it is read there, never written)"
-    try:
+    request = HubRequest(recipe_file, "model.pretrained", hub_id.repo, hub_id.revision, "repository", cache,
+                         f"hf download {hub_id.repo}", "set model.pretrained to a local diffusers directory")
+    with hub_errors(request):
         cache.mkdir(parents=True, exist_ok=True)
         print(f"sd35dist: downloading {', '.join(patterns)} of {hub_id} into {cache}", flush=True)
-        # HF_ENDPOINT (a mirror) is read now, not when huggingface_hub was first imported.
         return Path(snapshot_download(hub_id.repo, revision=hub_id.revision, cache_dir=cache, allow_patterns=patterns,
-                                      endpoint=os.environ.get("HF_ENDPOINT") or None))
-    except GatedRepoError:
-        message = f"{hub_id.repo} is gated: accept its terms on its Hugging Face page, then {token_hint}"
-    except RevisionNotFoundError:
-        message = f"{hub_id.repo} has no revision {hub_id.revision!r}: name a branch, tag or commit it has"
-    except RepositoryNotFoundError:
-        message = f"no repository {hub_id.repo} on the Hugging Face hub (if it is private, {token_hint})"
-    except LocalEntryNotFoundError:
-        message = (f"{hub_id} is not in the Hugging Face cache {cache} and the hub cannot be reached: download it "
-                   f"where there is network (`hf download {hub_id.repo}` with HF_HOME={cache.parent}) or set "
-                   "model.pretrained to a local diffusers directory")
-    except HfHubHTTPError as err:
-        status = err.response.status_code if err.response is not None else "?"
-        message = f"the Hugging Face hub answered {status} for {hub_id}" + (f": {token_hint}" if status == 401 else "")
-    except OSError as err:
-        message = f"cannot write the Hugging Face cache {cache}: {err.strerror or err}"
-    raise ConfigError(recipe_file, "model.pretrained", message)
+                                      endpoint=hub_endpoint()))
+    raise AssertionError("unreachable: hub_errors raises")

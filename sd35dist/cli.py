@@ -7,6 +7,7 @@ every rank) to sd35dist.jobs, tools to their own modules; only the module asked 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 
@@ -38,27 +39,36 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(command: Command, argv: list[str]) -> int:
+def run_command(command: Command, argv: list[str], own_process: bool = False) -> int:
     """Call the command's entry with what its kind takes (sd35dist/config/commands.py)."""
     if command.kind is RANK_JOB:
         args = argument_parser().parse_args(argv)  # before the import: `-h` or a usage error loads no torch
-        return _entry(command)(args)
+        return _entry(command, own_process)(args)
     if command.kind is SUBMIT:
-        return _entry(command)(argv)
-    return _entry(command)(argv[len(command.words):])
+        return _entry(command, own_process)(argv)
+    return _entry(command, own_process)(argv[len(command.words):])
 
 
-def _entry(command: Command):
-    return getattr(importlib.import_module(command.module), command.entry)
+def _entry(command: Command, own_process: bool):
+    entry = getattr(importlib.import_module(command.module), command.entry)
+    if own_process:
+        # What the command imported lives as long as the process: keep it out of the garbage
+        # collector's walks. Otherwise the collection at exit walks torch's, diffusers' and
+        # transformers' objects for ~1 s (every rank of every launch), and full collections
+        # during training walk them again. Not done when main() is called inside another program.
+        gc.freeze()
+    return entry
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`argv` None: this process is the `sd35dist` command (sys.argv); a list: called from Python."""
+    own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = find_command(argv)
     if command is None:
         argument_parser().parse_args(argv)  # prints help, or names the unknown command, and exits
         return 2
-    return run_command(command, argv)
+    return run_command(command, argv, own_process)
 
 
 def console() -> None:

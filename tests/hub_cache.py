@@ -3,10 +3,13 @@ layout, and a small HTTP server on 127.0.0.1 that speaks the part of the hub's A
 huggingface_hub's `snapshot_download` uses (revision info, tree listing, resolve HEAD/GET,
 and the hub's error codes for gated repositories and missing revisions).
 
-The cache layout (huggingface_hub's documented one):
+The cache layout (huggingface_hub's documented one; dataset repositories under datasets--ORG--NAME):
     <cache>/models--ORG--NAME/blobs/<sha256>              file contents
     <cache>/models--ORG--NAME/snapshots/<commit>/<path>   symlinks to ../../blobs/<sha256>
     <cache>/models--ORG--NAME/refs/main                   the commit main points at
+
+The server answers for models (/api/models/ORG/NAME/…, /ORG/NAME/resolve/…) and for dataset
+repositories (/api/datasets/ORG/NAME/…, /datasets/ORG/NAME/resolve/…).
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ def commit_of(files: dict[str, bytes]) -> str:
     return hashlib.sha1(json.dumps(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode()).hexdigest()
 
 
-def lay_out_snapshot(cache: Path, repo: str, files: dict[str, bytes], revision: str = "main") -> Path:
+def lay_out_snapshot(cache: Path, repo: str, files: dict[str, bytes], revision: str = "main",
+                     repo_type: str = "model") -> Path:
     """Write `files` as a cached snapshot of `repo` (refs/<revision> → its commit); returns the snapshot folder."""
-    storage = cache / ("models--" + repo.replace("/", "--"))
+    storage = cache / (f"{repo_type}s--" + repo.replace("/", "--"))
     commit = commit_of(files)
     snapshot = storage / "snapshots" / commit
     for path, data in files.items():
@@ -61,10 +65,11 @@ class HubRepo:
 
 class HubServer:
     """`with HubServer({"org/name": HubRepo(files)}) as hub:` — hub.endpoint for HF_ENDPOINT, hub.requests
-    the (method, path, had a token) of every request it answered."""
+    the (method, path, had a token) of every request it answered. `datasets` are the dataset repositories."""
 
-    def __init__(self, repos: dict[str, HubRepo], token: str | None = None) -> None:
-        self.repos, self.token = repos, token
+    def __init__(self, repos: dict[str, HubRepo], token: str | None = None,
+                 datasets: dict[str, HubRepo] | None = None) -> None:
+        self.repos, self.token, self.datasets = repos, token, datasets or {}
         self.requests: list[tuple[str, str, bool]] = []
         server = self
 
@@ -94,15 +99,18 @@ class HubServer:
         authorised = handler.headers.get("Authorization") == f"Bearer {self.token}" if self.token else False
         self.requests.append((handler.command, path, "Authorization" in handler.headers))
         parts = path.strip("/").split("/")
-        api = parts[:2] == ["api", "models"]
-        repo_name = "/".join(parts[2:4] if api else parts[0:2])
-        repo = self.repos.get(repo_name)
+        api = parts[0] == "api" and parts[1:2] in (["models"], ["datasets"])
+        dataset = (parts[1:2] if api else parts[:1]) == ["datasets"]
+        if api or dataset:  # /api/TYPE/ORG/NAME/… → TYPE/ORG/NAME/…; /datasets/ORG/NAME/resolve/… → ORG/NAME/resolve/…
+            parts = parts[1:]
+        repo_name = "/".join(parts[1:3] if api else parts[0:2])
+        repo = (self.datasets if dataset else self.repos).get(repo_name)
         if repo is None:
             return self._error(handler, 404, "RepoNotFound")
         if repo.gated and not authorised:
             return self._error(handler, 403, "GatedRepo")
-        if api:  # /api/models/ORG/NAME/{revision|tree}/REV
-            kind, revision = parts[4], parts[5]
+        if api:  # /api/{models|datasets}/ORG/NAME[/{revision|tree}/REV] (no revision: the default branch)
+            kind, revision = (parts[3], parts[4]) if len(parts) > 4 else ("revision", "main")
             commit = repo.branches.get(revision, revision if revision == repo.commit else None)
             if commit is None:
                 return self._error(handler, 404, "RevisionNotFound")
@@ -113,7 +121,7 @@ class HubServer:
                 payload = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
                            for name, data in sorted(repo.files.items())]
             return self._send(handler, 200, json.dumps(payload).encode(), {"Content-Type": "application/json"}, body)
-        # /ORG/NAME/resolve/REV/PATH
+        # [/datasets]/ORG/NAME/resolve/REV/PATH
         revision, name = parts[3], "/".join(parts[4:])
         commit = repo.branches.get(revision, revision if revision == repo.commit else None)
         if commit is None:
@@ -139,5 +147,5 @@ class HubServer:
                    {"X-Error-Code": code, "Content-Type": "application/json"}, handler.command == "GET")
 
     def downloaded(self) -> set[str]:
-        """Files fetched with GET from resolve/ URLs."""
-        return {"/".join(p.strip("/").split("/")[4:]) for m, p, _ in self.requests if m == "GET" and "/resolve/" in p}
+        """Files fetched with GET from resolve/ URLs (their paths in the repository)."""
+        return {p.split("/resolve/", 1)[1].split("/", 1)[1] for m, p, _ in self.requests if m == "GET" and "/resolve/" in p}

@@ -299,3 +299,22 @@ def test_nothing_writes_the_torchrun_variables_into_the_environment():
                     and any(n in ast.unparse(node) for n in ("RANK", "WORLD_SIZE"))):
                 offenders.append(f"{path.relative_to(PROJECT)}:{node.lineno}")
     assert not offenders, "os.environ written behind the caller's back: " + ", ".join(offenders)
+
+
+@pytest.mark.process
+def test_the_command_process_freezes_its_imports_and_a_python_caller_is_left_alone(tmp_path):
+    """`python -m sd35dist` moves what the command imported out of the garbage collector's walks
+    (gc.freeze: ~1 s less exit per rank); main() called from Python must not freeze its caller."""
+    import gc
+
+    from sd35dist.cli import main
+
+    before = gc.get_freeze_count()
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert gc.get_freeze_count() == before, "main(argv) froze the calling program's objects"
+    probe = ("import gc, sys\nfrom sd35dist.cli import main\nsys.argv = ['sd35dist', 'report', sys.argv[1]]\n"
+             "code = main()\nprint(code, gc.get_freeze_count())")
+    proc = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "nope")], capture_output=True, text=True,
+                          cwd=PROJECT, timeout=120)
+    code, frozen = proc.stdout.split()[-2:]
+    assert code == "2" and int(frozen) > 10000, proc.stdout + proc.stderr

@@ -1,9 +1,9 @@
 """Round trip: every real SD3 config of SimpleTuner's repository and SD3 guide (and the seed
 tutorial's), kept with their commit in fixtures/simpletuner/ (SOURCES.md), imports with exit 0,
 the recipe it writes validates, and `sd35dist submit --dry-run` renders its jobs with the model's
-Hugging Face id resolved from the cache (no network). ControlNet is refused in one line; a
-config whose only dataset is a Hugging Face dataset imports with that dataset listed, and
-submit asks for a dataset until one is added."""
+Hugging Face id resolved from the cache (no network). ControlNet is refused in one line; the
+example whose dataset is a Hugging Face dataset (RareConcepts/Domokun) imports it as a parquet
+dataset of its train split's files (hf://datasets/…), which the cache job's dry run finds cached."""
 
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ pytestmark = pytest.mark.unit
 
 FIXTURES = Path(__file__).parent / "fixtures" / "simpletuner"
 QUICKSTART = FIXTURES / "roundtrip" / "quickstart-sd3"
+DOMOKUN = "RareConcepts/Domokun"
 # (config, backend or None: the config's own data_backend_config, datasets imported)
 CONFIGS = [
     (FIXTURES / "config.json", FIXTURES / "multidatabackend.json", 1),
     (FIXTURES / "config.env", FIXTURES / "multidatabackend.json", 1),
-    (FIXTURES / "roundtrip" / "sd3-peft-lora" / "config.json", None, 0),
+    (FIXTURES / "roundtrip" / "sd3-peft-lora" / "config.json", None, 1),
     (QUICKSTART / "config.json", QUICKSTART / "multidatabackend.json", 1),
     (QUICKSTART / "config-quantised.json", QUICKSTART / "multidatabackend.json", 1),
     (QUICKSTART / "config-slg.json", QUICKSTART / "multidatabackend.json", 1),
@@ -35,10 +36,13 @@ CONFIGS = [
 
 @pytest.fixture(scope="module")
 def hf_home(tiny_model, tmp_path_factory) -> Path:
-    """The tiny SD3 cached under the ids SimpleTuner's SD3 configs name (large, and medium: its default flavour)."""
+    """The tiny SD3 cached under the ids SimpleTuner's SD3 configs name (large, and medium: its default flavour),
+    and the example's Hugging Face dataset as a one-file train split."""
     home = tmp_path_factory.mktemp("hf")
     for repo in ("stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium"):
         lay_out_snapshot(home / "hub", repo, folder_files(tiny_model))
+    lay_out_snapshot(home / "hub", DOMOKUN, {"data/train-00000-of-00001.parquet": b"PAR1 (not read by a dry run)",
+                                             "README.md": b"# Domokun\n"}, repo_type="dataset")
     return home
 
 
@@ -67,14 +71,14 @@ def test_every_real_sd3_config_imports_validates_and_dry_runs(config, backend, d
     tiny = ["--set", "validation.resolutions=[[512, 512]]"]
     if recipe.validation.skip_layer_guidance is not None:
         tiny += ["--set", "validation.skip_layer_guidance.layers=[0, 1]"]
-    extra = tiny + ([] if datasets else ["--set", f"data.datasets=[{{id: images, source: {tmp_path}}}]"])
-    if not datasets:
-        code, _, err = dry_run(out, hf_home, tmp_path, capsys, *tiny)
-        assert code == 2 and err.count("\n") == 1 and "data.datasets: empty and no cache at" in err, err
+    hub_datasets = [d for d in recipe.data.datasets if d.source.startswith("hf://")]
     for job in ("train", "cache"):
-        code, script, err = dry_run(out, hf_home, tmp_path, capsys, "--job", job, *extra)
+        code, script, err = dry_run(out, hf_home, tmp_path, capsys, "--job", job, *tiny)
         assert code == 0, err
+        # For the cache job, the model's encoders and the Hugging Face dataset's files are found in the cache.
         assert "export HF_HUB_OFFLINE=1" in script and "not in the Hugging Face cache" not in err
+    if hub_datasets:
+        assert [(d.source, d.format) for d in hub_datasets] == [(f"hf://datasets/{DOMOKUN}/data/train-*.parquet", "parquet")]
     assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
 
 

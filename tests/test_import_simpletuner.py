@@ -128,7 +128,9 @@ def test_simpletuners_spellings_and_semantics(capsys, tmp_path):
         "checkpointing_steps": 250, "validation_steps": 50, "resolution": 512, "resolution_type": "pixel_area"},
         [{"id": "a b", "instance_data_dir": "/a", "crop": True, "crop_style": "centre", "caption_strategy": "filename"},
          {"id": "r", "instance_data_dir": "/r", "crop": True, "repeats": 3},
-         {"id": "hf", "type": "huggingface", "dataset_name": "someone/images"},
+         {"id": "hf", "type": "huggingface", "dataset_name": "someone/images", "revision": "v2", "crop": True,
+          "huggingface": {"caption_column": "text", "filter_func": {"min_width": 512}}},
+         {"id": "ws", "type": "webshart", "source": "someone/shards"},
          {"id": "embeds", "dataset_type": "text_embeds", "cache_dir": "cache/text"}])
     train = recipe["train"]
     assert (train["lr_scheduler"], train["lr_end"], train["lr_power"]) == ("polynomial", 4e-7, 0.8)
@@ -137,11 +139,15 @@ def test_simpletuners_spellings_and_semantics(capsys, tmp_path):
     validation = recipe["validation"]
     assert validation["skip_layer_guidance"] == {"layers": [7, 8, 9], "scale": 3.0, "start": 0.01, "stop": 0.2}
     assert validation["prompts"] == ["x"] and validation["every_n_steps"] == 50
-    first, second = recipe["data"]["datasets"]
+    first, second, hub = recipe["data"]["datasets"]
     assert (first["id"], first["crop_style"], second["crop_style"], second["repeats"]) == ("a-b", "center", "random", 4)
+    assert hub == {"id": "hf", "source": "hf://datasets/someone/images@v2/data/train-*.parquet", "format": "parquet",
+                   "image_column": "image", "caption_column": "text", "caption_strategy": "textfile", "repeats": 1,
+                   "crop": True, "crop_style": "random"}, "its train split's parquet files, SimpleTuner's column defaults"
     assert recipe["data"]["buckets"] == [[512, 512]], "crop with crop_aspect square (its default): one square bucket"
-    assert any("type huggingface cannot be read here yet: a Hugging Face dataset (someone/images)" in line
+    assert any("(hf).huggingface.filter_func" in line and "every row of the split is used here" in line
                for line in stdout.splitlines())
+    assert any("type webshart cannot be read here yet" in line for line in stdout.splitlines())
     constant, _ = imported(tmp_path, capsys, {**SD3, "lr_scheduler": "constant", "lr_warmup_steps": 100})
     assert (constant["train"]["lr_scheduler"], constant["train"]["lr_warmup_steps"]) == ("constant", 100), \
         "SimpleTuner's constant with warmup warms up"

@@ -139,24 +139,27 @@ def test_the_cluster_tracks_processes_by_cgroup(slurm_env):
     assert re.search(r"ProctrackType\s*=\s*proctrack/cgroup", config), "orphans must not be able to finish a save"
 
 
-@pytest.mark.parametrize("how", ["scancel", "sd35dist cancel"])
-def test_cancel_ends_a_training_job_for_good(slurm_env, cache, tmp_path, how):
-    job_id, run_dir, out = submit_training(tmp_path, cache, slurm_env, "cancel")
-    wait_for(lambda: metric_steps(run_dir) >= 6, 180, "training to pass step 6")
-    if how == "scancel":
-        subprocess.run(["scancel", job_id], check=True, env=slurm_env)
-    else:
-        assert "cancelled" in sd35dist("cancel", job_id, env=slurm_env).stdout
-    state = final_state(job_id, slurm_env)
-    assert state.startswith("CANCELLED"), state
+def test_cancel_ends_a_training_job_for_good(slurm_env, cache, tmp_path):
+    """`scancel` and `sd35dist cancel`, each on its own training job (both running at once on n1+n2):
+    each ends CANCELLED, is not requeued, keeps a complete checkpoint, and leaves no process."""
+    jobs = {how: submit_training(tmp_path, cache, slurm_env, name) for how, name in
+            (("scancel", "cancel-scancel"), ("sd35dist cancel", "cancel-sd35dist"))}
+    for job_id, run_dir, _ in jobs.values():
+        wait_for(lambda run_dir=run_dir: metric_steps(run_dir) >= 6, 180, f"job {job_id} to pass step 6")
+    subprocess.run(["scancel", jobs["scancel"][0]], check=True, env=slurm_env)
+    assert "cancelled" in sd35dist("cancel", jobs["sd35dist cancel"][0], env=slurm_env).stdout
+    for job_id, _, _ in jobs.values():
+        state = final_state(job_id, slurm_env)
+        assert state.startswith("CANCELLED"), (job_id, state)
     time.sleep(8)  # longer than the cluster's requeue delay: a requeued job would be back by now
-    assert sacct_states(job_id, slurm_env)[-1].startswith("CANCELLED"), "a cancelled job must not come back"
-    text = logs(run_dir, job_id)
-    assert "cancelled" in text, text[-3000:]
-    assert "SLURM_RESTART_COUNT=1" not in text and "requeue" not in text.lower(), text[-3000:]
-    latest = CheckpointDir(out).latest()
-    assert latest is not None and (latest / "COMPLETE").exists()
-    assert_nothing_left(run_dir)
+    for how, (job_id, run_dir, out) in jobs.items():
+        assert sacct_states(job_id, slurm_env)[-1].startswith("CANCELLED"), f"{how}: a cancelled job must not come back"
+        text = logs(run_dir, job_id)
+        assert "cancelled" in text, (how, text[-3000:])
+        assert "SLURM_RESTART_COUNT=1" not in text and "requeue" not in text.lower(), (how, text[-3000:])
+        latest = CheckpointDir(out).latest()
+        assert latest is not None and (latest / "COMPLETE").exists(), how
+        assert_nothing_left(run_dir)
 
 
 def test_time_limit_warning_saves_requeues_and_the_job_finishes(slurm_env, cache, tmp_path):

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from sd35dist.config.activation_policy import parse_policy
 from sd35dist.config.credentials import first_credential, looks_secret  # noqa: F401 (preflight redacts with it)
+from sd35dist.config.hf_datasets import is_hf_dataset_url, parse_hf_dataset_url
 from sd35dist.config.hub_ids import hub_id_of
 from sd35dist.config.loading import StrictModel, YamlTuple, dump_yaml, load_model
 from sd35dist.config.validation_section import ValidationSection
@@ -45,8 +46,11 @@ class DatasetSection(StrictModel):
     source: str
     """Where the dataset is, a local path or any fsspec URL (s3://bucket/images): folder: a directory of images;
     webdataset: tar shards (a brace pattern shards-{00000..00099}.tar, a glob, a directory of .tar or one file);
-    parquet: .parquet files (a directory, a glob, a brace pattern or one file)."""
-    format: DatasetFormat = "folder"
+    parquet: .parquet files (a directory, a glob, a brace pattern or one file), or a Hugging Face dataset's
+    parquet files as `hf://datasets/ORG/NAME[@REVISION][/PATH-GLOB]` (the URL form of huggingface_hub's
+    HfFileSystem; no path: every .parquet file), which `sd35dist submit` downloads once into the profile's
+    hf_home (only the matching files) and hands to the ranks as that local snapshot."""
+    format: DatasetFormat = Field("folder", validate_default=True)
     """folder: images with NAME.txt captions; webdataset: tar shards of samples (image + .txt, .json allowed);
     parquet: rows with an image column (bytes or a path) and a caption column."""
     image_column: str = "image"
@@ -88,6 +92,21 @@ class DatasetSection(StrictModel):
     """Images whose center crop would cut away more than this share of their area are rejected."""
     alpha_background: Annotated[tuple[int, int, int], YamlTuple] = (255, 255, 255)
     """Colour transparent pixels are composited on: [r, g, b] (0–255), "#rrggbb" or a CSS name such as white."""
+
+    @pydantic.field_validator("source")
+    @classmethod
+    def _hub_dataset(cls, value: str) -> str:
+        if is_hf_dataset_url(value):
+            parse_hf_dataset_url(value)  # its ValueError says what is wrong
+        return value
+
+    @pydantic.field_validator("format")
+    @classmethod
+    def _hub_dataset_is_parquet(cls, value: str, info: pydantic.ValidationInfo) -> str:
+        if value != "parquet" and is_hf_dataset_url(info.data.get("source", "")):
+            raise ValueError(f"{value}: a Hugging Face dataset (hf://datasets/…) is read as its parquet files: "
+                             "set format: parquet")
+        return value
 
     @pydantic.field_validator("alpha_background", mode="before")
     @classmethod

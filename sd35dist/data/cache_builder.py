@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -231,12 +229,14 @@ def build_rank(
     world_size: int,
     gather: Gather = lambda value: [value],
     on_images: Callable[[int], None] = lambda n: None,
+    node: str = "",
 ) -> list[InputShard]:
-    """Build (or finish building) this rank's input shards; returns every rank's (what finish_cache reads)."""
+    """Build (or finish building) this rank's input shards; returns every rank's (what finish_cache reads).
+    `node` (the World's) goes into each journal it completes, with `rank`."""
     data = recipe.data
     listing = lambda dataset: list_images(dataset, data.storage_options)  # noqa: E731
     shards = list_input_shards(data, rank, world_size, gather, listing)
-    built_by = {"rank": rank, "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname()}
+    built_by = {"rank": rank, "node": node}
     for shard in assign(shards, rank, world_size):
         build_input_shard(shard, recipe, store, encoders, shape, on_images, built_by)
     return shards

@@ -217,13 +217,14 @@ def render_yaml(out: Conversion, header: str) -> str:
         match = re.match(r"^( *)(- )?([^\s:#][^:]*):(?: |$)", line)
         if match:
             indent = len(match.group(1))
-            while stack and stack[-1][0] >= indent + (2 if match.group(2) else 0):
+            # A list item's index sits between its list's key and its own keys (PyYAML indents items like the key).
+            while stack and stack[-1][0] >= indent + (1 if match.group(2) else 0):
                 stack.pop()
             if match.group(2):  # a new list item: its index joins the path
                 parent = tuple(key for _, key in stack)
                 index = counters.get(parent, 0)
                 counters[parent] = index + 1
-                stack.append((indent, str(index)))
+                stack.append((indent + 1, str(index)))
                 indent += 2
             stack.append((indent, match.group(3)))
             for comment in out.comments.get(tuple(key for _, key in stack), []):

@@ -3,9 +3,9 @@ entry leaves out (crop false, crop_style random, repeats 0, the config's caption
 instance_prompt and minimum_image_size), and its bucket geometry (`resolution`,
 `resolution_type`) turned into the recipe's bucket list.
 
-A parquet caption table and a CSV list of URLs become parquet datasets (simpletuner_formats.py);
-a dataset of a kind sd35dist cannot read yet (a Hugging Face dataset, webshart …) is listed with
-why and left out; the importer says so when none is left.
+A parquet caption table, a CSV list of URLs and a Hugging Face dataset (its split's parquet files,
+hf://datasets/…) become parquet datasets (simpletuner_formats.py); a dataset of a kind sd35dist
+cannot read yet (webshart …) is listed with why and left out; the importer says so when none is left.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ CAPTION_STRATEGIES = {"textfile": "textfile", "filename": "filename", "instancep
                       "instance_prompt": "instance_prompt", "parquet": "textfile", "csv": "textfile"}
 """SimpleTuner's caption strategies this recipe reads (its data code spells instanceprompt, its UI instance_prompt)."""
 CROP_STYLES = {"center": "center", "centre": "center", "random": "random", "corner": "corner", "face": "random"}
-READABLE_TYPES = ("local", "aws", "csv")
+READABLE_TYPES = ("local", "aws", "csv", "huggingface")
+HF_CAPTION_STRATEGIES = ("huggingface", "instanceprompt")
+"""What SimpleTuner accepts for a huggingface dataset (it refuses the others); huggingface is its default there."""
 
 
 # A password in a URL even where the secret holds "/" (unencoded, as AWS secrets often are), and AWS key ids.
@@ -167,15 +169,19 @@ def _dataset(entry: dict[str, Any], out: DatasetOutcome, label: str, index: int,
     backend_type = str(entry.get("type", "local"))
     if backend_type not in READABLE_TYPES:
         name = entry.get("dataset_name") or entry.get("csv_file") or entry.get("source") or ""
-        hint = {"huggingface": f"a Hugging Face dataset ({name}): download its images and captions into a folder "
-                               "(or S3) and name it as the source",
-                "csv": f"a CSV list of image URLs ({name}): download the images into a folder (or S3) first"
+        hint = {"csv": f"a CSV list of image URLs ({name}): download the images into a folder (or S3) first"
                 }.get(backend_type, "put the images in a folder or S3 bucket")
         out.skipped.append((label, backend_type, f"type {backend_type} cannot be read here yet: {hint}"))
         return None
     only = parse_value("bool", entry.get("only_instance_prompt", defaults.only_instance_prompt))
-    raw_strategy = "instanceprompt" if only else str(entry.get("caption_strategy") or defaults.caption_strategy)
-    strategy = CAPTION_STRATEGIES.get(raw_strategy)
+    hub = backend_type == "huggingface"
+    # A huggingface dataset's strategy comes from its own entry (default huggingface), never the config's.
+    raw_strategy = "instanceprompt" if only else str(entry.get("caption_strategy") or
+                                                     ("huggingface" if hub else defaults.caption_strategy))
+    if hub and raw_strategy not in HF_CAPTION_STRATEGIES:
+        raise ConfigError(where, "caption_strategy", f"{raw_strategy}: SimpleTuner reads a huggingface dataset's "
+                                                     "captions with huggingface (its caption column) or instanceprompt")
+    strategy = "textfile" if hub and raw_strategy == "huggingface" else CAPTION_STRATEGIES.get(raw_strategy)
     if strategy is None:
         out.skipped.append((label, raw_strategy, f"caption_strategy {raw_strategy} is not read here "
                                                  "(textfile, filename, instanceprompt)"))
@@ -185,8 +191,8 @@ def _dataset(entry: dict[str, Any], out: DatasetOutcome, label: str, index: int,
         out.skipped.append((label, "probability 0", "SimpleTuner never draws a dataset of probability 0: it is left out"))
         return None
     bucket_root = ""
-    if backend_type == "csv":
-        source = ""  # the parquet file written from the list
+    if backend_type in ("csv", "huggingface"):
+        source = ""  # csv: the parquet file written from the list; huggingface: its hf:// URL
     elif backend_type == "local":
         source = str(entry.get("instance_data_dir") or "")
         if not source:
@@ -208,10 +214,14 @@ def _dataset(entry: dict[str, Any], out: DatasetOutcome, label: str, index: int,
             format_keys, format_notes = formats.csv_keys(entry, f"{dataset_id}.parquet")  # main() names the file
             out.csv_lists[index] = (str(entry["csv_file"]), format_keys["image_column"], format_keys["caption_column"],
                                     where)
+        elif hub:
+            format_keys, format_notes, hub_skipped = formats.huggingface_keys(entry, strategy == "textfile", where)
+            out.skipped.extend((f"{label}.{key}", value, why) for key, value, why in hub_skipped)
         elif raw_strategy == "parquet" or entry.get("metadata_backend") == "parquet":
             format_keys, format_notes = formats.parquet_keys(entry, source, bucket_root)
     except formats.NotExpressible as err:
-        out.skipped.append((label, backend_type if backend_type == "csv" else "parquet captions", str(err)))
+        out.skipped.append((label, backend_type if backend_type in ("csv", "huggingface") else "parquet captions",
+                            str(err)))
         return None
     if format_keys:
         source = format_keys.pop("source")
@@ -229,6 +239,9 @@ def _dataset(entry: dict[str, Any], out: DatasetOutcome, label: str, index: int,
     elif strategy == "filename":
         note(path + ("caption_strategy",), []).append(
             "SimpleTuner turns _ into spaces; here - and a trailing copy counter (2) go too")
+    elif hub:
+        note(path + ("caption_strategy",), []).append(
+            f"SimpleTuner's caption_strategy huggingface: the caption column {format_keys.get('caption_column')}")
     elif strategy == "textfile":
         note(path + ("caption_strategy",), []).append(
             "a multi-line .txt: SimpleTuner samples one line per step; here the first non-empty line is the caption")

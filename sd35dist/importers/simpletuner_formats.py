@@ -113,3 +113,79 @@ def csv_parquet(csv_file: str, url_column: str, caption_column: str, where: str)
     buffer = io.BytesIO()
     pq.write_table(table.select([url_column, caption_column]), buffer, row_group_size=CSV_ROWS_PER_GROUP)
     return buffer.getvalue()
+
+
+# ---- type: huggingface (SimpleTuner's Hugging Face datasets backend) ----------------------------
+
+HF_SPLIT = "train"
+HF_IMAGE_COLUMN = "image"
+HF_CAPTION_COLUMN = "caption"
+"""SimpleTuner's defaults: split and image_column (entry, else its huggingface block), caption_column (the block)."""
+HF_BLOCK_MAPPED = ("dataset_name", "split", "revision", "image_column", "caption_column", "width_column", "height_column")
+_HF_LOADING = "submit downloads the split's parquet files once and the cache reads them by row group (no datasets library)"
+_HF_MEDIA = "a video, audio or box setting: sd35dist trains on images"
+HF_BLOCK_NOT_APPLIED: dict[str, str] = {
+    "cache_dir": "the dataset's files go to the profile's hf_home (the Hugging Face cache) here",
+    "streaming": _HF_LOADING, "num_proc": _HF_LOADING, "auto_load": _HF_LOADING,
+    "filter_func": "every row of the split is used here: filter the parquet files first",
+    "quality_column": "every row of the split is used here (SimpleTuner reads it only to filter)",
+    "fallback_caption_column": "a row with an empty caption is rejected here (listed in the cache's report.json)",
+    "description_column": "a row with an empty caption is rejected here (SimpleTuner falls back to this column)",
+    "composite_image_config": "composite (grid) images are not split here",
+    "file_extension": "rows are named by their position here", "video_column": _HF_MEDIA,
+    "num_frames_column": _HF_MEDIA, "fps_column": _HF_MEDIA, "lyrics_column": _HF_MEDIA,
+    "audio_caption_fields": _HF_MEDIA, "bbox_column": _HF_MEDIA,
+}
+"""Keys of an entry's `huggingface` block (SimpleTuner's hf_config) that have no place here, and why."""
+_SPLIT = r"(?P<name>[A-Za-z0-9_.-]+)(?P<slice>\[[^\]]*\])?"
+
+
+def huggingface_keys(entry: dict[str, Any], textfile: bool, where: str) -> tuple[dict[str, Any], list[str],
+                                                                                list[tuple[str, Any, str]]]:
+    """format: parquet keys for SimpleTuner's `type: huggingface` image dataset: an hf:// source selecting
+    its split's parquet files, SimpleTuner's columns; the notes for the YAML, and (key, value, why) of
+    what is not applied. `textfile`: captions come from the caption column (caption_strategy huggingface)."""
+    import re
+
+    block = entry.get("huggingface") or {}
+    if not isinstance(block, dict):
+        raise ConfigError(where, "huggingface", "must be a block of keys (SimpleTuner's hf_config)")
+    unknown = sorted(set(block) - set(HF_BLOCK_MAPPED) - set(HF_BLOCK_NOT_APPLIED))
+    if unknown:
+        raise ConfigError(where, f"huggingface.{unknown[0]}", f"not a key of SimpleTuner's huggingface block: "
+                                                              f"{', '.join(unknown)} (a typo?)")
+    name = str(entry.get("dataset_name", block.get("dataset_name")) or "")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]", name):
+        raise NotExpressible(f"dataset_name {name!r} is not a Hugging Face id ORG/NAME"
+                             if name else "a Hugging Face dataset needs dataset_name (SimpleTuner requires it)")
+    split = str(entry.get("split", block.get("split", HF_SPLIT)))
+    parsed = re.fullmatch(_SPLIT, split)
+    if parsed is None:
+        raise NotExpressible(f"split {split!r}: one split's files are read here: name it (train, train[:100]), not a combination")
+    revision = entry.get("revision", block.get("revision"))
+    pattern = f"data/{parsed['name']}-*.parquet"
+    from urllib.parse import quote
+
+    at = f"@{quote(str(revision), safe='')}" if revision not in (None, "") else ""
+    keys: dict[str, Any] = {"format": "parquet", "source": f"hf://datasets/{name}{at}/{pattern}",
+                            "image_column": str(entry.get("image_column", block.get("image_column", HF_IMAGE_COLUMN)))}
+    skipped: list[tuple[str, Any, str]] = []
+    caption = block.get("caption_column", HF_CAPTION_COLUMN)
+    if isinstance(caption, list):
+        skipped.append(("huggingface.caption_column", caption, f"one caption column is read here: {caption[0]} "
+                                                               "(SimpleTuner draws among the columns' captions)"))
+        caption = caption[0] if caption else HF_CAPTION_COLUMN
+    if textfile:
+        keys["caption_column"] = str(caption)
+    if block.get("width_column") and block.get("height_column"):
+        keys.update(width_column=str(block["width_column"]), height_column=str(block["height_column"]))
+    if parsed["slice"]:
+        skipped.append(("split", split, f"every row of split {parsed['name']} is read here (no slice)"))
+    for key in sorted(set(block) & set(HF_BLOCK_NOT_APPLIED)):
+        if block[key] not in (None, "", False, {}, []):
+            skipped.append((f"huggingface.{key}", block[key], HF_BLOCK_NOT_APPLIED[key]))
+    notes = [f"SimpleTuner's Hugging Face dataset {name} (split {parsed['name']}{', revision ' + str(revision) if at else ''}): "
+             f"its parquet files as datasets' push_to_hub lays them out ({pattern}), downloaded once by `sd35dist submit` "
+             f"into the profile's hf_home; a dataset kept as image files has its parquet conversion at "
+             f"hf://datasets/{name}@refs/convert/parquet/default/{parsed['name']}/*.parquet: name that as the source"]
+    return keys, notes, skipped

@@ -215,7 +215,8 @@ NOT_APPLIED: dict[str, str] = {
 
 DATASET_MAPPED: dict[str, str] = {
     "id": "`id` (sanitised to [A-Za-z0-9._-])",
-    "type": "`source`: local → the folder; aws → s3://bucket/prefix (others are listed with why)",
+    "type": "`source`: local → the folder; aws → s3://bucket/prefix; huggingface → hf://datasets/… (format parquet); "
+            "others are listed with why",
     "instance_data_dir": "`source` (local)",
     "aws_bucket_name": "`source` s3://bucket/…", "aws_data_prefix": "`source` s3://…/prefix",
     "aws_endpoint_url": "`data.storage_options.endpoint_url`",
@@ -237,18 +238,26 @@ DATASET_MAPPED: dict[str, str] = {
     "csv_file": "a CSV URL list: `format: parquet`, from the list written as parquet beside the recipe",
     "csv_caption_column": "`caption_column` of the parquet written from the CSV list",
     "csv_url_column": "`image_column` of the parquet written from the CSV list (default url)",
+    "dataset_name": "huggingface: `source` hf://datasets/NAME[@revision]/data/SPLIT-*.parquet (format parquet)",
+    "split": "huggingface: the split whose parquet files are read (default train; a slice is listed)",
+    "revision": "huggingface: the @revision of the hf:// source", "image_column": "huggingface: `image_column` (default image)",
+    "huggingface": "its caption_column (default caption), width_column, height_column; the rest is listed with why",
     "default": "marks SimpleTuner's default text-embed cache",
     "cache_dir": "SimpleTuner's text-embedding cache (not reused)", "cache_dir_vae": "SimpleTuner's VAE cache (not reused)",
 }
 """Dataset keys the importer reads (and what they become)."""
 
-DATASET_SOURCE_REASON = "a source sd35dist cannot read yet (local folders, S3, parquet tables and CSV lists only)"
+DATASET_SOURCE_REASON = ("a source sd35dist cannot read yet (local folders, S3, parquet tables, CSV lists and "
+                         "Hugging Face datasets only)")
 _DATASET_GROUPS: dict[str, str] = {
     DATASET_SOURCE_REASON: """
-        dataset_name split revision image_column video_column huggingface auto_load streaming num_proc subfolder
-        composite_image_column split_composite_images webshart source metadata hf_token webshart_optimize_captions
+        subfolder webshart source metadata hf_token webshart_optimize_captions
         webshart_optimise_captions buffer_size max_file_size parallel_downloads shard_cache_gb aws
     """,
+    "submit downloads a Hugging Face dataset's parquet files once; the cache reads them by row group": """
+        auto_load streaming num_proc
+    """,
+    "composite (grid) images are not split here": "composite_image_column split_composite_images",
     "a CSV list's images are read from their URLs by `sd35dist cache`; nothing is downloaded ahead": """
         csv csv_cache_dir csv_hash_filenames csv_shorten_filenames
     """,
@@ -279,7 +288,7 @@ _DATASET_GROUPS: dict[str, str] = {
         is_regularisation_data is_regularization_data slider_strength disable_validation shuffle
     """,
     "an audio or video setting: sd35dist trains on images": """
-        video audio audio_column
+        video audio audio_column video_column
     """,
     "distillation data are not trained from here": "distillation_cache distillation_type",
     "marks a dataset SimpleTuner generated itself": "auto_generated",
@@ -293,5 +302,7 @@ DATASET_NOT_APPLIED_DEFAULTS: dict[str, tuple] = {
     "compress_cache": (True, False), "write_batch_size": (), "prepend_instance_prompt": (False,),
     "is_regularisation_data": (False,), "is_regularization_data": (False,), "ignore_epochs": (False,),
     "disable_validation": (False,), "vae_cache_ondemand": (False,), "vae_cache_disable": (False,),
+    "streaming": (False,), "auto_load": (False,), "split_composite_images": (False,), "video_column": ("video",),
+    "composite_image_column": ("image",),
 }
 """Dataset keys whose listed values change nothing (noted in the YAML's list, not on the terminal)."""

@@ -85,7 +85,8 @@ def build(recipe: Recipe, world: World) -> int:
     # Closed on the way out of a failure too: an error line must not continue the bar's line.
     with tqdm(desc="caching", unit="img", disable=not world.is_main, dynamic_ncols=True) as bar:
         shards = build_rank(recipe, store, encoders, _sample_shape(encoders), world.rank, world.world_size,
-                            gather=_all_gather(world), on_images=lambda n: bar.update(n * world.world_size))
+                            gather=_all_gather(world), on_images=lambda n: bar.update(n * world.world_size),
+                            node=world.node)
     dist.barrier()  # every input shard's journal is complete and stored
     if world.is_main:
         empty = write_empty_prompt(store, encoders, recipe.data.cache_dtype)

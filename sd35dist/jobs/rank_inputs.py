@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sd35dist.config.hf_datasets import is_hf_dataset_url
 from sd35dist.config.hub_ids import hub_id_of
 from sd35dist.config.input_checks import check_recipe_inputs
 from sd35dist.config.loading import ConfigError
@@ -61,6 +62,11 @@ def check_dataset_sources(data: DataSection, source: str) -> None:
     from sd35dist.data.input_shards import DatasetInputError, expand_source
 
     for index, dataset in enumerate(data.datasets):
+        if is_hf_dataset_url(dataset.source):
+            raise ConfigError(source, f"data.datasets[{index}].source",
+                              f"{dataset.source} is a Hugging Face dataset: ranks run offline on a local snapshot; "
+                              "start the job with `sd35dist submit`, which downloads its files once, or name local "
+                              "parquet files")
         if dataset.format == "folder":
             if not _is_directory(dataset.source, data.storage_options):
                 raise ConfigError(source, f"data.datasets[{index}].source",

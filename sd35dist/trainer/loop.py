@@ -41,7 +41,7 @@ from sd35dist.trainer.flow_matching import (
 from sd35dist.trainer.lr_schedule import learning_rate_at
 from sd35dist.trainer.metrics import MetricsLog
 from sd35dist.trainer.preemption import PreemptionWatch, StopKind, save_fits
-from sd35dist.validation.during_training import TrainingValidation, write_run_report
+from sd35dist.validation.during_training import RunReport, TrainingValidation
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -217,7 +217,7 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
     batches = iter(trainer.stream)
     peak = peak_bf16_flops(torch.cuda.get_device_name(trainer.device)) if trainer.device.type == "cuda" else None
     stop = StopKind.NONE
-    saved = False
+    report = RunReport(run_dir, metrics, world.is_main)
     reported_epochs = 0
     try:
         while trainer.step < trainer.last_step:
@@ -244,13 +244,12 @@ def run(recipe: Recipe, world: World, run_dir: Path, recipe_source: str = RECIPE
                 if budget is not None and budget.measured(checkpoints.last_save_s, seconds, trainer.step):
                     for line in budget.warnings(step_s=seconds):
                         metrics.note(f"warning: {line}")
-            if validation is not None and validation.due(trainer.step, trainer.last_step):
+            validated = validation is not None and validation.due(trainer.step, trainer.last_step)
+            if validated:
                 validation.run_round(trainer.step, metrics)
-            if saved and world.is_main:  # after the round, so the report shows its grid
-                write_run_report(run_dir, metrics)
+            report.after_step(saved=bool(saved), validated=validated)  # after the round: it shows the grid
         checkpoints.finish_save()
-        if world.is_main and not saved:  # a final checkpoint has just written it
-            write_run_report(run_dir, metrics)
+        report.finish()
         if trainer.step < trainer.total_steps:
             metrics.note(f"stopped at step {trainer.step} (train.stop_at_step), saved; the schedule runs to step "
                          f"{trainer.total_steps}: submit again and `resume: latest` continues")

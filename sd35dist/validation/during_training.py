@@ -153,6 +153,44 @@ class TrainingValidation:
         return save_round(step_dir(self.run_dir, step), images, self.pairs, self.embeddings.prompts, self.weights, title)
 
 
+REPORT_MIN_INTERVAL_S = 60.0
+"""A checkpoint rewrites report.html at most this often (a validation round and the run's end always do)."""
+
+
+def report_due(*, saved: bool, validated: bool, since_last_s: float | None,
+               min_interval_s: float = REPORT_MIN_INTERVAL_S) -> bool:
+    """Whether rank 0 rewrites the report after this step. Drawing it takes ~0.5–3 s of rank 0 that
+    the other ranks wait for, so frequent checkpoints (short test runs, small models) do not each
+    redraw it; a new validation grid is always shown."""
+    if validated:
+        return True
+    return saved and (since_last_s is None or since_last_s >= min_interval_s)
+
+
+class RunReport:
+    """Rank 0's report.html over a run: rewritten when `report_due` says, and at the end if stale."""
+
+    def __init__(self, run_dir: Path, metrics: Any, is_main: bool, clock=time.monotonic) -> None:
+        self.run_dir, self.metrics, self.is_main, self.clock = run_dir, metrics, is_main, clock
+        self.written_at: float | None = None
+        self.stale = True
+
+    def after_step(self, *, saved: bool, validated: bool) -> None:
+        self.stale = True
+        since = None if self.written_at is None else self.clock() - self.written_at
+        if report_due(saved=saved, validated=validated, since_last_s=since):
+            self.write()
+
+    def finish(self) -> None:
+        if self.stale:
+            self.write()
+
+    def write(self) -> None:
+        if self.is_main:
+            write_run_report(self.run_dir, self.metrics)
+        self.written_at, self.stale = self.clock(), False
+
+
 def write_run_report(run_dir: Path, metrics: Any) -> bool:
     """Rank 0: rewrite report.html; a failure is a warning line, never the end of a long run."""
     from sd35dist.validation.report import write_report
