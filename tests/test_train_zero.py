@@ -52,11 +52,12 @@ def zero_recipe(path: Path, cache: tuple[Path, Path], output: Path, strategy: st
     return path
 
 
-# Every case resumes in a fresh `sd35dist train` (a resume inside the driver's process group is not bit-exact
-# for ZeRO-2 fp32 and the offload cases: ~1e-7 apart; in a fresh process it is): from a stop at step 3 with
-# `resume: latest` once per ZeRO stage (bf16 on ZeRO-2; on ZeRO-3 the case whose restore does the most: CPU
-# Adam's state, offloaded weights), the others as a branch from step 2 of their straight run.
-CLI_RESUME = ("zero2-bf16", "zero3-offload")
+# Every case resumes in a fresh `sd35dist train`, as a user resumes (inside the driver, before it reset
+# torch.nn.functional.linear between runs, resumes came out ~1e-7 apart): from a stop at step 3 with
+# `resume: latest` for bf16 on ZeRO-2 and both offload cases (which resume at step 4 as before: a branch
+# from step 2 under DeepSpeed's CPU Adam came out ~1e-7 apart from step 4 on, not investigated), the others
+# as a branch from step 2 of their straight run.
+CLI_RESUME = ("zero2-bf16", "zero2-offload", "zero3-offload")
 BRANCH_STEP = 2
 
 
