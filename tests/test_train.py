@@ -1,4 +1,11 @@
-"""`sd35dist train` on the tiny SD3 with 2 CPU ranks (gloo): exact resume, rotation, resharding."""
+"""`sd35dist train` on the tiny SD3 with 2 CPU ranks (gloo): exact resume, rotation, resharding.
+
+Each torchrun launch costs ~15 s of CPU (imports, set-up, teardown) against ~4 s of training, so one run
+serves several tests: the module's straight run is the reference the others compare with, and it also
+writes its checkpoints in the background and renders validation rounds (proved to change nothing by the
+crash/resume chain, which runs the same recipe without either); the branch test resumes the straight
+run's checkpoints on 2, then 1, then 2 ranks.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +13,115 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from sd35dist.checkpoint.export import checkpoint_state
 from sd35dist.checkpoint.layout import CheckpointDir, read_info
+from sd35dist.checkpoint.manager import resume_checkpoint
 from sd35dist.checkpoint.weights import read_weights
+from sd35dist.cli import main as sd35dist_main
+from sd35dist.config.loading import ConfigError
+from sd35dist.jobs.rank_inputs import load_rank_recipe
 from tests.cli_runs import PROJECT, venv_env
 from tests.train_runs import RunsCode, export, learning_rates, losses, train, train_recipe, train_refused
 
 pytestmark = pytest.mark.dist
 
 
+FP32 = {"checkpointing_steps": 2, "lr_scheduler": "cosine"}
+"""The fp32 recipe of this module's reference run and of the runs compared with it: 6 steps, EMA on,
+a checkpoint every 2 steps (the newest two kept: 4, 6), a learning rate that changes every step."""
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, cache) -> tuple[Path, dict[int, float]]:
+    """The module's uninterrupted reference run (2 ranks, fp32): root/out, root/run and its per-step losses.
+    It writes its checkpoints in the background (train.async_checkpointing) and renders validation rounds
+    (3 (prompt, seed) pairs on 2 ranks, model and EMA side by side); the `chain` below runs the same
+    recipe with both off, so comparing the two proves that neither changes training."""
+    from tests.validation_check import cache_validation_prompts, with_validation
+
     root = tmp_path_factory.mktemp("straight")
-    train(train_recipe(root / "r.yaml", cache, root / "out", checkpointing_steps=2), root / "run")
+    recipe = train_recipe(root / "r.yaml", cache, root / "out", **FP32, async_checkpointing=True)
+    cache_validation_prompts(recipe)
+    train(with_validation(recipe, weights="both"), root / "run")
     return root, losses(root / "run")
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The straight recipe without validation, checkpoints written synchronously after every step (the newest
+    three kept), as two submissions: one rank of the first (root/run1) is killed (SIGKILL) while the checkpoint
+    of step 3 or later is being written (`killed`, its .partial directory); `resume: latest` continues
+    the same output dir (root/out) from `latest_after_kill` to step 6 (root/run2, its output in `resumed_output`)."""
+
+    root: Path
+    killed: Path
+    latest_after_kill: Path | None
+    latest_was_complete: bool
+    first_exit: int
+    resumed_output: str
+
+
+def kill_a_rank_while_a_checkpoint_is_written(recipe: Path, out: Path, run_dir: Path) -> tuple[Path, int]:
+    """Start 2 ranks on `recipe` and kill -9 one of them while the checkpoint of step 3 or later is being
+    written; returns that checkpoint's .partial directory and torchrun's exit status. A kill that lands after
+    the checkpoint was published is tried again from scratch (at most 3 times)."""
+    import os
+    import signal
+    import time
+
+    from launcher.local_process import descendants
+
+    for _attempt in range(3):
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        killed_at = None
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+             "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
+            cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            partial = sorted((out / "checkpoints").glob("step-*.partial")) if (out / "checkpoints").is_dir() else []
+            if partial and int(partial[-1].name[5:13]) >= 3:
+                workers = [p for p in descendants(proc.pid)
+                           if b"sd35dist" in Path(f"/proc/{p}/cmdline").read_bytes() and p != proc.pid]
+                os.kill(workers[-1], signal.SIGKILL)
+                killed_at = partial[-1]
+                break
+            time.sleep(0.002)
+        proc.wait(timeout=120)
+        if killed_at is not None and killed_at.exists():
+            return killed_at, proc.returncode  # the kill landed while that checkpoint was being written
+    raise AssertionError("could not kill a rank while a checkpoint was being written")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, cache) -> Chain:
+    root = tmp_path_factory.mktemp("chain")
+    recipe = train_recipe(root / "r.yaml", cache, root / "out", **{**FP32, "checkpointing_steps": 1},
+                          checkpoints_total_limit=3)
+    killed, first_exit = kill_a_rank_while_a_checkpoint_is_written(recipe, root / "out", root / "run1")
+    latest = CheckpointDir(root / "out").latest()
+    latest_was_complete = latest is not None and (latest / "COMPLETE").is_file()
+    resumed = train(recipe, root / "run2")
+    return Chain(root, killed, latest, latest_was_complete, first_exit, resumed.stdout + resumed.stderr)
+
+
+def chain_losses(chain: Chain) -> dict[int, float]:
+    return {**losses(chain.root / "run1"), **losses(chain.root / "run2")}
+
+
+def assert_same_weights_and_ema(checkpoint: Path, reference: Path) -> None:
+    for use_ema in (False, True):
+        got, expected = checkpoint_state(checkpoint, use_ema), checkpoint_state(reference, use_ema)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in got), f"final weights equal (EMA: {use_ema})"
 
 
 def test_straight_run_trains_and_rotates_checkpoints(straight):
@@ -37,43 +135,61 @@ def test_straight_run_trains_and_rotates_checkpoints(straight):
     assert {"step_seconds", "data_wait_fraction", "images_per_second"} <= set(metrics[0])
 
 
-@pytest.fixture(scope="module")
-def stopped(tmp_path_factory, cache) -> Path:
-    """A 2-rank run of the straight recipe that train.stop_at_step ends at step 3, off the checkpoint
-    interval (it saves there): root/out (copy it to continue), root/run1 and its output in root/run1.log.
-    Both resume tests start from it."""
-    root = tmp_path_factory.mktemp("stopped")
-    first = train(train_recipe(root / "first.yaml", cache, root / "out", stop_at_step=3, checkpointing_steps=4),
-                  root / "run1")
-    (root / "run1.log").write_text(first.stdout + first.stderr)
-    return root
+def test_kill_during_checkpoint_write_keeps_latest_on_a_complete_checkpoint(chain):
+    """kill -9 of one rank while a checkpoint is being written: `latest` still names a complete
+    checkpoint, the half-written one is never published, and resume finishes the run."""
+    assert chain.first_exit != 0
+    assert chain.latest_after_kill is not None and chain.latest_was_complete
+    assert chain.latest_after_kill.name < chain.killed.name[: -len(".partial")], "the interrupted checkpoint is not published"
+    assert f"resumed from {chain.latest_after_kill}" in chain.resumed_output
+    ckpts = CheckpointDir(chain.root / "out")
+    assert ckpts.latest().name == "step-00000006" and ckpts.complete_steps() == [4, 5, 6]
+    assert not list(ckpts.root.glob("*.partial")), "rotation cleared the stale partial checkpoint"
 
 
-def test_stop_and_resume_gives_the_same_losses(straight, stopped, cache, tmp_path):
-    _, expected = straight
-    out = tmp_path / "out"
-    shutil.copytree(stopped / "out", out)
-    assert "stopped at step 3 (train.stop_at_step), saved; the schedule runs to step 6" in (stopped / "run1.log").read_text()
-    assert losses(stopped / "run1") == {s: expected[s] for s in (1, 2, 3)}
-    assert CheckpointDir(stopped / "out").complete_steps() == [3]
-    proc = train(train_recipe(tmp_path / "second.yaml", cache, out), tmp_path / "run2")
-    assert "resumed from" in proc.stdout + proc.stderr
-    assert losses(tmp_path / "run2") == {s: expected[s] for s in (4, 5, 6)}, "CPU/gloo resume is exact"
+def test_resume_after_a_crash_gives_the_same_losses_and_weights(straight, chain):
+    """The chain's two submissions, next to the uninterrupted run: every step's loss and the final weights and
+    EMA equal, bit for bit (CPU/gloo resume is exact). The true `stop_at_step` → `resume: latest` submission
+    pair is the bf16 test's."""
+    root, expected = straight
+    first, second = losses(chain.root / "run1"), losses(chain.root / "run2")
+    resumed_at = int(chain.latest_after_kill.name[5:13])
+    assert sorted(second) == list(range(resumed_at + 1, 7)) and min(first) == 1 and max(first) >= resumed_at
+    assert first == {s: expected[s] for s in first} and second == {s: expected[s] for s in second}
+    assert_same_weights_and_ema(CheckpointDir(chain.root / "out").path(6), CheckpointDir(root / "out").path(6))
+
+
+def test_async_checkpointing_publishes_the_same_checkpoints(straight, chain):
+    """The straight run wrote in the background: the same checkpoints, bit for bit, as the chain's synchronous
+    saves, none left half-written; the branch test resumes one of them exactly."""
+    root, expected = straight
+    assert chain_losses(chain) == expected, "writing in the background changes nothing in training"
+    ckpts = CheckpointDir(root / "out")
+    assert ckpts.complete_steps() == [4, 6] and not list(ckpts.root.glob("*.partial"))
+    assert_same_weights_and_ema(ckpts.path(6), CheckpointDir(chain.root / "out").path(6))
+
+
+def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, chain, cache):
+    """3 (prompt, seed) pairs on 2 ranks, model and EMA weights side by side; the same losses as the chain,
+    which ran without validation."""
+    from tests.validation_check import check_validation_run
+
     root, _ = straight
-    for flag in ([], ["--ema"]):
-        resumed = export(out, tmp_path / f"resumed{flag}", *flag)
-        uninterrupted = export(root / "out", tmp_path / f"straight{flag}", *flag)
-        assert resumed.keys() == uninterrupted.keys()
-        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"
+    checkpoint = CheckpointDir(root / "out").path(6)
+    states = {"model": read_weights(checkpoint), "ema": read_weights(checkpoint, use_ema=True)}
+    check_validation_run(root / "run", chain_losses(chain), cache, states)
 
 
-def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight, cache, tmp_path):
+def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight, cache, tmp_path, capsys):
+    """Through the CLI once (a child process, as typed); the EMA export and the refusal in this process."""
+    from diffusers import SD3Transformer2DModel
+
     root, _ = straight
     model_dir, _ = cache
     raw = export(root / "out", tmp_path / "raw")
-    ema = export(CheckpointDir(root / "out").path(6), tmp_path / "ema", "--ema")
-    from diffusers import SD3Transformer2DModel
-
+    assert sd35dist_main(["export", str(CheckpointDir(root / "out").path(6)), "--out", str(tmp_path / "ema"),
+                          "--dtype", "fp32", "--ema"]) == 0
+    ema = SD3Transformer2DModel.from_pretrained(tmp_path / "ema").state_dict()
     pretrained = SD3Transformer2DModel.from_pretrained(model_dir / "transformer").state_dict()
     key = "transformer_blocks.0.attn.to_q.weight"
     assert not torch.equal(raw[key], pretrained[key]), "training changed the weights"
@@ -83,142 +199,49 @@ def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight,
 
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "raw").iterdir()}
     assert set(modes.values()) == {0o666 & ~user_umask()}, f"others can read the export (not 0600): {modes}"
-    again = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(root / "out"), "--out", str(tmp_path / "raw")],
-                           capture_output=True, text=True, cwd=PROJECT)
-    assert again.returncode == 2 and "already exists" in again.stderr
+    capsys.readouterr()
+    assert sd35dist_main(["export", str(root / "out"), "--out", str(tmp_path / "raw")]) == 2
+    assert "already exists" in capsys.readouterr().err
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank_and_back(stopped, cache, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(stopped / "out", out)
-    train(train_recipe(tmp_path / "second.yaml", cache, out), tmp_path / "run2", nproc=1)
-    got = losses(tmp_path / "run2")
-    assert sorted(got) == [4, 5, 6] and all(v == v for v in got.values())
-    assert read_info(CheckpointDir(out).latest())["world_size"] == 1
-    train(train_recipe(tmp_path / "third.yaml", cache, out, max_train_steps=9), tmp_path / "run3")  # and back
-    assert sorted(losses(tmp_path / "run3")) == [7, 8, 9]
-    assert read_info(CheckpointDir(out).latest())["world_size"] == 2
+def test_bf16_adamw_bf16_validation_and_stop_and_resume(cache, tmp_path):
+    """bf16 compute with Kahan-summed bf16 AdamW (torch-optimi), three runs of 3 steps. A straight run renders
+    validation rounds on 2 ranks (at the start and at step 3); the images match a 1-process bf16 render of its
+    last checkpoint. The same recipe without validation as two submissions (train.stop_at_step 1, off the
+    checkpoint interval, then `resume: latest`) gives the straight run's losses, learning rates and final
+    weights (and EMA) bit for bit: the rounds change nothing in training, stop_at_step keeps the schedule,
+    and the optimizer's moments, compensation buffers and step counter go through the checkpoint."""
+    from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
 
-
-def _children(pid: int) -> list[int]:
-    from launcher.local_process import descendants
-
-    return descendants(pid)
-
-
-def test_kill_during_checkpoint_write_keeps_latest_on_a_complete_checkpoint(cache, tmp_path):
-    """kill -9 of one rank while a checkpoint is being written: `latest` still names a complete
-    checkpoint, the half-written one is never published, and resume finishes the run."""
-    import os
-    import signal
-    import time
-
-    out = tmp_path / "out"
-    recipe = train_recipe(tmp_path / "r.yaml", cache, out, max_train_steps=40, checkpointing_steps=1,
-                          checkpoints_total_limit=3)
-    killed_at = None
-    for _attempt in range(3):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-             "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(tmp_path / "run")],
-            cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            partial = sorted((out / "checkpoints").glob("step-*.partial")) if (out / "checkpoints").is_dir() else []
-            if partial and int(partial[-1].name[5:13]) >= 3:
-                workers = [p for p in _children(proc.pid)
-                           if b"sd35dist" in Path(f"/proc/{p}/cmdline").read_bytes() and p != proc.pid]
-                os.kill(workers[-1], signal.SIGKILL)
-                killed_at = partial[-1]
-                break
-            time.sleep(0.002)
-        proc.wait(timeout=120)
-        if killed_at is not None and killed_at.exists():
-            break  # the kill landed while that checkpoint was being written
-        killed_at = None
-    assert killed_at is not None, "could not kill a rank while a checkpoint was being written"
-    assert proc.returncode != 0
-    ckpts = CheckpointDir(out)
-    latest = ckpts.latest()
-    assert latest is not None and (latest / "COMPLETE").is_file()
-    assert latest.name < killed_at.name[: -len(".partial")], "the interrupted checkpoint is not published"
-    train(recipe, tmp_path / "run2")
-    assert ckpts.latest().name == "step-00000040"
-    assert not list((out / "checkpoints").glob("*.partial")), "rotation cleared the stale partial checkpoint"
-
-
-def test_async_checkpointing_publishes_the_same_checkpoints_and_resumes(straight, cache, tmp_path):
-    root, expected = straight
-    out = tmp_path / "out"
-    train(train_recipe(tmp_path / "r.yaml", cache, out, checkpointing_steps=2, async_checkpointing=True), tmp_path / "run")
-    assert losses(tmp_path / "run") == expected, "writing in the background changes nothing in training"
-    ckpts = CheckpointDir(out)
-    assert ckpts.complete_steps() == [4, 6] and not list(ckpts.root.glob("*.partial"))
-    written, reference = export(out, tmp_path / "async-export"), export(root / "out", tmp_path / "sync-export")
-    assert written.keys() == reference.keys() and all(torch.equal(written[k], reference[k]) for k in written)
-    train(train_recipe(tmp_path / "r2.yaml", cache, out, max_train_steps=8, checkpointing_steps=2,
-                       async_checkpointing=True), tmp_path / "run2")
-    assert sorted(losses(tmp_path / "run2")) == [7, 8]
-
-
-def test_adamw_bf16_stop_and_resume_gives_the_same_losses_and_weights(cache, tmp_path):
-    """Kahan-summed bf16 AdamW (torch-optimi) in bf16 compute: its moments, compensation
-    buffers and step counter go through the checkpoint, so resume is exact too."""
-    from sd35dist.checkpoint.export import checkpoint_state
-
-    bf16 = {"optimizer": "adamw_bf16", "mixed_precision": "bf16", "max_train_steps": 4, "checkpointing_steps": 2,
-            "lr_scheduler": "cosine", "lr_warmup_steps": 1}
-    train(train_recipe(tmp_path / "straight.yaml", cache, tmp_path / "straight", **bf16), tmp_path / "run0")
+    bf16 = {"optimizer": "adamw_bf16", "mixed_precision": "bf16", "max_train_steps": 3, "checkpointing_steps": 2,
+            "lr_scheduler": "cosine"}
+    recipe = train_recipe(tmp_path / "straight.yaml", cache, tmp_path / "straight", **bf16)
+    cache_validation_prompts(recipe)
+    train(with_validation(recipe), tmp_path / "run0")
     expected, expected_lr = losses(tmp_path / "run0"), learning_rates(tmp_path / "run0")
     out = tmp_path / "out"
-    train(train_recipe(tmp_path / "first.yaml", cache, out, **bf16, stop_at_step=2), tmp_path / "run1")
-    assert learning_rates(tmp_path / "run1") == {s: expected_lr[s] for s in (1, 2)}, "stop_at_step keeps the schedule"
-    train(train_recipe(tmp_path / "second.yaml", cache, out, **bf16), tmp_path / "run2")
-    assert losses(tmp_path / "run2") == {s: expected[s] for s in (3, 4)}
-    for use_ema in (False, True):
-        resumed = checkpoint_state(CheckpointDir(out).latest(), use_ema)
-        uninterrupted = checkpoint_state(CheckpointDir(tmp_path / "straight").latest(), use_ema)
-        assert resumed.keys() == uninterrupted.keys()
-        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"
-
-
-def test_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, cache, tmp_path):
-    """3 (prompt, seed) pairs on 2 ranks, model and EMA weights side by side, next to the straight run."""
-    from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
-
-    root, straight_losses = straight
-    recipe = train_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", checkpointing_steps=2)
-    cache_validation_prompts(recipe)
-    train(with_validation(recipe, weights="both"), tmp_path / "run")
-    final = max(straight_losses)
-    checkpoint = next((tmp_path / "out" / "checkpoints").glob(f"*{final}"))
-    states = {"model": read_weights(checkpoint), "ema": read_weights(checkpoint, use_ema=True)}
-    check_validation_run(tmp_path / "run", straight_losses, cache, states)
-
-
-def test_validation_in_bf16_renders_on_all_ranks_and_leaves_training_unchanged(cache, tmp_path):
-    """The default SD3.5 Large path: FSDP2 with bf16 compute. The rounds change no loss of a bf16 run,
-    and the images match a 1-process bf16 render of the last checkpoint."""
-    from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
-
-    bf16 = {"mixed_precision": "bf16", "checkpointing_steps": 2, "ema": {"enabled": False}}
-    train(train_recipe(tmp_path / "straight.yaml", cache, tmp_path / "straight", **bf16), tmp_path / "run0")
-    recipe = train_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", **bf16)
-    cache_validation_prompts(recipe)
-    train(with_validation(recipe), tmp_path / "run")
-    checkpoint = CheckpointDir(tmp_path / "out").latest()
-    check_validation_run(tmp_path / "run", losses(tmp_path / "run0"), cache,
-                         {"model": read_weights(checkpoint)}, dtype=torch.bfloat16)
+    first = train(train_recipe(tmp_path / "first.yaml", cache, out, **bf16, stop_at_step=1), tmp_path / "run1")
+    assert "stopped at step 1 (train.stop_at_step), saved; the schedule runs to step 3" in first.stdout + first.stderr
+    assert CheckpointDir(out).complete_steps() == [1]
+    assert learning_rates(tmp_path / "run1") == {1: expected_lr[1]}, "stop_at_step keeps the schedule's horizon"
+    second = train(train_recipe(tmp_path / "second.yaml", cache, out, **bf16), tmp_path / "run2")
+    assert f"resumed from {CheckpointDir(out).path(1)}" in second.stdout + second.stderr
+    chain = {**losses(tmp_path / "run1"), **losses(tmp_path / "run2")}
+    assert sorted(losses(tmp_path / "run2")) == [2, 3] and chain == expected, "exact resume, validation changes nothing"
+    assert learning_rates(tmp_path / "run2") == {s: expected_lr[s] for s in (2, 3)}
+    straight_final = CheckpointDir(tmp_path / "straight").latest()
+    assert straight_final.name == "step-00000003"
+    assert_same_weights_and_ema(CheckpointDir(out).latest(), straight_final)
+    check_validation_run(tmp_path / "run0", chain, cache, {"model": read_weights(straight_final)}, dtype=torch.bfloat16)
 
 
 def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path):
-    """`sd35dist sweep --compare-guidance` over the straight run's checkpoints; `sd35dist sample` of a
-    checkpoint on 2 ranks equals the sample of its export in one process, pixel for pixel."""
+    """`sd35dist sweep --compare-guidance` over the straight run's checkpoints, on 2 ranks as in one process;
+    `sd35dist sample` of a checkpoint equals the sample of its export, pixel for pixel."""
     import numpy as np
     from PIL import Image
 
     from sd35dist.checkpoint.export import export_checkpoint
-    from sd35dist.cli import main as sd35dist_main
     from tests.validation_check import PROMPTS, cache_validation_prompts
 
     root, _ = straight
@@ -252,16 +275,11 @@ def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path)
     common = ["--prompt", "a red fox", "--seed", "1", "--seed", "2", "--steps", "3", "--width", "32", "--height", "32",
               "--max-sequence-length", "32"]
     samples = {}
-    # The checkpoint on 2 ranks (one image each), the rest in this process.
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "sd35dist", "sample", str(checkpoint), *common, "--out", str(tmp_path / "ckpt")],
-                          capture_output=True, text=True, cwd=PROJECT, env={**venv_env(), "OMP_NUM_THREADS": "1"},
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for name, source in (("ckpt", None), ("export", [str(tmp_path / "export"), "--model", str(cache[0])]),
+    # In this process: `sample` splits its images over ranks with the sweep's code (sample_command.renderer_for,
+    # render.launched_ranks), which the 2-rank sweep above proves pixel for pixel.
+    for name, source in (("ckpt", [str(checkpoint)]), ("export", [str(tmp_path / "export"), "--model", str(cache[0])]),
                          ("ema", [str(checkpoint), "--ema"]), ("base", [str(cache[0])])):
-        if source is not None:
-            assert sd35dist_main(["sample", *source, *common, "--out", str(tmp_path / name)]) == 0
+        assert sd35dist_main(["sample", *source, *common, "--out", str(tmp_path / name)]) == 0
         samples[name] = np.asarray(Image.open(tmp_path / name / "sample-p00-seed1-32x32.png"))
         assert (tmp_path / name / "sample-p00-seed2-32x32.png").is_file() and (tmp_path / name / "grid.png").is_file()
     assert np.array_equal(samples["ckpt"], samples["export"])
@@ -275,28 +293,44 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 def test_resuming_an_older_checkpoint_branches_only_into_a_new_directory(straight, cache, tmp_path):
     """train.resume naming step 4 of an output dir whose newest is step 6: refused there (nothing
-    overwritten or rotated away), trained into a new output.dir exactly as the straight run did,
-    and a restart of that same run continues its branch instead of starting over from step 4."""
+    overwritten or rotated away), trained into a new output.dir exactly as the straight run did (from its
+    checkpoint written in the background), and a restart of that same run continues its branch instead of
+    starting over from step 4 — here on 1 rank (DCP reshards the 2-rank checkpoint), then back on 2."""
     root, expected = straight
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
     before = _tree(out)
     four = CheckpointDir(out).path(4)
-    line = train_refused(train_recipe(tmp_path / "same.yaml", cache, out, resume=str(four)), tmp_path / "run0")
-    assert "train.resume" in line and "would overwrite step-00000006" in line and "new directory" in line, line
+    # The check every rank makes first thing (before the stream, the model or a save); a refusal of it ends the
+    # ranks as one line, exit status 2, no restart: the crafted-metadata test below runs that through torchrun.
+    same = load_rank_recipe(train_recipe(tmp_path / "same.yaml", cache, out, resume=str(four)))
+    with pytest.raises(ConfigError) as refused:
+        resume_checkpoint(same, "same.yaml", tmp_path / "run0")
+    line = str(refused.value)
+    assert line.startswith("same.yaml: train.resume: ") and "would overwrite step-00000006" in line, line
+    assert "new directory" in line and "\n" not in line, line
     assert _tree(out) == before, "the newer branch and the named checkpoint are untouched"
 
-    branch = tmp_path / "branch"
-    recipe = train_recipe(tmp_path / "branch.yaml", cache, branch, resume=str(four), checkpointing_steps=2)
-    train(recipe, tmp_path / "run1")
-    assert losses(tmp_path / "run1") == {5: expected[5], 6: expected[6]}, "the branch trains on exactly"
-    assert CheckpointDir(branch).complete_steps() == [6] and _tree(out) == before
-    again = train(recipe, tmp_path / "run1")  # the same run restarted (torchrun restart, Slurm requeue)
-    assert f"resumed from {CheckpointDir(branch).path(6)}" in again.stdout + again.stderr
+    branch, run = tmp_path / "branch", tmp_path / "run1"
+    ckpts = CheckpointDir(branch)
+    train(train_recipe(tmp_path / "branch.yaml", cache, branch, **FP32, resume=str(four)), run)
+    assert losses(run) == {5: expected[5], 6: expected[6]}, "the branch trains on exactly"
+    assert ckpts.complete_steps() == [6] and _tree(out) == before
+    # The same run restarted (torchrun restart, Slurm requeue), on one rank and with two more steps to go.
+    again = train(train_recipe(tmp_path / "branch.yaml", cache, branch, **FP32, resume=str(four), max_train_steps=8),
+                  run, nproc=1)
+    assert f"resumed from {ckpts.path(6)}" in again.stdout + again.stderr
+    assert sorted(losses(run)) == [5, 6, 7, 8] and all(v == v for v in losses(run).values())
+    assert read_info(ckpts.latest())["world_size"] == 1 and ckpts.latest() == ckpts.path(8)
+    back = train(train_recipe(tmp_path / "branch.yaml", cache, branch, **FP32, resume=str(four), max_train_steps=10),
+                 run)  # and back to 2 ranks
+    assert f"resumed from {ckpts.path(8)}" in back.stdout + back.stderr
+    assert sorted(losses(run)) == [5, 6, 7, 8, 9, 10]
+    assert read_info(ckpts.latest())["world_size"] == 2 and ckpts.latest() == ckpts.path(10)
     assert _tree(out) == before
 
 
-def test_a_crafted_dcp_metadata_given_as_resume_is_refused_without_running(straight, cache, tmp_path):
+def test_a_crafted_dcp_metadata_given_as_resume_is_refused_without_running(straight, cache, tmp_path, capsys):
     """DCP's .metadata is a pickle; one that names a callable is refused once, at start (exit 2: no
     restart), and its code never runs — the same allow-list export uses."""
     import pickle
@@ -309,7 +343,9 @@ def test_a_crafted_dcp_metadata_given_as_resume_is_refused_without_running(strai
     line = train_refused(train_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", resume=str(crafted)),
                          tmp_path / "run")
     assert ".metadata: refused" in line and "io.open" in line, line
-    proc = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(crafted), "--out", str(tmp_path / "e")],
-                          capture_output=True, text=True, cwd=PROJECT, env=venv_env())
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and ".metadata" in proc.stderr
+    assert not (tmp_path / "out").exists(), "refused before anything was written"
+    capsys.readouterr()
+    assert sd35dist_main(["export", str(crafted), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and ".metadata" in err
     assert not sentinel.exists(), "the pickle's code ran"
