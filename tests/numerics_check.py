@@ -10,7 +10,9 @@ Modes, each through the real `make_strategy` path (FSDP2 or ZeRO on the recipe's
 - train: STEPS optimizer steps at lr 5e-5 in bf16 compute, rank r on its own fixed batch;
   records the losses and (rank 0) the final weights, for `optimizer` adamw or adamw_bf16.
 
-Rank 0 writes OUT_DIR/result.json (and OUT_DIR/weights.safetensors for train).
+Rank 0 writes OUT_DIR/result.json (and OUT_DIR/weights.safetensors for train). `--optimizer` given
+more than once trains each in turn in the same process group (one start-up), each from the same
+weights, into OUT_DIR/OPTIMIZER/.
 """
 
 from __future__ import annotations
@@ -111,30 +113,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--strategy", default="fsdp2")
-    parser.add_argument("--optimizer", default="adamw")
+    parser.add_argument("--optimizer", action="append", help="adamw (the default) or adamw_bf16; repeatable")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
+    optimizers = args.optimizer or ["adamw"]
 
     world = init_process_group_from_env(timeout_s=300)
     try:
-        torch.manual_seed(0)
-        strategy = make_strategy(recipe_for(args.model_dir, args.out_dir, args.strategy, args.optimizer), world)
-        if args.mode == "timestep":
-            result = check_timestep(strategy, args.model_dir, world.rank)
-        else:
-            result = train(strategy, args.model_dir, world.rank, args.steps)
-        gathered = [None] * world.world_size
-        torch.distributed.all_gather_object(gathered, result)
-        weights = strategy.full_state_dict() if args.mode == "train" else {}
-        if world.is_main:
-            from safetensors.torch import save_file
+        for optimizer in optimizers:
+            out_dir = args.out_dir if len(optimizers) == 1 else args.out_dir / optimizer
+            torch.manual_seed(0)
+            strategy = make_strategy(recipe_for(args.model_dir, out_dir, args.strategy, optimizer), world)
+            if args.mode == "timestep":
+                result = check_timestep(strategy, args.model_dir, world.rank)
+            else:
+                result = train(strategy, args.model_dir, world.rank, args.steps)
+            gathered = [None] * world.world_size
+            torch.distributed.all_gather_object(gathered, result)
+            weights = strategy.full_state_dict() if args.mode == "train" else {}
+            if world.is_main:
+                from safetensors.torch import save_file
 
-            args.out_dir.mkdir(parents=True, exist_ok=True)
-            (args.out_dir / "result.json").write_text(json.dumps({"ranks": gathered}))
-            if weights:
-                save_file({k: v.float().contiguous() for k, v in weights.items()}, args.out_dir / "weights.safetensors")
-        # gloo aborts when one rank tears its group down while another still works: leave together.
-        torch.distributed.barrier()
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / "result.json").write_text(json.dumps({"ranks": gathered}))
+                if weights:
+                    save_file({k: v.float().contiguous() for k, v in weights.items()}, out_dir / "weights.safetensors")
+            del strategy, weights
+            # gloo aborts when one rank tears its group down while another still works: leave together.
+            torch.distributed.barrier()
     finally:
         destroy()
     return 0

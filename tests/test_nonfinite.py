@@ -44,21 +44,49 @@ def checkpoint_names(output: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) if root.is_dir() else []
 
 
+CLI_CASE = "zero2-bf16"
+"""Started as a profile's script starts it: exit status 2, one line, not restarted. The other cases run
+in one torchrun (tests/trainings_check.py), where each rank records the line the run ends with."""
+
+
+@pytest.fixture(scope="module")
+def driven(cache, tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+    """The cases other than CLI_CASE, one after another in one process group: ROOT/CASE/{out,run}, and
+    per case each rank's outcome."""
+    from tests.trainings_check import run_trainings
+
+    root = tmp_path_factory.mktemp("nonfinite")
+    cases = [case for case in CASES if case != CLI_CASE]
+    jobs = []
+    for case in cases:
+        (root / case).mkdir()
+        jobs.append((poisoned_recipe(root / case, cache, *CASES[case]), root / case / "run"))
+    runs = run_trainings(root / "outcomes.json", *jobs)
+    return root, {case: run["outcomes"] for case, run in zip(cases, runs, strict=True)}
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_non_finite_loss_stops_the_run_in_one_line_naming_the_step(cache, tmp_path, case):
+def test_a_non_finite_loss_stops_the_run_in_one_line_naming_the_step(cache, tmp_path, case, request):
     """lr 1e30 (finite, within float32) after a step of warmup at lr 0: step 2's update makes the weights
     ~1e30, still finite, and they are published; step 3's forward overflows. The run stops there, before
     step 3 reaches the weights."""
-    proc = torchrun("train", poisoned_recipe(tmp_path, cache, *CASES[case]), tmp_path / "run", timeout=900)
-    line = assert_one_quiet_line(proc)  # exit 2, one error line, no traceback, not restarted
+    if case == CLI_CASE:
+        proc = torchrun("train", poisoned_recipe(tmp_path, cache, *CASES[case]), tmp_path / "run", timeout=900)
+        line = assert_one_quiet_line(proc)  # exit 2, one error line, no traceback, not restarted
+        assert "(a mistake: not restarted)" in proc.stderr
+        root = tmp_path
+    else:
+        driven_root, outcomes = request.getfixturevalue("driven")
+        root = driven_root / case
+        line = outcomes[case][0]
+        assert outcomes[case] == [line, line], "every rank stops at the same step with the same line"
     assert re.match(r"error: step 3: the loss is (nan|inf), not a finite number: training stops and nothing of "
                     r"step 3 is saved \(latest checkpoint: step-00000002\); lower train.learning_rate or check the data",
                     line), line
-    assert "(a mistake: not restarted)" in proc.stderr
-    assert checkpoint_names(tmp_path / "out") == ["step-00000002"], "no .partial of step 3"
-    assert CheckpointDir(tmp_path / "out").latest().name == "step-00000002"
-    steps = [json.loads(row)["step"] for row in (tmp_path / "run" / "metrics-rank00000.jsonl").read_text().splitlines()]
+    assert checkpoint_names(root / "out") == ["step-00000002"], "no .partial of step 3"
+    assert CheckpointDir(root / "out").latest().name == "step-00000002"
+    steps = [json.loads(row)["step"] for row in (root / "run" / "metrics-rank00000.jsonl").read_text().splitlines()]
     assert steps == [1, 2], "no metrics of the poisoned step"
 
 

@@ -8,6 +8,7 @@ optimizer; the bf16 one must move the same weights and reach the same loss.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from sd35dist.config.recipe import Recipe
-from tests.numerics_check import run_check
+from tests.rank_runs import run_driver
 
 STEPS = 20
 WEIGHT_STD = 0.02
@@ -46,11 +47,15 @@ def large_scale_model(tiny_model, tmp_path_factory) -> Path:
     return root
 
 
-def trained(model_dir: Path, out: Path, optimizer: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+def trained(model_dir: Path, out: Path, *optimizers: str) -> list[tuple[list[float], dict[str, torch.Tensor]]]:
+    """Each optimizer's losses and final weights, trained in turn in one 2-rank process group."""
     from safetensors.torch import load_file
 
-    result = run_check("train", model_dir, out, "--optimizer", optimizer, "--steps", str(STEPS))
-    return result["ranks"][0]["losses"], load_file(out / "weights.safetensors")
+    run_driver("tests.numerics_check", "train", str(model_dir), str(out), *(f"--optimizer={name}" for name in optimizers),
+               "--steps", str(STEPS), timeout=600)
+    results = [json.loads((out / name / "result.json").read_text()) for name in optimizers]
+    return [(result["ranks"][0]["losses"], load_file(out / name / "weights.safetensors"))
+            for name, result in zip(optimizers, results, strict=True)]
 
 
 def changed_fraction(weights: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> float:
@@ -65,8 +70,7 @@ def test_bf16_adamw_moves_the_weights_fp32_masters_move(large_scale_model, tmp_p
 
     initial = SD3Transformer2DModel.from_pretrained(large_scale_model / "transformer").state_dict()
     initial = {name: tensor for name, tensor in initial.items() if name != "pos_embed.pos_embed"}
-    reference_losses, reference = trained(large_scale_model, tmp_path / "fp32", "adamw")
-    losses, weights = trained(large_scale_model, tmp_path / "bf16", "adamw_bf16")
+    (reference_losses, reference), (losses, weights) = trained(large_scale_model, tmp_path, "adamw", "adamw_bf16")
     expected = changed_fraction(reference, initial)
     assert expected > 0.5, "the reference itself trains"
     assert changed_fraction(weights, initial) == pytest.approx(expected, abs=CHANGED_TOLERANCE)

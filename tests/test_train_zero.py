@@ -1,5 +1,9 @@
 """`sd35dist train` with DeepSpeed ZeRO-2/3 on the tiny SD3, 2 CPU ranks (gloo): exact resume,
-rotation, the config it writes, and the same training as FSDP2."""
+rotation, the config it writes, and the same training as FSDP2.
+
+The trainings the tests read run in one torchrun (the `runs` fixture, tests/trainings_check.py): a
+start costs ~15 s against ~4 s of training. `sd35dist train` itself, each in a fresh torchrun, runs
+every resume (one per case), the resume on another world size and the crafted checkpoint's refusal."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import yaml
 from sd35dist.checkpoint.export import checkpoint_state
 from sd35dist.checkpoint.layout import CheckpointDir
 from sd35dist.checkpoint.weights import read_weights
+from sd35dist.cli import main as sd35dist_main
 from sd35dist.config.recipe import Recipe
 from sd35dist.parallel.zero import deepspeed_config
 from tests.cli_runs import PROJECT, venv_env
@@ -47,37 +52,99 @@ def zero_recipe(path: Path, cache: tuple[Path, Path], output: Path, strategy: st
     return path
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def straight(request, tmp_path_factory, cache) -> tuple[str, Path, dict[int, float]]:
-    root = tmp_path_factory.mktemp(request.param)
-    train(zero_recipe(root / "r.yaml", cache, root / "out", checkpointing_steps=2, **CASES[request.param]), root / "run")
-    return request.param, root, losses(root / "run")
+# Every case resumes in a fresh `sd35dist train`, as a user resumes (inside the driver, before it reset
+# torch.nn.functional.linear between runs, resumes came out ~1e-7 apart): from a stop at step 3 with
+# `resume: latest` for bf16 on ZeRO-2 and both offload cases (which resume at step 4 as before: a branch
+# from step 2 under DeepSpeed's CPU Adam came out ~1e-7 apart from step 4 on, not investigated), the others
+# as a branch from step 2 of their straight run.
+CLI_RESUME = ("zero2-bf16", "zero2-offload", "zero3-offload")
+BRANCH_STEP = 2
 
 
-def test_straight_run_trains_rotates_checkpoints_and_writes_its_config(straight):
-    case, root, got = straight
-    assert sorted(got) == [1, 2, 3, 4, 5, 6]
-    assert all(math.isfinite(value) and value > 0 for value in got.values())
-    ckpts = CheckpointDir(root / "out")
-    assert ckpts.complete_steps() == [4, 6], "checkpoints_total_limit 2 keeps the newest two"
-    assert (ckpts.latest() / "ds").is_dir(), "DeepSpeed's own checkpoint format"
-    config = json.loads((root / "out" / "deepspeed_config.json").read_text())
-    assert config["zero_optimization"]["stage"] == {"zero2": 2, "zero3": 3}[CASES[case]["strategy"]]
-    assert config["bf16"]["enabled"] == (CASES[case].get("mixed_precision") == "bf16")
-    assert config["gradient_accumulation_steps"] == CASES[case].get("gradient_accumulation_steps", 1)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache) -> Path:
+    """The trainings the module reads, in one torchrun (tests/trainings_check.py): per case a straight run
+    that keeps its checkpoints (2, 4, 6); for the CLI_RESUME cases a run that stops at step 3
+    (train.stop_at_step); one FSDP2 run with the fp32 cases' recipe, and ZeRO-3 in bf16 with validation on.
+    ROOT/CASE/{out,run,stop-out,stop}; ROOT/outcomes.json: per run, what tests/trainings_check.py records."""
+    from tests.trainings_check import run_trainings
+    from tests.validation_check import cache_validation_prompts, with_validation
+
+    root = tmp_path_factory.mktemp("zero-runs")
+    straight, stops = [], []
+    for case, settings in CASES.items():
+        folder = root / case
+        folder.mkdir()
+        straight.append((zero_recipe(folder / "r.yaml", cache, folder / "out", checkpointing_steps=2,
+                                     checkpoints_total_limit=3, **settings), folder / "run"))
+        if case in CLI_RESUME:
+            stops.append((zero_recipe(folder / "stop.yaml", cache, folder / "stop-out", stop_at_step=3,
+                                      checkpointing_steps=2, **settings), folder / "stop"))
+    (root / "fsdp2").mkdir()
+    fsdp2 = (train_recipe(root / "fsdp2" / "r.yaml", cache, root / "fsdp2" / "out", checkpointing_steps=2,
+                          **COMPARABLE), root / "fsdp2" / "run")
+    (root / "validation").mkdir()
+    validation = zero_recipe(root / "validation" / "r.yaml", cache, root / "validation" / "out",
+                             checkpointing_steps=2, **CASES["zero3-bf16"])
+    cache_validation_prompts(validation)
+    jobs = [*straight, *stops, fsdp2, (with_validation(validation), root / "validation" / "run")]
+    outcomes = run_trainings(root / "outcomes.json", *jobs)
+    assert [run["outcomes"] for run in outcomes] == [["done", "done"]] * len(jobs), outcomes
+    return root
 
 
-def test_stop_and_resume_gives_the_same_losses_and_weights(straight, cache, tmp_path):
-    case, root, expected = straight
+def test_every_case_trains_and_writes_its_deepspeed_config(runs):
+    for case, settings in CASES.items():
+        got = losses(runs / case / "run")
+        assert sorted(got) == [1, 2, 3, 4, 5, 6], case
+        assert all(math.isfinite(value) and value > 0 for value in got.values()), case
+        ckpts = CheckpointDir(runs / case / "out")
+        assert ckpts.complete_steps() == [2, 4, 6], case
+        assert (ckpts.latest() / "ds").is_dir(), "DeepSpeed's own checkpoint format"
+        config = json.loads((runs / case / "out" / "deepspeed_config.json").read_text())
+        assert config["zero_optimization"]["stage"] == {"zero2": 2, "zero3": 3}[settings["strategy"]], case
+        assert config["bf16"]["enabled"] == (settings.get("mixed_precision") == "bf16"), case
+        assert config["gradient_accumulation_steps"] == settings.get("gradient_accumulation_steps", 1), case
+        assert ("offload_optimizer" in config["zero_optimization"]) == bool(settings.get("offload_optimizer")), case
+        assert ("offload_param" in config["zero_optimization"]) == bool(settings.get("offload_params")), case
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case not in CLI_RESUME])
+def test_a_branch_from_a_kept_checkpoint_gives_the_same_losses_and_weights(runs, case, cache, tmp_path):
+    """`sd35dist train` with `resume: <the straight run's step-2 checkpoint>` into a new output directory."""
+    expected = losses(runs / case / "run")
+    middle = CheckpointDir(runs / case / "out").path(BRANCH_STEP)
     out = tmp_path / "out"
-    first = train(zero_recipe(tmp_path / "first.yaml", cache, out, stop_at_step=3, **CASES[case]), tmp_path / "run1")
-    assert "stopped at step 3 (train.stop_at_step)" in first.stdout + first.stderr
-    assert losses(tmp_path / "run1") == {s: expected[s] for s in (1, 2, 3)}
-    proc = train(zero_recipe(tmp_path / "second.yaml", cache, out, **CASES[case]), tmp_path / "run2")
-    assert "resumed from" in proc.stdout + proc.stderr
-    assert losses(tmp_path / "run2") == {s: expected[s] for s in (4, 5, 6)}, "CPU/gloo resume is exact"
+    proc = train(zero_recipe(tmp_path / "branch.yaml", cache, out, resume=str(middle), checkpointing_steps=2,
+                             **CASES[case]), tmp_path / "run")
+    assert f"resumed from {middle}" in proc.stdout + proc.stderr
+    assert losses(tmp_path / "run") == {s: expected[s] for s in range(BRANCH_STEP + 1, 7)}, "CPU/gloo resume is exact"
+    assert CheckpointDir(out).complete_steps() == [4, 6]
     for use_ema in (False, True):
-        resumed, uninterrupted = final_state(out, use_ema), final_state(root / "out", use_ema)
+        resumed, uninterrupted = final_state(out, use_ema), final_state(runs / case / "out", use_ema)
+        assert resumed.keys() == uninterrupted.keys()
+        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"
+
+
+@pytest.mark.parametrize("case", CLI_RESUME)
+def test_stop_and_resume_latest_gives_the_same_losses_and_weights(runs, case, cache, tmp_path):
+    """A run that stopped at step 3 (train.stop_at_step), then `sd35dist train` again with `resume: latest`
+    (the default) in a fresh torchrun: the remaining losses and the final weights equal the straight run's,
+    and rotation keeps the newest two."""
+    expected = losses(runs / case / "run")
+    stop_run = next(run for run in json.loads((runs / "outcomes.json").read_text())
+                    if run["run_dir"] == str(runs / case / "stop"))
+    assert "stopped at step 3 (train.stop_at_step)" in stop_run["stdout"], stop_run["stdout"][-2000:]
+    assert losses(runs / case / "stop") == {s: expected[s] for s in (1, 2, 3)}
+    out = tmp_path / "out"
+    shutil.copytree(runs / case / "stop-out", out)
+    proc = train(zero_recipe(tmp_path / "second.yaml", cache, out, checkpointing_steps=2, **CASES[case]),
+                 tmp_path / "run")
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert losses(tmp_path / "run") == {s: expected[s] for s in (4, 5, 6)}, "CPU/gloo resume is exact"
+    assert CheckpointDir(out).complete_steps() == [4, 6], "checkpoints_total_limit 2 keeps the newest two"
+    for use_ema in (False, True):
+        resumed, uninterrupted = final_state(out, use_ema), final_state(runs / case / "out", use_ema)
         assert resumed.keys() == uninterrupted.keys()
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"
 
@@ -92,36 +159,32 @@ def final_state(output: Path, use_ema: bool) -> dict[str, torch.Tensor]:
     return checkpoint_state(CheckpointDir(output).latest(), use_ema)
 
 
-@pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory, cache) -> Path:
-    """One FSDP2 run with the fp32 cases' recipe."""
-    root = tmp_path_factory.mktemp("fsdp2")
-    train(train_recipe(root / "r.yaml", cache, root / "out", checkpointing_steps=2, **COMPARABLE), root / "run")
-    return root
-
-
 # The COMPARABLE cases (fp32, torch AdamW) compare; bf16 rounds differently under FSDP2 and
 # DeepSpeed, and the offload case runs DeepSpeed's CPU Adam.
-@pytest.mark.parametrize("straight", [c for c in CASES if CASES[c].items() >= COMPARABLE.items()
-                                      and "mixed_precision" not in CASES[c]], indirect=True)
-def test_zero_trains_the_same_model_as_fsdp2(straight, request):
-    case, root, got = straight
-    reference = request.getfixturevalue("fsdp2_run")
-    assert got == pytest.approx(losses(reference / "run"), rel=1e-6)
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c].items() >= COMPARABLE.items()
+                                  and "mixed_precision" not in CASES[c]])
+def test_zero_trains_the_same_model_as_fsdp2(runs, case, tmp_path):
+    root, reference = runs / case, runs / "fsdp2"
+    assert losses(root / "run") == pytest.approx(losses(reference / "run"), rel=1e-6)
     assert grad_norms(root / "run") == pytest.approx(grad_norms(reference / "run"), rel=1e-5), "clipped alike"
     for use_ema in (False, True):
         ours, theirs = final_state(root / "out", use_ema), final_state(reference / "out", use_ema)
         assert ours.keys() == theirs.keys()
         assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=1e-5) for k in theirs), "same weights (and EMA)"
-    exported = export(root / "out", root / "exported", "--ema")  # the CLI end to end, once per stage
+    if case == "zero3":  # the CLI end to end once; ZeRO-2's checkpoint through the same command in this process
+        exported = export(root / "out", tmp_path / "exported", "--ema")
+    else:
+        from diffusers import SD3Transformer2DModel
+
+        assert sd35dist_main(["export", str(root / "out"), "--out", str(tmp_path / "exported"), "--dtype", "fp32",
+                              "--ema"]) == 0
+        exported = SD3Transformer2DModel.from_pretrained(tmp_path / "exported").state_dict()
     assert all(torch.equal(exported[k], ours[k]) for k in ours)
 
 
-@pytest.mark.parametrize("straight", ["zero3"], indirect=True)
-def test_resume_on_another_world_size_is_a_one_line_error(straight, cache, tmp_path):
-    case, root, _ = straight
-    shutil.copytree(root / "out", tmp_path / "out")
-    recipe = zero_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", max_train_steps=8, **CASES[case])
+def test_resume_on_another_world_size_is_a_one_line_error(runs, cache, tmp_path):
+    shutil.copytree(runs / "zero3" / "out", tmp_path / "out")
+    recipe = zero_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", max_train_steps=8, **CASES["zero3"])
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
                            "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(tmp_path / "run")],
                           capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), timeout=600,
@@ -159,34 +222,29 @@ def test_deepspeed_config_follows_the_recipe():
                                "parallel": {"strategy": "zero2", "offload_params": True}, "output": {"dir": "o"}})
 
 
-@pytest.mark.parametrize("straight", ["zero3-bf16"], indirect=True)  # once on ZeRO-3, in bf16 (FSDP2: fp32)
-def test_zero3_validation_renders_on_all_ranks_and_leaves_training_unchanged(straight, cache, tmp_path):
-    """ZeRO-3 gathers each block's weights in forward: every rank renders, placeholder round included (bf16)."""
-    from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
+def test_zero3_validation_renders_on_all_ranks_and_leaves_training_unchanged(runs, cache):
+    """ZeRO-3 gathers each block's weights in forward: every rank renders, placeholder round included
+    (bf16; FSDP2's is in test_train.py, fp32): the runs fixture's validation-on run against its straight run."""
+    from tests.validation_check import check_validation_run
 
-    case, root, straight_losses = straight
-    recipe = zero_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", checkpointing_steps=2, **CASES[case])
-    cache_validation_prompts(recipe)
-    train(with_validation(recipe), tmp_path / "run")
-    checkpoint = next((tmp_path / "out" / "checkpoints").glob(f"*{max(straight_losses)}"))
-    check_validation_run(tmp_path / "run", straight_losses, cache, {"model": read_weights(checkpoint)},
+    straight_losses = losses(runs / "zero3-bf16" / "run")
+    checkpoint = CheckpointDir(runs / "validation" / "out").path(max(straight_losses))
+    check_validation_run(runs / "validation" / "run", straight_losses, cache, {"model": read_weights(checkpoint)},
                          dtype=torch.bfloat16)
 
 
 # Rides on the fp32 runs above: no training of its own.
-@pytest.mark.parametrize("straight", ["zero2", "zero3"], indirect=True)
-def test_single_file_export_of_every_strategy_loads_in_diffusers_equal_to_the_checkpoint(straight, cache, request,
-                                                                                        tmp_path):
+@pytest.mark.parametrize("case", ["zero2", "zero3"])
+def test_single_file_export_of_every_strategy_loads_in_diffusers_equal_to_the_checkpoint(runs, case, cache, tmp_path):
     from diffusers import SD3Transformer2DModel
 
     from sd35dist.checkpoint.inspect import diff
     from sd35dist.checkpoint.single_file import export_single_file
 
-    case, root, _ = straight
     model_dir, _ = cache
-    outputs = {case: root / "out"}
+    outputs = {case: runs / case / "out"}
     if case == "zero3":
-        outputs["fsdp2"] = request.getfixturevalue("fsdp2_run") / "out"
+        outputs["fsdp2"] = runs / "fsdp2" / "out"
     for strategy, output in outputs.items():
         for use_ema in (False, True):
             out = tmp_path / f"{strategy}-{use_ema}.safetensors"
@@ -209,16 +267,15 @@ def test_single_file_export_of_every_strategy_loads_in_diffusers_equal_to_the_ch
 
 
 # Ride on the runs above: ZeRO-2 in bf16 and ZeRO-3 in fp32.
-@pytest.mark.parametrize("straight", ["zero2-bf16", "zero3"], indirect=True)
-def test_zero_checkpoints_load_through_the_allow_list_and_get_umask_modes(straight):
+@pytest.mark.parametrize("case", ["zero2-bf16", "zero3"])
+def test_zero_checkpoints_load_through_the_allow_list_and_get_umask_modes(runs, case):
     """Every pickle DeepSpeed wrote loads with torch.load(weights_only=True) and the three allow-listed
-    classes (the resume above went through the same loader), and every file of the checkpoint,
+    classes (the resumes above went through the same loader), and every file of the checkpoint,
     the EMA's safetensors (0600 from safetensors' writer) included, has the user's umask modes."""
     from sd35dist.checkpoint.trusted_pickle import check_pickles, load_trusted
     from sd35dist.runtime.atomic_files import user_umask
 
-    case, root, _ = straight
-    checkpoint = CheckpointDir(root / "out").latest()
+    checkpoint = CheckpointDir(runs / case / "out").latest()
     files = sorted((checkpoint / "ds").glob("*.pt"))
     assert len(files) >= 3
     for path in files:
@@ -231,27 +288,30 @@ def test_zero_checkpoints_load_through_the_allow_list_and_get_umask_modes(straig
             assert path.stat().st_mode & 0o777 == wanted, f"{path.name}: {oct(path.stat().st_mode & 0o777)}"
 
 
-@pytest.mark.parametrize("straight", ["zero2-bf16"], indirect=True)
-def test_a_crafted_zero_checkpoint_runs_no_code(straight, cache, tmp_path):
+def test_a_crafted_zero_checkpoint_runs_no_code(runs, cache, tmp_path, capsys):
     """An optimizer-states file that names a callable: resume (train.resume), export, inspect and
-    sample each refuse it in one line naming the file, exit 2, and the code never runs."""
-    case, root, _ = straight
+    sample each refuse it in one line naming the file, exit 2, and the code never runs. Training and
+    export as a user starts them (child processes); inspect and sample through the same CLI entry in
+    this process (their loader is the one export's subprocess proves)."""
+    case = "zero2-bf16"
     crafted = tmp_path / "crafted"
-    shutil.copytree(CheckpointDir(root / "out").latest(), crafted)
+    shutil.copytree(CheckpointDir(runs / case / "out").latest(), crafted)
     target = sorted((crafted / "ds").glob("*optim_states.pt"))[0]
     sentinel = tmp_path / "code-ran"
     torch.save({"optimizer_state_dict": RunsCode(str(sentinel))}, target)
     recipe = zero_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", resume=str(crafted), **CASES[case])
     line = train_refused(recipe, tmp_path / "run")
     assert f"{target}: refused: it names io.open" in line, line
-    for command in (["export", str(crafted), "--out", str(tmp_path / "export")],
-                    ["inspect", str(crafted)],
+    refusal = [f"error: {target}: refused: it names io.open, which no DeepSpeed checkpoint holds (a crafted or "
+               "foreign file; loading it could run code)"]
+    proc = subprocess.run([sys.executable, "-m", "sd35dist", "export", str(crafted), "--out", str(tmp_path / "export")],
+                          capture_output=True, text=True, cwd=PROJECT, env=venv_env(), timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == refusal, proc.stderr[-2000:]
+    for command in (["inspect", str(crafted)],
                     ["sample", str(crafted), "--prompt", "a fox", "--steps", "1", "--width", "64", "--height", "64",
                      "--out", str(tmp_path / "sample")]):
-        proc = subprocess.run([sys.executable, "-m", "sd35dist", *command], capture_output=True, text=True,
-                              cwd=PROJECT, env=venv_env(), timeout=300)
-        assert proc.returncode == 2, (command, proc.stderr[-2000:])
-        assert proc.stderr.strip().splitlines() == [f"error: {target}: refused: it names io.open, which no DeepSpeed "
-                                                    "checkpoint holds (a crafted or foreign file; loading it could "
-                                                    "run code)"], (command, proc.stderr[-2000:])
+        capsys.readouterr()
+        code = sd35dist_main(command)
+        err = capsys.readouterr().err
+        assert code == 2 and err.strip().splitlines() == refusal, (command, err[-2000:])
     assert not sentinel.exists(), "the pickle's code ran"
