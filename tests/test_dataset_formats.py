@@ -202,7 +202,7 @@ def test_the_stream_mixes_datasets_by_probability_and_resumes_exactly(built):
 @pytest.mark.dist
 def test_train_on_the_mixed_cache_two_steps_then_resume_to_the_end_of_the_epoch(built, tmp_path):
     """FSDP2 in fp32 here: an epoch straight, then 2 steps and `resume: latest` to the end of the epoch, the
-    three runs in one torchrun (tests/train_runs_check.py); the S3 test below trains ZeRO-2 in bf16 through
+    three runs in one torchrun (tests/trainings_check.py); the S3 test below trains ZeRO-2 in bf16 through
     `sd35dist train`, one torchrun a run."""
     two, _ = built
     recipe = yaml.safe_load((two / "recipe.yaml").read_text())

@@ -1,5 +1,5 @@
 """`train.fp8` through the training job on 2 CPU ranks (FSDP2, gloo; a straight run and a branch in one
-torchrun: tests/train_runs_check.py), with torchao's float8 emulation:
+torchrun: tests/trainings_check.py), with torchao's float8 emulation:
 validation rounds render, a branch from a mid-run checkpoint resumes exactly, checkpoints hold the fp32
 masters only and exports are in the asked dtype with the plain diffusers keys.
 

@@ -37,7 +37,7 @@ PRECISION = {"fsdp2": "bf16", "zero2": "fp32"}
 def trained(tmp_path_factory, cache) -> Path:
     """Per strategy, a straight 4-step run (<strategy>/straight, checkpoints at 2 and 4) and a run resumed
     from its step-2 checkpoint to step 4 (<strategy>/resumed): 2N straight against N + resume N. All four
-    in one torchrun (tests/train_runs_check.py), each as `sd35dist train` runs it on a rank."""
+    in one torchrun (tests/trainings_check.py), each as `sd35dist train` runs it on a rank."""
     root = tmp_path_factory.mktemp("lora")
     runs = []
     for strategy, precision in PRECISION.items():

@@ -32,7 +32,7 @@ ADAPTERS = {
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache) -> Path:
     """Per strategy, a straight 4-step run and a run resumed from its step-2 checkpoint; all four in one
-    torchrun (tests/train_runs_check.py), each as `sd35dist train` runs it on a rank."""
+    torchrun (tests/trainings_check.py), each as `sd35dist train` runs it on a rank."""
     root = tmp_path_factory.mktemp("lycoris")
     runs = []
     for strategy, (adapter, precision) in ADAPTERS.items():

@@ -38,19 +38,17 @@ def train(recipe: Path, run_dir: Path, nproc: int = 2, env: dict[str, str] | Non
 
 def train_in_one_group(*runs: tuple[Path, Path], timeout: float = 900) -> dict[Path, str]:
     """Several runs, (recipe, run directory) each, one after another on 2 gloo ranks in ONE torchrun
-    (tests/train_runs_check.py; DeepSpeed on its CPU accelerator): a later run may resume from an earlier
-    one's checkpoint, and the N runs cost one start-up instead of N. Rank 0's output of each run, by run
-    directory. A module keeps `train` (the CLI, a torchrun of its own) where it tests the command itself."""
-    from tests.rank_runs import run_driver
-    from tests.train_runs_check import RUN_MARK
+    (tests/trainings_check.py; DeepSpeed on its CPU accelerator): a later run may resume from an earlier
+    one's checkpoint, and the N runs cost one start-up instead of N. Every run must end "done" on every
+    rank; returns rank 0's output of each run, by run directory. A module keeps `train` (the CLI, a
+    torchrun of its own) where it tests the command itself."""
+    from tests.trainings_check import run_trainings
 
-    proc = run_driver("tests.train_runs_check", *(str(p) for run in runs for p in run), timeout=timeout)
-    outputs: dict[Path, str] = {}
-    for chunk in proc.stdout.split(RUN_MARK)[1:]:
-        run_dir, _, text = chunk.partition("\n")
-        outputs[Path(run_dir.strip())] = text
-    assert list(outputs) == [run_dir for _, run_dir in runs], proc.stdout[-3000:]
-    return outputs
+    first = runs[0][1]
+    results = run_trainings(first.parent / f"{first.name}-trainings.json", *runs, timeout=timeout)
+    assert [Path(r["run_dir"]) for r in results] == [run_dir for _, run_dir in runs], results
+    assert all(set(r["outcomes"]) == {"done"} for r in results), [(r["run_dir"], r["outcomes"]) for r in results]
+    return {Path(r["run_dir"]): r["stdout"] for r in results}
 
 
 def losses(run_dir: Path) -> dict[int, float]:
