@@ -116,7 +116,7 @@ def first_shard_seen(cache: Path) -> bool:
 
 
 def build(recipe: Path, cache: Path, ranks: int, env: dict[str, str]) -> dict[str, float]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+    command = [sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", f"--nproc-per-node={ranks}",
                "-m", "sd35dist", "cache", "--recipe", str(recipe)]
     log = recipe.with_suffix(".log")
     started = time.monotonic()

@@ -166,6 +166,7 @@ def _launch_argv(profile: Profile, job: str, frozen_recipe: str, run_dir: str) -
         rendezvous = ("--standalone", "--nnodes=1", f"--nproc-per-node={profile.procs_per_node}")
     # A crashed worker restarts every worker of the job inside the allocation; they resume from latest.
     rendezvous += (f"--max-restarts={profile.launch.max_restarts}",)
+    rendezvous += (f"--start-method={'forkserver' if profile.launch.warm_ranks else 'spawn'}",)
     return ("sd35dist", "torchrun", *rendezvous, "-m", "sd35dist", job, "--recipe", frozen_recipe, "--run-dir", run_dir)
 
 

@@ -103,6 +103,10 @@ class LaunchSection(StrictModel):
     allocation, from the latest checkpoint. A mistake (exit status 2) is never restarted."""
     network_interface: str | None = None
     """Sets NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME (e.g. ib0, eth0)."""
+    warm_ranks: bool = True
+    """Each node imports torch, diffusers and the job once, in a fork server, and forks its ranks
+    (and restarted ranks) from it (torchrun --start-method=forkserver); false: one fresh interpreter
+    per rank (--start-method=spawn). sd35dist/jobs/warm_ranks.py."""
 
     @pydantic.model_validator(mode="after")
     def _port_range(self) -> LaunchSection:

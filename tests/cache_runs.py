@@ -64,7 +64,7 @@ def run_cache(recipe: Path, nproc: int = 1, env: dict[str, str] | None = None) -
     if nproc == 1:
         cmd = [sys.executable, "-m", "sd35dist", "cache", "--recipe", str(recipe)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        cmd = [sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "sd35dist", "cache", "--recipe", str(recipe)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

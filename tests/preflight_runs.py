@@ -45,7 +45,7 @@ class PreflightRun:
 def run_preflight(recipe: Path, run_dir: Path, nproc: int = 2, **env: str) -> PreflightRun:
     proc = subprocess.run(
         [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
+            sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
             "-m", "sd35dist", "preflight", "--recipe", str(recipe), "--run-dir", str(run_dir),
         ],
         capture_output=True, text=True, cwd=PROJECT, timeout=RUN_TIMEOUT_S,

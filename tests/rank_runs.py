@@ -17,18 +17,20 @@ def torchrun(job: str, recipe: Path, run_dir: Path | None = None, nproc: int = 2
     the profile's default restarts (a mistake must not be restarted)."""
     cmd = [sys.executable, "-m", "sd35dist", "torchrun", "--standalone", f"--nproc-per-node={nproc}",
            f"--max-restarts={LaunchSection().max_restarts}",
+           f"--start-method={'forkserver' if LaunchSection().warm_ranks else 'spawn'}",
            "-m", "sd35dist", job, "--recipe", str(recipe)] + (["--run-dir", str(run_dir)] if run_dir else [])
     return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"),
                           timeout=timeout)
 
 
 def run_driver(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
-    """A test driver (tests/*_check.py, run as `module`) on 2 gloo ranks under plain torchrun, with
+    """A test driver (tests/*_check.py, run as `module`) on 2 gloo ranks under sd35dist's torchrun
+    without restarts, the ranks forked from one warm interpreter (sd35dist/jobs/warm_ranks.py), with
     DeepSpeed on its CPU accelerator and its ops built in the venv's own folder; a failed run fails
     the test with the tail of its output."""
     env = venv_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=torch_extensions_dir())
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", module, *args],
+        [sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nproc-per-node=2", "-m", module, *args],
         capture_output=True, text=True, cwd=PROJECT, env=env, timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

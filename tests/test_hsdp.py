@@ -31,7 +31,7 @@ GRAD_RTOL = 1e-5
 def _run_as_two_nodes(tiny_model, out_dir):
     """Two torchrun agents of two workers each, meeting in one c10d rendezvous: 2 pretend nodes."""
     port = free_port()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2",
+    command = [sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--nnodes=2", "--nproc-per-node=2",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=hsdp-test",
                "-m", "tests.hsdp_check", str(tiny_model), str(out_dir)]
     agents = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=PROJECT,

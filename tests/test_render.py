@@ -139,3 +139,14 @@ def test_shell_words_expand_only_variables():
         capture_output=True, text=True, check=True,
     ).stdout
     assert out.splitlines() == ["--v=a b", "; rm -rf /"]
+
+
+@pytest.mark.unit
+def test_warm_ranks_choose_torchrun_s_start_method(capsys, monkeypatch):
+    monkeypatch.chdir(PROJECT)
+    dry_run = ["submit", "--profile", "h100x8", "--dry-run", "--run-dir", RUN_DIR]
+    assert sd35dist_main(dry_run) == 0
+    assert "--start-method=forkserver" in capsys.readouterr().out, "warm ranks are the default"
+    assert sd35dist_main([*dry_run, "--set", "launch.warm_ranks=false"]) == 0
+    text = capsys.readouterr().out
+    assert "--start-method=spawn" in text and "forkserver" not in text

@@ -28,8 +28,9 @@ import os, signal, sys
 from pathlib import Path
 attempts = Path(sys.argv[1]) / f"rank{os.environ['RANK']}"
 attempts.parent.mkdir(parents=True, exist_ok=True)
+warm = "diffusers" in sys.modules  # imported before this script's first line: a warm fork
 with attempts.open("a") as f:
-    f.write(os.environ["TORCHELASTIC_RESTART_COUNT"] + "\\n")
+    f.write(f"{os.environ['TORCHELASTIC_RESTART_COUNT']} {os.getppid()} {warm}\\n")
 n = len(attempts.read_text().splitlines())
 plan = sys.argv[2].split(",")  # what this rank does on attempt 1, 2, …: ok | exit<N> | kill
 what = plan[min(n, len(plan)) - 1] if os.environ["RANK"] == "1" else "ok"
@@ -39,28 +40,41 @@ sys.exit(int(what[4:]) if what.startswith("exit") else 0)
 """
 
 
-def run_workers(tmp_path: Path, plan: str, max_restarts: int) -> tuple[subprocess.CompletedProcess, list[int]]:
+def run_workers(tmp_path: Path, plan: str, max_restarts: int,
+                warm: bool = False) -> tuple[subprocess.CompletedProcess, list[int]]:
     """Two ranks under one `sd35dist torchrun` agent; rank 1 follows `plan`. Returns the run and
-    how many times each rank was started."""
+    how many times each rank was started. `warm`: the worker runs as a module (`-m worker`) with
+    --start-method=forkserver, so every attempt is forked from one warm interpreter."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     counts = tmp_path / "attempts"
+    entry = ["--start-method=forkserver", "-m", "worker"] if warm else [str(script)]
     proc = subprocess.run(
         [sys.executable, "-m", "sd35dist", "torchrun", "--standalone", "--nproc-per-node=2",
-         f"--max-restarts={max_restarts}", "--monitor-interval=0.2", str(script), str(counts), plan],
-        capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1", SD35DIST_RUN_DIR=str(tmp_path)),
-        timeout=180)
-    started = [len((counts / f"rank{rank}").read_text().splitlines()) if (counts / f"rank{rank}").exists() else 0
-               for rank in (0, 1)]
+         f"--max-restarts={max_restarts}", "--monitor-interval=0.2", *entry, str(counts), plan],
+        capture_output=True, text=True, cwd=tmp_path if warm else PROJECT,
+        env=venv_env(OMP_NUM_THREADS="1", SD35DIST_RUN_DIR=str(tmp_path)), timeout=180)
+    started = [len(attempts(counts, rank)) for rank in (0, 1)]
     return proc, started
 
 
+def attempts(counts: Path, rank: int) -> list[list[str]]:
+    """Each start of `rank`: its restart count, its parent's pid, whether torch and diffusers were already imported."""
+    path = counts / f"rank{rank}"
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
 @pytest.mark.dist
-def test_a_killed_rank_restarts_the_workers_and_the_job_succeeds(tmp_path):
-    proc, started = run_workers(tmp_path, "kill,ok", max_restarts=3)
+@pytest.mark.parametrize("warm", [False, True], ids=["spawned", "warm"])
+def test_a_killed_rank_restarts_the_workers_and_the_job_succeeds(tmp_path, warm):
+    proc, started = run_workers(tmp_path, "kill,ok", max_restarts=3, warm=warm)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert started == [2, 2], "both ranks were started again after rank 1 was killed"
     assert not (tmp_path / MISTAKE_FILE).exists()
+    starts = attempts(tmp_path / "attempts", 0) + attempts(tmp_path / "attempts", 1)
+    assert {warm_start for _, _, warm_start in starts} == {str(warm)}, starts
+    if warm:
+        assert len({parent for _, parent, _ in starts}) == 1, "every attempt forked from the one fork server"
 
 
 @pytest.mark.dist

@@ -84,7 +84,8 @@ def rank_pids(run_dir: Path) -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        words = [w.decode(errors="replace") for w in cmdline]
+        # A rank forked warm (sd35dist/jobs/warm_ranks.py) shows its command line as one title.
+        words = " ".join(w.decode(errors="replace") for w in cmdline).split()
         if "sd35dist" in words and "train" in words and not any(w.endswith("torchrun") for w in words):
             pids.append(pid)
     return pids

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.dist
 
 def start_training(recipe: Path, run_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        [sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nproc-per-node=2",
          "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=PROJECT,
         env={**(env or venv_env()), "OMP_NUM_THREADS": "1"},
@@ -39,16 +39,19 @@ def wait_for_steps(run_dir: Path, count: int, proc: subprocess.Popen, timeout_s:
         time.sleep(0.2)
 
 
-def rank_pids(parent: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                    children.append(int(entry.name))
-            except (OSError, IndexError):
-                continue
-    return children
+def rank_pids(agent: int) -> list[int]:
+    """The training ranks under a torchrun agent: forked warm, they are its grandchildren (the fork
+    server between them), so they are found by the command line they show."""
+    from launcher.local_process import descendants
+
+    ranks = []
+    for pid in descendants(agent):
+        try:
+            if b"sd35dist train" in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" "):
+                ranks.append(pid)
+        except OSError:
+            continue
+    return ranks
 
 
 def settings(**extra):

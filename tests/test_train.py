@@ -82,7 +82,7 @@ def kill_a_rank_while_a_checkpoint_is_written(recipe: Path, out: Path, run_dir: 
         shutil.rmtree(run_dir, ignore_errors=True)
         killed_at = None
         proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            [sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nproc-per-node=2",
              "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
             cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
@@ -256,7 +256,7 @@ def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path)
     finally:
         torch.set_num_threads(threads)
     # The same sweep on 2 ranks (3 images per step and kind: one placeholder round) gives the same pixels.
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    proc = subprocess.run([sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nproc-per-node=2",
                            "-m", "sd35dist", *sweep, "--out", str(tmp_path / "sweep2")], capture_output=True, text=True,
                           cwd=PROJECT, env={**venv_env(), "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -185,7 +185,7 @@ def test_zero_trains_the_same_model_as_fsdp2(runs, case, tmp_path):
 def test_resume_on_another_world_size_is_a_one_line_error(runs, cache, tmp_path):
     shutil.copytree(runs / "zero3" / "out", tmp_path / "out")
     recipe = zero_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", max_train_steps=8, **CASES["zero3"])
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+    proc = subprocess.run([sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nproc-per-node=1",
                            "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(tmp_path / "run")],
                           capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), timeout=600,
                           check=False)

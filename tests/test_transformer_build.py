@@ -171,7 +171,7 @@ def fsdp2_run(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     out_dir = tmp_path_factory.mktemp("fsdp2")
     proc = subprocess.run(
         [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
+            sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nnodes=1", "--nproc-per-node=2",
             "-m", "tests.dist_transformer_check", str(model_dir), str(out_dir),
         ],
         capture_output=True, text=True, cwd=PROJECT, timeout=RUN_TIMEOUT_S, env=venv_env(OMP_NUM_THREADS="1"),

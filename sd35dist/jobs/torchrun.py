@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from sd35dist.jobs.warm_ranks import rank_module, ranks_forked_warm
 from sd35dist.runtime.job_env import JobEnvironment
 from sd35dist.runtime.run_files import MISTAKE_FILE
 
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(SEPARATE_STORE_PER_ATTEMPT, "1")
     restarts = Restarts()
     try:
-        with rendezvous_outlives_its_agents(multi_node_rendezvous(args)), restart_policy(restarts):
+        with (rendezvous_outlives_its_agents(multi_node_rendezvous(args)), restart_policy(restarts),
+              ranks_forked_warm(rank_module(args))):
             run(args)
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()

@@ -72,6 +72,7 @@ srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per
     --rdzv-backend=c10d \
     --rdzv-endpoint="$SD35DIST_RDZV_HOST:$SD35DIST_RDZV_PORT" \
     --max-restarts=3 \
+    --start-method=forkserver \
     -m sd35dist train \
     --recipe /shared/runs/golden-run/recipe.yaml \
     --run-dir /shared/runs/golden-run &

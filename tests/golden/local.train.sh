@@ -16,6 +16,7 @@ exec sd35dist torchrun \
     --nnodes=1 \
     --nproc-per-node=2 \
     --max-restarts=3 \
+    --start-method=forkserver \
     -m sd35dist train \
     --recipe /shared/runs/golden-run/recipe.yaml \
     --run-dir /shared/runs/golden-run

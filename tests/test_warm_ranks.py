@@ -1,0 +1,118 @@
+"""Warm ranks (sd35dist/jobs/warm_ranks.py): under `sd35dist torchrun --start-method=forkserver -m
+MODULE`, what each rank finds when its module starts, how it ends, and what is left afterwards.
+
+The probe (tests/warm_rank_probe.py) records what was already imported at its first line: with the
+fork server torch, diffusers and the train job are; with --start-method=spawn nothing is, which is
+how these tests know the option reached the agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from sd35dist.jobs.warm_fork_server import TITLE
+from sd35dist.jobs.warm_ranks import PRELOAD, RankModule, rank_module, rank_title
+from tests.cli_runs import PROJECT, venv_env, wait_for
+
+
+def launch(tmp_path: Path, method: str, *how: str, restarts: int = 0) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sd35dist", "torchrun", "--standalone", "--nproc-per-node=2",
+         f"--max-restarts={restarts}", f"--start-method={method}", "-m", "tests.warm_rank_probe", str(tmp_path), *how],
+        capture_output=True, text=True, cwd=PROJECT, timeout=180,
+        env=venv_env(WARM_PROBE_VARIABLE="from the launching shell", SD35DIST_RUN_DIR=str(tmp_path)))
+    ranks = {int(p.stem[4:]): json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")}
+    return proc, ranks
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.dist
+def test_warm_ranks_start_with_the_libraries_imported_and_look_like_started_ones(tmp_path):
+    proc, ranks = launch(tmp_path, "forkserver", "a b")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(ranks) == [0, 1]
+    for rank in ranks.values():
+        assert rank["already_imported"] == {"torch": True, "diffusers": True, "sd35dist.jobs.train": True,
+                                            "deepspeed": False}
+        assert rank["argv"] == [str(tmp_path), "a b"] and rank["name"] == "__main__"
+        assert rank["launch_variable"] == "from the launching shell" and rank["world_size"] == "2"
+        assert rank["omp_threads"] == "1", "torchrun's OMP_NUM_THREADS for several ranks reaches forked ranks"
+        assert rank["cmdline"] == rank_title("tests.warm_rank_probe", [str(tmp_path), "a b"]), "ps shows the rank's command"
+        assert rank["sigterm_default"], "a rank is killed by SIGTERM until it installs its own handler"
+        assert rank["parent_cmdline"] == f"{TITLE} {tmp_path}", "ps names the fork server and its run"
+    assert ranks[0]["parent"] == ranks[1]["parent"], "both forked from one fork server"
+    wait_for(lambda: not alive(ranks[0]["parent"]), 10, "the fork server to end with its agent")
+
+
+@pytest.mark.dist
+def test_the_fork_server_outlives_a_sigterm_so_saving_ranks_are_not_interrupted(tmp_path):
+    proc, ranks = launch(tmp_path, "forkserver", "sigterm-parent")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(rank["parent_alive_after_sigterm"] for rank in ranks.values())
+    wait_for(lambda: not alive(ranks[0]["parent"]), 10, "the fork server to end with its agent")
+
+
+@pytest.mark.dist
+def test_spawn_keeps_one_fresh_interpreter_per_rank(tmp_path):
+    proc, ranks = launch(tmp_path, "spawn")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in ranks.values():
+        assert not any(rank["already_imported"].values()), rank
+        assert rank["cmdline"].split()[1:4] == ["-u", "-m", "tests.warm_rank_probe"]
+
+
+@pytest.mark.dist
+def test_a_warm_rank_s_mistake_is_its_one_line_and_exit_2_without_restart(tmp_path):
+    proc, ranks = launch(tmp_path, "forkserver", "fail", restarts=3)
+    everything = proc.stdout + proc.stderr
+    assert proc.returncode == 2, everything[-3000:]
+    assert [line for line in everything.splitlines() if line.startswith("error:")] == ["error: the probe's mistake"]
+    assert "Traceback" not in everything and "will restart worker group" not in everything, everything[-3000:]
+    assert "sd35dist: stopped: rank 1 on" in everything and "exited with status 2 (a mistake: not restarted)" in everything
+
+
+@pytest.mark.dist
+def test_a_killed_warm_rank_s_last_output_is_not_lost(tmp_path):
+    proc, ranks = launch(tmp_path, "forkserver", "die")
+    assert proc.returncode == 128 + 9, proc.stderr[-3000:]
+    assert "last words before SIGKILL" in proc.stdout
+    for rank in ranks.values():
+        assert not alive(rank["pid"])
+
+
+@pytest.mark.unit
+def test_only_a_module_under_the_forkserver_method_runs_warm():
+    def args(**given):
+        base = {"start_method": "forkserver", "module": True, "no_python": False, "run_path": False,
+                "training_script": "sd35dist", "training_script_args": ["train", "--recipe", "r.yaml"]}
+        return Namespace(**{**base, **given})
+
+    assert rank_module(args()) == RankModule("sd35dist", ("train", "--recipe", "r.yaml"))
+    assert rank_module(args(start_method="spawn")) is None
+    assert rank_module(args(start_method="fork")) is None
+    assert rank_module(args(module=False, training_script="train.py")) is None
+    assert rank_module(args(no_python=True)) is None
+    assert rank_module(args(run_path=True)) is None
+    assert "deepspeed" not in " ".join(PRELOAD), "DeepSpeed picks its accelerator when imported"
+    assert "sd35dist" not in RankModule("sd35dist", ()).preload(), "the module's own top level runs in the rank"
+
+
+@pytest.mark.unit
+def test_torch_still_builds_the_entrypoint_where_warm_ranks_replace_it():
+    import torch.distributed.run as torch_run
+
+    assert callable(torch_run.config_from_args), "warm_ranks.ranks_forked_warm swaps this name during run()"
+    assert os.path.basename(rank_title("m", ["x"])).startswith(os.path.basename(sys.executable) + " -u -m m x")
