@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_runs import PROJECT, torch_extensions_dir, venv_env
+from tests.run_order import TIER_ORDER, longest_first, unit_of
 from tests.tiers import TierRules
 
 
@@ -32,24 +33,31 @@ only node ids, so the file name is what sends them to one worker."""
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """`make test` runs two pytest-xdist workers. A module's tests stay on one worker (its module-scoped
     fixtures, often one training run that several tests read, are built once), and the Slurm tests,
-    which share one cluster on fixed ports, are one unit. (xdist's own `loadgroup` marks are lost on
-    pytest 9, whose node ids it can no longer rewrite.)"""
+    which share one cluster on fixed ports, are one unit. Workers take the units in the collection's
+    order (tests/run_order.py: longest first), not xdist's default of most tests first. (xdist's own
+    `loadgroup` marks are lost on pytest 9, whose node ids it can no longer rewrite.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class ModulesAndOneSlurmCluster(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return "slurm-cluster" if path.startswith(SLURM_TEST_FILES) else path
+            return unit_of(nodeid.split("::", 1)[0], SLURM_TEST_FILES)
 
+    config.option.loadscopereorder = False
     return ModulesAndOneSlurmCluster(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The Slurm tests go first: they mostly wait on the cluster, and the other worker fills those
-    waits with the rest of the suite. A pure function of the collection, as xdist requires (every
-    worker collects the same list)."""
-    slurm = [item for item in items if item.get_closest_marker("slurm") is not None]
-    items[:] = slurm + [item for item in items if item.get_closest_marker("slurm") is None]
+    """The units longest first (tests/run_order.py), each unit's tests in their own order. A pure
+    function of the collection, as xdist requires (every worker collects the same list)."""
+    by_unit: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_unit.setdefault(unit_of(item.nodeid.split("::", 1)[0], SLURM_TEST_FILES), []).append(item)
+    units = [(unit, _tier(tests[0])) for unit, tests in by_unit.items()]
+    items[:] = [item for unit in longest_first(units) for item in by_unit[unit]]
+
+
+def _tier(item: pytest.Item) -> str:
+    return next((name for name in TIER_ORDER if item.get_closest_marker(name) is not None), "unit")
 
 
 @pytest.fixture

@@ -207,3 +207,18 @@ def _reports(result: pytest.RunResult) -> list[pytest.TestReport]:
     """One report per test: its call's, or its setup's when setup did not pass."""
     return [r for r in result.reprec.getreports("pytest_runtest_logreport")
             if r.when == "call" or (r.when == "setup" and not r.passed)]
+
+
+@pytest.mark.unit
+def test_workers_take_the_longest_modules_first_then_the_launching_tiers():
+    from tests.run_order import MODULE_SECONDS, SLURM_UNIT, longest_first, unit_of
+
+    assert unit_of("tests/test_slurm_lifecycle.py", "tests/test_slurm") == SLURM_UNIT
+    assert unit_of("tests/test_train.py", "tests/test_slurm") == "tests/test_train.py"
+    units = [("tests/test_cli_help.py", "unit"), ("tests/new_unit.py", "unit"), ("tests/new_dist.py", "dist"),
+             ("tests/test_demo.py", "process"), (SLURM_UNIT, "slurm"), ("tests/test_train_zero.py", "dist")]
+    order = longest_first(units)
+    assert order[:3] == ["tests/test_train_zero.py", SLURM_UNIT, "tests/test_demo.py"], order
+    assert order[3:] == ["tests/new_dist.py", "tests/test_cli_help.py", "tests/new_unit.py"], order
+    assert MODULE_SECONDS["tests/test_train_zero.py"] > MODULE_SECONDS["tests/test_demo.py"]
+
