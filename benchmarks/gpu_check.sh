@@ -14,7 +14,7 @@ PY=${PYTHON:-}
 if [ -z "$PY" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-NEEDED="import diffusers, torchao, pydantic, optimi, yaml"
+NEEDED="import diffusers, torchao, pydantic, optimi, yaml, setproctitle"
 if ! "$PY" -c "$NEEDED" 2>/dev/null; then
     if ! compgen -G ".whl/*.whl" >/dev/null; then
         echo "gpu_check: $PY lacks diffusers/torchao/pydantic/torch-optimi and there is no .whl/: run benchmarks/gpu_wheels.sh where pip works and carry .whl/" >&2
@@ -25,4 +25,7 @@ if ! "$PY" -c "$NEEDED" 2>/dev/null; then
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     "$PY" -c "$NEEDED"
 fi
+# Warm ranks (sd35dist/jobs/warm_ranks.py, the profiles' default) fork from a process that imported the
+# libraries: a rank must still be able to use CUDA.
+"$PY" -m sd35dist torchrun --standalone --nproc-per-node=1 --start-method=forkserver -m benchmarks.warm_rank_cuda
 exec "$PY" benchmarks/gpu_check.py "$@"

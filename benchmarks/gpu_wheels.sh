@@ -8,10 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYVER=${1:-3.12}
 PY=${PYTHON:-python3}
-NAMES='diffusers|torchao|torch-optimi|pydantic|pydantic_core|annotated-types|typing-inspection|typing_extensions|importlib_metadata'
+NAMES='diffusers|torchao|torch-optimi|pydantic|pydantic_core|annotated-types|typing-inspection|typing_extensions|importlib_metadata|setproctitle'
 mapfile -t PINS < <(grep -E "^($NAMES)==" requirements.txt)
-if [ "${#PINS[@]}" -ne 9 ]; then
-    echo "gpu_wheels: expected 9 pins in requirements.txt, found: ${PINS[*]}" >&2
+if [ "${#PINS[@]}" -ne 10 ]; then
+    echo "gpu_wheels: expected 10 pins in requirements.txt, found: ${PINS[*]}" >&2
     exit 2
 fi
 PLATFORMS=()

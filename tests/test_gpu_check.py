@@ -28,6 +28,7 @@ def test_gpu_check_smoke_runs_every_loop_and_compiled_fp8_trains_like_eager():
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--smoke"], capture_output=True, text=True, cwd=PROJECT,
                           env=venv_env(OMP_NUM_THREADS="2"), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu_check: warm rank: no CUDA here; forked from the fork server and ran on CPU" in proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| loop")]
     names = ["diffusers example loop", "ours eager", "ours compiled + fp8 tensorwise"]
     assert [row.split(" | ")[0][2:].split(" (")[0] for row in rows] == names, rows
