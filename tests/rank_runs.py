@@ -37,6 +37,22 @@ def run_driver(module: str, *args: str, timeout: float) -> subprocess.CompletedP
     return proc
 
 
+def rank_processes(agent: int, job: str = "train") -> list[int]:
+    """The ranks of `sd35dist JOB` under a torchrun agent. Forked warm they are its grandchildren,
+    with the fork server (titled "sd35dist torchrun fork server") between, so they are found by the
+    command line they show."""
+    from launcher.local_process import descendants
+
+    ranks = []
+    for pid in descendants(agent):
+        try:
+            if f"sd35dist {job} ".encode() in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" "):
+                ranks.append(pid)
+        except OSError:
+            continue
+    return ranks
+
+
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     text = (proc.stdout + proc.stderr).replace("\r", "\n")
     return [line for line in text.splitlines() if line.startswith("error:")]

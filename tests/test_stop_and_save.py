@@ -16,6 +16,7 @@ import pytest
 from sd35dist.checkpoint.layout import CheckpointDir
 from sd35dist.runtime.save_budget import SAVE_ESTIMATE_FILE, read_save_estimate
 from tests.cli_runs import PROJECT, venv_env
+from tests.rank_runs import rank_processes
 from tests.train_runs import losses, train, train_recipe
 
 pytestmark = pytest.mark.dist
@@ -39,21 +40,6 @@ def wait_for_steps(run_dir: Path, count: int, proc: subprocess.Popen, timeout_s:
         time.sleep(0.2)
 
 
-def rank_pids(agent: int) -> list[int]:
-    """The training ranks under a torchrun agent: forked warm, they are its grandchildren (the fork
-    server between them), so they are found by the command line they show."""
-    from launcher.local_process import descendants
-
-    ranks = []
-    for pid in descendants(agent):
-        try:
-            if b"sd35dist train" in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" "):
-                ranks.append(pid)
-        except OSError:
-            continue
-    return ranks
-
-
 def settings(**extra):
     return {"max_train_steps": 200, "checkpointing_steps": 100, "gradient_checkpointing": False,
             "ema": {"enabled": False}, **extra}
@@ -67,7 +53,7 @@ def test_sigterm_outside_slurm_is_a_cancel_that_saves_and_a_save_longer_than_the
     recipe = train_recipe(tmp_path / "r.yaml", cache, out, **settings(checkpointing_steps=2))
     proc = start_training(recipe, tmp_path / "run", env=venv_env(SD35DIST_SIGNAL_GRACE_S="0.001"))
     wait_for_steps(tmp_path / "run", 3, proc)
-    for pid in rank_pids(proc.pid):
+    for pid in rank_processes(proc.pid):
         os.kill(pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]

@@ -75,7 +75,7 @@ def kill_a_rank_while_a_checkpoint_is_written(recipe: Path, out: Path, run_dir: 
     import signal
     import time
 
-    from launcher.local_process import descendants
+    from tests.rank_runs import rank_processes
 
     for _attempt in range(3):
         shutil.rmtree(out, ignore_errors=True)
@@ -89,9 +89,7 @@ def kill_a_rank_while_a_checkpoint_is_written(recipe: Path, out: Path, run_dir: 
         while proc.poll() is None and time.monotonic() < deadline:
             partial = sorted((out / "checkpoints").glob("step-*.partial")) if (out / "checkpoints").is_dir() else []
             if partial and int(partial[-1].name[5:13]) >= 3:
-                workers = [p for p in descendants(proc.pid)
-                           if b"sd35dist" in Path(f"/proc/{p}/cmdline").read_bytes() and p != proc.pid]
-                os.kill(workers[-1], signal.SIGKILL)
+                os.kill(rank_processes(proc.pid)[-1], signal.SIGKILL)
                 killed_at = partial[-1]
                 break
             time.sleep(0.002)

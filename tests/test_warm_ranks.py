@@ -85,6 +85,14 @@ def test_a_warm_rank_s_mistake_is_its_one_line_and_exit_2_without_restart(tmp_pa
 
 
 @pytest.mark.dist
+def test_a_warm_rank_s_uncaught_exception_prints_its_traceback_and_exits_1(tmp_path):
+    proc, ranks = launch(tmp_path, "forkserver", "raise")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback (most recent call last)" in proc.stderr and "RuntimeError: a bug in the probe" in proc.stderr
+    assert "sd35dist: stopped: rank 1 on" in proc.stderr and "exited with status 1" in proc.stderr
+
+
+@pytest.mark.dist
 def test_a_killed_warm_rank_s_last_output_is_not_lost(tmp_path):
     proc, ranks = launch(tmp_path, "forkserver", "die")
     assert proc.returncode == 128 + 9, proc.stderr[-3000:]

@@ -35,6 +35,8 @@ def main() -> int:
     if rank == "1" and how == ["fail"]:
         print("error: the probe's mistake", file=sys.stderr)
         return 2
+    if rank == "1" and how == ["raise"]:
+        raise RuntimeError("a bug in the probe")
     if rank == "1" and how == ["die"]:
         print("last words before SIGKILL")  # no flush: a warm rank's stdout must be unbuffered, as with -u
         os.kill(os.getpid(), 9)

@@ -124,7 +124,8 @@ def run_module_as_rank(module: str, *argv: str) -> None:
     """In a forked rank: run `module` as `python -u -m module ARGV…` would, in this process.
 
     A non-zero exit status leaves as SystemExit, which torchrun's worker records as the rank's exit
-    code; exit handlers run here, since a forked worker leaves through os._exit."""
+    code; an uncaught exception prints its traceback and exits 1; exit handlers run here, since a
+    forked worker leaves through os._exit."""
     import setproctitle
     import torch
 
@@ -138,6 +139,11 @@ def run_module_as_rank(module: str, *argv: str) -> None:
     sys.argv = [module, *argv]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except Exception:  # noqa: BLE001  (any uncaught exception, as the interpreter's top level)
+        # What the interpreter does with an uncaught exception: the traceback on the rank's stderr
+        # (torch's worker would keep it in a file nobody reads) and exit status 1.
+        sys.excepthook(*sys.exc_info())
+        raise SystemExit(1) from None
     finally:
         atexit._run_exitfuncs()
         sys.stdout.flush()
