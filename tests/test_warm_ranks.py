@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from argparse import Namespace
@@ -16,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sd35dist.jobs.warm_fork_server import TITLE
-from sd35dist.jobs.warm_ranks import PRELOAD, RankModule, rank_module, rank_title
+from sd35dist.jobs.warm_ranks import PRELOAD, RankModule, fork_server_title, rank_module, rank_title
 from tests.cli_runs import PROJECT, venv_env, wait_for
 
 
@@ -52,7 +52,7 @@ def test_warm_ranks_start_with_the_libraries_imported_and_look_like_started_ones
         assert rank["omp_threads"] == "1", "torchrun's OMP_NUM_THREADS for several ranks reaches forked ranks"
         assert rank["cmdline"] == rank_title("tests.warm_rank_probe", [str(tmp_path), "a b"]), "ps shows the rank's command"
         assert rank["sigterm_default"], "a rank is killed by SIGTERM until it installs its own handler"
-        assert rank["parent_cmdline"] == f"{TITLE} {tmp_path}", "ps names the fork server and its run"
+        assert rank["parent_cmdline"] == fork_server_title(str(tmp_path)), "ps names the fork server and its run"
     assert ranks[0]["parent"] == ranks[1]["parent"], "both forked from one fork server"
     wait_for(lambda: not alive(ranks[0]["parent"]), 10, "the fork server to end with its agent")
 
@@ -124,3 +124,14 @@ def test_torch_still_builds_the_entrypoint_where_warm_ranks_replace_it():
 
     assert callable(torch_run.config_from_args), "warm_ranks.ranks_forked_warm swaps this name during run()"
     assert os.path.basename(rank_title("m", ["x"])).startswith(os.path.basename(sys.executable) + " -u -m m x")
+
+
+@pytest.mark.unit
+def test_only_the_fork_server_imports_its_setup():
+    """Importing warm_fork_server ignores SIGTERM in the importing process: only the fork server may (PRELOAD)."""
+    statement = re.compile(r"^\s*(from sd35dist\.jobs\.warm_fork_server import|import sd35dist\.jobs\.warm_fork_server"
+                           r"|from sd35dist\.jobs import .*warm_fork_server)", re.MULTILINE)
+    importers = [str(path.relative_to(PROJECT)) for folder in ("sd35dist", "tests", "benchmarks", "launcher")
+                 for path in (PROJECT / folder).rglob("*.py") if statement.search(path.read_text())]
+    assert importers == []
+    assert PRELOAD[-1] == "sd35dist.jobs.warm_fork_server", "last, once the libraries are in"

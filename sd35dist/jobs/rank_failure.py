@@ -12,7 +12,8 @@ the ranks that only lost a peer would add tracebacks of their own. Instead:
 - A mistake met while running (a corrupt or missing shard, a resume the recipe refuses)
   writes the rank's traceback to `<run_dir>/logs/rank<N>-traceback.log`; the first rank to
   fail claims the report in the job's rendezvous store and prints
-  `error: <reason> (traceback: PATH)`. Whoever fails after it (a peer's collective broke)
+  `error: <reason> (traceback: PATH)`; rank 0, which may host that store, stays until every rank
+  has claimed or a few seconds have passed. Whoever fails after it (a peer's collective broke)
   writes its traceback file, prints nothing and exits with the first failure's kind: 2 after
   a mistake, so that no torchrun agent restarts the workers for it (jobs/torchrun.py).
 - Anything else is a bug: the first rank to fail keeps its traceback on stderr.
@@ -42,7 +43,12 @@ from sd35dist.runtime.job_env import JobEnvironment
 
 PEER_FAILED_EXIT = 1
 FIRST_FAILURE_KEY = "sd35dist/first-failure"
+CLAIMS_KEY = "sd35dist/failure-claims"
 RANK0_SPEAKS_WITHIN_S = 30.0
+STORE_HOST_WAITS_S = 3.0
+"""How long rank 0, which hosts the store of an attempt under restarts (parallel/process_group.py),
+stays after reporting for the other failing ranks to read that a report was made: gone sooner, it
+takes the store with it and they print the line again."""
 
 MISTAKES: tuple[type[BaseException], ...] = (
     ConfigError, CheckpointNotFound, CheckpointUnreadable, ExportError, ManifestError, ShardCorrupt, ShardUnavailable,
@@ -103,9 +109,26 @@ def claim_report(rank: int, mistake: bool) -> tuple[bool, bool]:
     try:
         store = dist.distributed_c10d._get_default_store()
         first = store.compare_set(FIRST_FAILURE_KEY, "", mine).decode()
+        store.add(CLAIMS_KEY, 1)
     except Exception:  # noqa: BLE001 — the store is only a courtesy here
         return True, mistake
     return first == mine, first.startswith("mistake")
+
+
+def let_peers_claim(wait_s: float = STORE_HOST_WAITS_S) -> None:
+    """On rank 0, after its report: until every rank has claimed (claim_report) or `wait_s` has passed
+    (a rank that did not fail never claims)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() != 0:
+        return
+    deadline = time.monotonic() + wait_s
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        while store.add(CLAIMS_KEY, 0) < dist.get_world_size() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 — the store is only a courtesy here
+        return
 
 
 def write_line(text: str, out: TextIO | None = None) -> None:
@@ -136,7 +159,9 @@ def report_failure(error: BaseException, rank: int, run_dir: Path | None, out: T
     written = None
     if run_dir is not None and not isinstance(error, ConfigError):
         written = write_traceback(error, traceback_path(run_dir, rank))
+    if first:
+        write_line(failure_line(error, written), out)
+    let_peers_claim()
     if not first:
         return MISTAKE_EXIT if first_was_mistake or is_mistake(error) else PEER_FAILED_EXIT
-    write_line(failure_line(error, written), out)
     return MISTAKE_EXIT

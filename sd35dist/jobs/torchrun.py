@@ -178,6 +178,12 @@ def leave_mistake_mark(env: Mapping[str, str] | None = None) -> None:
             pass  # the status is a courtesy; the one-line error is already in the log
 
 
+def mistake_marked(env: Mapping[str, str] | None = None) -> bool:
+    """Whether an agent of this job has already marked it as ended on a mistake (leave_mistake_mark)."""
+    run_dir = JobEnvironment.read(env).run_dir
+    return bool(run_dir) and (Path(run_dir) / MISTAKE_FILE).exists()
+
+
 def argument_parser():
     """torchrun's own parser (torch.distributed.run), answering a usage mistake in one line."""
     from torch.distributed.run import get_args_parser
@@ -193,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     import socket
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import run
 
     args = argument_parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -203,10 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         # Without restarts torchrun's default (the agent hosts the workers' store) is kept.
         os.environ.setdefault(SEPARATE_STORE_PER_ATTEMPT, "1")
     restarts = Restarts()
+    rendezvous = multi_node_rendezvous(args)
     try:
-        with (rendezvous_outlives_its_agents(multi_node_rendezvous(args)), restart_policy(restarts),
+        with (rendezvous_outlives_its_agents(rendezvous), restart_policy(restarts),
               ranks_forked_warm(rank_module(args))):
             run(args)
+    except RendezvousConnectionError:
+        if rendezvous is None or rendezvous.hosted_here:
+            raise
+        # The agent hosting the rendezvous store has ended the job (its ranks failed) while this one
+        # still watched the rendezvous: torchrun's traceback here would hide the host's reason.
+        mistake = mistake_marked()
+        print(f"sd35dist: stopped: the job ended on {rendezvous.host}, which hosts its rendezvous"
+              + (" (a mistake: not restarted)" if mistake else ""), file=sys.stderr, flush=True)
+        return MISTAKE_EXIT if mistake else 1
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
         if failure.exitcode == MISTAKE_EXIT:

@@ -2,7 +2,8 @@
 
 multiprocessing's fork server runs nothing but its preload list, as imports; this module comes last
 in that list, so importing it is how the fork server sets itself up once the libraries are in.
-Nothing else imports it.
+Nothing else imports it: importing it sets up the importing process (tests read FORK_SERVER_TITLE
+from warm_ranks, never from here).
 
 - SIGTERM is ignored. Slurm signals every process of a step on scancel, requeue and preemption;
   the ranks answer by saving, but torch makes each rank's parent death a SIGINT to the rank, so a
@@ -21,11 +22,9 @@ import signal
 
 from setproctitle import setproctitle
 
+from sd35dist.jobs.warm_ranks import fork_server_title
 from sd35dist.runtime.job_env import JobEnvironment
 
-TITLE = "sd35dist torchrun fork server"
-
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-_run_dir = JobEnvironment.read().run_dir
-setproctitle(f"{TITLE} {_run_dir}" if _run_dir else TITLE)
+setproctitle(fork_server_title(JobEnvironment.read().run_dir))
 gc.freeze()

@@ -115,6 +115,14 @@ def _without_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
+FORK_SERVER_TITLE = "sd35dist torchrun fork server"
+
+
+def fork_server_title(run_dir: str | None) -> str:
+    """What `ps` shows for the fork server (set by warm_fork_server): with the run directory, if any."""
+    return f"{FORK_SERVER_TITLE} {run_dir}" if run_dir else FORK_SERVER_TITLE
+
+
 def rank_title(module: str, argv: tuple[str, ...] | list[str]) -> str:
     """The command line `ps` shows for a warm rank: the one torchrun would have started."""
     return " ".join([sys.executable, "-u", "-m", module, *argv])
