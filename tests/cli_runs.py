@@ -26,8 +26,9 @@ def venv_env(**extra: str) -> dict[str, str]:
 
 
 def torch_extensions_dir() -> str:
-    """Where DeepSpeed's C++ op builds go: $TORCH_EXTENSIONS_DIR, else the Makefile's folder for this venv."""
-    venv = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    """Where DeepSpeed's C++ op builds go: $TORCH_EXTENSIONS_DIR, else the Makefile's folder for this venv
+    and these pins."""
+    venv = hashlib.sha256(sys.prefix.encode() + (PROJECT / "requirements.txt").read_bytes()).hexdigest()[:12]
     return os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "sd35dist" / "torch_extensions" / venv))
 
 
