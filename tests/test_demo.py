@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from safetensors import safe_open
 
 from sd35dist.demo.program import IMAGES, LORA_RECIPE, RECIPE, STOP_AT_STEP, training_run_dirs
+from sd35dist.models.tiny_sd3 import SD3_VAE_SIZES, has_vae_sizes
 from sd35dist.trainer.lr_schedule import learning_rate_at
 from sd35dist.validation.report import read_runs
 from tests.cli_runs import PROJECT, venv_env
+from tests.comfy_vae_rule import comfy_vae_problems, single_file_vae_shapes
 
 README_HEADING = "### What `make demo` does"
 
@@ -146,5 +149,15 @@ def test_demo_runs_end_to_end_as_the_readme_says(tmp_path):
     assert (demo / "export" / "tiny-sd3-ft.safetensors").is_file() and "‖Δ‖/‖W_base‖" in out
     assert (demo / "export" / "change-by-block.png").read_bytes()[:4] == b"\x89PNG"
     assert "demo finished" in out
-    comfy = [line.split("<-")[1].split(" (")[0].strip() for line in out.splitlines() if "ComfyUI/models/" in line]
-    assert len(comfy) == 2 and all((tmp_path / path).is_file() for path in comfy), "the ComfyUI-ready files it names exist"
+    comfy = {line.split("<-")[0].strip(): tmp_path / line.split("<-")[1].split(" (")[0].strip()
+             for line in out.splitlines() if "ComfyUI/models/" in line}
+    assert comfy == {"ComfyUI/models/checkpoints/": demo / "export" / "tiny-sd3-ft.safetensors",
+                     "ComfyUI/models/loras/": demo / "export-lora" / "pytorch_lora_weights.safetensors"}
+    assert all(path.is_file() for path in comfy.values()), "the ComfyUI-ready files it names exist"
+    # Load Checkpoint: the demo's VAE has SD3's shape, so ComfyUI's VAE takes it with no missing, leftover or
+    # mismatched key; no text encoders, which ComfyUI would build at full size and fail to load.
+    assert has_vae_sizes(demo / "tiny-sd3", SD3_VAE_SIZES)
+    checkpoint = comfy["ComfyUI/models/checkpoints/"]
+    assert len(single_file_vae_shapes(checkpoint)) == 244 and comfy_vae_problems(single_file_vae_shapes(checkpoint)) == []
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        assert not [key for key in handle.keys() if not key.startswith(("model.diffusion_model.", "first_stage_model."))]
