@@ -73,7 +73,8 @@ def comfy_vae_diffusers_shapes(ldm_shapes: dict[str, tuple[int, ...]]) -> dict[s
 
     encoder_config, decoder_config = comfy_vae_configs(ldm_shapes)
     with torch.device("meta"):  # one norm group: any width builds, and groups change no shape
-        encoder, decoder = (AutoencoderKL(**dict(config, norm_num_groups=1)) for config in (encoder_config, decoder_config))
+        encoder = AutoencoderKL(**dict(encoder_config, norm_num_groups=1))
+        decoder = encoder if decoder_config == encoder_config else AutoencoderKL(**dict(decoder_config, norm_num_groups=1))
     shapes = {k: tuple(v.shape) for k, v in encoder.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
     shapes.update({k: tuple(v.shape) for k, v in decoder.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))})
     return shapes

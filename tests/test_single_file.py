@@ -83,7 +83,12 @@ def test_a_vae_of_sd3_s_shape_comes_out_as_the_vae_comfyui_builds(tiny_model, tm
     from sd35dist.models.tiny_sd3 import SD3_VAE_SIZES
     from tests.comfy_vae_rule import comfy_vae_configs, comfy_vae_problems, single_file_vae_shapes, to_diffusers_names
 
-    sd3_vae = AutoencoderKL(**SD3_VAE_SIZES)
+    with torch.device("meta"):  # no random init of 84M parameters: tensor i holds the value i, in bf16
+        sd3_vae = AutoencoderKL(**SD3_VAE_SIZES)
+    sd3_vae = sd3_vae.to(torch.bfloat16).to_empty(device="cpu")
+    with torch.no_grad():
+        for index, tensor in enumerate(sd3_vae.state_dict().values(), 1):
+            tensor.fill_(index)
     sd3_vae.save_pretrained(tmp_path / "vae")
     for name, vae_dir in (("sd3", tmp_path / "vae"), ("toy", tiny_model / "vae")):
         code, err = export(capsys, str(tiny_model / "transformer"), "--format", "single-file", "--dtype", "bf16",
@@ -100,9 +105,9 @@ def test_a_vae_of_sd3_s_shape_comes_out_as_the_vae_comfyui_builds(tiny_model, tm
     comfy_vae.load_state_dict(to_diffusers_names(sd3), strict=True, assign=True)
     assert sum(p.numel() for p in comfy_vae.parameters()) == 83_819_683
     assert sd3["decoder.mid.attn_1.q.weight"] == (512, 512, 1, 1), "ComfyUI's attention is 1x1 convolutions"
-    with safe_open(str(tmp_path / "sd3.safetensors"), framework="pt") as handle:
-        stored = handle.get_tensor(VAE_PREFIX + "encoder.conv_in.weight")
-    assert stored.dtype == torch.bfloat16 and torch.equal(stored, sd3_vae.encoder.conv_in.weight.detach().bfloat16())
+    with safe_open(str(tmp_path / "sd3.safetensors"), framework="pt") as handle:  # up blocks run reversed
+        stored = handle.get_tensor(VAE_PREFIX + "decoder.up.0.block.0.conv1.weight")
+    assert stored.dtype == torch.bfloat16 and torch.equal(stored, sd3_vae.decoder.up_blocks[3].resnets[0].conv1.weight)
 
     refused = comfy_vae_problems(toy)
     assert any("size mismatches" in p for p in refused) and any("missing VAE keys" in p for p in refused), refused
