@@ -63,8 +63,16 @@ def sample_image(model_dir: Path, out: Path, *, transformer: Path | None = None,
     if lora is not None:
         pipe.load_lora_weights(lora)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(PROMPT, height=64, width=64, num_inference_steps=8, guidance_scale=4.0, max_sequence_length=32,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    # One thread, as the local profile's ranks run: the demo shares the cores with whatever else runs, and
+    # torch's OpenMP threads stall whenever one core is taken (a 64-px sample with the demo's SD3-sized VAE,
+    # measured under load: 1.1 CPU-s on one thread, 2.8-7.6 on two).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        image = pipe(PROMPT, height=64, width=64, num_inference_steps=8, guidance_scale=4.0, max_sequence_length=32,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    finally:
+        torch.set_num_threads(threads)
     image.save(out)
     what = f"transformer {shown(transformer)}" if transformer else f"LoRA {shown(lora)}" if lora else "the base model"
     print(f"\nStableDiffusion3Pipeline.from_pretrained({shown(model_dir)}) with {what}: {shown(out)}", flush=True)
