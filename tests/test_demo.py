@@ -114,8 +114,8 @@ def test_demo_runs_end_to_end_as_the_readme_says(tmp_path):
     demo = tmp_path / "runs" / "demo"
     checkpoints = demo / "output" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == [f"step-{STOP_AT_STEP:08d}", "step-00000032"]
-    with Image.open(demo / "output" / "sweep" / "grid.png") as sweep:  # steps 16 and 32 x 2 seeds, 3 prompts
-        assert sweep.width > 4 * 64 and sweep.height > 3 * 64
+    with Image.open(demo / "output" / "sweep" / "grid.png") as sweep:  # steps 16 and 32 x 2 seeds, 3 prompts, 32 px
+        assert sweep.width > 4 * 32 and sweep.height > 3 * 32
 
     # The report's learning-rate plot is one schedule over both submissions: warmup, then one cosine
     # to step 32, no jump. `records` is what write_report plots (read_runs over the demo's run chain).
@@ -142,8 +142,8 @@ def test_demo_runs_end_to_end_as_the_readme_says(tmp_path):
     grids = [line.split()[-1] for line in printed if line.strip().startswith("validation grid, step")]
     assert [Path(g).parent.name for g in grids] == ["step-000000", "step-000016", "step-000032"]
     with Image.open(tmp_path / grids[0]) as first, Image.open(tmp_path / grids[-1]) as last:
-        # 2 weights x 2 seeds, 3 prompts
-        assert first.size == last.size and first.width > 4 * 64 and first.height > 3 * 64
+        # 2 weights x 2 seeds, 3 prompts, 32 px
+        assert first.size == last.size and first.width > 4 * 32 and first.height > 3 * 32
     assert (demo / "report" / "report.html").stat().st_size > 10_000
     assert (demo / "report" / "plots" / "lr.png").is_file()
     assert (demo / "export" / "tiny-sd3-ft.safetensors").is_file() and "‖Δ‖/‖W_base‖" in out
