@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from sd35dist.cli import main as sd35dist_main
 from sd35dist.config.loading import ConfigError
 from sd35dist.jobs.rank_inputs import load_rank_recipe
 from tests.cli_runs import PROJECT, venv_env
+from tests.rank_runs import WARM_TORCHRUN
 from tests.train_runs import RunsCode, export, learning_rates, losses, train, train_recipe, train_refused
 
 pytestmark = pytest.mark.dist
@@ -82,7 +82,7 @@ def kill_a_rank_while_a_checkpoint_is_written(recipe: Path, out: Path, run_dir: 
         shutil.rmtree(run_dir, ignore_errors=True)
         killed_at = None
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nproc-per-node=2",
+            [*WARM_TORCHRUN, "--standalone", "--nproc-per-node=2",
              "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
             cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
@@ -254,7 +254,7 @@ def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path)
     finally:
         torch.set_num_threads(threads)
     # The same sweep on 2 ranks (3 images per step and kind: one placeholder round) gives the same pixels.
-    proc = subprocess.run([sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nproc-per-node=2",
+    proc = subprocess.run([*WARM_TORCHRUN, "--standalone", "--nproc-per-node=2",
                            "-m", "sd35dist", *sweep, "--out", str(tmp_path / "sweep2")], capture_output=True, text=True,
                           cwd=PROJECT, env={**venv_env(), "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -25,6 +25,7 @@ from sd35dist.cli import main as sd35dist_main
 from sd35dist.config.recipe import Recipe
 from sd35dist.parallel.zero import deepspeed_config
 from tests.cli_runs import PROJECT, venv_env
+from tests.rank_runs import WARM_TORCHRUN
 from tests.train_runs import RunsCode, export, losses, train, train_recipe, train_refused
 
 pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("deepspeed_on_cpu")]
@@ -185,7 +186,7 @@ def test_zero_trains_the_same_model_as_fsdp2(runs, case, tmp_path):
 def test_resume_on_another_world_size_is_a_one_line_error(runs, cache, tmp_path):
     shutil.copytree(runs / "zero3" / "out", tmp_path / "out")
     recipe = zero_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", max_train_steps=8, **CASES["zero3"])
-    proc = subprocess.run([sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nproc-per-node=1",
+    proc = subprocess.run([*WARM_TORCHRUN, "--standalone", "--nproc-per-node=1",
                            "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(tmp_path / "run")],
                           capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), timeout=600,
                           check=False)
