@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 from launcher.profile import LaunchSection
+from sd35dist.config.commands import rank_start_method
 from tests.cli_runs import PROJECT, torch_extensions_dir, venv_env
 
 WARM_TORCHRUN = (sys.executable, "-m", "sd35dist", "torchrun",
-                 f"--start-method={'forkserver' if LaunchSection().warm_ranks else 'spawn'}")
+                 f"--start-method={rank_start_method(LaunchSection().warm_ranks)}")
 """`sd35dist torchrun` as the tests start it: the ranks forked from one warm interpreter when that is the
 profile's default (launch.warm_ranks), as a submitted job's are."""
 
