@@ -12,7 +12,7 @@ from typing import Any
 from launcher.gpu_env import EnvSetting, gpu_environment
 from launcher.profile import PROFILE_KEYS, Profile
 from sd35dist.config import ConfigError, Recipe, parse_override
-from sd35dist.config.commands import SUBMITTABLE_JOBS
+from sd35dist.config.commands import SUBMITTABLE_JOBS, rank_start_method
 from sd35dist.config.mesh_layout import MeshLayout, refuse_zero3_across_gpu_nodes, resolve_mesh
 from sd35dist.config.recipe import RECIPE_KEYS
 from sd35dist.runtime.job_env import RDZV_HOST_VAR, RDZV_PORT_VAR, RUN_DIR_VAR, SIGNAL_GRACE_VAR
@@ -166,7 +166,7 @@ def _launch_argv(profile: Profile, job: str, frozen_recipe: str, run_dir: str) -
         rendezvous = ("--standalone", "--nnodes=1", f"--nproc-per-node={profile.procs_per_node}")
     # A crashed worker restarts every worker of the job inside the allocation; they resume from latest.
     rendezvous += (f"--max-restarts={profile.launch.max_restarts}",)
-    rendezvous += (f"--start-method={'forkserver' if profile.launch.warm_ranks else 'spawn'}",)
+    rendezvous += (f"--start-method={rank_start_method(profile.launch.warm_ranks)}",)
     return ("sd35dist", "torchrun", *rendezvous, "-m", "sd35dist", job, "--recipe", frozen_recipe, "--run-dir", run_dir)
 
 

@@ -15,6 +15,7 @@ from sd35dist.data.shard_format import decode_shard
 from sd35dist.data.storage import Store
 from sd35dist.demo.dataset import DEMO_BUCKETS, write_demo_dataset
 from tests.cli_runs import PROJECT, venv_env
+from tests.rank_runs import WARM_TORCHRUN
 
 
 def write_inputs(root: Path) -> dict[str, Path]:
@@ -64,7 +65,7 @@ def run_cache(recipe: Path, nproc: int = 1, env: dict[str, str] | None = None) -
     if nproc == 1:
         cmd = [sys.executable, "-m", "sd35dist", "cache", "--recipe", str(recipe)]
     else:
-        cmd = [sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", f"--nproc-per-node={nproc}",
+        cmd = [*WARM_TORCHRUN, "--standalone", f"--nproc-per-node={nproc}",
                "-m", "sd35dist", "cache", "--recipe", str(recipe)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

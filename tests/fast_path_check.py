@@ -1,13 +1,13 @@
 """Driver for tests/test_fast_path_dist.py; every rank runs it under torchrun (gloo on CPU).
 
     python -m torch.distributed.run --standalone --nproc-per-node=2 \\
-        -m tests.fast_path_check MODEL_DIR OUT_DIR STRATEGY:PRECISION:FP8:COMPILE …
+        -m tests.fast_path_check MODEL_DIR OUT_DIR STRATEGY:PRECISION:FP8:COMPILE[@CASE_MODEL_DIR] …
 
 Each case builds its strategy through the real `make_strategy` path — `train.mixed_precision` PRECISION,
 `train.fp8` FP8 (none | tensorwise | rowwise), `train.compile_blocks` on with `train.compile_backend`
 COMPILE, or off — with `every_2` activation checkpointing and EMA, then trains two optimizer steps on two
 bucket shapes (different token counts; rank r on its own batches) and runs a no-grad forward as a
-validation round does. One process group serves every case (one start-up, one DeepSpeed import). Rank 0
+validation round does, on MODEL_DIR or the case's own model after `@`. One process group serves every case (one start-up, one DeepSpeed import). Rank 0
 writes OUT_DIR/result.json: per case the losses, the no-grad output, the EMA weights' sum of squares,
 how many graphs dynamo had made after each step and in all, how many AOT autograd and inductor compiled, and the case's seconds.
 """
@@ -34,9 +34,10 @@ def run_check(model_dir: Path, out: Path, *cases: str) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
-def three_block_model(tiny_model: Path, out: Path) -> Path:
-    """A copy of the tiny model folder whose transformer has three like blocks (no dual attention): fp8 keeps
-    the first and last blocks bf16, so the middle one is the block whose Linears run in fp8."""
+def like_block_model(tiny_model: Path, out: Path, blocks: int) -> Path:
+    """A copy of the tiny model folder whose transformer has `blocks` like blocks (no dual attention; the last
+    one context-pre-only, as in SD3.5 Large): what a compiled case traces, one graph per block, and with three
+    blocks the middle one whose Linears fp8 runs in fp8 (it keeps the first and last blocks bf16)."""
     import shutil
 
     from diffusers import SD3Transformer2DModel
@@ -45,9 +46,14 @@ def three_block_model(tiny_model: Path, out: Path) -> Path:
 
     shutil.copytree(tiny_model, out, ignore=shutil.ignore_patterns("transformer"))
     torch.manual_seed(0)
-    SD3Transformer2DModel(**{**TRANSFORMER_SIZES, "num_layers": 3, "dual_attention_layers": ()}).save_pretrained(
+    SD3Transformer2DModel(**{**TRANSFORMER_SIZES, "num_layers": blocks, "dual_attention_layers": ()}).save_pretrained(
         out / "transformer")
     return out
+
+
+def three_block_model(tiny_model: Path, out: Path) -> Path:
+    """The like-block model of three blocks: fp8's middle block."""
+    return like_block_model(tiny_model, out, 3)
 
 
 def recipe_for(model_dir: Path, out_dir: Path, strategy: str, precision: str, fp8: str, compile_backend: str):
@@ -106,17 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("cases", nargs="+", help="STRATEGY:PRECISION:FP8:COMPILE (COMPILE: off or a backend)")
+    parser.add_argument("cases", nargs="+", help="STRATEGY:PRECISION:FP8:COMPILE[@MODEL_DIR] (COMPILE: off or a backend)")
     args = parser.parse_args(argv)
     world = init_process_group_from_env(timeout_s=900)
     results: dict[str, dict] = {}
     try:
-        for case in args.cases:
+        for argument in args.cases:
+            case, _, case_model = argument.partition("@")
             started = time.perf_counter()
             torch._dynamo.reset()
             torch._dynamo.utils.counters.clear()
             torch.manual_seed(0)
-            strategy = make_strategy(recipe_for(args.model_dir, args.out_dir, *case.split(":")), world)
+            model_dir = Path(case_model) if case_model else args.model_dir
+            strategy = make_strategy(recipe_for(model_dir, args.out_dir, *case.split(":")), world)
             results[case] = {**one_run(strategy, world), "seconds": time.perf_counter() - started}
             del strategy
             torch.distributed.barrier()  # gloo aborts a rank whose peer tore the group down first

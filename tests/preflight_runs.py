@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from tests.cli_runs import PROJECT, venv_env
+from tests.rank_runs import WARM_TORCHRUN
 
 RUN_TIMEOUT_S = 180
 
@@ -45,7 +45,7 @@ class PreflightRun:
 def run_preflight(recipe: Path, run_dir: Path, nproc: int = 2, **env: str) -> PreflightRun:
     proc = subprocess.run(
         [
-            sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
+            *WARM_TORCHRUN, "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
             "-m", "sd35dist", "preflight", "--recipe", str(recipe), "--run-dir", str(run_dir),
         ],
         capture_output=True, text=True, cwd=PROJECT, timeout=RUN_TIMEOUT_S,

@@ -8,16 +8,21 @@ import sys
 from pathlib import Path
 
 from launcher.profile import LaunchSection
+from sd35dist.config.commands import rank_start_method
 from tests.cli_runs import PROJECT, torch_extensions_dir, venv_env
+
+WARM_TORCHRUN = (sys.executable, "-m", "sd35dist", "torchrun",
+                 f"--start-method={rank_start_method(LaunchSection().warm_ranks)}")
+"""`sd35dist torchrun` as the tests start it: the ranks forked from one warm interpreter when that is the
+profile's default (launch.warm_ranks), as a submitted job's are."""
 
 
 def torchrun(job: str, recipe: Path, run_dir: Path | None = None, nproc: int = 2,
              timeout: float = 300) -> subprocess.CompletedProcess:
     """The job as a profile's script starts it: sd35dist's torchrun, one agent, `nproc` ranks, with
     the profile's default restarts (a mistake must not be restarted)."""
-    cmd = [sys.executable, "-m", "sd35dist", "torchrun", "--standalone", f"--nproc-per-node={nproc}",
+    cmd = [*WARM_TORCHRUN, "--standalone", f"--nproc-per-node={nproc}",
            f"--max-restarts={LaunchSection().max_restarts}",
-           f"--start-method={'forkserver' if LaunchSection().warm_ranks else 'spawn'}",
            "-m", "sd35dist", job, "--recipe", str(recipe)] + (["--run-dir", str(run_dir)] if run_dir else [])
     return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"),
                           timeout=timeout)
@@ -30,7 +35,7 @@ def run_driver(module: str, *args: str, timeout: float) -> subprocess.CompletedP
     the test with the tail of its output."""
     env = venv_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=torch_extensions_dir())
     proc = subprocess.run(
-        [sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nproc-per-node=2", "-m", module, *args],
+        [*WARM_TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", module, *args],
         capture_output=True, text=True, cwd=PROJECT, env=env, timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
@@ -20,6 +19,7 @@ from sd35dist.config.loading import ConfigError
 from sd35dist.config.mesh_layout import refuse_zero3_across_gpu_nodes, resolve_mesh
 from sd35dist.config.recipe import Recipe
 from tests.cli_runs import PROJECT, venv_env
+from tests.rank_runs import WARM_TORCHRUN
 from tests.s3_server import free_port
 
 # Gradients under HSDP against the 4-rank mean on plain models, relative to the largest
@@ -31,7 +31,7 @@ GRAD_RTOL = 1e-5
 def _run_as_two_nodes(tiny_model, out_dir):
     """Two torchrun agents of two workers each, meeting in one c10d rendezvous: 2 pretend nodes."""
     port = free_port()
-    command = [sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--nnodes=2", "--nproc-per-node=2",
+    command = [*WARM_TORCHRUN, "--nnodes=2", "--nproc-per-node=2",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=hsdp-test",
                "-m", "tests.hsdp_check", str(tiny_model), str(out_dir)]
     agents = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=PROJECT,

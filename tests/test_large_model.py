@@ -14,13 +14,13 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import sys
 
 import pytest
 
 from sd35dist.config.mesh_layout import resolve_mesh
 from sd35dist.config.model_size import SD35_LARGE_CONFIG, transformer_size
 from tests.cli_runs import PROJECT, venv_env
+from tests.rank_runs import WARM_TORCHRUN
 
 REDUCED_DEPTH = 2
 FILE_SIZE = "150MB"
@@ -126,7 +126,7 @@ def test_full_width_weights_load_without_any_rank_materialising_the_model(full_w
             largest = max([largest] + [handle.get_slice(k).get_shape()[0] * _numel_per_row(handle, k)
                                        for k in handle.keys() if not k.endswith("pos_embed.pos_embed")])
     proc = subprocess.run(
-        [sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nproc-per-node=2",
+        [*WARM_TORCHRUN, "--standalone", "--nproc-per-node=2",
          "-m", "tests.large_load_check", str(model_dir), str(tmp_path)],
         capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), timeout=600,
     )

@@ -76,11 +76,10 @@ def test_a_missing_run_directory_is_one_line(tmp_path, capsys):
 def test_a_checkpoint_redraws_the_report_at_most_once_a_minute_a_validation_round_and_the_end_always():
     from sd35dist.validation.during_training import REPORT_MIN_INTERVAL_S, RunReport, report_due
 
-    assert report_due(saved=True, validated=False, since_last_s=None), "the first checkpoint draws it"
     assert not report_due(saved=True, validated=False, since_last_s=REPORT_MIN_INTERVAL_S - 1)
     assert report_due(saved=True, validated=False, since_last_s=REPORT_MIN_INTERVAL_S)
     assert report_due(saved=False, validated=True, since_last_s=0.0), "a new grid is always shown"
-    assert not report_due(saved=False, validated=False, since_last_s=None)
+    assert not report_due(saved=False, validated=False, since_last_s=10 * REPORT_MIN_INTERVAL_S)
 
     class Notes:
         lines: list[str] = []
@@ -93,11 +92,11 @@ def test_a_checkpoint_redraws_the_report_at_most_once_a_minute_a_validation_roun
     report = RunReport(Path("/nonexistent"), Notes(), is_main=False, clock=lambda: now[0])
     report.write = lambda: (written.append(now[0]), setattr(report, "written_at", now[0]),
                             setattr(report, "stale", False))
-    for step in range(1, 11):  # a checkpoint every step, 25 s apart; a validation round at step 5
+    for step in range(1, 11):  # the run starts at 0; a checkpoint every step, 25 s apart; a validation round at step 5
         now[0] = step * 25.0
         report.after_step(saved=True, validated=step == 5)
-    assert written == [25.0, 100.0, 125.0, 200.0], "the first checkpoint, then ≥ 60 s apart, and the round's"
+    assert written == [75.0, 125.0, 200.0], "≥ 60 s after the start, the round's, then ≥ 60 s apart"
     report.finish()
     assert written[-1] == 250.0, "step 10 was logged since: the end redraws it"
     report.finish()
-    assert len(written) == 5, "nothing new: no redraw"
+    assert len(written) == 4, "nothing new: no redraw"

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from sd35dist.checkpoint.layout import CheckpointDir
 from sd35dist.runtime.save_budget import SAVE_ESTIMATE_FILE, read_save_estimate
 from tests.cli_runs import PROJECT, venv_env
-from tests.rank_runs import rank_processes
+from tests.rank_runs import WARM_TORCHRUN, rank_processes
 from tests.train_runs import losses, train, train_recipe
 
 pytestmark = pytest.mark.dist
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.dist
 
 def start_training(recipe: Path, run_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nproc-per-node=2",
+        [*WARM_TORCHRUN, "--standalone", "--nproc-per-node=2",
          "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=PROJECT,
         env={**(env or venv_env()), "OMP_NUM_THREADS": "1"},

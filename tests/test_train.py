@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,17 @@ from sd35dist.cli import main as sd35dist_main
 from sd35dist.config.loading import ConfigError
 from sd35dist.jobs.rank_inputs import load_rank_recipe
 from tests.cli_runs import PROJECT, venv_env
-from tests.train_runs import RunsCode, export, learning_rates, losses, train, train_recipe, train_refused
+from tests.rank_runs import WARM_TORCHRUN
+from tests.train_runs import (
+    RunsCode,
+    export,
+    learning_rates,
+    losses,
+    train,
+    train_in_one_group,
+    train_recipe,
+    train_refused,
+)
 
 pytestmark = pytest.mark.dist
 
@@ -37,18 +46,42 @@ FP32 = {"checkpointing_steps": 2, "lr_scheduler": "cosine"}
 a checkpoint every 2 steps (the newest two kept: 4, 6), a learning rate that changes every step."""
 
 
+BF16 = {"optimizer": "adamw_bf16", "mixed_precision": "bf16", "max_train_steps": 3, "checkpointing_steps": 2,
+        "lr_scheduler": "cosine"}
+"""test_bf16_adamw_bf16_validation_and_stop_and_resume's recipe: three steps, bf16 AdamW, a cosine schedule."""
+
+
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, cache) -> tuple[Path, dict[int, float]]:
+def first_runs(tmp_path_factory, cache) -> tuple[Path, dict[Path, str]]:
+    """The runs that need no earlier one, in one torchrun (tests/trainings_check.py): the fp32 reference run
+    (root/straight: out, run) and the bf16 test's straight run (root/bf16/run0, validation on) and first
+    submission (root/bf16/run1, train.stop_at_step 1 into root/bf16/out). Returns root and what rank 0
+    printed per run directory."""
+    from tests.validation_check import cache_validation_prompts, with_validation
+
+    root = tmp_path_factory.mktemp("first-runs")
+    (root / "straight").mkdir()
+    (root / "bf16").mkdir()
+    recipe = train_recipe(root / "straight" / "r.yaml", cache, root / "straight" / "out", **FP32,
+                          async_checkpointing=True)
+    cache_validation_prompts(recipe)
+    bf16_straight = train_recipe(root / "bf16" / "straight.yaml", cache, root / "bf16" / "straight", **BF16)
+    cache_validation_prompts(bf16_straight)
+    printed = train_in_one_group(
+        (with_validation(recipe, weights="both"), root / "straight" / "run"),
+        (with_validation(bf16_straight), root / "bf16" / "run0"),
+        (train_recipe(root / "bf16" / "first.yaml", cache, root / "bf16" / "out", **BF16, stop_at_step=1),
+         root / "bf16" / "run1"))
+    return root, printed
+
+
+@pytest.fixture(scope="module")
+def straight(first_runs) -> tuple[Path, dict[int, float]]:
     """The module's uninterrupted reference run (2 ranks, fp32): root/out, root/run and its per-step losses.
     It writes its checkpoints in the background (train.async_checkpointing) and renders validation rounds
     (3 (prompt, seed) pairs on 2 ranks, model and EMA side by side); the `chain` below runs the same
     recipe with both off, so comparing the two proves that neither changes training."""
-    from tests.validation_check import cache_validation_prompts, with_validation
-
-    root = tmp_path_factory.mktemp("straight")
-    recipe = train_recipe(root / "r.yaml", cache, root / "out", **FP32, async_checkpointing=True)
-    cache_validation_prompts(recipe)
-    train(with_validation(recipe, weights="both"), root / "run")
+    root = first_runs[0] / "straight"
     return root, losses(root / "run")
 
 
@@ -82,7 +115,7 @@ def kill_a_rank_while_a_checkpoint_is_written(recipe: Path, out: Path, run_dir: 
         shutil.rmtree(run_dir, ignore_errors=True)
         killed_at = None
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nproc-per-node=2",
+            [*WARM_TORCHRUN, "--standalone", "--nproc-per-node=2",
              "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
             cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
@@ -202,35 +235,33 @@ def test_export_writes_a_loadable_transformer_from_raw_and_ema_weights(straight,
     assert "already exists" in capsys.readouterr().err
 
 
-def test_bf16_adamw_bf16_validation_and_stop_and_resume(cache, tmp_path):
+def test_bf16_adamw_bf16_validation_and_stop_and_resume(first_runs, cache, tmp_path):
     """bf16 compute with Kahan-summed bf16 AdamW (torch-optimi), three runs of 3 steps. A straight run renders
     validation rounds on 2 ranks (at the start and at step 3); the images match a 1-process bf16 render of its
     last checkpoint. The same recipe without validation as two submissions (train.stop_at_step 1, off the
-    checkpoint interval, then `resume: latest`) gives the straight run's losses, learning rates and final
-    weights (and EMA) bit for bit: the rounds change nothing in training, stop_at_step keeps the schedule,
-    and the optimizer's moments, compensation buffers and step counter go through the checkpoint."""
-    from tests.validation_check import cache_validation_prompts, check_validation_run, with_validation
+    checkpoint interval, then `resume: latest` in `sd35dist train` itself) gives the straight run's losses,
+    learning rates and final weights (and EMA) bit for bit: the rounds change nothing in training,
+    stop_at_step keeps the schedule, and the optimizer's moments, compensation buffers and step counter go
+    through the checkpoint."""
+    from tests.validation_check import check_validation_run
 
-    bf16 = {"optimizer": "adamw_bf16", "mixed_precision": "bf16", "max_train_steps": 3, "checkpointing_steps": 2,
-            "lr_scheduler": "cosine"}
-    recipe = train_recipe(tmp_path / "straight.yaml", cache, tmp_path / "straight", **bf16)
-    cache_validation_prompts(recipe)
-    train(with_validation(recipe), tmp_path / "run0")
-    expected, expected_lr = losses(tmp_path / "run0"), learning_rates(tmp_path / "run0")
+    root, printed = first_runs
+    runs = root / "bf16"
+    expected, expected_lr = losses(runs / "run0"), learning_rates(runs / "run0")
     out = tmp_path / "out"
-    first = train(train_recipe(tmp_path / "first.yaml", cache, out, **bf16, stop_at_step=1), tmp_path / "run1")
-    assert "stopped at step 1 (train.stop_at_step), saved; the schedule runs to step 3" in first.stdout + first.stderr
+    shutil.copytree(runs / "out", out)
+    assert "stopped at step 1 (train.stop_at_step), saved; the schedule runs to step 3" in printed[runs / "run1"]
     assert CheckpointDir(out).complete_steps() == [1]
-    assert learning_rates(tmp_path / "run1") == {1: expected_lr[1]}, "stop_at_step keeps the schedule's horizon"
-    second = train(train_recipe(tmp_path / "second.yaml", cache, out, **bf16), tmp_path / "run2")
+    assert learning_rates(runs / "run1") == {1: expected_lr[1]}, "stop_at_step keeps the schedule's horizon"
+    second = train(train_recipe(tmp_path / "second.yaml", cache, out, **BF16), tmp_path / "run2")
     assert f"resumed from {CheckpointDir(out).path(1)}" in second.stdout + second.stderr
-    chain = {**losses(tmp_path / "run1"), **losses(tmp_path / "run2")}
+    chain = {**losses(runs / "run1"), **losses(tmp_path / "run2")}
     assert sorted(losses(tmp_path / "run2")) == [2, 3] and chain == expected, "exact resume, validation changes nothing"
     assert learning_rates(tmp_path / "run2") == {s: expected_lr[s] for s in (2, 3)}
-    straight_final = CheckpointDir(tmp_path / "straight").latest()
+    straight_final = CheckpointDir(runs / "straight").latest()
     assert straight_final.name == "step-00000003"
     assert_same_weights_and_ema(CheckpointDir(out).latest(), straight_final)
-    check_validation_run(tmp_path / "run0", chain, cache, {"model": read_weights(straight_final)}, dtype=torch.bfloat16)
+    check_validation_run(runs / "run0", chain, cache, {"model": read_weights(straight_final)}, dtype=torch.bfloat16)
 
 
 def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path):
@@ -254,7 +285,7 @@ def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path)
     finally:
         torch.set_num_threads(threads)
     # The same sweep on 2 ranks (3 images per step and kind: one placeholder round) gives the same pixels.
-    proc = subprocess.run([sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nproc-per-node=2",
+    proc = subprocess.run([*WARM_TORCHRUN, "--standalone", "--nproc-per-node=2",
                            "-m", "sd35dist", *sweep, "--out", str(tmp_path / "sweep2")], capture_output=True, text=True,
                           cwd=PROJECT, env={**venv_env(), "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -2,8 +2,10 @@
 rotation, the config it writes, and the same training as FSDP2.
 
 The trainings the tests read run in one torchrun (the `runs` fixture, tests/trainings_check.py): a
-start costs ~15 s against ~4 s of training. `sd35dist train` itself, each in a fresh torchrun, runs
-every resume (one per case), the resume on another world size and the crafted checkpoint's refusal."""
+start costs ~15 s against ~4 s of training. Every case's resume runs in a second, fresh torchrun (the
+`resumed` fixture: a process that did not train what it resumes), except ZeRO-3's branch, which
+`sd35dist train` itself runs in a torchrun of its own, as do the resume on another world size and the
+crafted checkpoint's refusal."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from sd35dist.cli import main as sd35dist_main
 from sd35dist.config.recipe import Recipe
 from sd35dist.parallel.zero import deepspeed_config
 from tests.cli_runs import PROJECT, venv_env
+from tests.rank_runs import WARM_TORCHRUN
 from tests.train_runs import RunsCode, export, losses, train, train_recipe, train_refused
 
 pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("deepspeed_on_cpu")]
@@ -52,13 +55,15 @@ def zero_recipe(path: Path, cache: tuple[Path, Path], output: Path, strategy: st
     return path
 
 
-# Every case resumes in a fresh `sd35dist train`, as a user resumes (inside the driver, before it reset
-# torch.nn.functional.linear between runs, resumes came out ~1e-7 apart): from a stop at step 3 with
-# `resume: latest` for bf16 on ZeRO-2 and both offload cases (which resume at step 4 as before: a branch
-# from step 2 under DeepSpeed's CPU Adam came out ~1e-7 apart from step 4 on, not investigated), the others
-# as a branch from step 2 of their straight run.
+# Every case resumes in a process that did not train what it resumes: from a stop at step 3 with
+# `resume: latest` for bf16 on ZeRO-2 and both offload cases (which resume at step 4: a branch from step 2
+# under DeepSpeed's CPU Adam came out ~1e-7 apart from step 4 on, not investigated), the others as a
+# branch from step 2 of their straight run. The driver resets torch.nn.functional.linear between runs
+# (ZeRO-3 replaces it for good); before it did, resumes inside it came out ~1e-7 apart.
 CLI_RESUME = ("zero2-bf16", "zero2-offload", "zero3-offload")
 BRANCH_STEP = 2
+CLI_BRANCH = "zero3"
+"""The branch `sd35dist train` runs itself (the command's start, its output line, its exit status)."""
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +98,32 @@ def runs(tmp_path_factory, cache) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def resumed(runs, cache, tmp_path_factory) -> Path:
+    """Every resume but CLI_BRANCH's, in one fresh torchrun: a branch from the straight run's step-2 checkpoint
+    into a new output directory, or `resume: latest` (the default) of a copy of the stopped run's output.
+    ROOT/CASE/{out,run,r.yaml}; ROOT/stdout/CASE: what rank 0 printed."""
+    from tests.train_runs import train_in_one_group
+
+    root = tmp_path_factory.mktemp("zero-resumed")
+    jobs = []
+    for case in (case for case in CASES if case != CLI_BRANCH):
+        folder = root / case
+        folder.mkdir()
+        if case in CLI_RESUME:
+            shutil.copytree(runs / case / "stop-out", folder / "out")
+            recipe = zero_recipe(folder / "r.yaml", cache, folder / "out", checkpointing_steps=2, **CASES[case])
+        else:
+            recipe = zero_recipe(folder / "r.yaml", cache, folder / "out", checkpointing_steps=2,
+                                 resume=str(CheckpointDir(runs / case / "out").path(BRANCH_STEP)), **CASES[case])
+        jobs.append((recipe, folder / "run"))
+    printed = train_in_one_group(*jobs)
+    (root / "stdout").mkdir()
+    for _, run_dir in jobs:
+        (root / "stdout" / run_dir.parent.name).write_text(printed[run_dir])
+    return root
+
+
 def test_every_case_trains_and_writes_its_deepspeed_config(runs):
     for case, settings in CASES.items():
         got = losses(runs / case / "run")
@@ -109,44 +140,46 @@ def test_every_case_trains_and_writes_its_deepspeed_config(runs):
         assert ("offload_param" in config["zero_optimization"]) == bool(settings.get("offload_params")), case
 
 
-@pytest.mark.parametrize("case", [case for case in CASES if case not in CLI_RESUME])
-def test_a_branch_from_a_kept_checkpoint_gives_the_same_losses_and_weights(runs, case, cache, tmp_path):
-    """`sd35dist train` with `resume: <the straight run's step-2 checkpoint>` into a new output directory."""
+def assert_resumed_like_the_straight_run(runs, case: str, out: Path, run_dir: Path, from_step: int) -> None:
+    """Losses after `from_step` and the final weights (and EMA) equal the straight run's; rotation keeps two."""
     expected = losses(runs / case / "run")
-    middle = CheckpointDir(runs / case / "out").path(BRANCH_STEP)
-    out = tmp_path / "out"
-    proc = train(zero_recipe(tmp_path / "branch.yaml", cache, out, resume=str(middle), checkpointing_steps=2,
-                             **CASES[case]), tmp_path / "run")
-    assert f"resumed from {middle}" in proc.stdout + proc.stderr
-    assert losses(tmp_path / "run") == {s: expected[s] for s in range(BRANCH_STEP + 1, 7)}, "CPU/gloo resume is exact"
-    assert CheckpointDir(out).complete_steps() == [4, 6]
-    for use_ema in (False, True):
-        resumed, uninterrupted = final_state(out, use_ema), final_state(runs / case / "out", use_ema)
-        assert resumed.keys() == uninterrupted.keys()
-        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"
-
-
-@pytest.mark.parametrize("case", CLI_RESUME)
-def test_stop_and_resume_latest_gives_the_same_losses_and_weights(runs, case, cache, tmp_path):
-    """A run that stopped at step 3 (train.stop_at_step), then `sd35dist train` again with `resume: latest`
-    (the default) in a fresh torchrun: the remaining losses and the final weights equal the straight run's,
-    and rotation keeps the newest two."""
-    expected = losses(runs / case / "run")
-    stop_run = next(run for run in json.loads((runs / "outcomes.json").read_text())
-                    if run["run_dir"] == str(runs / case / "stop"))
-    assert "stopped at step 3 (train.stop_at_step)" in stop_run["stdout"], stop_run["stdout"][-2000:]
-    assert losses(runs / case / "stop") == {s: expected[s] for s in (1, 2, 3)}
-    out = tmp_path / "out"
-    shutil.copytree(runs / case / "stop-out", out)
-    proc = train(zero_recipe(tmp_path / "second.yaml", cache, out, checkpointing_steps=2, **CASES[case]),
-                 tmp_path / "run")
-    assert "resumed from" in proc.stdout + proc.stderr
-    assert losses(tmp_path / "run") == {s: expected[s] for s in (4, 5, 6)}, "CPU/gloo resume is exact"
+    assert losses(run_dir) == {s: expected[s] for s in range(from_step + 1, 7)}, "CPU/gloo resume is exact"
     assert CheckpointDir(out).complete_steps() == [4, 6], "checkpoints_total_limit 2 keeps the newest two"
     for use_ema in (False, True):
         resumed, uninterrupted = final_state(out, use_ema), final_state(runs / case / "out", use_ema)
         assert resumed.keys() == uninterrupted.keys()
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "final weights (and EMA) equal"
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case not in CLI_RESUME])
+def test_a_branch_from_a_kept_checkpoint_gives_the_same_losses_and_weights(runs, resumed, case, cache, tmp_path):
+    """`resume: <the straight run's step-2 checkpoint>` into a new output directory; CLI_BRANCH through
+    `sd35dist train` itself."""
+    middle = CheckpointDir(runs / case / "out").path(BRANCH_STEP)
+    if case == CLI_BRANCH:
+        out, run_dir = tmp_path / "out", tmp_path / "run"
+        proc = train(zero_recipe(tmp_path / "branch.yaml", cache, out, resume=str(middle), checkpointing_steps=2,
+                                 **CASES[case]), run_dir)
+        printed = proc.stdout + proc.stderr
+    else:
+        out, run_dir = resumed / case / "out", resumed / case / "run"
+        printed = (resumed / "stdout" / case).read_text()
+    assert f"resumed from {middle}" in printed
+    assert_resumed_like_the_straight_run(runs, case, out, run_dir, BRANCH_STEP)
+
+
+@pytest.mark.parametrize("case", CLI_RESUME)
+def test_stop_and_resume_latest_gives_the_same_losses_and_weights(runs, resumed, case):
+    """A run that stopped at step 3 (train.stop_at_step), then trained again with `resume: latest` (the
+    default) in a fresh torchrun: the remaining losses and the final weights equal the straight run's."""
+    expected = losses(runs / case / "run")
+    stop_run = next(run for run in json.loads((runs / "outcomes.json").read_text())
+                    if run["run_dir"] == str(runs / case / "stop"))
+    assert "stopped at step 3 (train.stop_at_step)" in stop_run["stdout"], stop_run["stdout"][-2000:]
+    assert losses(runs / case / "stop") == {s: expected[s] for s in (1, 2, 3)}
+    assert CheckpointDir(runs / case / "stop-out").latest().name == CheckpointDir(runs / case / "stop-out").path(3).name
+    assert f"resumed from {CheckpointDir(resumed / case / 'out').path(3)}" in (resumed / "stdout" / case).read_text()
+    assert_resumed_like_the_straight_run(runs, case, resumed / case / "out", resumed / case / "run", 3)
 
 
 def grad_norms(run_dir: Path) -> dict[int, float]:
@@ -185,7 +218,7 @@ def test_zero_trains_the_same_model_as_fsdp2(runs, case, tmp_path):
 def test_resume_on_another_world_size_is_a_one_line_error(runs, cache, tmp_path):
     shutil.copytree(runs / "zero3" / "out", tmp_path / "out")
     recipe = zero_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", max_train_steps=8, **CASES["zero3"])
-    proc = subprocess.run([sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nproc-per-node=1",
+    proc = subprocess.run([*WARM_TORCHRUN, "--standalone", "--nproc-per-node=1",
                            "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(tmp_path / "run")],
                           capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), timeout=600,
                           check=False)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from sd35dist.models.transformer_build import (
 from sd35dist.parallel.fsdp2_sharding import fsdp_mesh_shape
 from tests.cli_runs import PROJECT, venv_env
 from tests.dist_transformer_check import fixed_inputs, forward, sgd_step, tensor_sha256
+from tests.rank_runs import WARM_TORCHRUN
 
 RUN_TIMEOUT_S = 180
 
@@ -171,7 +171,7 @@ def fsdp2_run(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     out_dir = tmp_path_factory.mktemp("fsdp2")
     proc = subprocess.run(
         [
-            sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", "--nnodes=1", "--nproc-per-node=2",
+            *WARM_TORCHRUN, "--standalone", "--nnodes=1", "--nproc-per-node=2",
             "-m", "tests.dist_transformer_check", str(model_dir), str(out_dir),
         ],
         capture_output=True, text=True, cwd=PROJECT, timeout=RUN_TIMEOUT_S, env=venv_env(OMP_NUM_THREADS="1"),

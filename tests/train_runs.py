@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from tests.cli_runs import PROJECT, venv_env
+from tests.rank_runs import WARM_TORCHRUN
 
 
 def train_recipe(path: Path, cache: tuple[Path, Path], output: Path, **train) -> Path:
@@ -28,7 +29,7 @@ def train_recipe(path: Path, cache: tuple[Path, Path], output: Path, **train) ->
 
 def train(recipe: Path, run_dir: Path, nproc: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "sd35dist", "torchrun", "--start-method=forkserver", "--standalone", f"--nproc-per-node={nproc}",
+        [*WARM_TORCHRUN, "--standalone", f"--nproc-per-node={nproc}",
          "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
         capture_output=True, text=True, cwd=PROJECT, env={**(env or venv_env()), "OMP_NUM_THREADS": "1"}, timeout=600,
     )
@@ -74,8 +75,8 @@ def train_refused(recipe: Path, run_dir: Path) -> str:
     """A run the ranks must refuse before training, started as a profile's script starts it (sd35dist
     torchrun with restarts on): exit status 2, one `error:` line (returned), no restart."""
     proc = subprocess.run(
-        [sys.executable, "-m", "sd35dist", "torchrun", "--standalone", "--nproc-per-node=2", "--max-restarts=3",
-         "--start-method=forkserver", "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
+        [*WARM_TORCHRUN, "--standalone", "--nproc-per-node=2", "--max-restarts=3",
+         "-m", "sd35dist", "train", "--recipe", str(recipe), "--run-dir", str(run_dir)],
         capture_output=True, text=True, cwd=PROJECT, env=venv_env(OMP_NUM_THREADS="1"), timeout=600)
     everything = proc.stdout + proc.stderr
     errors = [line for line in everything.splitlines() if line.startswith("error: ")]

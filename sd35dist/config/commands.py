@@ -14,6 +14,16 @@ import enum
 import importlib
 from dataclasses import dataclass
 
+WARM_START_METHOD = "forkserver"
+"""torchrun's --start-method under which `sd35dist torchrun` forks every rank of a module from one warm
+interpreter (sd35dist/jobs/warm_ranks.py); COLD_START_METHOD gives each rank a fresh interpreter."""
+COLD_START_METHOD = "spawn"
+
+
+def rank_start_method(warm_ranks: bool) -> str:
+    """The --start-method a job's torchrun gets for the profile's launch.warm_ranks."""
+    return WARM_START_METHOD if warm_ranks else COLD_START_METHOD
+
 
 class CommandKind(enum.Enum):
     SUBMIT_SIDE = "submit side (imports no torch)"

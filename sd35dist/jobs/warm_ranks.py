@@ -34,7 +34,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-WARM_START_METHOD = "forkserver"
+from sd35dist.config.commands import WARM_START_METHOD
+
 WORKER_LOG = "torch.distributed.elastic.multiprocessing.api"
 """torchrun's logger of worker failures: for a function worker it adds the agent's own traceback
 (ProcessExitedException) to the line it logs for a script's worker."""

@@ -154,17 +154,18 @@ class TrainingValidation:
 
 
 REPORT_MIN_INTERVAL_S = 60.0
-"""A checkpoint rewrites report.html at most this often (a validation round and the run's end always do)."""
+"""A checkpoint rewrites report.html at most this often, counted from the run's start (a validation
+round and the run's end always do)."""
 
 
-def report_due(*, saved: bool, validated: bool, since_last_s: float | None,
+def report_due(*, saved: bool, validated: bool, since_last_s: float,
                min_interval_s: float = REPORT_MIN_INTERVAL_S) -> bool:
-    """Whether rank 0 rewrites the report after this step. Drawing it takes ~0.5–3 s of rank 0 that
-    the other ranks wait for, so frequent checkpoints (short test runs, small models) do not each
-    redraw it; a new validation grid is always shown."""
+    """Whether rank 0 rewrites the report after this step, `since_last_s` after the last drawing (or the
+    run's start). Drawing it takes ~0.5–1 s of rank 0 that the other ranks wait for, so frequent
+    checkpoints (short runs, small models) do not each redraw it; a new validation grid is always shown."""
     if validated:
         return True
-    return saved and (since_last_s is None or since_last_s >= min_interval_s)
+    return saved and since_last_s >= min_interval_s
 
 
 class RunReport:
@@ -172,13 +173,12 @@ class RunReport:
 
     def __init__(self, run_dir: Path, metrics: Any, is_main: bool, clock=time.monotonic) -> None:
         self.run_dir, self.metrics, self.is_main, self.clock = run_dir, metrics, is_main, clock
-        self.written_at: float | None = None
+        self.written_at = clock()  # the run's start: the first checkpoint of a run shorter than a minute waits for the end
         self.stale = True
 
     def after_step(self, *, saved: bool, validated: bool) -> None:
         self.stale = True
-        since = None if self.written_at is None else self.clock() - self.written_at
-        if report_due(saved=saved, validated=validated, since_last_s=since):
+        if report_due(saved=saved, validated=validated, since_last_s=self.clock() - self.written_at):
             self.write()
 
     def finish(self) -> None:
