@@ -1,12 +1,14 @@
 """ComfyUI's sizing rule for the VAE of a single file, reimplemented from its public source for the tests
 (no package carries ComfyUI's loader; tests/comfy_lora_keys.py does the same for its LoRA and MMDiT rules).
 
-Read from comfyanonymous/ComfyUI, main as of December 2026:
+Read from comfyanonymous/ComfyUI as the public code index held it in December 2026 (comfy/sd.py in the
+version with `decoder_ch = sd['decoder.conv_in.weight'].shape[0] // ddconfig['ch_mult'][-1]`; the
+index did not name its commit; the stored comfy/sd.py at 0920e0e is older and lacks that line):
 - comfy/sd.py `load_state_dict_guess_config` (Load Checkpoint, through `load_checkpoint_guess_config`): the
   VAE gets the file's tensors under the model config's `vae_key_prefix`, prefix removed. SD3
   (comfy/supported_models.py `SD3`) keeps `first_stage_model.` from comfy/supported_models_base.py `BASE`.
-- comfy/sd.py `VAE.__init__`, the default "SD1.x/SD2.x VAE parameters" branch (any file with
-  `decoder.conv_in.weight` whose latent is not a video model's): diffusers names
+- comfy/sd.py `VAE.__init__`, the default "SD1.x/SD2.x VAE parameters" branch (a file with
+  `decoder.conv_in.weight` that is not 64 latent channels wide nor a 3-D convolution): diffusers names
   (`decoder.up_blocks.0.resnets.0.norm1.weight` present) are converted to LDM names first. The encoder
   is always ch 128, ch_mult (1, 2, 4, 4) — (1, 2, 4) when neither `encoder.down.2.downsample` nor
   `decoder.up.3.upsample` is there —, 2 res blocks, double_z. z_channels = decoder.conv_in.weight.shape[1];
