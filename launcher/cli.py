@@ -219,6 +219,12 @@ def _follow(record: dict[str, Any], out=sys.stdout, poll_s: float = 1.0) -> str:
             with path.open("rb") as handle:
                 handle.seek(start)
                 chunk = handle.read()
+            # Whole lines only (a progress bar's \r ends one too): the .out and .err logs are printed in
+            # turn, and a line cut at this read would run into the other log's next line.
+            if ended is None:
+                chunk = chunk[:max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1]
+            elif chunk and not chunk.endswith((b"\n", b"\r")):
+                chunk += b"\n"  # the job's last, unterminated line; nothing more is read after it
             if chunk:
                 out.write(chunk.decode(errors="replace"))
                 out.flush()

@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from safetensors import safe_open
 
 from sd35dist.demo.program import IMAGES, LORA_RECIPE, RECIPE, STOP_AT_STEP, training_run_dirs
+from sd35dist.models.tiny_sd3 import SD3_VAE_SIZES, has_vae_sizes
 from sd35dist.trainer.lr_schedule import learning_rate_at
 from sd35dist.validation.report import read_runs
 from tests.cli_runs import PROJECT, venv_env
+from tests.comfy_vae_rule import comfy_vae_problems, single_file_vae_shapes
 
 README_HEADING = "### What `make demo` does"
 
@@ -111,8 +114,8 @@ def test_demo_runs_end_to_end_as_the_readme_says(tmp_path):
     demo = tmp_path / "runs" / "demo"
     checkpoints = demo / "output" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == [f"step-{STOP_AT_STEP:08d}", "step-00000032"]
-    with Image.open(demo / "output" / "sweep" / "grid.png") as sweep:  # steps 16 and 32 x 2 seeds, 3 prompts
-        assert sweep.width > 4 * 64 and sweep.height > 3 * 64
+    with Image.open(demo / "output" / "sweep" / "grid.png") as sweep:  # steps 16 and 32 x 2 seeds, 3 prompts, 32 px
+        assert sweep.width > 4 * 32 and sweep.height > 3 * 32
 
     # The report's learning-rate plot is one schedule over both submissions: warmup, then one cosine
     # to step 32, no jump. `records` is what write_report plots (read_runs over the demo's run chain).
@@ -139,12 +142,22 @@ def test_demo_runs_end_to_end_as_the_readme_says(tmp_path):
     grids = [line.split()[-1] for line in printed if line.strip().startswith("validation grid, step")]
     assert [Path(g).parent.name for g in grids] == ["step-000000", "step-000016", "step-000032"]
     with Image.open(tmp_path / grids[0]) as first, Image.open(tmp_path / grids[-1]) as last:
-        # 2 weights x 2 seeds, 3 prompts
-        assert first.size == last.size and first.width > 4 * 64 and first.height > 3 * 64
+        # 2 weights x 2 seeds, 3 prompts, 32 px
+        assert first.size == last.size and first.width > 4 * 32 and first.height > 3 * 32
     assert (demo / "report" / "report.html").stat().st_size > 10_000
     assert (demo / "report" / "plots" / "lr.png").is_file()
     assert (demo / "export" / "tiny-sd3-ft.safetensors").is_file() and "‖Δ‖/‖W_base‖" in out
     assert (demo / "export" / "change-by-block.png").read_bytes()[:4] == b"\x89PNG"
     assert "demo finished" in out
-    comfy = [line.split("<-")[1].split(" (")[0].strip() for line in out.splitlines() if "ComfyUI/models/" in line]
-    assert len(comfy) == 2 and all((tmp_path / path).is_file() for path in comfy), "the ComfyUI-ready files it names exist"
+    comfy = {line.split("<-")[0].strip(): tmp_path / line.split("<-")[1].split(" (")[0].strip()
+             for line in out.splitlines() if "ComfyUI/models/" in line}
+    assert comfy == {"ComfyUI/models/checkpoints/": demo / "export" / "tiny-sd3-ft.safetensors",
+                     "ComfyUI/models/loras/": demo / "export-lora" / "pytorch_lora_weights.safetensors"}
+    assert all(path.is_file() for path in comfy.values()), "the ComfyUI-ready files it names exist"
+    # Load Checkpoint: the demo's VAE has SD3's shape, so ComfyUI's VAE takes it with no missing, leftover or
+    # mismatched key; no text encoders, which ComfyUI would build at full size and fail to load.
+    assert has_vae_sizes(demo / "tiny-sd3", SD3_VAE_SIZES)
+    checkpoint = comfy["ComfyUI/models/checkpoints/"]
+    assert len(single_file_vae_shapes(checkpoint)) == 244 and comfy_vae_problems(single_file_vae_shapes(checkpoint)) == []
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        assert not [key for key in handle.keys() if not key.startswith(("model.diffusion_model.", "first_stage_model."))]

@@ -1,7 +1,8 @@
-"""`sd35dist submit --profile local` through submitit's local executor, end to end."""
+"""`sd35dist submit --profile local` through submitit's local executor, end to end; what `--wait` prints."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -11,7 +12,6 @@ import yaml
 
 from tests.cli_runs import SECRET, all_text_under, sd35dist, tiny_recipe, venv_env
 
-pytestmark = pytest.mark.dist
 
 @pytest.fixture(scope="module")
 def finished_local_job(tmp_path_factory):
@@ -25,6 +25,7 @@ def finished_local_job(tmp_path_factory):
     return tmp_path, env, run_dir, proc
 
 
+@pytest.mark.dist
 def test_local_preflight_report(finished_local_job):
     _, _, run_dir, proc = finished_local_job
     assert "submitted job" in proc.stdout and "ended: COMPLETED" in proc.stdout
@@ -35,6 +36,7 @@ def test_local_preflight_report(finished_local_job):
     assert (run_dir / "recipe.yaml").is_file() and (run_dir / "job.sh").is_file()
 
 
+@pytest.mark.dist
 def test_status_and_logs_by_id_and_by_run_dir(finished_local_job):
     _, env, run_dir, _ = finished_local_job
     job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
@@ -45,6 +47,7 @@ def test_status_and_logs_by_id_and_by_run_dir(finished_local_job):
         assert "preflight" in logs.lower()
 
 
+@pytest.mark.dist
 def test_secret_value_is_written_nowhere(finished_local_job):
     tmp_path, _, run_dir, proc = finished_local_job
     assert "SD35DIST_TEST_SECRET" in (run_dir / "job.sh").read_text()  # passed by name...
@@ -52,6 +55,7 @@ def test_secret_value_is_written_nowhere(finished_local_job):
     assert SECRET not in proc.stdout + proc.stderr
 
 
+@pytest.mark.dist
 def test_cancel_stops_the_whole_process_tree(tmp_path):
     env = venv_env(SD35DIST_STATE_DIR=str(tmp_path / "state"))
     run_dir = tmp_path / "run"
@@ -98,6 +102,7 @@ def _processes_under(root: int, cmdline: str) -> list[int]:
     return found
 
 
+@pytest.mark.dist
 def test_a_failing_job_with_wait_is_its_line(tmp_path, tiny_model):
     """A mistake the ranks meet (here: a cache that was never built) ends `submit --wait` with the
     ranks' one line and the job's own exit status, 2 — no submitit traceback after it."""
@@ -117,3 +122,32 @@ def test_a_failing_job_with_wait_is_its_line(tmp_path, tiny_model):
     assert proc.stdout.rstrip().splitlines()[-1].endswith("ended: FAILED (exit status 2)"), proc.stdout
     job_id = json.loads((tmp_path / "run" / "job.json").read_text())["job_id"]
     assert f"{job_id} FAILED" in sd35dist("status", job_id, env=env).stdout
+
+
+@pytest.mark.unit
+def test_wait_prints_whole_lines_of_the_two_logs(tmp_path, monkeypatch):
+    """`--wait` prints the job's .out and .err logs in turn as they grow: a line cut at one read (a progress
+    bar, which ends its lines with \r) must not run into the other log's next line."""
+    from launcher import cli, job_control
+
+    out_log, err_log = tmp_path / "7_0_log.out", tmp_path / "7_0_log.err"
+    out_log.write_bytes(b"")
+    err_log.write_bytes(b"caching: 10img\rcaching: 36img")  # the bar so far; its line is not ended yet
+    polls = iter([None, "grown", "COMPLETED"])
+
+    def ended_state(record):
+        state = next(polls)
+        if state == "grown":
+            out_log.write_bytes(b"cache runs/demo/cache: 32 samples\n")
+            err_log.write_bytes(err_log.read_bytes() + b"\rcaching: 38img\n")
+            return None
+        if state == "COMPLETED":
+            out_log.write_bytes(out_log.read_bytes() + b"done, unterminated")
+        return state
+
+    monkeypatch.setattr(job_control, "ended_state", ended_state)
+    printed = io.StringIO()
+    record = {"job_id": "7", "scheduler": "local", "submitit_folder": str(tmp_path)}
+    assert cli._follow(record, out=printed, poll_s=0) == "COMPLETED"
+    assert printed.getvalue().splitlines() == [
+        "caching: 10img", "cache runs/demo/cache: 32 samples", "caching: 36img", "caching: 38img", "done, unterminated"]

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from sd35dist.checkpoint.fsdp2_files import DcpTensors
-from sd35dist.checkpoint.original_layout import LayoutMismatch, transformer_plan
+from sd35dist.checkpoint.original_layout import VAE_PREFIX, LayoutMismatch, transformer_plan
 from sd35dist.checkpoint.safetensors_stream import TensorSpec, write_streaming
 from sd35dist.checkpoint.single_file import Part, peak_bytes
 from sd35dist.checkpoint.tensor_sources import block_group
@@ -72,6 +72,45 @@ def test_diffusers_reads_the_single_file_back_equal_to_the_folder(tiny_model, re
     assert all(torch.equal(vae[k], want_vae[k]) for k in want_vae)
     code, err = export(capsys, str(tiny_model / "transformer"), "--format", "single-file", "--out", str(out))
     assert code == 2 and "already exists" in err
+
+
+def test_a_vae_of_sd3_s_shape_comes_out_as_the_vae_comfyui_builds(tiny_model, tmp_path, capsys):
+    """ComfyUI builds the VAE of a single file with SD3's 128-wide encoder whatever the file holds
+    (tests/comfy_vae_rule.py, from comfy/sd.py `VAE.__init__`): the demo's VAE of SD3's shape must be
+    exported with exactly the keys and shapes of that model, and the tests' toy VAE fails the same rule."""
+    from diffusers import AutoencoderKL
+
+    from sd35dist.models.tiny_sd3 import SD3_VAE_SIZES
+    from tests.comfy_vae_rule import comfy_vae_configs, comfy_vae_problems, single_file_vae_shapes, to_diffusers_names
+
+    with torch.device("meta"):  # no random init of 84M parameters: tensor i holds the value i, in bf16
+        sd3_vae = AutoencoderKL(**SD3_VAE_SIZES)
+    sd3_vae = sd3_vae.to(torch.bfloat16).to_empty(device="cpu")
+    with torch.no_grad():
+        for index, tensor in enumerate(sd3_vae.state_dict().values(), 1):
+            tensor.fill_(index)
+    sd3_vae.save_pretrained(tmp_path / "vae")
+    for name, vae_dir in (("sd3", tmp_path / "vae"), ("toy", tiny_model / "vae")):
+        code, err = export(capsys, str(tiny_model / "transformer"), "--format", "single-file", "--dtype", "bf16",
+                           "--with-vae", "--vae", str(vae_dir), "--out", str(tmp_path / f"{name}.safetensors"))
+        assert code == 0, err
+    sd3, toy = single_file_vae_shapes(tmp_path / "sd3.safetensors"), single_file_vae_shapes(tmp_path / "toy.safetensors")
+
+    assert comfy_vae_problems(sd3) == []
+    encoder, decoder = comfy_vae_configs(sd3)
+    assert encoder == decoder and not encoder["use_post_quant_conv"], "one AutoencodingEngine, SD3's: no quant convs"
+    with torch.device("meta"):
+        comfy_vae = AutoencoderKL(**encoder)
+    # diffusers' own LDM converter, then strict: a missing, leftover or differently shaped key raises.
+    comfy_vae.load_state_dict(to_diffusers_names(sd3), strict=True, assign=True)
+    assert sum(p.numel() for p in comfy_vae.parameters()) == 83_819_683
+    assert sd3["decoder.mid.attn_1.q.weight"] == (512, 512, 1, 1), "ComfyUI's attention is 1x1 convolutions"
+    with safe_open(str(tmp_path / "sd3.safetensors"), framework="pt") as handle:  # up blocks run reversed
+        stored = handle.get_tensor(VAE_PREFIX + "decoder.up.0.block.0.conv1.weight")
+    assert stored.dtype == torch.bfloat16 and torch.equal(stored, sd3_vae.decoder.up_blocks[3].resnets[0].conv1.weight)
+
+    refused = comfy_vae_problems(toy)
+    assert any("size mismatches" in p for p in refused) and any("missing VAE keys" in p for p in refused), refused
 
 
 @pytest.mark.parametrize("dtype, stored", [("bf16", torch.bfloat16), ("fp16", torch.float16),

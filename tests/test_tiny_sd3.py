@@ -19,7 +19,7 @@ from sd35dist.models.sd3_components import (
     load_text_encoders,
     load_vae,
 )
-from sd35dist.models.tiny_sd3 import build_tiny_sd3
+from sd35dist.models.tiny_sd3 import build_tiny_sd3, has_vae_sizes
 from sd35dist.models.vae_encoding import encode_images, sample_latents, scale_latents
 
 pytestmark = pytest.mark.unit
@@ -169,6 +169,9 @@ def test_build_is_deterministic_and_idempotent(model_dir: Path, tmp_path: Path, 
 
     before = {p: p.stat().st_mtime_ns for p in model_dir.rglob("*")}
     assert build_tiny_sd3(model_dir, seed=123) == model_dir  # complete: untouched, even with another seed
+    assert has_vae_sizes(model_dir, tiny_sd3.VAE_SIZES) and not has_vae_sizes(model_dir, tiny_sd3.SD3_VAE_SIZES)
+    with pytest.raises(FileExistsError, match="another VAE shape"):  # the demo's VAE is not this one
+        build_tiny_sd3(model_dir, vae_sizes=tiny_sd3.SD3_VAE_SIZES)
     assert {p: p.stat().st_mtime_ns for p in model_dir.rglob("*")} == before
 
     other_seed = build_tiny_sd3(tmp_path / "seed1", seed=1)

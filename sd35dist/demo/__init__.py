@@ -2,8 +2,8 @@
 through the commands a cluster user types, each printed before it runs (profile `local`:
 submitit's local executor, torchrun, 2 CPU ranks, gloo). Nothing is downloaded.
 
-1. a tiny SD3 (real diffusers classes, sd35dist/models/tiny_sd3.py) and 16 generated captioned
-   images (dataset.py) under runs/demo/
+1. a tiny SD3 (real diffusers classes, sd35dist/models/tiny_sd3.py; its VAE at SD3's full shape, so
+   that the single file opens in ComfyUI) and 16 generated captioned images (dataset.py) under runs/demo/
 2. `sd35dist submit --profile local --job preflight`
 3. `sd35dist submit --profile local --job cache` (latent + text-embedding cache), `sd35dist cache inspect`
 4. `sd35dist submit --profile local --set train.stop_at_step=16`: training ends at step 16 with a

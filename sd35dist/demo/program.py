@@ -63,8 +63,16 @@ def sample_image(model_dir: Path, out: Path, *, transformer: Path | None = None,
     if lora is not None:
         pipe.load_lora_weights(lora)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(PROMPT, height=64, width=64, num_inference_steps=8, guidance_scale=4.0, max_sequence_length=32,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    # One thread, as the local profile's ranks run: the demo shares the cores with whatever else runs, and
+    # torch's OpenMP threads stall whenever one core is taken (a 64-px sample with the demo's SD3-sized VAE,
+    # measured under load: 1.1 CPU-s on one thread, 2.8-7.6 on two).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        image = pipe(PROMPT, height=64, width=64, num_inference_steps=8, guidance_scale=4.0, max_sequence_length=32,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    finally:
+        torch.set_num_threads(threads)
     image.save(out)
     what = f"transformer {shown(transformer)}" if transformer else f"LoRA {shown(lora)}" if lora else "the base model"
     print(f"\nStableDiffusion3Pipeline.from_pretrained({shown(model_dir)}) with {what}: {shown(out)}", flush=True)
@@ -113,14 +121,18 @@ def remove(*paths: Path) -> None:
 
 def main() -> int:
     from sd35dist.demo.dataset import write_demo_dataset
-    from sd35dist.models.tiny_sd3 import build_tiny_sd3
+    from sd35dist.models.tiny_sd3 import SD3_VAE_SIZES, build_tiny_sd3, has_vae_sizes
 
     started = time.perf_counter()
     total_steps = read_yaml_mapping(RECIPE)["train"]["max_train_steps"]
     # What earlier demos left: the model and the images are kept (deterministic, slow to make).
     remove(*(DEMO / name for name in ("cache", "output", "export", "sample.png", "report",
                                       "output-lora", "export-lora", "sample-lora.png")))
-    model = build_tiny_sd3(DEMO / "tiny-sd3")
+    model = DEMO / "tiny-sd3"
+    if (model / "vae" / "config.json").is_file() and not has_vae_sizes(model, SD3_VAE_SIZES):
+        remove(model)  # an earlier demo's, made before the demo's VAE had SD3's shape
+    # SD3's full VAE (84M parameters), so that the single file opens in ComfyUI's Load Checkpoint.
+    build_tiny_sd3(model, vae_sizes=SD3_VAE_SIZES)
     images = DEMO / "images"
     if not images.is_dir():
         write_demo_dataset(images, count=IMAGES, seed=0)
@@ -165,8 +177,8 @@ demo finished in {time.perf_counter() - started:.0f} s
   LoRA          {shown(DEMO / 'output-lora' / 'checkpoints')} (adapters only)
   LoRA export   {shown(DEMO / 'export-lora' / 'pytorch_lora_weights.safetensors')} (diffusers, ComfyUI)
   LoRA sample   {shown(lora_sample)}
-ComfyUI-ready (the tiny MMDiT has SD3's shape: as many 64-wide heads as blocks; its VAE and text encoders
-are toy-sized, so load the diffusion model, not Load Checkpoint; docs/formats.md):
-  ComfyUI/models/diffusion_models/ <- {shown(single_file)} (Load Diffusion Model)
-  ComfyUI/models/loras/            <- {shown(DEMO / 'export-lora' / 'pytorch_lora_weights.safetensors')} (LoraLoaderModelOnly)""")
+ComfyUI-ready (the tiny MMDiT has SD3's shape, as many 64-wide heads as blocks, and its VAE is SD3's; the
+file holds no text encoders: ComfyUI builds full-size ones, the tiny model's are not; docs/formats.md):
+  ComfyUI/models/checkpoints/ <- {shown(single_file)} (Load Checkpoint: MODEL and VAE)
+  ComfyUI/models/loras/       <- {shown(DEMO / 'export-lora' / 'pytorch_lora_weights.safetensors')} (LoraLoaderModelOnly)""")
     return 0

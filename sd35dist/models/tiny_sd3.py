@@ -12,6 +12,7 @@ tokenizers come from hand-made vocabularies, the weights from a seeded initialis
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -71,6 +72,11 @@ VAE_SIZES = dict(
     use_quant_conv=False,
     use_post_quant_conv=False,
 )
+# The VAE at SD3's own shape, for the demo, whose files must open in ComfyUI: ComfyUI builds every SD
+# VAE of a single file with SD3's encoder (128 wide, ch_mult 1, 2, 4, 4, two res blocks: comfy/sd.py
+# `VAE.__init__`) and reads only the decoder's width from the file, so a VAE it loads without size
+# mismatches has this shape: 83,819,683 parameters, 320 MiB in fp32. Too big for every test's copy.
+SD3_VAE_SIZES = dict(VAE_SIZES, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
 
 # Words that get whole-word tokens; anything else still tokenizes, character by character.
 COMMON_WORDS = (
@@ -80,16 +86,19 @@ COMMON_WORDS = (
 ).split()
 
 
-def build_tiny_sd3(out_dir: Path, seed: int = 0) -> Path:
-    """Build the tiny model into `out_dir` atomically; a complete `out_dir` is returned untouched."""
+def build_tiny_sd3(out_dir: Path, seed: int = 0, vae_sizes: dict = VAE_SIZES) -> Path:
+    """Build the tiny model, its VAE of `vae_sizes`, into `out_dir` atomically; a complete `out_dir`
+    with such a VAE is returned untouched."""
     out_dir = Path(out_dir)
     if _is_complete(out_dir):
+        if not has_vae_sizes(out_dir, vae_sizes):
+            raise FileExistsError(f"{out_dir}: a tiny SD3 with another VAE shape; remove it or pick another path")
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: exists but is not a complete SD3 model directory; remove it or pick another path")
     try:
         with staged_directory(out_dir) as staging:
-            _save_pipeline(tiny_sd3_pipeline(seed), staging)
+            _save_pipeline(tiny_sd3_pipeline(seed, vae_sizes), staging)
     except OSError:
         if not _is_complete(out_dir):
             raise
@@ -97,13 +106,13 @@ def build_tiny_sd3(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def tiny_sd3_pipeline(seed: int = 0):
+def tiny_sd3_pipeline(seed: int = 0, vae_sizes: dict = VAE_SIZES):
     """An in-memory StableDiffusion3Pipeline at toy size, identical for identical seeds."""
     from diffusers import StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline(
         transformer=_seeded(seed, 0, _tiny_transformer),
-        vae=_seeded(seed, 1, _tiny_vae),
+        vae=_seeded(seed, 1, _vae, vae_sizes),
         text_encoder=_seeded(seed, 2, _tiny_clip, CLIP_L_SIZES),
         text_encoder_2=_seeded(seed, 3, _tiny_clip, CLIP_G_SIZES),
         text_encoder_3=_seeded(seed, 4, _tiny_t5),
@@ -186,10 +195,10 @@ def _tiny_transformer():
     return SD3Transformer2DModel(**TRANSFORMER_SIZES)
 
 
-def _tiny_vae():
+def _vae(sizes: dict):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(**VAE_SIZES)
+    return AutoencoderKL(**sizes)
 
 
 def _tiny_clip(sizes: dict):
@@ -225,6 +234,12 @@ def _save_pipeline(pipeline, model_dir: Path) -> None:
     for subfolder, shard_size in (("transformer", TRANSFORMER_SHARD_SIZE), ("text_encoder_3", T5_SHARD_SIZE)):
         shutil.rmtree(model_dir / subfolder)
         getattr(pipeline, subfolder).save_pretrained(model_dir / subfolder, max_shard_size=shard_size)
+
+
+def has_vae_sizes(model_dir: Path, vae_sizes: dict) -> bool:
+    """Whether the model directory's VAE config has these sizes (lists and tuples alike)."""
+    config = json.loads((Path(model_dir) / "vae" / "config.json").read_text())
+    return all(json.loads(json.dumps(value)) == config.get(key) for key, value in vae_sizes.items())
 
 
 def _is_complete(model_dir: Path) -> bool:
