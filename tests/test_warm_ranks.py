@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from sd35dist.jobs.warm_ranks import PRELOAD, RankModule, fork_server_title, rank_module, rank_title
+from sd35dist.jobs.warm_ranks import (
+    FORK_SERVER_SETUP,
+    JOB_PRELOAD,
+    PRELOAD,
+    RankModule,
+    fork_server_title,
+    rank_module,
+    rank_title,
+)
 from tests.cli_runs import PROJECT, venv_env, wait_for
 
 
@@ -119,6 +127,29 @@ def test_only_a_module_under_the_forkserver_method_runs_warm():
 
 
 @pytest.mark.unit
+def test_a_preflight_fork_server_imports_preflight_and_not_the_model_libraries():
+    preflight = RankModule("sd35dist", ("preflight", "--recipe", "r.yaml")).preload()
+    assert preflight == list(JOB_PRELOAD["preflight"]) and preflight[-1] == FORK_SERVER_SETUP
+    assert "sd35dist.jobs.preflight" in preflight and not [name for name in preflight if name.startswith("diffusers")]
+    for other in (("train", "--recipe", "r.yaml"), ("cache", "--recipe", "r.yaml"), ()):
+        assert RankModule("sd35dist", other).preload() == list(PRELOAD), other
+    assert RankModule("tests.warm_rank_probe", ("preflight",)).preload() == list(PRELOAD), "only sd35dist's jobs"
+
+
+@pytest.mark.process
+def test_the_preflight_preload_does_not_import_diffusers():
+    """What a preflight fork server imports (its list, without the fork server's own setup) leaves diffusers
+    out: preflight's module-level imports must stay off the model libraries for the lighter list to pay."""
+    names = JOB_PRELOAD["preflight"][:-1]
+    check = "import importlib, sys\nfor name in sys.argv[1:]: importlib.import_module(name)\n" \
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'peft', 'transformers', 'torchao'}))"
+    proc = subprocess.run([sys.executable, "-c", check, *names], capture_output=True, text=True, cwd=PROJECT,
+                          env=venv_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
+@pytest.mark.unit
 def test_torch_still_builds_the_entrypoint_where_warm_ranks_replace_it():
     import torch.distributed.run as torch_run
 
@@ -134,4 +165,4 @@ def test_only_the_fork_server_imports_its_setup():
     importers = [str(path.relative_to(PROJECT)) for folder in ("sd35dist", "tests", "benchmarks", "launcher")
                  for path in (PROJECT / folder).rglob("*.py") if statement.search(path.read_text())]
     assert importers == []
-    assert PRELOAD[-1] == "sd35dist.jobs.warm_fork_server", "last, once the libraries are in"
+    assert PRELOAD[-1] == FORK_SERVER_SETUP == "sd35dist.jobs.warm_fork_server", "last, once the libraries are in"

@@ -40,6 +40,7 @@ WORKER_LOG = "torch.distributed.elastic.multiprocessing.api"
 """torchrun's logger of worker failures: for a function worker it adds the agent's own traceback
 (ProcessExitedException) to the line it logs for a script's worker."""
 NVML_CUDA_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+FORK_SERVER_SETUP = "sd35dist.jobs.warm_fork_server"
 PRELOAD = (
     "torch",
     "torch.distributed.checkpoint",
@@ -49,12 +50,17 @@ PRELOAD = (
     "sd35dist.cli",
     "sd35dist.jobs.train",
     "sd35dist.jobs.cache",
-    "sd35dist.jobs.warm_fork_server",
+    FORK_SERVER_SETUP,
 )
 """What the fork server imports before the first rank: what every job imports, and the job
 modules themselves (their heavy imports are mostly inside functions); last, its own setup
 (warm_fork_server: SIGTERM, title, gc). DeepSpeed is left out: it picks its accelerator, which
 may look at CUDA, when imported."""
+JOB_PRELOAD = {
+    "preflight": ("torch", "torch.distributed", "fsspec", "sd35dist.cli", "sd35dist.jobs.preflight", FORK_SERVER_SETUP),
+}
+"""`sd35dist JOB` whose ranks import less than PRELOAD: preflight reads no model, and diffusers' import
+(with the peft, transformers and torchao it pulls in) was half of its fork server's 9 CPU-s."""
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,10 @@ class RankModule:
     argv: tuple[str, ...]
 
     def preload(self) -> list[str]:
-        """Not the module itself: importing it would run a script's top level in the fork server."""
-        return list(PRELOAD)
+        """The job's own list (JOB_PRELOAD) for `-m sd35dist JOB`, else PRELOAD. Not the module itself:
+        importing it would run a script's top level in the fork server."""
+        job = self.argv[0] if self.module == "sd35dist" and self.argv else None
+        return list(JOB_PRELOAD.get(job, PRELOAD))
 
 
 def rank_module(args) -> RankModule | None:  # torchrun's parsed arguments
