@@ -108,10 +108,14 @@ def parts(tiny_model):
 @pytest.fixture(scope="module")
 def deepspeed_on_cpu():
     """DeepSpeed's CPU accelerator, and its C++ op builds cached where the Makefile keeps them
-    (`pytestmark = pytest.mark.usefixtures("deepspeed_on_cpu")` in a module that runs ZeRO)."""
+    (`pytestmark = pytest.mark.usefixtures("deepspeed_on_cpu")` in a module that runs ZeRO). The venv's
+    ninja first on PATH, as `make` and the ranks (venv_env) have it: pytest started without the venv's bin
+    on PATH found Debian's older ninja, whose command hashes differ, so each rebuilt the ops the other built
+    (a minute of both cores, twice per run)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DS_ACCELERATOR", "cpu")
         patch.setenv("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+        patch.setenv("PATH", venv_env()["PATH"])
         yield
 
 
