@@ -95,15 +95,9 @@ def run_cache_in_process(recipe: Path) -> str:
     """`sd35dist cache` on one rank through the CLI's entry in this process (a one-process group on an
     in-memory store, as a rank without torchrun has), on one CPU thread as run_cache's child: the same
     bytes without the child's imports. Its stdout."""
-    import torch
+    from tests.cli_runs import one_torch_thread, sd35dist_in_process
 
-    from tests.cli_runs import sd35dist_in_process
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         code, stdout, stderr = sd35dist_in_process("cache", "--recipe", str(recipe))
-    finally:
-        torch.set_num_threads(threads)
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     return stdout

@@ -4,11 +4,13 @@ activated venv, the CLI as a child process, a poll with a deadline, and what a s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -81,7 +83,6 @@ def sd35dist_in_process(*args: str) -> tuple[int, str, str]:
     """`sd35dist ARGS` through the CLI's own entry in this process: (exit status, stdout, stderr). For a
     command a test module also runs as a child process at least once: the same code without the child's
     ~7 s of imports. HF_HUB_OFFLINE, which export and sample set for their process, is put back after."""
-    import contextlib
     import io
 
     import pytest
@@ -93,3 +94,17 @@ def sd35dist_in_process(*args: str) -> tuple[int, str, str]:
         patch.setenv("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "1"))
         code = main(list(args))
     return code, out.getvalue(), err.getvalue()
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread inside, as the ranks run (OMP_NUM_THREADS=1), so in-process work gives their
+    numbers; this process's own thread count is put back after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -25,7 +25,7 @@ from sd35dist.checkpoint.weights import read_weights
 from sd35dist.cli import main as sd35dist_main
 from sd35dist.config.loading import ConfigError
 from sd35dist.jobs.rank_inputs import load_rank_recipe
-from tests.cli_runs import PROJECT, venv_env
+from tests.cli_runs import PROJECT, one_torch_thread, venv_env
 from tests.rank_runs import WARM_TORCHRUN
 from tests.train_runs import (
     RunsCode,
@@ -278,12 +278,8 @@ def test_sweep_and_sample_render_the_kept_checkpoints(straight, cache, tmp_path)
     cache_validation_prompts(recipe)
     out = root / "out"
     sweep = ["sweep", str(out), "--compare-guidance", "--recipe", str(recipe)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks below run
-    try:
+    with one_torch_thread():  # as the ranks below run
         assert sd35dist_main([*sweep, "--out", str(tmp_path / "sweep")]) == 0
-    finally:
-        torch.set_num_threads(threads)
     # The same sweep on 2 ranks (3 images per step and kind: one placeholder round) gives the same pixels.
     proc = subprocess.run([*WARM_TORCHRUN, "--standalone", "--nproc-per-node=2",
                            "-m", "sd35dist", *sweep, "--out", str(tmp_path / "sweep2")], capture_output=True, text=True,

@@ -44,6 +44,7 @@ def render_one_process(cache: tuple[Path, Path], state: dict[str, torch.Tensor],
     from sd35dist.validation.guidance import GuidanceSettings
     from sd35dist.validation.render import Renderer, validation_pairs
     from sd35dist.validation.sampler import SampleSettings, latent_shape_of
+    from tests.cli_runs import one_torch_thread
 
     model_dir, cache_dir = cache
     store = Store(str(cache_dir))
@@ -53,21 +54,17 @@ def render_one_process(cache: tuple[Path, Path], state: dict[str, torch.Tensor],
     transformer.to(dtype)
     vae = load_vae(model_dir)
     config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks run (OMP_NUM_THREADS=1)
-    try:
-        def forward(**inputs: torch.Tensor) -> torch.Tensor:
-            cast = {k: v if k == "timestep" else v.to(dtype) for k, v in inputs.items()}
-            return transformer(**cast, return_dict=False)[0]
+    def forward(**inputs: torch.Tensor) -> torch.Tensor:
+        cast = {k: v if k == "timestep" else v.to(dtype) for k, v in inputs.items()}
+        return transformer(**cast, return_dict=False)[0]
 
-        renderer = Renderer(forward=forward, vae=vae,
-                            scheduler_config=config, latent_shape=latent_shape_of(transformer.config, vae),
-                            device=torch.device("cpu"))
-        settings = SampleSettings(steps=VALIDATION["num_inference_steps"],
-                                  guidance=GuidanceSettings(kind="cfg", scale=VALIDATION["guidance_scale"]))
+    renderer = Renderer(forward=forward, vae=vae,
+                        scheduler_config=config, latent_shape=latent_shape_of(transformer.config, vae),
+                        device=torch.device("cpu"))
+    settings = SampleSettings(steps=VALIDATION["num_inference_steps"],
+                              guidance=GuidanceSettings(kind="cfg", scale=VALIDATION["guidance_scale"]))
+    with one_torch_thread():  # as the ranks run (OMP_NUM_THREADS=1)
         return renderer.render(validation_pairs(len(PROMPTS), VALIDATION["seeds"], [(32, 32)]), embeddings, settings)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def images_of(run_dir: Path, step: int, weights: str) -> dict[int, np.ndarray]:
