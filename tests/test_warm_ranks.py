@@ -26,7 +26,7 @@ from sd35dist.jobs.warm_ranks import (
     rank_module,
     rank_title,
 )
-from tests.cli_runs import PROJECT, venv_env, wait_for
+from tests.cli_runs import PROJECT, tiny_recipe, venv_env, wait_for
 
 
 def launch(tmp_path: Path, method: str, *how: str, restarts: int = 0) -> tuple[subprocess.CompletedProcess, dict]:
@@ -136,17 +136,31 @@ def test_a_preflight_fork_server_imports_preflight_and_not_the_model_libraries()
     assert RankModule("tests.warm_rank_probe", ("preflight",)).preload() == list(PRELOAD), "only sd35dist's jobs"
 
 
+PREFLIGHT_IMPORTS = """
+import importlib, sys
+for name in sys.argv[1:-2]:
+    importlib.import_module(name)
+from sd35dist.cli import main
+code = main(["preflight", "--recipe", sys.argv[-2], "--run-dir", sys.argv[-1]])
+print(code, sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "peft", "transformers", "torchao"}))
+"""
+
+
 @pytest.mark.process
-def test_the_preflight_preload_does_not_import_diffusers():
-    """What a preflight fork server imports (its list, without the fork server's own setup) leaves diffusers
-    out: preflight's module-level imports must stay off the model libraries for the lighter list to pay."""
+def test_a_preflight_of_a_real_model_imports_no_model_library(tiny_model, tmp_path):
+    """Preflight's fork server imports its own list (JOB_PRELOAD, without the fork server's setup) and a rank
+    then runs the whole preflight of a recipe whose model exists (it counts the model's parameters for the save
+    estimate): neither imports diffusers or what it pulls in, or each rank would import them after the fork."""
+    recipe = tiny_recipe(tmp_path)
+    text = recipe.read_text().replace(str(tmp_path / "model"), str(tiny_model))
+    recipe.write_text(text)
     names = JOB_PRELOAD["preflight"][:-1]
-    check = "import importlib, sys\nfor name in sys.argv[1:]: importlib.import_module(name)\n" \
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'peft', 'transformers', 'torchao'}))"
-    proc = subprocess.run([sys.executable, "-c", check, *names], capture_output=True, text=True, cwd=PROJECT,
-                          env=venv_env(), timeout=120)
+    proc = subprocess.run([sys.executable, "-c", PREFLIGHT_IMPORTS, *names, str(recipe), str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=PROJECT, env=venv_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "[]", proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stdout[-2000:]
+    report = json.loads((tmp_path / "run" / "preflight.json").read_text())
+    assert report["checkpoint_save"]["estimated"], report["checkpoint_save"]
 
 
 @pytest.mark.unit

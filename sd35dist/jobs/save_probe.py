@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sd35dist.config.model_size import transformer_size
 from sd35dist.config.recipe import Recipe
+from sd35dist.models.transformer_build import transformer_config
 from sd35dist.parallel.process_group import World
 from sd35dist.runtime.save_budget import SaveEstimate, write_save_estimate
 
@@ -30,10 +32,9 @@ def checkpoint_bytes_per_parameter(optimizer: str, ema: bool) -> int:
 
 
 def count_parameters(model_dir: Path, subfolder: str) -> int:
-    from sd35dist.models.transformer_build import build_on_meta, transformer_config
-
-    model = build_on_meta(transformer_config(model_dir, subfolder), dtype=torch.bfloat16)
-    return sum(p.numel() for p in model.parameters())
+    """From the transformer's config.json by arithmetic (config/model_size.py, checked against the meta-built
+    model in tests): preflight imports no diffusers, so its fork server needs none (jobs/warm_ranks.py)."""
+    return transformer_size(transformer_config(model_dir, subfolder)).total
 
 
 def write_mbps(directory: Path, rank: int, nbytes: int = PROBE_BYTES) -> float:
