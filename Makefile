@@ -52,13 +52,13 @@ system-deps:
 	@bash slurm/devcluster.sh install
 
 # One pip run per target: `make test` installs the runtime and test pins together (a second run would resolve
-# the runtime pins again). --no-compile: Python compiles a module on its first import, so only what runs is
-# compiled (pip compiles all 18,000 files of the venv: a minute of CPU on a 2-core machine).
+# the runtime pins again). pip compiles the bytecode: where PYTHONDONTWRITEBYTECODE is set (CI images often
+# set it) Python would otherwise compile every module from source in every process.
 define install
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { echo "make: $(PYTHON) cannot create a venv (Debian: the python3-venv package; or run 'make test-deps' as root)" >&2; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --no-compile -r $(1)
-	$(BIN)/python -m pip install -q --no-compile --no-deps -e .
+	$(BIN)/python -m pip install -q -r $(1)
+	$(BIN)/python -m pip install -q --no-deps -e .
 	find $(OP_BUILD_INPUTS) -exec touch -h -d @946684800 {} +
 endef
 
