@@ -8,8 +8,9 @@ Each case builds its strategy through the real `make_strategy` path — `train.m
 COMPILE, or off — with `every_2` activation checkpointing and EMA, then trains two optimizer steps on two
 bucket shapes (different token counts; rank r on its own batches) and runs a no-grad forward as a
 validation round does, on MODEL_DIR or the case's own model after `@`. One process group serves every
-case (one start-up, one DeepSpeed import). Rank 0 writes OUT_DIR/result.json: per case the losses, the no-grad output, the EMA weights' sum of squares,
-how many graphs dynamo had made after each step and in all, how many AOT autograd and inductor compiled, and the case's seconds.
+case (one start-up, one DeepSpeed import). Rank 0 writes OUT_DIR/result.json: per case the losses, the
+no-grad output, the EMA weights' sum of squares, how many graphs dynamo had made after each step and in
+all, how many AOT autograd and inductor compiled, and the case's seconds.
 """
 
 from __future__ import annotations
