@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from sd35dist.jobs.warm_ranks import (
+    FORK_SERVER_BEGIN,
     FORK_SERVER_SETUP,
     JOB_PRELOAD,
     PRELOAD,
@@ -61,6 +62,9 @@ def test_warm_ranks_start_with_the_libraries_imported_and_look_like_started_ones
         assert rank["cmdline"] == rank_title("tests.warm_rank_probe", [str(tmp_path), "a b"]), "ps shows the rank's command"
         assert rank["sigterm_default"], "a rank is killed by SIGTERM until it installs its own handler"
         assert rank["parent_cmdline"] == fork_server_title(str(tmp_path)), "ps names the fork server and its run"
+        collector = rank["gc"]
+        assert collector["enabled"] and collector["frozen"] > 100_000, "the imports frozen, the collector on again"
+        assert collector["full_collections"] == 0, "the fork server imported with the collector off"
     assert ranks[0]["parent"] == ranks[1]["parent"], "both forked from one fork server"
     wait_for(lambda: not alive(ranks[0]["parent"]), 10, "the fork server to end with its agent")
 
@@ -80,6 +84,7 @@ def test_spawn_keeps_one_fresh_interpreter_per_rank(tmp_path):
     for rank in ranks.values():
         assert not any(rank["already_imported"].values()), rank
         assert rank["cmdline"].split()[1:4] == ["-u", "-m", "tests.warm_rank_probe"]
+        assert rank["gc"]["enabled"] and rank["gc"]["frozen"] == 0, rank["gc"]
 
 
 @pytest.mark.dist
@@ -129,7 +134,8 @@ def test_only_a_module_under_the_forkserver_method_runs_warm():
 @pytest.mark.unit
 def test_a_preflight_fork_server_imports_preflight_and_not_the_model_libraries():
     preflight = RankModule("sd35dist", ("preflight", "--recipe", "r.yaml")).preload()
-    assert preflight == list(JOB_PRELOAD["preflight"]) and preflight[-1] == FORK_SERVER_SETUP
+    assert preflight == list(JOB_PRELOAD["preflight"])
+    assert preflight[0] == FORK_SERVER_BEGIN and preflight[-1] == FORK_SERVER_SETUP
     assert "sd35dist.jobs.preflight" in preflight and not [name for name in preflight if name.startswith("diffusers")]
     for other in (("train", "--recipe", "r.yaml"), ("cache", "--recipe", "r.yaml"), ()):
         assert RankModule("sd35dist", other).preload() == list(PRELOAD), other
@@ -148,13 +154,13 @@ print(code, sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "peft"
 
 @pytest.mark.process
 def test_a_preflight_of_a_real_model_imports_no_model_library(tiny_model, tmp_path):
-    """Preflight's fork server imports its own list (JOB_PRELOAD, without the fork server's setup) and a rank
+    """Preflight's fork server imports its own list (JOB_PRELOAD, without the fork server's own modules) and a rank
     then runs the whole preflight of a recipe whose model exists (it counts the model's parameters for the save
     estimate): neither imports diffusers or what it pulls in, or each rank would import them after the fork."""
     recipe = tiny_recipe(tmp_path)
     text = recipe.read_text().replace(str(tmp_path / "model"), str(tiny_model))
     recipe.write_text(text)
-    names = JOB_PRELOAD["preflight"][:-1]
+    names = JOB_PRELOAD["preflight"][1:-1]
     proc = subprocess.run([sys.executable, "-c", PREFLIGHT_IMPORTS, *names, str(recipe), str(tmp_path / "run")],
                           capture_output=True, text=True, cwd=PROJECT, env=venv_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -173,10 +179,13 @@ def test_torch_still_builds_the_entrypoint_where_warm_ranks_replace_it():
 
 @pytest.mark.unit
 def test_only_the_fork_server_imports_its_setup():
-    """Importing warm_fork_server ignores SIGTERM in the importing process: only the fork server may (PRELOAD)."""
-    statement = re.compile(r"^\s*(from sd35dist\.jobs\.warm_fork_server import|import sd35dist\.jobs\.warm_fork_server"
-                           r"|from sd35dist\.jobs import .*warm_fork_server)", re.MULTILINE)
+    """Importing warm_fork_server ignores SIGTERM in the importing process, and warm_fork_server_begin switches its
+    garbage collector off: only the fork server may (PRELOAD, first and last)."""
+    statement = re.compile(r"^\s*(from sd35dist\.jobs\.warm_fork_server(_begin)? import"
+                           r"|import sd35dist\.jobs\.warm_fork_server|from sd35dist\.jobs import .*warm_fork_server)",
+                           re.MULTILINE)
     importers = [str(path.relative_to(PROJECT)) for folder in ("sd35dist", "tests", "benchmarks", "launcher")
                  for path in (PROJECT / folder).rglob("*.py") if statement.search(path.read_text())]
     assert importers == []
     assert PRELOAD[-1] == FORK_SERVER_SETUP == "sd35dist.jobs.warm_fork_server", "last, once the libraries are in"
+    assert PRELOAD[0] == FORK_SERVER_BEGIN == "sd35dist.jobs.warm_fork_server_begin", "first, before any library"

@@ -1,10 +1,13 @@
 """A rank of tests/test_warm_ranks.py, run as `python -m tests.warm_rank_probe OUT [fail|die]`: records
-what it found already imported at its first line, its parent, its command line as `ps` shows it,
-its arguments and environment; then ends as asked."""
+what it found already imported at its first line and the garbage collector's state there, its parent,
+its command line as `ps` shows it, its arguments and environment; then ends as asked."""
 
+import gc
 import sys
 
 ALREADY_IMPORTED = {name: name in sys.modules for name in ("torch", "diffusers", "sd35dist.jobs.train", "deepspeed")}
+GARBAGE_COLLECTOR = {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count(),
+                     "full_collections": gc.get_stats()[2]["collections"]}
 
 import json  # noqa: E402  (after the look at sys.modules, which is this module's point)
 import os  # noqa: E402
@@ -28,7 +31,7 @@ def main() -> int:
         parent_alive_after_sigterm = Path(f"/proc/{os.getppid()}").exists()
     record = {"parent_cmdline": command_line(os.getppid()), "parent_alive_after_sigterm": parent_alive_after_sigterm,
               "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
-              "already_imported": ALREADY_IMPORTED, "parent": os.getppid(), "pid": os.getpid(), "cmdline": cmdline,
+              "already_imported": ALREADY_IMPORTED, "gc": GARBAGE_COLLECTOR, "parent": os.getppid(), "pid": os.getpid(), "cmdline": cmdline,
               "argv": sys.argv[1:], "name": __name__, "launch_variable": os.environ.get("WARM_PROBE_VARIABLE"),
               "omp_threads": os.environ.get("OMP_NUM_THREADS"), "world_size": os.environ["WORLD_SIZE"]}
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))

@@ -12,7 +12,8 @@ from warm_ranks, never from here).
   back to its default when they start (warm_ranks.run_module_as_rank).
 - `ps` names it, with the run directory when the job script set one.
 - What the libraries allocated is kept out of the garbage collector's walks (cli._entry, for the
-  same reason), which also keeps it shared, page for page, with every rank forked from here.
+  same reason), which also keeps it shared, page for page, with every rank forked from here. The
+  collector, off while they imported (warm_fork_server_begin, first in the list), is on again.
 """
 
 from __future__ import annotations
@@ -28,3 +29,4 @@ from sd35dist.runtime.job_env import JobEnvironment
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 setproctitle(fork_server_title(JobEnvironment.read().run_dir))
 gc.freeze()
+gc.enable()

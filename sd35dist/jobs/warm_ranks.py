@@ -23,6 +23,7 @@ stops with one line naming the setting that avoids the fork server.
 from __future__ import annotations
 
 import atexit
+import gc
 import io
 import logging
 import multiprocessing
@@ -40,8 +41,10 @@ WORKER_LOG = "torch.distributed.elastic.multiprocessing.api"
 """torchrun's logger of worker failures: for a function worker it adds the agent's own traceback
 (ProcessExitedException) to the line it logs for a script's worker."""
 NVML_CUDA_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+FORK_SERVER_BEGIN = "sd35dist.jobs.warm_fork_server_begin"
 FORK_SERVER_SETUP = "sd35dist.jobs.warm_fork_server"
 PRELOAD = (
+    FORK_SERVER_BEGIN,
     "torch",
     "torch.distributed.checkpoint",
     "torch.distributed.fsdp",
@@ -52,12 +55,13 @@ PRELOAD = (
     "sd35dist.jobs.cache",
     FORK_SERVER_SETUP,
 )
-"""What the fork server imports before the first rank: what every job imports, and the job
-modules themselves (their heavy imports are mostly inside functions); last, its own setup
-(warm_fork_server: SIGTERM, title, gc). DeepSpeed is left out: it picks its accelerator, which
-may look at CUDA, when imported."""
+"""What the fork server imports before the first rank: first the garbage collector off for the imports
+(warm_fork_server_begin); what every job imports, and the job modules themselves (their heavy imports
+are mostly inside functions); last, its own setup (warm_fork_server: SIGTERM, title, gc frozen and on
+again). DeepSpeed is left out: it picks its accelerator, which may look at CUDA, when imported."""
 JOB_PRELOAD = {
-    "preflight": ("torch", "torch.distributed", "fsspec", "sd35dist.cli", "sd35dist.jobs.preflight", FORK_SERVER_SETUP),
+    "preflight": (FORK_SERVER_BEGIN, "torch", "torch.distributed", "fsspec", "sd35dist.cli", "sd35dist.jobs.preflight",
+                  FORK_SERVER_SETUP),
 }
 """`sd35dist JOB` whose ranks import less than PRELOAD: preflight reads no model, and diffusers' import
 (with the peft, transformers and torchao it pulls in) was half of its fork server's 9 CPU-s."""
@@ -146,6 +150,7 @@ def run_module_as_rank(module: str, *argv: str) -> None:
     import setproctitle
     import torch
 
+    gc.enable()  # on in the fork server once its setup ran (warm_fork_server); a rank must not depend on that
     _unbuffered_stdio()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the fork server ignores it (warm_fork_server)
     setproctitle.setproctitle(rank_title(module, argv))
