@@ -30,8 +30,18 @@ def pins(name: str) -> dict[str, str]:
 def test_the_demo_installs_no_system_packages():
     demo = planned("demo")
     assert "apt-get" not in demo and "devcluster.sh install" not in demo
-    assert "pip install -q -r requirements.txt" in demo and "requirements-test.txt" not in demo
+    assert "pip install -q --no-compile -r requirements.txt" in demo and "requirements-test.txt" not in demo
     assert "-m sd35dist.demo" in demo
+
+
+@pytest.mark.process
+def test_the_install_compiles_the_venv_s_bytecode_on_every_core_before_anything_runs():
+    """pip compiles one file at a time; make compiles after it, with one worker per core. Without it, where
+    PYTHONDONTWRITEBYTECODE is set, every process would compile every module it imports from source."""
+    for target, runs in (("demo", "-m sd35dist.demo"), ("test", "pytest -q"), ("check", "pytest -q")):
+        plan = planned(target)
+        compiles = plan.index("-m compileall -qq -j 0 .venv/lib/python3*/site-packages")
+        assert plan.rindex("pip install") < compiles < plan.index(runs), target
 
 
 @pytest.mark.process
