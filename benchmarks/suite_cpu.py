@@ -1,7 +1,9 @@
 """Every process's CPU while a command runs (`make test`, as root), by the test it served and by what it was.
 
-    sudo .venv/bin/python benchmarks/suite_cpu.py --out runs/suite-cpu -- make test
-    .venv/bin/python benchmarks/suite_cpu.py --report runs/suite-cpu      # the tables again
+    sudo python3 benchmarks/suite_cpu.py --out runs/suite-cpu -- make test
+    python3 benchmarks/suite_cpu.py --report runs/suite-cpu      # the tables again
+
+It needs only the standard library, so it runs from a clean clone before `make test` has made the venv.
 
 Where a 2-core machine's time goes in the suite is a question of CPU, not of wall time (both cores are
 busy), and most of it is spent in grandchildren that pytest never waits for: torchrun agents, their fork
