@@ -89,7 +89,7 @@ def process_kind(cmdline: str, parent_cmdline: str) -> str:
         return "fork server"
     if "multiprocessing.resource_tracker" in cmdline:
         return "resource tracker"
-    if " torchrun " in f" {cmdline} " or "sd35dist torchrun" in cmdline:
+    if " torchrun " in f" {cmdline} ":
         return "agent"
     if "exec(eval(sys.stdin.readline()))" in cmdline:
         return "pytest worker"
@@ -177,15 +177,15 @@ def look(seen: dict[str, list], me: int) -> None:
 
 
 def measure(command: list[str], out: Path) -> int:
-    """Run `command` with accounting on, noting processes; its exit status."""
+    """Run `command` with accounting on, noting processes; its exit status. OSError (one line) when accounting
+    cannot be turned on or the command cannot start, with nothing of an earlier run left under `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    acct_file = out / "acct.bin"
+    acct_file, seen_file = out / "acct.bin", out / "processes.json"
+    seen_file.unlink(missing_ok=True)
     acct_file.write_bytes(b"")
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.acct(str(acct_file).encode()) != 0:
-        print(f"error: acct({acct_file}): {os.strerror(ctypes.get_errno())} (needs root and BSD process accounting)",
-              file=sys.stderr)
-        return 2
+        raise OSError(f"acct({acct_file}): {os.strerror(ctypes.get_errno())} (needs root and BSD process accounting)")
     seen: dict[str, list] = {}
     try:
         child = subprocess.Popen(command)
@@ -194,7 +194,7 @@ def measure(command: list[str], out: Path) -> int:
             time.sleep(SAMPLE_S)
     finally:
         libc.acct(None)
-        (out / "processes.json").write_text(json.dumps(seen))
+    seen_file.write_text(json.dumps(seen))
     return child.returncode
 
 
@@ -214,9 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out or not args.command:
         parser.error("give --out DIR -- COMMAND, or --report DIR")
-    status = measure(args.command, args.out)
-    if (args.out / "processes.json").exists():
-        print(report(load(args.out)))
+    try:
+        status = measure(args.command, args.out)
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report(load(args.out)))
     return status
 
 

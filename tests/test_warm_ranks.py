@@ -134,12 +134,11 @@ def test_only_a_module_under_the_forkserver_method_runs_warm():
 @pytest.mark.unit
 def test_a_preflight_fork_server_imports_preflight_and_not_the_model_libraries():
     preflight = RankModule("sd35dist", ("preflight", "--recipe", "r.yaml")).preload()
-    assert preflight == list(JOB_PRELOAD["preflight"])
-    assert preflight[0] == FORK_SERVER_BEGIN and preflight[-1] == FORK_SERVER_SETUP
+    assert preflight == [FORK_SERVER_BEGIN, *JOB_PRELOAD["preflight"], FORK_SERVER_SETUP]
     assert "sd35dist.jobs.preflight" in preflight and not [name for name in preflight if name.startswith("diffusers")]
     for other in (("train", "--recipe", "r.yaml"), ("cache", "--recipe", "r.yaml"), ()):
-        assert RankModule("sd35dist", other).preload() == list(PRELOAD), other
-    assert RankModule("tests.warm_rank_probe", ("preflight",)).preload() == list(PRELOAD), "only sd35dist's jobs"
+        assert RankModule("sd35dist", other).preload() == [FORK_SERVER_BEGIN, *PRELOAD, FORK_SERVER_SETUP], other
+    assert RankModule("tests.warm_rank_probe", ("preflight",)).preload()[1:-1] == list(PRELOAD), "only sd35dist's jobs"
 
 
 PREFLIGHT_IMPORTS = """
@@ -160,7 +159,7 @@ def test_a_preflight_of_a_real_model_imports_no_model_library(tiny_model, tmp_pa
     recipe = tiny_recipe(tmp_path)
     text = recipe.read_text().replace(str(tmp_path / "model"), str(tiny_model))
     recipe.write_text(text)
-    names = JOB_PRELOAD["preflight"][1:-1]
+    names = JOB_PRELOAD["preflight"]
     proc = subprocess.run([sys.executable, "-c", PREFLIGHT_IMPORTS, *names, str(recipe), str(tmp_path / "run")],
                           capture_output=True, text=True, cwd=PROJECT, env=venv_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -180,12 +179,15 @@ def test_torch_still_builds_the_entrypoint_where_warm_ranks_replace_it():
 @pytest.mark.unit
 def test_only_the_fork_server_imports_its_setup():
     """Importing warm_fork_server ignores SIGTERM in the importing process, and warm_fork_server_begin switches its
-    garbage collector off: only the fork server may (PRELOAD, first and last)."""
+    garbage collector off: only the fork server may (RankModule.preload, first and last)."""
     statement = re.compile(r"^\s*(from sd35dist\.jobs\.warm_fork_server(_begin)? import"
                            r"|import sd35dist\.jobs\.warm_fork_server|from sd35dist\.jobs import .*warm_fork_server)",
                            re.MULTILINE)
     importers = [str(path.relative_to(PROJECT)) for folder in ("sd35dist", "tests", "benchmarks", "launcher")
                  for path in (PROJECT / folder).rglob("*.py") if statement.search(path.read_text())]
     assert importers == []
-    assert PRELOAD[-1] == FORK_SERVER_SETUP == "sd35dist.jobs.warm_fork_server", "last, once the libraries are in"
-    assert PRELOAD[0] == FORK_SERVER_BEGIN == "sd35dist.jobs.warm_fork_server_begin", "first, before any library"
+    for rank in (RankModule("sd35dist", ("train",)), RankModule("sd35dist", ("preflight",)), RankModule("tests.m", ())):
+        preload = rank.preload()
+        assert preload[-1] == FORK_SERVER_SETUP == "sd35dist.jobs.warm_fork_server", "last, once the libraries are in"
+        assert preload[0] == FORK_SERVER_BEGIN == "sd35dist.jobs.warm_fork_server_begin", "first, before any library"
+        assert preload.count(FORK_SERVER_BEGIN) == preload.count(FORK_SERVER_SETUP) == 1

@@ -44,7 +44,6 @@ NVML_CUDA_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 FORK_SERVER_BEGIN = "sd35dist.jobs.warm_fork_server_begin"
 FORK_SERVER_SETUP = "sd35dist.jobs.warm_fork_server"
 PRELOAD = (
-    FORK_SERVER_BEGIN,
     "torch",
     "torch.distributed.checkpoint",
     "torch.distributed.fsdp",
@@ -53,15 +52,12 @@ PRELOAD = (
     "sd35dist.cli",
     "sd35dist.jobs.train",
     "sd35dist.jobs.cache",
-    FORK_SERVER_SETUP,
 )
-"""What the fork server imports before the first rank: first the garbage collector off for the imports
-(warm_fork_server_begin); what every job imports, and the job modules themselves (their heavy imports
-are mostly inside functions); last, its own setup (warm_fork_server: SIGTERM, title, gc frozen and on
-again). DeepSpeed is left out: it picks its accelerator, which may look at CUDA, when imported."""
+"""The libraries the fork server imports before the first rank: what every job imports, and the job
+modules themselves (their heavy imports are mostly inside functions). DeepSpeed is left out: it picks
+its accelerator, which may look at CUDA, when imported."""
 JOB_PRELOAD = {
-    "preflight": (FORK_SERVER_BEGIN, "torch", "torch.distributed", "fsspec", "sd35dist.cli", "sd35dist.jobs.preflight",
-                  FORK_SERVER_SETUP),
+    "preflight": ("torch", "torch.distributed", "fsspec", "sd35dist.cli", "sd35dist.jobs.preflight"),
 }
 """`sd35dist JOB` whose ranks import less than PRELOAD: preflight reads no model, and diffusers' import
 (with the peft, transformers and torchao it pulls in) was half of its fork server's 9 CPU-s."""
@@ -75,10 +71,12 @@ class RankModule:
     argv: tuple[str, ...]
 
     def preload(self) -> list[str]:
-        """The job's own list (JOB_PRELOAD) for `-m sd35dist JOB`, else PRELOAD. Not the module itself:
-        importing it would run a script's top level in the fork server."""
+        """What the fork server imports, in order: first the garbage collector off for the imports
+        (warm_fork_server_begin); the job's own libraries (JOB_PRELOAD) for `-m sd35dist JOB`, else
+        PRELOAD; last, its own setup (warm_fork_server: SIGTERM, title, gc frozen and on again). Not the
+        module itself: importing it would run a script's top level in the fork server."""
         job = self.argv[0] if self.module == "sd35dist" and self.argv else None
-        return list(JOB_PRELOAD.get(job, PRELOAD))
+        return [FORK_SERVER_BEGIN, *JOB_PRELOAD.get(job, PRELOAD), FORK_SERVER_SETUP]
 
 
 def rank_module(args) -> RankModule | None:  # torchrun's parsed arguments
