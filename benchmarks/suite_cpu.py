@@ -124,12 +124,20 @@ def attribute(exited: list[Exited], seen: dict[int, Seen]) -> list[tuple[Exited,
         test = next((info.test for info in line if info is not None and info.test), None)
         return test.rsplit(" (", 1)[0] if test else None  # "... (call)": the phase is not the test
 
+    def parent_cmdline(ppid: int) -> str:
+        # A rank sampled before it set its title shows its fork server's: its own children (DeepSpeed's CPU
+        # accelerator spawns `numactl --hardware` hundreds of times a run) are not ranks.
+        parent = seen.get(ppid)
+        if parent is None:
+            return ""
+        grandparent = seen.get(parent.ppid)
+        return "" if grandparent is not None and _fork_server(grandparent.cmdline) else parent.cmdline
+
     out = []
     for record in exited:
         info = seen.get(record.pid)
         cmdline = info.cmdline if info else record.comm
-        parent = seen.get(info.ppid if info else record.ppid)
-        out.append((record, test_of(record.pid), process_kind(cmdline, parent.cmdline if parent else "")))
+        out.append((record, test_of(record.pid), process_kind(cmdline, parent_cmdline(info.ppid if info else record.ppid))))
     return out
 
 

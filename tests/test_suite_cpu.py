@@ -90,8 +90,10 @@ def test_a_process_counts_for_its_own_test_else_its_nearest_known_ancestor_s_and
         20: Seen(1, starter, "slurmd -D -f /tmp/c/slurm.conf -N n1"),
         21: Seen(20, None, "slurmstepd: [1.0]"),
         22: Seen(21, starter, SLURM_AGENT),  # slurmd's environment, not the job's submitter
+        14: Seen(12, "tests/test_train.py::test_a (call)", TITLED_FORK_SERVER),  # a rank not yet titled
     }
     exited = [Exited(13, 12, "python", 4.0),  # a rank the sampler never saw
+              Exited(15, 14, "/clone/.venv/bi", 0.01),  # the rank's child (numactl not found), never seen
               Exited(23, 22, "python", 6.0),  # a fork server of a job step, never seen
               Exited(12, 11, "python", 5.0), Exited(30, 1, "make", 0.5)]
     result = {record.pid: (test, kind) for record, test, kind in attribute(exited, seen)}
@@ -99,8 +101,9 @@ def test_a_process_counts_for_its_own_test_else_its_nearest_known_ancestor_s_and
     assert result[12] == ("tests/test_train.py::test_a", "fork server")
     assert result[23] == (SLURM_JOBS, "python")
     assert result[30] == (None, "other")
+    assert result[15] == ("tests/test_train.py::test_a", "other"), "a rank's child is no rank"
     text = report(attribute(exited, seen))
-    assert text.splitlines()[0] == "4 processes, 16 CPU-s"
+    assert text.splitlines()[0] == "5 processes, 16 CPU-s"
     assert "| rank | 1 | 4 | 4.00 |" in text and f"| {SLURM_JOBS} | 6 |" in text
     assert text.index("| tests/test_train.py | 9 |") < text.index(f"| {SLURM_JOBS} | 6 |"), "most CPU first"
 
