@@ -99,9 +99,9 @@ def render_sbatch(plan: JobPlan) -> str:
     lines = _header(plan, "submit it with `sbatch <this file>`.")
     lines += [f"#SBATCH --{key}" if value is None else f"#SBATCH --{key}={value}" for key, value in plan.directives]
     lines += ["", "set -euo pipefail", ""]
+    lines += lifecycle_traps(plan) + [""]
     lines += setup_block(plan)
     cpus = dict(plan.directives).get("cpus-per-task", "1")
-    lines += [""] + lifecycle_traps(plan)
     lines += [
         "",
         "# one torchrun agent per node; per-node values (SLURM_NODEID…) reach it through srun's environment",
@@ -116,11 +116,18 @@ def lifecycle_traps(plan: JobPlan) -> list[str]:
     """The batch shell's part in preemption: Slurm's time-limit warning (USR1, sent to this
     shell alone) becomes the PREEMPT file the ranks agree on at a step boundary. SIGTERM
     (scancel, requeue, preemption) reaches every process of the step from Slurm itself;
-    this shell only keeps waiting so that the ranks can finish their save."""
-    flag = f'"${RUN_DIR_VAR}/{PREEMPT_FILE}"'
+    this shell only keeps waiting so that the ranks can finish their save.
+
+    First in the script, before the profile's setup and the rendezvous queries: Slurm may send the
+    warning up to a minute early (sbatch(1), --signal), at the job's start when the time limit is
+    short, and an untrapped USR1 ends bash. So the run directory is written out, not taken from the
+    environment block that comes later."""
+    run_dir = str(plan.run_dir)
+    flag = '"$PREEMPT_REQUEST"'
     return [
-        "# lifecycle: docs/lifecycle.md",
-        f'rm -f {flag} "${RUN_DIR_VAR}/{MISTAKE_FILE}"  # a requeued job starts without the previous run\'s files',
+        "# lifecycle: docs/lifecycle.md (first: Slurm may send the time-limit warning up to a minute early)",
+        f"PREEMPT_REQUEST={shlex.quote(f'{run_dir}/{PREEMPT_FILE}')}",
+        f"rm -f {flag} {shlex.quote(f'{run_dir}/{MISTAKE_FILE}')}  # a requeued job starts without the previous run's files",
         "TIME_LIMIT_WARNED=0",
         f"trap 'TIME_LIMIT_WARNED=1; echo \"sd35dist: time-limit warning: asking the ranks to save\" >&2; touch {flag}' USR1",
         "trap 'echo \"sd35dist: SIGTERM from Slurm: the ranks save if it fits, then stop\" >&2' TERM",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pydantic
@@ -14,7 +16,7 @@ from launcher.profile import PROFILE_DIR, LaunchSection, available_profiles, loa
 from launcher.render import render_script, shell_word
 from sd35dist.cli import main as sd35dist_main
 from sd35dist.config import load_recipe, resolve_paths
-from tests.cli_runs import PROJECT
+from tests.cli_runs import PROJECT, wait_for
 
 GOLDEN = Path(__file__).parent / "golden"
 RUN_DIR = "/shared/runs/golden-run"
@@ -81,10 +83,60 @@ def test_slurm_script_has_what_a_cluster_needs():
 def test_the_time_limit_warning_reaches_the_batch_shell_only_and_becomes_the_preempt_file():
     text = render_script(_plan("h100x8x4", "train"))
     assert f"--run-dir {RUN_DIR} &\n" in text, "srun runs in the background while the shell waits for signals"
-    assert text.index("trap 'TIME_LIMIT_WARNED=1") < text.index("srun "), "the trap is set before the step starts"
-    assert 'rm -f "$SD35DIST_RUN_DIR/PREEMPT"' in text, "a requeued job starts without the old request"
+    trap = text.index("trap 'TIME_LIMIT_WARNED=1")
+    assert trap < text.index("echo 'sd35dist: "), "the trap comes before the setup: Slurm may warn at the start"
+    assert trap < text.index("source ") < text.index("scontrol show"), "... and before the profile's setup lines"
+    assert f'rm -f "$PREEMPT_REQUEST" {RUN_DIR}/MISTAKE' in text.split("TIME_LIMIT_WARNED=0", 1)[0], \
+        "a requeued job starts without the old request, before the trap can write a new one"
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text.split("STEP_STATUS=0", 1)[1], "requeue only after the step ended"
     assert "export SD35DIST_SIGNAL_GRACE_S=300" in text
+
+
+@pytest.mark.process
+def test_a_time_limit_warning_during_the_setup_is_kept_and_requeues_the_job(tmp_path):
+    """Slurm may send the warning up to a minute early (sbatch(1)): with a short time limit, while the
+    shell still runs its setup. The shell must take it (bash dies of an untrapped USR1), ask the ranks
+    to save and requeue once the step has ended. The Slurm commands are stand-ins: `scontrol show node`
+    holds the setup until the test has sent the signal; srun's step ends at once."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    profile = load_profile(PROFILE_DIR / "slurm-dev.yaml")
+    recipe = resolve_paths(load_recipe(PROJECT / "recipes/tiny.yaml"), PROJECT)
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_script(build_plan(profile=profile, recipe=recipe, profile_name="slurm-dev", job="train",
+                                               run_dir=str(run_dir))))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    in_setup = tmp_path / "in-setup"
+    stand_ins = {
+        "scontrol": f"""case "$1 $2" in
+  "show hostnames") echo n1 ;;
+  "show node") touch {in_setup}; for _ in $(seq 100); do [ -e {in_setup}.go ] && break; sleep 0.1; done
+               echo "NodeName=n1 NodeAddr=127.0.0.1" ;;
+  *) echo "$@" >> {tmp_path}/scontrol-calls ;;
+esac""",
+        "srun": "exit 0",
+        "sd35dist": "exit 0",
+    }
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2"}
+    shell = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(in_setup.exists, 30, "the shell to reach its rendezvous query")
+        shell.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+        (tmp_path / "in-setup.go").touch()
+        out, err = shell.communicate(timeout=30)
+    finally:
+        shell.kill()
+    assert shell.returncode == 0, (shell.returncode, err)
+    assert "time-limit warning: asking the ranks to save" in err
+    assert (run_dir / "PREEMPT").exists(), "the ranks are asked to save"
+    assert (tmp_path / "scontrol-calls").read_text().split() == ["requeue", "7"]
+    assert "sd35dist: job 7 restart 0" in out, "the setup went on after the warning"
 
 
 @pytest.mark.process

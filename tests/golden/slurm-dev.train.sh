@@ -17,6 +17,13 @@
 
 set -euo pipefail
 
+# lifecycle: docs/lifecycle.md (first: Slurm may send the time-limit warning up to a minute early)
+PREEMPT_REQUEST=/shared/runs/golden-run/PREEMPT
+rm -f "$PREEMPT_REQUEST" /shared/runs/golden-run/MISTAKE  # a requeued job starts without the previous run's files
+TIME_LIMIT_WARNED=0
+trap 'TIME_LIMIT_WARNED=1; echo "sd35dist: time-limit warning: asking the ranks to save" >&2; touch "$PREEMPT_REQUEST"' USR1
+trap 'echo "sd35dist: SIGTERM from Slurm: the ranks save if it fits, then stop" >&2' TERM
+
 echo 'sd35dist: fsdp2: FSDP over 2 ranks on 2 node(s) (mesh [2])'
 # environment (non-secret values from the profile)
 export OMP_NUM_THREADS=1
@@ -34,12 +41,6 @@ export SD35DIST_RDZV_HOST="${RDZV_ADDR:-$RDZV_NODE}"
 # a port of its own per job, so jobs sharing the first node never meet in one c10d store
 export SD35DIST_RDZV_PORT=$((29511 + SLURM_JOB_ID % 1000))
 echo "sd35dist: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} nodes $SLURM_JOB_NODELIST rendezvous $SD35DIST_RDZV_HOST:$SD35DIST_RDZV_PORT"
-
-# lifecycle: docs/lifecycle.md
-rm -f "$SD35DIST_RUN_DIR/PREEMPT" "$SD35DIST_RUN_DIR/MISTAKE"  # a requeued job starts without the previous run's files
-TIME_LIMIT_WARNED=0
-trap 'TIME_LIMIT_WARNED=1; echo "sd35dist: time-limit warning: asking the ranks to save" >&2; touch "$SD35DIST_RUN_DIR/PREEMPT"' USR1
-trap 'echo "sd35dist: SIGTERM from Slurm: the ranks save if it fits, then stop" >&2' TERM
 
 # one torchrun agent per node; per-node values (SLURM_NODEID…) reach it through srun's environment
 srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task=1 \
