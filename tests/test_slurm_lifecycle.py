@@ -168,8 +168,12 @@ def test_time_limit_warning_saves_requeues_and_the_job_finishes(slurm_env, cache
     boundary and exit 0, the shell requeues; the second run resumes and (given more time) completes."""
     job_id, run_dir, out = submit_training(tmp_path, cache, slurm_env, "timelimit", "slurm.time=00:01:00",
                                            "slurm.signal_grace_s=30", max_train_steps=100000, checkpointing_steps=100000)
-    text = wait_for(lambda: "SLURM_RESTART_COUNT=1" in logs(run_dir, job_id) and logs(run_dir, job_id), 240,
-                    "the job to come back after the time-limit save")
+    try:
+        text = wait_for(lambda: "SLURM_RESTART_COUNT=1" in logs(run_dir, job_id) and logs(run_dir, job_id), 240,
+                        "the job to come back after the time-limit save")
+    except AssertionError as late:  # Slurm's view too: a job that ended (TIMEOUT, FAILED) or one still running
+        raise AssertionError(f"{late}\nsacct: {sacct_states(job_id, slurm_env)}\n"
+                             f"{what_the_job_is_doing(run_dir, job_id)}") from None
     saved = re.search(r"time limit: saved step (\d+)", text)
     assert saved, text[-4000:]
     step = int(saved.group(1))
