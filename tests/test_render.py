@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pydantic
@@ -23,10 +22,10 @@ RUN_DIR = "/shared/runs/golden-run"
 UPDATE = os.environ.get("SD35DIST_UPDATE_GOLDEN") == "1"
 
 
-def _plan(profile_name: str, job: str):
+def _plan(profile_name: str, job: str, run_dir: str = RUN_DIR):
     profile = load_profile(PROFILE_DIR / f"{profile_name}.yaml")
     recipe = resolve_paths(load_recipe(PROJECT / (profile.default_recipe or "recipes/tiny.yaml")), PROJECT)
-    return build_plan(profile=profile, recipe=recipe, profile_name=profile_name, job=job, run_dir=RUN_DIR)
+    return build_plan(profile=profile, recipe=recipe, profile_name=profile_name, job=job, run_dir=run_dir)
 
 
 CASES = [(name, "train") for name in available_profiles()] + [("slurm-dev", "preflight"), ("h100x8", "preflight")]
@@ -100,11 +99,8 @@ def test_a_time_limit_warning_during_the_setup_is_kept_and_requeues_the_job(tmp_
     holds the setup until the test has sent the signal; srun's step ends at once."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    profile = load_profile(PROFILE_DIR / "slurm-dev.yaml")
-    recipe = resolve_paths(load_recipe(PROJECT / "recipes/tiny.yaml"), PROJECT)
     script = tmp_path / "job.sbatch"
-    script.write_text(render_script(build_plan(profile=profile, recipe=recipe, profile_name="slurm-dev", job="train",
-                                               run_dir=str(run_dir))))
+    script.write_text(render_script(_plan("slurm-dev", "train", run_dir=str(run_dir))))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     in_setup = tmp_path / "in-setup"
@@ -126,8 +122,7 @@ esac""",
     shell = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(in_setup.exists, 30, "the shell to reach its rendezvous query")
-        shell.send_signal(signal.SIGUSR1)
-        time.sleep(0.2)
+        shell.send_signal(signal.SIGUSR1)  # pending in bash at once; it runs the trap when scontrol returns
         (tmp_path / "in-setup.go").touch()
         out, err = shell.communicate(timeout=30)
     finally:
